@@ -23,5 +23,5 @@ pub mod snapshot;
 pub mod wake;
 
 pub use gate::AdmissionGate;
-pub use snapshot::{StockSnapshot, StockSnapshotCell};
+pub use snapshot::{SnapshotReading, StockSnapshot, StockSnapshotCell};
 pub use wake::{Pushed, WakeQueue};

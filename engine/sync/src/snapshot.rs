@@ -37,7 +37,18 @@ pub const READ_ATTEMPTS_MAX: usize = 16;
 #[cfg(flashstock_loom)]
 pub const READ_ATTEMPTS_MAX: usize = 2;
 
-/// A single-writer sequence lock holding a [`StockSnapshot`].
+/// What a reader gets: the counts and when the earliest live hold expires.
+///
+/// The edge may answer `SoldOut` only while `now < next_expiry_ms`: past it,
+/// the actor would first expire that hold and might then have stock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnapshotReading {
+    pub stock: StockSnapshot,
+    /// `u64::MAX` when nothing is held.
+    pub next_expiry_ms: u64,
+}
+
+/// A single-writer sequence lock holding a [`SnapshotReading`].
 ///
 /// Promise (what a `SoldOut` answered from this cell may rely on):
 /// 1. A successful [`read`](Self::read) returns a snapshot that was published
@@ -59,20 +70,23 @@ pub struct StockSnapshotCell {
     available: AtomicU64,
     held: AtomicU64,
     sold: AtomicU64,
+    next_expiry_ms: AtomicU64,
 }
 
 impl StockSnapshotCell {
-    pub fn new(initial: StockSnapshot) -> Self {
+    pub fn new(initial: SnapshotReading) -> Self {
         Self {
             sequence: AtomicU64::new(0),
-            available: AtomicU64::new(initial.available),
-            held: AtomicU64::new(initial.held),
-            sold: AtomicU64::new(initial.sold),
+            available: AtomicU64::new(initial.stock.available),
+            held: AtomicU64::new(initial.stock.held),
+            sold: AtomicU64::new(initial.stock.sold),
+            next_expiry_ms: AtomicU64::new(initial.next_expiry_ms),
         }
     }
 
     /// Replaces the snapshot. Only the single writer may call this.
-    pub fn publish(&self, snapshot: StockSnapshot) {
+    pub fn publish(&self, reading: SnapshotReading) {
+        let snapshot = reading.stock;
         let sequence = self.sequence.load(Ordering::Relaxed);
         assert!(sequence % 2 == 0, "two writers published into one snapshot cell");
         self.sequence.store(sequence + 1, Ordering::Relaxed);
@@ -82,28 +96,32 @@ impl StockSnapshotCell {
         self.available.store(snapshot.available, Ordering::Relaxed);
         self.held.store(snapshot.held, Ordering::Relaxed);
         self.sold.store(snapshot.sold, Ordering::Relaxed);
+        self.next_expiry_ms.store(reading.next_expiry_ms, Ordering::Relaxed);
         self.sequence.store(sequence + 2, Ordering::Release);
     }
 
     /// A consistent snapshot, or `None` if the writer kept overlapping us.
-    pub fn read(&self) -> Option<StockSnapshot> {
+    pub fn read(&self) -> Option<SnapshotReading> {
         for _ in 0..READ_ATTEMPTS_MAX {
             let before = self.sequence.load(Ordering::Acquire);
             if before % 2 == 1 {
                 spin_hint();
                 continue;
             }
-            let snapshot = StockSnapshot {
-                available: self.available.load(Ordering::Relaxed),
-                held: self.held.load(Ordering::Relaxed),
-                sold: self.sold.load(Ordering::Relaxed),
+            let reading = SnapshotReading {
+                stock: StockSnapshot {
+                    available: self.available.load(Ordering::Relaxed),
+                    held: self.held.load(Ordering::Relaxed),
+                    sold: self.sold.load(Ordering::Relaxed),
+                },
+                next_expiry_ms: self.next_expiry_ms.load(Ordering::Relaxed),
             };
             // Pairs with the writer's release fence: if any field load above
             // saw a newer publish, the sequence load below sees it moved.
             fence(Ordering::Acquire);
             let after = self.sequence.load(Ordering::Relaxed);
             if before == after {
-                return Some(snapshot);
+                return Some(reading);
             }
             spin_hint();
         }
@@ -115,34 +133,39 @@ impl StockSnapshotCell {
 mod tests {
     use super::*;
 
+    fn reading(available: u64, held: u64, sold: u64) -> SnapshotReading {
+        SnapshotReading { stock: StockSnapshot { available, held, sold }, next_expiry_ms: u64::MAX }
+    }
+
     #[test]
     fn read_returns_the_last_publish() {
-        let cell = StockSnapshotCell::new(StockSnapshot { available: 5, held: 0, sold: 0 });
-        assert_eq!(cell.read().map(|s| s.available), Some(5));
-        cell.publish(StockSnapshot { available: 2, held: 3, sold: 0 });
-        assert_eq!(cell.read(), Some(StockSnapshot { available: 2, held: 3, sold: 0 }));
+        let cell = StockSnapshotCell::new(reading(5, 0, 0));
+        assert_eq!(cell.read().map(|r| r.stock.available), Some(5));
+        let published = SnapshotReading { next_expiry_ms: 77, ..reading(2, 3, 0) };
+        cell.publish(published);
+        assert_eq!(cell.read(), Some(published));
     }
 
     #[test]
     fn concurrent_reads_never_see_a_torn_snapshot() {
-        let cell = std::sync::Arc::new(StockSnapshotCell::new(StockSnapshot {
-            available: 1000,
-            held: 0,
-            sold: 0,
+        let cell = std::sync::Arc::new(StockSnapshotCell::new(SnapshotReading {
+            next_expiry_ms: 0,
+            ..reading(1000, 0, 0)
         }));
         let writer = {
             let cell = cell.clone();
             std::thread::spawn(move || {
                 for step in 0..20_000u64 {
                     let sold = step % 1000;
-                    cell.publish(StockSnapshot { available: 1000 - sold, held: 0, sold });
+                    cell.publish(SnapshotReading { next_expiry_ms: sold, ..reading(1000 - sold, 0, sold) });
                 }
             })
         };
         let mut reads = 0;
         while !writer.is_finished() && reads < 1_000_000 {
-            if let Some(snapshot) = cell.read() {
-                assert_eq!(snapshot.total(), 1000, "torn read: {snapshot:?}");
+            if let Some(read) = cell.read() {
+                assert_eq!(read.stock.total(), 1000, "torn read: {read:?}");
+                assert_eq!(read.next_expiry_ms, read.stock.sold, "torn read: {read:?}");
             }
             reads += 1;
         }

@@ -6,7 +6,7 @@
 //! ```
 #![cfg(flashstock_loom)]
 
-use flashstock_sync::{AdmissionGate, Pushed, StockSnapshot, StockSnapshotCell, WakeQueue};
+use flashstock_sync::{AdmissionGate, Pushed, SnapshotReading, StockSnapshot, StockSnapshotCell, WakeQueue};
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::{mpsc, Arc, Mutex};
 use loom::thread;
@@ -54,8 +54,14 @@ fn admission_gate_never_over_admits() {
 #[test]
 fn snapshot_is_whole_and_never_older_than_an_acknowledged_publish() {
     model(|| {
-        let sold_out = StockSnapshot { available: 0, held: 2, sold: 0 };
-        let released = StockSnapshot { available: 2, held: 0, sold: 0 };
+        let sold_out = SnapshotReading {
+            stock: StockSnapshot { available: 0, held: 2, sold: 0 },
+            next_expiry_ms: 50,
+        };
+        let released = SnapshotReading {
+            stock: StockSnapshot { available: 2, held: 0, sold: 0 },
+            next_expiry_ms: u64::MAX,
+        };
         let cell = Arc::new(StockSnapshotCell::new(sold_out));
         let release_acknowledged = Arc::new(AtomicBool::new(false));
 
@@ -70,7 +76,7 @@ fn snapshot_is_whole_and_never_older_than_an_acknowledged_publish() {
         let acknowledged_first = release_acknowledged.load(Ordering::Acquire);
         let read = cell.read();
         if let Some(snapshot) = read {
-            assert_eq!(snapshot.total(), 2, "torn snapshot {snapshot:?}");
+            assert_eq!(snapshot.stock.total(), 2, "torn snapshot {snapshot:?}");
             assert!(snapshot == sold_out || snapshot == released);
             if acknowledged_first {
                 assert_eq!(snapshot, released, "SoldOut after the release was acknowledged");
