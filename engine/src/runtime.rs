@@ -1,0 +1,717 @@
+//! [`Engine`]: the in-process entry point in front of the SKU actors.
+//!
+//! A request for a SKU goes: partition admission gate -> SKU admission gate
+//! (both answer `Busy` when full) -> the SKU's wake queue -> its actor, which
+//! applies it and answers through a oneshot channel. A reservation that
+//! cannot be met is answered `SoldOut` from the SKU's published snapshot
+//! before any of that, when the snapshot allows it.
+//!
+//! Orders are coordinated here: every line is held in parallel on its SKU's
+//! actor; if any line fails, the held ones are aborted and the caller learns
+//! which line failed and what was available. An order directory per
+//! partition (of the order id) makes reserve, commit and release idempotent
+//! at the order level and records each order's fate once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use flashstock_sync::{AdmissionGate, Pushed, SnapshotReading, WakeQueue};
+use ractor::{Actor, ActorRef};
+use tokio::sync::oneshot;
+
+use crate::actor::{SkuActor, SkuMessage};
+use crate::clock::Clock;
+use crate::ids::{OrderId, SkuId};
+use crate::limits::{InvalidLimits, Limits};
+use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservation, ReservedLine, Settlement};
+use crate::partition::partition_of;
+use crate::sku::{ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot};
+
+/// How the engine runs; every bound has a unit and a reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub limits: Limits,
+    /// SKUs are spread over this many partitions (fixed for a cluster's life).
+    pub partition_count: u32,
+    /// Requests queued or being applied for one SKU. A hot SKU beyond this
+    /// answers `Busy` at once instead of growing an unbounded queue; 4096 is
+    /// a few milliseconds of work for one actor.
+    pub in_flight_per_sku_max: usize,
+    /// Requests in flight for all SKUs of one partition: bounds memory when
+    /// many SKUs are hot at once.
+    pub in_flight_per_partition_max: usize,
+    /// Requests an actor applies per wake-up before yielding to its mailbox.
+    pub batch_max: usize,
+    /// An actor with no live holds that saw no request for this long stops
+    /// and leaves its state parked in the partition.
+    pub actor_idle_ms: u64,
+    /// A multi-line order is committed only if every line's hold outlives
+    /// the decision by at least this long, so no line can expire while the
+    /// lines are being committed.
+    pub commit_grace_ms: u64,
+    /// Orders remembered per partition for idempotent retries; the oldest
+    /// settled ones are forgotten first.
+    pub orders_per_partition_max: usize,
+    /// What `Busy` answers suggest as a pause before retrying.
+    pub busy_retry_after_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            partition_count: 64,
+            in_flight_per_sku_max: 4_096,
+            in_flight_per_partition_max: 16_384,
+            batch_max: 256,
+            actor_idle_ms: 30_000,
+            commit_grace_ms: 1_000,
+            orders_per_partition_max: 1_000_000,
+            busy_retry_after_ms: 5,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> Result<(), InvalidLimits> {
+        self.limits.validate()?;
+        let checks = [
+            (self.partition_count == 0, "partition_count", "must be at least 1"),
+            (self.in_flight_per_sku_max == 0, "in_flight_per_sku_max", "must be at least 1"),
+            (
+                self.in_flight_per_partition_max < self.in_flight_per_sku_max,
+                "in_flight_per_partition_max",
+                "must be at least in_flight_per_sku_max",
+            ),
+            (self.batch_max == 0, "batch_max", "must be at least 1"),
+            (
+                self.commit_grace_ms >= self.limits.hold_ttl_ms_min,
+                "commit_grace_ms",
+                "must be below hold_ttl_ms_min, or no multi-line order could ever commit",
+            ),
+            (self.orders_per_partition_max == 0, "orders_per_partition_max", "must be at least 1"),
+        ];
+        match checks.into_iter().find(|(broken, _, _)| *broken) {
+            Some((_, field, reason)) => Err(InvalidLimits { field, reason }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why a SKU-level request (admin or query) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("no SKU {sku}")]
+    UnknownSku { sku: SkuId },
+    #[error("SKU {sku} already exists")]
+    SkuExists { sku: SkuId },
+    #[error("SKU {sku}: {error}")]
+    Refused { sku: SkuId, error: SkuError, stock: StockSnapshot },
+    #[error("busy: retry after {retry_after_ms} ms")]
+    Busy { retry_after_ms: u64 },
+    #[error("the SKU's owner stopped before answering; retry")]
+    Unavailable,
+}
+
+impl EngineError {
+    fn into_order_error(self, index: usize) -> OrderError {
+        match self {
+            EngineError::UnknownSku { sku } => OrderError::UnknownSku { index, sku },
+            EngineError::Busy { retry_after_ms } => OrderError::Busy { retry_after_ms },
+            EngineError::Refused { sku, error, stock } => OrderError::Line { index, sku, error, stock },
+            EngineError::SkuExists { .. } | EngineError::Unavailable => OrderError::Unavailable,
+        }
+    }
+}
+
+/// A request travelling to a SKU actor. Dropping it (answered or not) gives
+/// back its admission places, so a lost request never leaks capacity.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) command: SkuCommand,
+    reply: oneshot::Sender<SkuAnswer>,
+    admission: Admission,
+}
+
+impl Request {
+    pub(crate) fn answer(self, answer: SkuAnswer) {
+        // The caller may have given up waiting; the answer then has no reader.
+        let _ = self.reply.send(answer);
+        drop(self.admission);
+    }
+}
+
+#[derive(Debug)]
+struct Admission {
+    slot: Arc<SkuSlot>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.slot.gate.release();
+        self.slot.partition_gate.release();
+    }
+}
+
+/// Everything about one SKU that outlives its actor.
+#[derive(Debug)]
+pub(crate) struct SkuSlot {
+    pub(crate) sku: SkuId,
+    pub(crate) config: Arc<EngineConfig>,
+    pub(crate) clock: Arc<dyn Clock>,
+    gate: AdmissionGate,
+    partition_gate: Arc<AdmissionGate>,
+    snapshot: flashstock_sync::StockSnapshotCell,
+    pub(crate) queue: WakeQueue<Request>,
+    /// The state while no actor runs.
+    parked: Mutex<Option<SkuState>>,
+    /// The running actor, or the last one (only woken while it runs).
+    actor: Mutex<Option<ActorRef<SkuMessage>>>,
+}
+
+fn reading_of(state: &SkuState) -> SnapshotReading {
+    SnapshotReading { stock: state.stock(), next_expiry_ms: state.next_expiry_ms().unwrap_or(u64::MAX) }
+}
+
+impl SkuSlot {
+    pub(crate) fn publish(&self, state: &SkuState) {
+        self.snapshot.publish(reading_of(state));
+    }
+
+    pub(crate) fn store_parked(&self, state: SkuState) {
+        let previous = lock(&self.parked).replace(state);
+        assert!(previous.is_none(), "two parked states for one SKU");
+    }
+
+    pub(crate) fn take_parked(&self) -> SkuState {
+        lock(&self.parked).take().expect("a parked SKU has its state in the slot")
+    }
+
+    pub(crate) fn set_actor(&self, actor: ActorRef<SkuMessage>) {
+        *lock(&self.actor) = Some(actor);
+    }
+
+    fn wake(&self) {
+        let actor = lock(&self.actor).clone().expect("a woken SKU has an actor");
+        if actor.cast(SkuMessage::Drain).is_err() {
+            // Only a crashed actor refuses messages; the node stops on
+            // panics, so this is unreachable outside tests that kill actors.
+            tracing::error!(sku = %self.sku, "SKU actor is gone; its queued requests fail");
+        }
+    }
+}
+
+/// Locks a mutex whose holder cannot leave it half-updated (every critical
+/// section here is a few assignments), so poisoning carries no information.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OrderPhase {
+    /// Lines are being held right now.
+    Reserving,
+    Held,
+    /// A commit or release is being applied to the lines.
+    Settling,
+    Committed,
+    Released,
+    Expired,
+}
+
+#[derive(Debug)]
+struct OrderRecord {
+    request: OrderRequest,
+    lines: Vec<MergedLine>,
+    phase: OrderPhase,
+    reservation: Option<Reservation>,
+    settlement: Option<Settlement>,
+}
+
+/// Orders of one partition, for idempotency and for the commit decision.
+#[derive(Debug, Default)]
+struct OrderDirectory {
+    records: HashMap<OrderId, OrderRecord>,
+    /// Insertion order with time, for forgetting the oldest.
+    arrival: VecDeque<(u64, OrderId)>,
+}
+
+impl OrderDirectory {
+    fn forget_old(&mut self, now_ms: u64, config: &EngineConfig) {
+        while let Some((arrived_ms, order)) = self.arrival.front() {
+            let too_old = arrived_ms.saturating_add(config.limits.idempotency_window_ms) <= now_ms;
+            let too_many = self.arrival.len() > config.orders_per_partition_max;
+            let in_progress = self
+                .records
+                .get(order)
+                .is_some_and(|record| matches!(record.phase, OrderPhase::Reserving | OrderPhase::Settling));
+            if !(too_old || too_many) || in_progress {
+                break;
+            }
+            self.records.remove(order);
+            self.arrival.pop_front();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Partition {
+    gate: Arc<AdmissionGate>,
+    skus: RwLock<HashMap<SkuId, Arc<SkuSlot>>>,
+    orders: Mutex<OrderDirectory>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Arc<EngineConfig>,
+    clock: Arc<dyn Clock>,
+    partitions: Box<[Partition]>,
+}
+
+/// The inventory engine of one process. Cheap to clone; all clones share
+/// the same SKUs. Must be used inside a tokio runtime (actors run on it).
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// What an order line looks like once its SKU was found and admitted.
+type PendingLine = (usize, SkuId, oneshot::Receiver<SkuAnswer>);
+
+impl Engine {
+    pub fn new(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self, InvalidLimits> {
+        config.validate()?;
+        let partitions = (0..config.partition_count)
+            .map(|_| Partition {
+                gate: Arc::new(AdmissionGate::new(config.in_flight_per_partition_max)),
+                skus: RwLock::new(HashMap::new()),
+                orders: Mutex::new(OrderDirectory::default()),
+            })
+            .collect();
+        Ok(Self { inner: Arc::new(Inner { config: Arc::new(config), clock, partitions }) })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    fn partition(&self, sku: &SkuId) -> &Partition {
+        &self.inner.partitions[partition_of(sku, self.inner.config.partition_count) as usize]
+    }
+
+    fn order_partition(&self, order: &OrderId) -> &Partition {
+        let hash = crate::partition::stable_hash(order.as_str().as_bytes());
+        &self.inner.partitions[(hash % u64::from(self.inner.config.partition_count)) as usize]
+    }
+
+    fn slot(&self, sku: &SkuId) -> Result<Arc<SkuSlot>, EngineError> {
+        let skus = self.partition(sku).skus.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        skus.get(sku).cloned().ok_or_else(|| EngineError::UnknownSku { sku: sku.clone() })
+    }
+
+    /// Creates a SKU. No actor starts until the first request for it.
+    pub fn create_sku(&self, sku: SkuId, settings: SkuSettings) -> Result<StockSnapshot, EngineError> {
+        let state = SkuState::new(settings, self.inner.config.limits.clone()).map_err(|error| {
+            EngineError::Refused { sku: sku.clone(), error, stock: StockSnapshot::default() }
+        })?;
+        let stock = state.stock();
+        let partition = self.partition(&sku);
+        let mut skus = partition.skus.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if skus.contains_key(&sku) {
+            return Err(EngineError::SkuExists { sku });
+        }
+        let slot = Arc::new(SkuSlot {
+            sku: sku.clone(),
+            config: self.inner.config.clone(),
+            clock: self.inner.clock.clone(),
+            gate: AdmissionGate::new(self.inner.config.in_flight_per_sku_max),
+            partition_gate: partition.gate.clone(),
+            snapshot: flashstock_sync::StockSnapshotCell::new(reading_of(&state)),
+            queue: WakeQueue::new_parked(),
+            parked: Mutex::new(Some(state)),
+            actor: Mutex::new(None),
+        });
+        skus.insert(sku, slot);
+        Ok(stock)
+    }
+
+    /// Admits `command` for `sku` and hands it to the SKU's actor (starting
+    /// one if none runs). The answer arrives on the returned channel.
+    async fn enqueue(&self, sku: &SkuId, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
+        let slot = self.slot(sku)?;
+        let busy = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
+        if !slot.partition_gate.try_acquire() {
+            return Err(busy);
+        }
+        if !slot.gate.try_acquire() {
+            slot.partition_gate.release();
+            return Err(busy);
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request { command, reply, admission: Admission { slot: slot.clone() } };
+        match slot.queue.push(request) {
+            Pushed::ConsumerBusy => {}
+            Pushed::WakeConsumer => slot.wake(),
+            Pushed::StartConsumer => {
+                let state = slot.take_parked();
+                // Spawning only fails on a duplicate actor name; ours are unnamed.
+                Actor::spawn(None, SkuActor, (slot.clone(), state))
+                    .await
+                    .expect("spawning an unnamed actor cannot fail");
+            }
+        }
+        Ok(answer)
+    }
+
+    async fn execute(&self, sku: &SkuId, command: SkuCommand) -> Result<SkuAnswer, EngineError> {
+        self.enqueue(sku, command).await?.await.map_err(|_| EngineError::Unavailable)
+    }
+
+    async fn admin(&self, sku: &SkuId, command: SkuCommand) -> Result<StockSnapshot, EngineError> {
+        let answer = self.execute(sku, command).await?;
+        match answer.result {
+            Ok(_) => Ok(answer.stock),
+            Err(error) => Err(EngineError::Refused { sku: sku.clone(), error, stock: answer.stock }),
+        }
+    }
+
+    pub async fn add_stock(&self, sku: &SkuId, units: u64) -> Result<StockSnapshot, EngineError> {
+        self.admin(sku, SkuCommand::AddStock { units }).await
+    }
+
+    pub async fn remove_stock(&self, sku: &SkuId, units: u64) -> Result<StockSnapshot, EngineError> {
+        self.admin(sku, SkuCommand::RemoveStock { units }).await
+    }
+
+    pub async fn set_buyer_limit(&self, sku: &SkuId, units_per_buyer_max: Option<u32>) -> Result<StockSnapshot, EngineError> {
+        self.admin(sku, SkuCommand::SetBuyerLimit { units_per_buyer_max }).await
+    }
+
+    pub async fn open_sale(&self, sku: &SkuId, opens_at_ms: u64) -> Result<StockSnapshot, EngineError> {
+        self.admin(sku, SkuCommand::OpenSale { opens_at_ms }).await
+    }
+
+    /// The SKU's counts, from its published snapshot (no trip to the actor
+    /// unless the snapshot is being rewritten at this instant).
+    pub async fn availability(&self, sku: &SkuId) -> Result<StockSnapshot, EngineError> {
+        let slot = self.slot(sku)?;
+        match slot.snapshot.read() {
+            Some(reading) => Ok(reading.stock),
+            None => self.admin(sku, SkuCommand::Query).await,
+        }
+    }
+
+    /// How many SKU actors are running now (the rest are passivated).
+    pub fn active_actor_count(&self) -> usize {
+        self.inner
+            .partitions
+            .iter()
+            .map(|partition| {
+                let skus = partition.skus.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                skus.values().filter(|slot| !slot.queue.is_parked()).count()
+            })
+            .sum()
+    }
+
+    /// The `SoldOut` answer for `line` if the SKU's published snapshot proves
+    /// it; `None` means "ask the actor". See `StockSnapshotCell` for what
+    /// the snapshot promises.
+    fn sold_out_from_hint(&self, line: &MergedLine, now_ms: u64) -> Result<Option<OrderError>, OrderError> {
+        let slot = self.slot(&line.sku).map_err(|error| error.into_order_error(line.index))?;
+        let Some(reading) = slot.snapshot.read() else {
+            return Ok(None);
+        };
+        let short = reading.stock.available < u64::from(line.quantity.minimum());
+        if short && now_ms < reading.next_expiry_ms {
+            return Ok(Some(OrderError::Line {
+                index: line.index,
+                sku: line.sku.clone(),
+                error: SkuError::SoldOut { available: reading.stock.available },
+                stock: reading.stock,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Holds every line of `request`, or none.
+    ///
+    /// Idempotent on the order id: a retry with the same content returns the
+    /// same reservation (even after it was committed or released); different
+    /// content is `IdempotencyConflict`. A refused order leaves no trace, so
+    /// it may be retried with the same id.
+    pub async fn reserve(&self, request: OrderRequest) -> Result<Reservation, OrderError> {
+        let config = &self.inner.config;
+        let lines = merge_lines(&request, &config.limits)?;
+        let directory = &self.order_partition(&request.order).orders;
+        if let Some(answer) = Self::replay_reserve(&lock(directory), &request) {
+            return answer;
+        }
+        let now_ms = self.inner.clock.now_ms();
+        for line in &lines {
+            if let Some(sold_out) = self.sold_out_from_hint(line, now_ms)? {
+                return Err(sold_out);
+            }
+        }
+        {
+            let mut orders = lock(directory);
+            if let Some(answer) = Self::replay_reserve(&orders, &request) {
+                return answer;
+            }
+            orders.forget_old(now_ms, config);
+            orders.arrival.push_back((now_ms, request.order.clone()));
+            orders.records.insert(
+                request.order.clone(),
+                OrderRecord {
+                    request: request.clone(),
+                    lines: lines.clone(),
+                    phase: OrderPhase::Reserving,
+                    reservation: None,
+                    settlement: None,
+                },
+            );
+        }
+        let outcome = self.hold_all(&request, &lines).await;
+        let mut orders = lock(directory);
+        let record = orders.records.get_mut(&request.order).expect("a reserving order stays in the directory");
+        match &outcome {
+            Ok(reservation) => {
+                record.phase = OrderPhase::Held;
+                record.reservation = Some(reservation.clone());
+            }
+            Err(_) => {
+                orders.records.remove(&request.order);
+            }
+        }
+        outcome
+    }
+
+    fn replay_reserve(orders: &OrderDirectory, request: &OrderRequest) -> Option<Result<Reservation, OrderError>> {
+        let record = orders.records.get(&request.order)?;
+        if record.request != *request {
+            return Some(Err(OrderError::IdempotencyConflict));
+        }
+        Some(match &record.reservation {
+            Some(reservation) => Ok(reservation.clone()),
+            // The same request is being served right now.
+            None => Err(OrderError::Busy { retry_after_ms: 1 }),
+        })
+    }
+
+    /// Places a hold on every line in parallel; on any failure aborts the
+    /// holds that were placed and reports the first failing line.
+    async fn hold_all(&self, request: &OrderRequest, lines: &[MergedLine]) -> Result<Reservation, OrderError> {
+        let mut pending: Vec<PendingLine> = Vec::with_capacity(lines.len());
+        let mut failure: Option<OrderError> = None;
+        for line in lines {
+            let command = SkuCommand::Reserve(ReserveLine {
+                order: request.order.clone(),
+                buyer: request.buyer.clone(),
+                quantity: line.quantity,
+                ttl_ms: request.ttl_ms,
+            });
+            match self.enqueue(&line.sku, command).await {
+                Ok(answer) => pending.push((line.index, line.sku.clone(), answer)),
+                Err(error) => {
+                    failure = Some(error.into_order_error(line.index));
+                    break;
+                }
+            }
+        }
+        let mut held = Vec::with_capacity(pending.len());
+        let mut expires_at_ms = u64::MAX;
+        for (index, sku, answer) in pending {
+            match answer.await {
+                Ok(SkuAnswer { result: Ok(SkuOutcome::Reserved { units, expires_at_ms: line_expiry_ms, .. }), stock }) => {
+                    expires_at_ms = expires_at_ms.min(line_expiry_ms);
+                    held.push(ReservedLine { sku, units, stock });
+                }
+                Ok(SkuAnswer { result: Err(error), stock }) => {
+                    failure.get_or_insert(OrderError::Line { index, sku, error, stock });
+                }
+                Ok(SkuAnswer { result: Ok(other), .. }) => {
+                    unreachable!("a reserve answered {other:?}")
+                }
+                Err(_) => {
+                    failure.get_or_insert(OrderError::Unavailable);
+                }
+            }
+        }
+        let Some(failure) = failure else {
+            return Ok(Reservation { order: request.order.clone(), expires_at_ms, lines: held });
+        };
+        for line in &held {
+            self.abort_line(&request.order, &line.sku).await;
+        }
+        Err(failure)
+    }
+
+    /// Enqueues a command that must not be dropped for want of admission
+    /// (part of a decided settlement or an abort), waiting out `Busy` a
+    /// bounded number of times.
+    async fn enqueue_patiently(&self, sku: &SkuId, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
+        const ATTEMPTS_MAX: u32 = 200;
+        let mut last = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
+        for _ in 0..ATTEMPTS_MAX {
+            match self.enqueue(sku, command.clone()).await {
+                Err(EngineError::Busy { retry_after_ms }) => {
+                    last = EngineError::Busy { retry_after_ms };
+                    tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Undoes one line's hold. If that keeps failing the hold still ends by
+    /// its TTL, so stock is never lost, only delayed.
+    async fn abort_line(&self, order: &OrderId, sku: &SkuId) {
+        let answer = match self.enqueue_patiently(sku, SkuCommand::Abort { order: order.clone() }).await {
+            Ok(answer) => answer.await.ok(),
+            Err(_) => None,
+        };
+        if answer.is_none() {
+            tracing::warn!(%order, %sku, "could not abort a hold; it will expire by its TTL");
+        }
+    }
+
+    /// Sells every held unit of the order.
+    pub async fn commit(&self, order: &OrderId) -> Result<Settlement, OrderError> {
+        self.settle(order, Settle::Commit { fewer: &[] }).await
+    }
+
+    /// Sells the given units per SKU (lines not named sell all their units);
+    /// the rest of each hold goes back to stock.
+    pub async fn commit_fewer(&self, order: &OrderId, fewer: &[(SkuId, u32)]) -> Result<Settlement, OrderError> {
+        self.settle(order, Settle::Commit { fewer }).await
+    }
+
+    /// Gives every held unit of the order back to stock.
+    pub async fn release(&self, order: &OrderId) -> Result<Settlement, OrderError> {
+        self.settle(order, Settle::Release).await
+    }
+
+    async fn settle(&self, order: &OrderId, how: Settle<'_>) -> Result<Settlement, OrderError> {
+        let committing = matches!(how, Settle::Commit { .. });
+        let directory = &self.order_partition(order).orders;
+        let (reservation, lines) = {
+            let mut orders = lock(directory);
+            let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
+            match (record.phase, committing) {
+                (OrderPhase::Held, _) => {}
+                (OrderPhase::Committed, true) | (OrderPhase::Released, false) => {
+                    let mut settlement = record.settlement.clone().expect("a settled order has its settlement");
+                    settlement.replayed = true;
+                    return Ok(settlement);
+                }
+                (OrderPhase::Committed, false) => return Err(OrderError::AlreadyCommitted),
+                (OrderPhase::Released, true) => return Err(OrderError::AlreadyReleased),
+                (OrderPhase::Expired, _) => {
+                    let expired_at_ms = record.reservation.as_ref().map_or(0, |r| r.expires_at_ms);
+                    return Err(OrderError::Expired { expired_at_ms });
+                }
+                (OrderPhase::Reserving | OrderPhase::Settling, _) => {
+                    return Err(OrderError::Busy { retry_after_ms: 1 });
+                }
+            }
+            let reservation = record.reservation.clone().expect("a held order has its reservation");
+            // The decision. A single line is decided by its SKU atomically;
+            // several lines must all outlive the time it takes to commit them.
+            if committing && record.lines.len() > 1 {
+                let now_ms = self.inner.clock.now_ms();
+                if now_ms.saturating_add(self.inner.config.commit_grace_ms) >= reservation.expires_at_ms {
+                    record.phase = OrderPhase::Expired;
+                    drop(orders);
+                    for line in &reservation.lines {
+                        self.abort_line(order, &line.sku).await;
+                    }
+                    return Err(OrderError::Expired { expired_at_ms: reservation.expires_at_ms });
+                }
+            }
+            record.phase = OrderPhase::Settling;
+            (reservation, record.lines.clone())
+        };
+        let mut pending: Vec<PendingLine> = Vec::with_capacity(lines.len());
+        for line in &lines {
+            let command = match how {
+                Settle::Commit { fewer } => SkuCommand::Commit {
+                    order: order.clone(),
+                    units: fewer.iter().find(|(sku, _)| *sku == line.sku).map(|&(_, units)| units),
+                },
+                Settle::Release => SkuCommand::Release { order: order.clone() },
+            };
+            match self.enqueue_patiently(&line.sku, command).await {
+                Ok(answer) => pending.push((line.index, line.sku.clone(), answer)),
+                Err(error) => {
+                    // Lines are idempotent, so the order goes back to Held
+                    // and a retried settle finishes whatever this one began.
+                    if let Some(record) = lock(directory).records.get_mut(order) {
+                        record.phase = OrderPhase::Held;
+                    }
+                    return Err(error.into_order_error(line.index));
+                }
+            }
+        }
+        let mut settled = Vec::with_capacity(pending.len());
+        let mut first_error = None;
+        for (index, sku, answer) in pending {
+            match answer.await {
+                Ok(SkuAnswer { result: Ok(SkuOutcome::Committed { units, .. } | SkuOutcome::Released { units, .. }), stock }) => {
+                    settled.push(ReservedLine { sku, units, stock });
+                }
+                Ok(SkuAnswer { result: Err(error), stock }) => {
+                    first_error.get_or_insert(OrderError::Line { index, sku, error, stock });
+                }
+                Ok(SkuAnswer { result: Ok(other), .. }) => unreachable!("a settle answered {other:?}"),
+                Err(_) => {
+                    first_error.get_or_insert(OrderError::Unavailable);
+                }
+            }
+        }
+        let mut orders = lock(directory);
+        let record = orders.records.get_mut(order).expect("a settling order stays in the directory");
+        let Some(error) = first_error else {
+            let settlement = Settlement { order: order.clone(), lines: settled, replayed: false };
+            record.phase = if committing { OrderPhase::Committed } else { OrderPhase::Released };
+            record.settlement = Some(settlement.clone());
+            return Ok(settlement);
+        };
+        // A line refused: for a single line (or a release) the SKU's answer
+        // is the order's answer. Expired lines mean the order expired.
+        record.phase = match (&error, reservation.lines.len()) {
+            (OrderError::Line { error: SkuError::Expired { .. }, .. }, _) => OrderPhase::Expired,
+            (OrderError::Line { error: SkuError::InvalidQuantity { .. } | SkuError::IdempotencyConflict, .. }, _) => {
+                OrderPhase::Held
+            }
+            (OrderError::Line { .. }, lines) if lines > 1 && !settled.is_empty() => {
+                tracing::error!(%order, ?error, "a multi-line order settled on some lines only");
+                if committing { OrderPhase::Committed } else { OrderPhase::Released }
+            }
+            // Busy or unavailable: settling again is safe (lines are idempotent).
+            _ => OrderPhase::Held,
+        };
+        Err(match error {
+            OrderError::Line { error: SkuError::Expired { expired_at_ms }, .. } => OrderError::Expired { expired_at_ms },
+            other => other,
+        })
+    }
+
+    /// Stops every running SKU actor (their state stays in memory, parked
+    /// actors are unaffected). For tests and orderly process exit.
+    pub fn stop_actors(&self) {
+        for partition in self.inner.partitions.iter() {
+            let skus = partition.skus.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for slot in skus.values() {
+                if let Some(actor) = lock(&slot.actor).as_ref() {
+                    actor.stop(None);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Settle<'a> {
+    Commit { fewer: &'a [(SkuId, u32)] },
+    Release,
+}
