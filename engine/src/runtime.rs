@@ -65,7 +65,7 @@ impl Default for EngineConfig {
             in_flight_per_partition_max: 16_384,
             batch_max: 256,
             actor_idle_ms: 30_000,
-            commit_grace_ms: 1_000,
+            commit_grace_ms: 500,
             orders_per_partition_max: 1_000_000,
             busy_retry_after_ms: 5,
         }
@@ -621,15 +621,22 @@ impl Engine {
                 let now_ms = self.inner.clock.now_ms();
                 if now_ms.saturating_add(self.inner.config.commit_grace_ms) >= reservation.expires_at_ms {
                     record.phase = OrderPhase::Expired;
-                    drop(orders);
-                    for line in &reservation.lines {
-                        self.abort_line(order, &line.sku).await;
-                    }
-                    return Err(OrderError::Expired { expired_at_ms: reservation.expires_at_ms });
+                    (reservation, None)
+                } else {
+                    record.phase = OrderPhase::Settling;
+                    (reservation, Some(record.lines.clone()))
                 }
+            } else {
+                record.phase = OrderPhase::Settling;
+                (reservation, Some(record.lines.clone()))
             }
-            record.phase = OrderPhase::Settling;
-            (reservation, record.lines.clone())
+        };
+        let Some(lines) = lines else {
+            // Decided: expired. Give every line back now rather than at TTL.
+            for line in &reservation.lines {
+                self.abort_line(order, &line.sku).await;
+            }
+            return Err(OrderError::Expired { expired_at_ms: reservation.expires_at_ms });
         };
         let mut pending: Vec<PendingLine> = Vec::with_capacity(lines.len());
         for line in &lines {

@@ -1,0 +1,306 @@
+//! The engine through its actors: orders, idempotency, admission, expiry by
+//! timer, passivation, the sold-out hint, and a concurrent stampede.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashstock_engine::{
+    BuyerId, Clock, Engine, EngineConfig, Limits, Line, ManualClock, OrderError, OrderId, OrderRequest, Quantity,
+    SkuError, SkuId, SkuSettings, StockSnapshot, SystemClock,
+};
+
+fn sku(name: &str) -> SkuId {
+    SkuId::new(name).expect("valid id")
+}
+
+fn order(name: &str) -> OrderId {
+    OrderId::new(name).expect("valid id")
+}
+
+fn request(order_id: &str, buyer: &str, lines: &[(&str, u32)]) -> OrderRequest {
+    OrderRequest {
+        order: order(order_id),
+        buyer: BuyerId::new(buyer).expect("valid id"),
+        lines: lines.iter().map(|(name, units)| Line { sku: sku(name), quantity: Quantity::Exactly(*units) }).collect(),
+        ttl_ms: 60_000,
+    }
+}
+
+fn engine_with(config: EngineConfig, clock: Arc<dyn Clock>) -> Engine {
+    Engine::new(config, clock).expect("valid config")
+}
+
+fn manual_engine() -> (Engine, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    (engine_with(EngineConfig::default(), clock.clone()), clock)
+}
+
+fn stock(available: u64, held: u64, sold: u64) -> StockSnapshot {
+    StockSnapshot { available, held, sold }
+}
+
+/// Polls `condition` every 10 ms for at most `limit`.
+async fn eventually(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn reserve_commit_release_and_their_retries() {
+    let (engine, _clock) = manual_engine();
+    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).expect("created");
+
+    let reservation = engine.reserve(request("o1", "alice", &[("tv", 3)])).await.expect("held");
+    assert_eq!(reservation.lines[0].units, 3);
+    assert_eq!(reservation.lines[0].stock, stock(7, 3, 0), "the answer carries the counts");
+    assert_eq!(reservation.expires_at_ms, 1_000_000 + 60_000);
+
+    // A retry returns the same reservation and takes nothing more.
+    let retried = engine.reserve(request("o1", "alice", &[("tv", 3)])).await.expect("replayed");
+    assert_eq!(retried, reservation);
+    assert_eq!(engine.availability(&sku("tv")).await, Ok(stock(7, 3, 0)));
+    // The same id with other content is refused.
+    assert_eq!(engine.reserve(request("o1", "alice", &[("tv", 4)])).await, Err(OrderError::IdempotencyConflict));
+
+    let committed = engine.commit(&order("o1")).await.expect("committed");
+    assert_eq!((committed.lines[0].units, committed.lines[0].stock), (3, stock(7, 0, 3)));
+    let again = engine.commit(&order("o1")).await.expect("replayed commit");
+    assert!(again.replayed);
+    assert_eq!(engine.release(&order("o1")).await, Err(OrderError::AlreadyCommitted));
+
+    engine.reserve(request("o2", "bob", &[("tv", 2)])).await.expect("held");
+    let released = engine.release(&order("o2")).await.expect("released");
+    assert_eq!(released.lines[0].stock, stock(7, 0, 3));
+    assert!(engine.release(&order("o2")).await.expect("replayed release").replayed);
+    assert_eq!(engine.commit(&order("o2")).await, Err(OrderError::AlreadyReleased));
+    assert_eq!(engine.commit(&order("nope")).await, Err(OrderError::UnknownReservation));
+}
+
+#[tokio::test]
+async fn commit_of_fewer_units_returns_the_rest() {
+    let (engine, _clock) = manual_engine();
+    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).expect("created");
+    engine.reserve(request("o1", "alice", &[("tv", 4)])).await.expect("held");
+    let settled = engine.commit_fewer(&order("o1"), &[(sku("tv"), 1)]).await.expect("committed");
+    assert_eq!((settled.lines[0].units, settled.lines[0].stock), (1, stock(9, 0, 1)));
+}
+
+#[tokio::test]
+async fn multi_line_orders_are_all_or_nothing() {
+    let (engine, _clock) = manual_engine();
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("b"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).expect("created");
+
+    let refused = engine.reserve(request("o1", "alice", &[("a", 2), ("b", 3)])).await;
+    assert_eq!(
+        refused,
+        Err(OrderError::Line { index: 1, sku: sku("b"), error: SkuError::SoldOut { available: 1 }, stock: stock(1, 0, 0) })
+    );
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(5, 0, 0)), "line a was given back");
+
+    // A refused order leaves no trace: the same id may try again.
+    engine.add_stock(&sku("b"), 2).await.expect("added");
+    let held = engine.reserve(request("o1", "alice", &[("a", 2), ("b", 3)])).await.expect("held");
+    assert_eq!(held.lines.len(), 2);
+
+    // Lines naming one SKU twice are merged, not double-counted.
+    let merged = engine.reserve(request("o2", "bob", &[("a", 1), ("a", 2)])).await.expect("held");
+    assert_eq!(merged.lines.len(), 1);
+    assert_eq!(merged.lines[0].stock, stock(0, 5, 0));
+
+    engine.commit(&order("o1")).await.expect("committed");
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(0, 3, 2)));
+    assert_eq!(engine.availability(&sku("b")).await, Ok(stock(0, 0, 3)));
+
+    let unknown = engine.reserve(request("o3", "carol", &[("zz", 1), ("a", 1)])).await;
+    assert_eq!(unknown, Err(OrderError::UnknownSku { index: 0, sku: sku("zz") }));
+}
+
+#[tokio::test]
+async fn multi_line_commit_after_expiry_releases_every_line() {
+    let (engine, clock) = manual_engine();
+    for name in ["a", "b"] {
+        engine.create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    }
+    engine.reserve(request("o1", "alice", &[("a", 1), ("b", 1)])).await.expect("held");
+    // Inside the grace period before expiry: refusing is the safe decision.
+    clock.advance_ms(60_000 - 500);
+    assert_eq!(engine.commit(&order("o1")).await, Err(OrderError::Expired { expired_at_ms: 1_060_000 }));
+    for name in ["a", "b"] {
+        assert_eq!(engine.availability(&sku(name)).await, Ok(stock(5, 0, 0)));
+    }
+}
+
+#[tokio::test]
+async fn single_line_commit_after_expiry_is_expired() {
+    let (engine, clock) = manual_engine();
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
+    clock.advance_ms(60_000);
+    assert_eq!(engine.commit(&order("o1")).await, Err(OrderError::Expired { expired_at_ms: 1_060_000 }));
+    assert_eq!(engine.release(&order("o1")).await, Err(OrderError::Expired { expired_at_ms: 1_060_000 }));
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(5, 0, 0)));
+}
+
+#[tokio::test]
+async fn admin_errors_are_typed_and_change_nothing() {
+    let (engine, clock) = manual_engine();
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    assert!(matches!(
+        engine.create_sku(sku("a"), SkuSettings::default()),
+        Err(flashstock_engine::EngineError::SkuExists { .. })
+    ));
+    engine.reserve(request("o1", "alice", &[("a", 4)])).await.expect("held");
+    let refused = engine.remove_stock(&sku("a"), 2).await;
+    assert!(matches!(
+        refused,
+        Err(flashstock_engine::EngineError::Refused { error: SkuError::NotEnoughUnsoldStock { available: 1 }, .. })
+    ));
+    engine.set_buyer_limit(&sku("a"), Some(1)).await.expect("limit set");
+    engine.release(&order("o1")).await.expect("released");
+    let over = engine.reserve(request("o2", "alice", &[("a", 2)])).await;
+    assert!(matches!(over, Err(OrderError::Line { error: SkuError::LimitExceeded { units_per_buyer_max: 1, .. }, .. })));
+    engine.open_sale(&sku("a"), clock.now_ms() + 1_000).await.expect("scheduled");
+    let early = engine.reserve(request("o3", "bob", &[("a", 1)])).await;
+    assert!(matches!(early, Err(OrderError::Line { error: SkuError::NotOpen { .. }, .. })));
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(5, 0, 0)));
+}
+
+/// On one thread nothing runs until a task awaits, so every request below is
+/// admitted or refused before the actor applies any: exactly the bound is
+/// admitted and the rest are told `Busy`, without any change to stock.
+#[tokio::test(flavor = "current_thread")]
+async fn admission_answers_busy_beyond_the_bound() {
+    let config = EngineConfig { in_flight_per_sku_max: 4, in_flight_per_partition_max: 4, ..EngineConfig::default() };
+    let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
+    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).expect("created");
+    // Start the actor first so that admission is the only thing that waits.
+    engine.reserve(request("warm", "w", &[("hot", 1)])).await.expect("held");
+
+    let tasks: Vec<_> = (0..12)
+        .map(|index| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.reserve(request(&format!("o{index}"), "b", &[("hot", 1)])).await })
+        })
+        .collect();
+    let mut held = 0;
+    let mut busy = 0;
+    for task in tasks {
+        match task.await.expect("task ran") {
+            Ok(_) => held += 1,
+            Err(OrderError::Busy { .. }) => busy += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((held, busy), (4, 8));
+    assert_eq!(engine.availability(&sku("hot")).await, Ok(stock(95, 5, 0)));
+}
+
+fn short_ttl_config() -> EngineConfig {
+    EngineConfig {
+        limits: Limits { hold_ttl_ms_min: 20, ..Limits::default() },
+        commit_grace_ms: 10,
+        actor_idle_ms: 50,
+        ..EngineConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn holds_expire_without_anyone_asking() {
+    let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).expect("created");
+    let mut order_request = request("o1", "alice", &[("a", 3)]);
+    order_request.ttl_ms = 40;
+    engine.reserve(order_request).await.expect("held");
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(0, 3, 0)));
+    // Only the actor's own timer can bring the units back.
+    let back = eventually(Duration::from_secs(5), async || engine.availability(&sku("a")).await == Ok(stock(3, 0, 0))).await;
+    assert!(back, "hold did not expire: {:?}", engine.availability(&sku("a")).await);
+}
+
+#[tokio::test]
+async fn idle_actors_passivate_and_keep_their_state() {
+    let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).expect("created");
+    assert_eq!(engine.active_actor_count(), 0, "no actor before the first request");
+    engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
+    engine.commit(&order("o1")).await.expect("committed");
+    assert_eq!(engine.active_actor_count(), 1);
+    assert!(eventually(Duration::from_secs(5), async || engine.active_actor_count() == 0).await, "never passivated");
+    // A new actor starts with the parked state: the sale is remembered.
+    assert!(engine.commit(&order("o1")).await.expect("replayed").replayed);
+    let next = engine.reserve(request("o2", "bob", &[("a", 2)])).await;
+    assert!(matches!(next, Err(OrderError::Line { error: SkuError::SoldOut { available: 1 }, .. })));
+    let last = engine.reserve(request("o3", "bob", &[("a", 1)])).await.expect("held");
+    assert_eq!(last.lines[0].stock, stock(0, 1, 2));
+}
+
+/// The hint's promise: once a release is answered, no later reserve is told
+/// `SoldOut` on the strength of the older snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sold_out_hint_never_hides_released_stock() {
+    let (engine, _clock) = manual_engine();
+    engine.create_sku(sku("one"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).expect("created");
+    for round in 0..200 {
+        let holder = format!("hold-{round}");
+        engine.reserve(request(&holder, "a", &[("one", 1)])).await.expect("held");
+        let sold_out = engine.reserve(request(&format!("miss-{round}"), "b", &[("one", 1)])).await;
+        assert!(matches!(sold_out, Err(OrderError::Line { error: SkuError::SoldOut { available: 0 }, .. })));
+        engine.release(&order(&holder)).await.expect("released");
+        engine.reserve(request(&format!("next-{round}"), "c", &[("one", 1)])).await.expect("stock is back");
+        engine.release(&order(&format!("next-{round}"))).await.expect("released");
+    }
+}
+
+/// Many buyers on two threads against one hot SKU and a few cold ones:
+/// exactly the stock is sold, never more, and the counts add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stampede_never_oversells() {
+    const BUYERS: usize = 2_000;
+    let (engine, _clock) = manual_engine();
+    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).expect("created");
+    for cold in 0..4 {
+        engine.create_sku(sku(&format!("cold-{cold}")), SkuSettings { initial_units: 1_000, ..SkuSettings::default() }).expect("created");
+    }
+    let tasks: Vec<_> = (0..BUYERS)
+        .map(|buyer| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let cold = format!("cold-{}", buyer % 4);
+                let order_id = format!("order-{buyer}");
+                let lines: &[(&str, u32)] = &[("hot", 1), (&cold, 1)];
+                for _ in 0..50 {
+                    match engine.reserve(request(&order_id, &format!("buyer-{buyer}"), lines)).await {
+                        Ok(_) => {
+                            engine.commit(&order(&order_id)).await.expect("commit of a held order");
+                            return true;
+                        }
+                        Err(OrderError::Busy { .. }) => tokio::task::yield_now().await,
+                        Err(OrderError::Line { error: SkuError::SoldOut { .. }, .. }) => return false,
+                        Err(other) => panic!("unexpected {other:?}"),
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    let mut sold = 0;
+    for task in tasks {
+        sold += usize::from(task.await.expect("task ran"));
+    }
+    assert_eq!(sold, 100, "exactly the stock is sold");
+    assert_eq!(engine.availability(&sku("hot")).await, Ok(stock(0, 0, 100)));
+    let mut cold_sold = 0;
+    for cold in 0..4 {
+        let counts = engine.availability(&sku(&format!("cold-{cold}"))).await.expect("exists");
+        assert_eq!((counts.held, counts.total()), (0, 1_000), "no cold line left held");
+        cold_sold += counts.sold;
+    }
+    assert_eq!(cold_sold, 100, "cold lines sold exactly with their hot line");
+}
