@@ -1,1 +1,187 @@
-fn main(){}
+//! Criterion benchmarks of the engine:
+//! - `state_machine/reserve`: reserves per second on one SKU, no actors;
+//! - `actors/reserve_commit`: reserve + commit through the actors with 256
+//!   orders in flight, on one hot SKU and on 10,000 SKUs with Zipf demand;
+//! - `sold_out_hint`: `SoldOut` answers per second for a sold-out SKU.
+//!
+//! Run: `cargo bench -p flashstock-benches --bench engine`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use flashstock_engine::sku::ReserveLine;
+use flashstock_engine::{
+    BuyerId, Engine, EngineConfig, Limits, Line, OrderId, OrderRequest, Quantity, SkuCommand, SkuId, SkuSettings, SkuState, SystemClock,
+};
+
+const IN_FLIGHT: usize = 256;
+
+fn order_ids(prefix: &str, count: usize) -> Vec<OrderId> {
+    (0..count).map(|index| OrderId::new(format!("{prefix}-{index}")).expect("valid id")).collect()
+}
+
+fn state_machine(criterion: &mut Criterion) {
+    const BATCH: usize = 10_000;
+    let limits = Limits { finished_per_sku_max: 100_000, ..Limits::default() };
+    let orders = order_ids("order", BATCH);
+    let buyer = BuyerId::new("buyer").expect("valid id");
+    let commands: Vec<SkuCommand> = orders
+        .iter()
+        .map(|order| SkuCommand::Reserve(ReserveLine { order: order.clone(), buyer: buyer.clone(), quantity: Quantity::Exactly(1), ttl_ms: 60_000 }))
+        .collect();
+    let mut group = criterion.benchmark_group("state_machine");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("reserve", |bencher| {
+        bencher.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let settings = SkuSettings { initial_units: BATCH as u64, ..SkuSettings::default() };
+                let mut state = SkuState::new(settings, limits.clone()).expect("valid");
+                let started = Instant::now();
+                for (step, command) in commands.iter().enumerate() {
+                    let answer = state.apply(1_000 + step as u64 / 64, command);
+                    debug_assert!(answer.result.is_ok());
+                    std::hint::black_box(answer);
+                }
+                total += started.elapsed();
+            }
+            total
+        });
+    });
+    group.finish();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// `counts[i]` SKUs get demand proportional to 1 / (i + 1)^1.1.
+fn zipf_picks(sku_count: usize, picks: usize) -> Vec<usize> {
+    let weights: Vec<f64> = (1..=sku_count).map(|rank| 1.0 / (rank as f64).powf(1.1)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut cumulative = Vec::with_capacity(sku_count);
+    let mut running = 0.0;
+    for weight in &weights {
+        running += weight / total;
+        cumulative.push(running);
+    }
+    let mut seed: u64 = 0x1234_5678;
+    (0..picks)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let unit = (seed >> 11) as f64 / (1u64 << 53) as f64;
+            cumulative.partition_point(|&edge| edge <= unit).min(sku_count - 1)
+        })
+        .collect()
+}
+
+fn actors(criterion: &mut Criterion) {
+    const ORDERS_PER_RUN: usize = 51_200;
+    let runtime = runtime();
+    let mut group = criterion.benchmark_group("actors");
+    group.throughput(Throughput::Elements(ORDERS_PER_RUN as u64));
+    group.sample_size(10);
+    for (name, sku_count) in [("reserve_commit/hot_sku", 1usize), ("reserve_commit/10k_zipf", 10_000)] {
+        let skus: Vec<SkuId> = (0..sku_count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect();
+        let picks = Arc::new(zipf_picks(sku_count, ORDERS_PER_RUN));
+        let mut run = 0u64;
+        group.bench_function(name, |bencher| {
+            bencher.iter_custom(|iterations| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    run += 1;
+                    let config = EngineConfig { limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() }, ..EngineConfig::default() };
+                    let engine = Engine::new(config, Arc::new(SystemClock)).expect("valid config");
+                    for sku in &skus {
+                        engine.create_sku(sku.clone(), SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() }).expect("created");
+                    }
+                    let orders = Arc::new(order_ids(&format!("run{run}"), ORDERS_PER_RUN));
+                    let buyer = BuyerId::new("buyer").expect("valid id");
+                    total += runtime.block_on(async {
+                        let started = Instant::now();
+                        let tasks: Vec<_> = (0..IN_FLIGHT)
+                            .map(|worker| {
+                                let (engine, orders, picks, skus, buyer) = (engine.clone(), orders.clone(), picks.clone(), skus.clone(), buyer.clone());
+                                tokio::spawn(async move {
+                                    for index in (worker..ORDERS_PER_RUN).step_by(IN_FLIGHT) {
+                                        let request = OrderRequest {
+                                            order: orders[index].clone(),
+                                            buyer: buyer.clone(),
+                                            lines: vec![Line { sku: skus[picks[index]].clone(), quantity: Quantity::Exactly(1) }],
+                                            ttl_ms: 60_000,
+                                        };
+                                        engine.reserve(request).await.expect("held");
+                                        engine.commit(&orders[index]).await.expect("committed");
+                                    }
+                                })
+                            })
+                            .collect();
+                        for task in tasks {
+                            task.await.expect("task ran");
+                        }
+                        let elapsed = started.elapsed();
+                        engine.stop_actors();
+                        elapsed
+                    });
+                }
+                total
+            });
+        });
+    }
+    group.finish();
+}
+
+fn sold_out_hint(criterion: &mut Criterion) {
+    const REQUESTS_PER_TASK: usize = 10_000;
+    const TASKS: usize = 2;
+    let runtime = runtime();
+    let engine = Engine::new(EngineConfig::default(), Arc::new(SystemClock)).expect("valid config");
+    let sku = SkuId::new("gone").expect("valid id");
+    engine.create_sku(sku.clone(), SkuSettings { initial_units: 0, ..SkuSettings::default() }).expect("created");
+    let orders = Arc::new(order_ids("late", REQUESTS_PER_TASK * TASKS));
+    let buyer = BuyerId::new("buyer").expect("valid id");
+    let mut group = criterion.benchmark_group("sold_out_hint");
+    group.throughput(Throughput::Elements((REQUESTS_PER_TASK * TASKS) as u64));
+    group.bench_function("reserve_answered_sold_out", |bencher| {
+        bencher.iter_custom(|iterations| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|task| {
+                            let (engine, orders, sku, buyer) = (engine.clone(), orders.clone(), sku.clone(), buyer.clone());
+                            tokio::spawn(async move {
+                                for index in (task..REQUESTS_PER_TASK * TASKS).step_by(TASKS) {
+                                    let request = OrderRequest {
+                                        order: orders[index].clone(),
+                                        buyer: buyer.clone(),
+                                        lines: vec![Line { sku: sku.clone(), quantity: Quantity::Exactly(1) }],
+                                        ttl_ms: 60_000,
+                                    };
+                                    let answer = engine.reserve(request).await;
+                                    debug_assert!(answer.is_err());
+                                    std::hint::black_box(answer).ok();
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("task ran");
+                    }
+                }
+                started.elapsed()
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    targets = state_machine, actors, sold_out_hint
+}
+criterion_main!(benches);

@@ -1,1 +1,74 @@
-fn main(){}
+//! `flashstock-node`: runs the inventory engine from `cluster.toml`.
+//!
+//! Today it runs the simulated flash sale on an in-process engine
+//! (`flash-sale`) and checks a configuration (`check-config`); serving a
+//! cluster member over QUIC comes with the cluster.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flashstock_engine::{Engine, SystemClock};
+use flashstock_node::{config, sale};
+
+#[derive(Debug, Parser)]
+#[command(name = "flashstock-node", version, about = "Flash-sale inventory engine node")]
+struct Arguments {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the simulated flash sale of `[sale]` and checks the books.
+    FlashSale {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        /// Overrides `sale.buyers`.
+        #[arg(long)]
+        buyers: Option<u64>,
+    },
+    /// Loads and validates a configuration file, then exits.
+    CheckConfig {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    // An assertion that fails is a bug that may have corrupted stock: stop the
+    // whole process rather than let other actors keep answering.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    match Arguments::parse().command {
+        Command::CheckConfig { config } => {
+            let file = config::ClusterFile::load(&config)?;
+            println!("{}: valid (cluster `{}`, {} partitions)", config.display(), file.cluster.name, file.cluster.partitions);
+            Ok(())
+        }
+        Command::FlashSale { config, buyers } => {
+            let file = config::ClusterFile::load(&config)?;
+            let mut sale = file.sale.clone().with_context(|| format!("{} has no [sale] section", config.display()))?;
+            if let Some(buyers) = buyers {
+                sale.buyers = buyers;
+            }
+            let engine_config = file.engine_config()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let engine = Engine::new(engine_config, Arc::new(SystemClock))?;
+                let outcome = sale::run(engine.clone(), &file.cluster.name, sale).await;
+                engine.stop_actors();
+                outcome
+            })
+        }
+    }
+}

@@ -1,1 +1,4 @@
+//! Cross-crate integration tests, one binary (it links once). The cluster
+//! tests that start real node processes join this binary as modules.
 
+mod flash_sale;

@@ -1,0 +1,228 @@
+//! `cluster.toml`: parsing, validation, and translation into engine types.
+//!
+//! Unknown keys are rejected (a misspelt limit silently falling back to its
+//! default is how a sale goes wrong), and validation names the key and the
+//! reason when values contradict each other.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use flashstock_engine::{EngineConfig, Limits};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub engine: EngineSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    pub sale: Option<SaleSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub name: String,
+    pub partitions: u32,
+}
+
+/// Mirrors `EngineConfig` minus the limits; missing keys keep the defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    pub in_flight_per_sku_max: usize,
+    pub in_flight_per_partition_max: usize,
+    pub batch_max: usize,
+    pub actor_idle_ms: u64,
+    pub commit_grace_ms: u64,
+    pub orders_per_partition_max: usize,
+    pub busy_retry_after_ms: u64,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let defaults = EngineConfig::default();
+        Self {
+            in_flight_per_sku_max: defaults.in_flight_per_sku_max,
+            in_flight_per_partition_max: defaults.in_flight_per_partition_max,
+            batch_max: defaults.batch_max,
+            actor_idle_ms: defaults.actor_idle_ms,
+            commit_grace_ms: defaults.commit_grace_ms,
+            orders_per_partition_max: defaults.orders_per_partition_max,
+            busy_retry_after_ms: defaults.busy_retry_after_ms,
+        }
+    }
+}
+
+/// Mirrors `Limits`; missing keys keep the defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub line_units_max: u32,
+    pub hold_ttl_ms_min: u64,
+    pub hold_ttl_ms_max: u64,
+    pub holds_per_sku_max: usize,
+    pub finished_per_sku_max: usize,
+    pub idempotency_window_ms: u64,
+    pub stock_units_max: u64,
+    pub lines_per_order_max: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let defaults = Limits::default();
+        Self {
+            line_units_max: defaults.line_units_max,
+            hold_ttl_ms_min: defaults.hold_ttl_ms_min,
+            hold_ttl_ms_max: defaults.hold_ttl_ms_max,
+            holds_per_sku_max: defaults.holds_per_sku_max,
+            finished_per_sku_max: defaults.finished_per_sku_max,
+            idempotency_window_ms: defaults.idempotency_window_ms,
+            stock_units_max: defaults.stock_units_max,
+            lines_per_order_max: defaults.lines_per_order_max,
+        }
+    }
+}
+
+/// The simulated sale.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaleSection {
+    pub hot_skus: u32,
+    pub hot_units: u64,
+    pub cold_skus: u32,
+    pub cold_units: u64,
+    pub hot_demand_percent: u32,
+    pub zipf_exponent: f64,
+    pub buyers: u64,
+    pub concurrency: usize,
+    pub units_per_buyer_max: u32,
+    pub pay_percent: u32,
+    pub cancel_percent: u32,
+    pub hold_ttl_ms: u64,
+    pub seed: u64,
+}
+
+/// Most buyer tasks the demo runs at once: each is a tokio task with a small
+/// latency buffer; more than this only measures the scheduler.
+const SALE_CONCURRENCY_MAX: usize = 65_536;
+/// Most SKUs the demo creates: creation is up front and kept in memory.
+const SALE_SKUS_MAX: u32 = 1_000_000;
+
+impl ClusterFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("loading {}", path.display()))
+    }
+
+    /// Parses and validates the text of a `cluster.toml`.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let file: ClusterFile = toml::from_str(text)?;
+        let engine = file.engine_config()?;
+        if let Some(sale) = &file.sale {
+            sale.validate(&engine)?;
+        }
+        Ok(file)
+    }
+
+    pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        let (engine, limits) = (&self.engine, &self.limits);
+        let config = EngineConfig {
+            limits: Limits {
+                line_units_max: limits.line_units_max,
+                hold_ttl_ms_min: limits.hold_ttl_ms_min,
+                hold_ttl_ms_max: limits.hold_ttl_ms_max,
+                holds_per_sku_max: limits.holds_per_sku_max,
+                finished_per_sku_max: limits.finished_per_sku_max,
+                idempotency_window_ms: limits.idempotency_window_ms,
+                stock_units_max: limits.stock_units_max,
+                lines_per_order_max: limits.lines_per_order_max,
+            },
+            partition_count: self.cluster.partitions,
+            in_flight_per_sku_max: engine.in_flight_per_sku_max,
+            in_flight_per_partition_max: engine.in_flight_per_partition_max,
+            batch_max: engine.batch_max,
+            actor_idle_ms: engine.actor_idle_ms,
+            commit_grace_ms: engine.commit_grace_ms,
+            orders_per_partition_max: engine.orders_per_partition_max,
+            busy_retry_after_ms: engine.busy_retry_after_ms,
+        };
+        let section = if Limits::validate(&config.limits).is_err() { "limits" } else { "engine" };
+        config.validate().map_err(|error| {
+            let key = if error.field == "partition_count" { "cluster.partitions".to_owned() } else { format!("{section}.{}", error.field) };
+            anyhow::anyhow!("`{key}`: {}", error.reason)
+        })?;
+        Ok(config)
+    }
+}
+
+impl SaleSection {
+    fn validate(&self, engine: &EngineConfig) -> anyhow::Result<()> {
+        let limits = &engine.limits;
+        if self.hot_skus == 0 && self.cold_skus == 0 {
+            bail!("`sale.hot_skus` and `sale.cold_skus`: the sale needs at least one SKU");
+        }
+        if self.hot_skus.saturating_add(self.cold_skus) > SALE_SKUS_MAX {
+            bail!("`sale.cold_skus`: at most {SALE_SKUS_MAX} SKUs in a simulated sale");
+        }
+        if self.hot_units > limits.stock_units_max || self.cold_units > limits.stock_units_max {
+            bail!("`sale.hot_units` / `sale.cold_units`: above `limits.stock_units_max`");
+        }
+        if self.hot_demand_percent > 100 {
+            bail!("`sale.hot_demand_percent`: a percentage is at most 100");
+        }
+        if self.hot_skus == 0 && self.hot_demand_percent > 0 || self.cold_skus == 0 && self.hot_demand_percent < 100 {
+            bail!("`sale.hot_demand_percent`: demand goes to a kind of SKU the sale does not have");
+        }
+        if !(self.zipf_exponent.is_finite() && self.zipf_exponent > 0.0 && self.zipf_exponent <= 10.0) {
+            bail!("`sale.zipf_exponent`: must be in (0, 10]");
+        }
+        if self.concurrency == 0 || self.concurrency > SALE_CONCURRENCY_MAX {
+            bail!("`sale.concurrency`: must be between 1 and {SALE_CONCURRENCY_MAX}");
+        }
+        if self.units_per_buyer_max == 0 || self.units_per_buyer_max > limits.line_units_max {
+            bail!("`sale.units_per_buyer_max`: must be between 1 and `limits.line_units_max`");
+        }
+        if self.pay_percent + self.cancel_percent > 100 {
+            bail!("`sale.pay_percent` + `sale.cancel_percent`: more than 100");
+        }
+        if !(limits.hold_ttl_ms_min..=limits.hold_ttl_ms_max).contains(&self.hold_ttl_ms) {
+            bail!("`sale.hold_ttl_ms`: outside [`limits.hold_ttl_ms_min`, `limits.hold_ttl_ms_max`]");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<ClusterFile> {
+        ClusterFile::parse(text)
+    }
+
+    #[test]
+    fn the_shipped_cluster_toml_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml");
+        let file = ClusterFile::load(&path).expect("cluster.toml loads");
+        assert!(file.sale.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let error = parse("[cluster]\nname = \"x\"\npartitions = 4\n[limits]\nhold_ttl_max_ms = 5\n")
+            .expect_err("misspelt key");
+        assert!(format!("{error:#}").contains("hold_ttl_max_ms"), "{error:#}");
+    }
+
+    #[test]
+    fn contradictions_name_the_key() {
+        let error = parse("[cluster]\nname = \"x\"\npartitions = 0\n").expect_err("no partitions");
+        assert!(format!("{error:#}").contains("cluster.partitions"), "{error:#}");
+        let error = parse("[cluster]\nname = \"x\"\npartitions = 4\n[limits]\nhold_ttl_ms_min = 10\nhold_ttl_ms_max = 5\n")
+            .expect_err("inverted ttl bounds");
+        assert!(format!("{error:#}").contains("limits.hold_ttl_ms_max"), "{error:#}");
+    }
+}

@@ -1,0 +1,302 @@
+//! The simulated flash sale behind the README's first command.
+//!
+//! Buyers arrive as fast as `concurrency` tasks can serve them. Most want one
+//! of a few hot SKUs; the rest pick among many cold SKUs on a Zipf curve. A
+//! buyer who gets a hold pays (commit), cancels (release) or walks away (the
+//! hold expires). Every choice comes from a seeded generator, so two runs make
+//! the same sale. At the end the books are checked: units sold equal units
+//! committed, nothing is oversold, and every abandoned hold came back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use flashstock_engine::{BuyerId, Engine, Line, OrderError, OrderId, OrderRequest, Quantity, SkuError, SkuId, SkuSettings, StockSnapshot};
+
+use crate::config::SaleSection;
+
+/// SplitMix64: tiny, seedable, and good enough to pick SKUs and behaviours.
+#[derive(Debug)]
+struct Choices(u64);
+
+impl Choices {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut mixed = self.0;
+        mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        mixed ^ (mixed >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound.max(1)
+    }
+}
+
+/// Cumulative Zipf weights of ranks `1..=n`, for sampling by binary search.
+#[derive(Debug)]
+struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(count: u32, exponent: f64) -> Self {
+        let mut total = 0.0;
+        let cumulative = (1..=count)
+            .map(|rank| {
+                total += 1.0 / f64::from(rank).powf(exponent);
+                total
+            })
+            .collect();
+        Self { cumulative }
+    }
+
+    fn sample(&self, choices: &mut Choices) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        let target = choices.unit() * total;
+        self.cumulative.partition_point(|&weight| weight <= target).min(self.cumulative.len() - 1)
+    }
+}
+
+fn hot_sku(index: u64) -> SkuId {
+    SkuId::new(format!("hot-{index}")).expect("generated ids are valid")
+}
+
+fn cold_sku(index: usize) -> SkuId {
+    SkuId::new(format!("cold-{index}")).expect("generated ids are valid")
+}
+
+/// What one buyer task saw.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Latency of reserves that placed a hold.
+    held_latencies_us: Vec<u32>,
+    /// Latency of reserves answered without a hold (sold out, limit).
+    refused_latencies_us: Vec<u32>,
+    held: u64,
+    paid: u64,
+    cancelled: u64,
+    abandoned: u64,
+    sold_out: u64,
+    limited: u64,
+    gave_up_busy: u64,
+    busy_retries: u64,
+    units_committed: u64,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.held_latencies_us.extend(other.held_latencies_us);
+        self.refused_latencies_us.extend(other.refused_latencies_us);
+        self.held += other.held;
+        self.paid += other.paid;
+        self.cancelled += other.cancelled;
+        self.abandoned += other.abandoned;
+        self.sold_out += other.sold_out;
+        self.limited += other.limited;
+        self.gave_up_busy += other.gave_up_busy;
+        self.busy_retries += other.busy_retries;
+        self.units_committed += other.units_committed;
+    }
+}
+
+/// Attempts per buyer while the engine answers `Busy`: a real checkout
+/// retries a few times and then shows "try again"; so do we.
+const BUSY_ATTEMPTS_MAX: u32 = 50;
+
+struct Sale {
+    engine: Engine,
+    sale: SaleSection,
+    zipf: Zipf,
+    next_buyer: AtomicU64,
+}
+
+impl Sale {
+    fn order_for(&self, buyer: u64) -> OrderRequest {
+        let mut choices = Choices(self.sale.seed ^ buyer.wrapping_mul(0xa076_1d64_78bd_642f));
+        let mut lines = Vec::with_capacity(2);
+        let units = 1 + choices.below(u64::from(self.sale.units_per_buyer_max)) as u32;
+        if choices.below(100) < u64::from(self.sale.hot_demand_percent) {
+            lines.push(Line { sku: hot_sku(choices.below(u64::from(self.sale.hot_skus))), quantity: Quantity::Exactly(units) });
+        } else {
+            lines.push(Line { sku: cold_sku(self.zipf.sample(&mut choices)), quantity: Quantity::Exactly(units) });
+        }
+        // A quarter of buyers add an accessory from the cold catalogue.
+        if self.sale.cold_skus > 0 && choices.below(4) == 0 {
+            lines.push(Line { sku: cold_sku(self.zipf.sample(&mut choices)), quantity: Quantity::Exactly(1) });
+        }
+        OrderRequest {
+            order: OrderId::new(format!("order-{buyer}")).expect("generated ids are valid"),
+            // Some buyers come back for a second order, so per-buyer limits bite.
+            buyer: BuyerId::new(format!("buyer-{}", buyer % (self.sale.buyers * 3 / 4).max(1))).expect("generated ids are valid"),
+            lines,
+            ttl_ms: self.sale.hold_ttl_ms,
+        }
+    }
+
+    async fn buyer_task(self: Arc<Self>) -> anyhow::Result<Tally> {
+        let mut tally = Tally::default();
+        loop {
+            let buyer = self.next_buyer.fetch_add(1, Ordering::Relaxed);
+            if buyer >= self.sale.buyers {
+                return Ok(tally);
+            }
+            let request = self.order_for(buyer);
+            let order = request.order.clone();
+            let mut reservation = None;
+            let mut answered = false;
+            for _ in 0..BUSY_ATTEMPTS_MAX {
+                let started = Instant::now();
+                let answer = self.engine.reserve(request.clone()).await;
+                let latency_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+                match &answer {
+                    Ok(_) => tally.held_latencies_us.push(latency_us),
+                    Err(OrderError::Busy { .. }) => {}
+                    Err(_) => tally.refused_latencies_us.push(latency_us),
+                }
+                answered = !matches!(answer, Err(OrderError::Busy { .. }));
+                match answer {
+                    Ok(held) => {
+                        reservation = Some(held);
+                        break;
+                    }
+                    Err(OrderError::Busy { retry_after_ms }) => {
+                        tally.busy_retries += 1;
+                        tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
+                    }
+                    Err(OrderError::Line { error: SkuError::SoldOut { .. }, .. }) => {
+                        tally.sold_out += 1;
+                        break;
+                    }
+                    Err(OrderError::Line { error: SkuError::LimitExceeded { .. }, .. }) => {
+                        tally.limited += 1;
+                        break;
+                    }
+                    Err(other) => bail!("buyer {buyer}: unexpected answer to reserve: {other}"),
+                }
+            }
+            let Some(reservation) = reservation else {
+                if !answered {
+                    tally.gave_up_busy += 1;
+                }
+                continue;
+            };
+            tally.held += 1;
+            let roll = Choices(self.sale.seed.rotate_left(17) ^ buyer).below(100);
+            if roll < u64::from(self.sale.pay_percent) {
+                let settled = self.engine.commit(&order).await.with_context(|| format!("buyer {buyer}: commit"))?;
+                tally.paid += 1;
+                tally.units_committed += settled.lines.iter().map(|line| u64::from(line.units)).sum::<u64>();
+            } else if roll < u64::from(self.sale.pay_percent + self.sale.cancel_percent) {
+                self.engine.release(&order).await.with_context(|| format!("buyer {buyer}: release"))?;
+                tally.cancelled += 1;
+            } else {
+                tally.abandoned += 1;
+            }
+            debug_assert_eq!(reservation.order, order);
+        }
+    }
+}
+
+fn percentile_ms(sorted_us: &[u32], percentile: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted_us.len() - 1) as f64 * percentile).round() as usize;
+    f64::from(sorted_us[rank]) / 1000.0
+}
+
+/// Runs the sale on `engine` and prints the report. Fails if the books do
+/// not balance.
+pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Result<()> {
+    let mut initial = Vec::new();
+    for index in 0..u64::from(sale.hot_skus) {
+        let settings = SkuSettings {
+            initial_units: sale.hot_units,
+            units_per_buyer_max: Some(sale.units_per_buyer_max),
+            opens_at_ms: 0,
+        };
+        engine.create_sku(hot_sku(index), settings)?;
+        initial.push((hot_sku(index), sale.hot_units));
+    }
+    for index in 0..sale.cold_skus as usize {
+        engine.create_sku(cold_sku(index), SkuSettings { initial_units: sale.cold_units, ..SkuSettings::default() })?;
+        initial.push((cold_sku(index), sale.cold_units));
+    }
+    println!(
+        "flash sale `{name}`: {} buyers, {} in flight, {} hot SKUs x {} units, {} cold SKUs x {} units (Zipf {})",
+        sale.buyers, sale.concurrency, sale.hot_skus, sale.hot_units, sale.cold_skus, sale.cold_units, sale.zipf_exponent
+    );
+
+    let shared = Arc::new(Sale {
+        engine: engine.clone(),
+        zipf: Zipf::new(sale.cold_skus, sale.zipf_exponent),
+        sale: sale.clone(),
+        next_buyer: AtomicU64::new(0),
+    });
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..sale.concurrency).map(|_| tokio::spawn(shared.clone().buyer_task())).collect();
+    let mut tally = Tally::default();
+    for task in tasks {
+        tally.merge(task.await.context("buyer task panicked")??);
+    }
+    let elapsed = started.elapsed();
+
+    // Abandoned holds come back by themselves when their TTL runs out.
+    let expiry_wait = Duration::from_millis(sale.hold_ttl_ms) + Duration::from_secs(5);
+    let wait_started = Instant::now();
+    let mut books = Vec::with_capacity(initial.len());
+    loop {
+        books.clear();
+        for (sku, units) in &initial {
+            books.push((sku.clone(), *units, engine.availability(sku).await?));
+        }
+        let held: u64 = books.iter().map(|(_, _, stock)| stock.held).sum();
+        if held == 0 || wait_started.elapsed() > expiry_wait {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    tally.held_latencies_us.sort_unstable();
+    tally.refused_latencies_us.sort_unstable();
+    let seconds = elapsed.as_secs_f64();
+    println!("  {:.2} s: {:.0} buyers/s served", seconds, sale.buyers as f64 / seconds);
+    for (kind, latencies) in [("holds placed", &tally.held_latencies_us), ("refused (sold out, limit)", &tally.refused_latencies_us)] {
+        println!(
+            "  reserve latency, {kind}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} answers)",
+            percentile_ms(latencies, 0.50),
+            percentile_ms(latencies, 0.99),
+            percentile_ms(latencies, 1.0),
+            latencies.len(),
+        );
+    }
+    println!(
+        "  buyers: {} held stock ({} paid, {} cancelled, {} walked away), {} sold out, {} over their limit, {} gave up on Busy ({} Busy retries)",
+        tally.held, tally.paid, tally.cancelled, tally.abandoned, tally.sold_out, tally.limited, tally.gave_up_busy, tally.busy_retries
+    );
+    for (sku, units, stock) in books.iter().take(sale.hot_skus as usize) {
+        println!("  {sku}: {} of {units} units sold, {} available, {} held", stock.sold, stock.available, stock.held);
+    }
+
+    let sold: u64 = books.iter().map(|(_, _, stock)| stock.sold).sum();
+    let held: u64 = books.iter().map(|(_, _, stock)| stock.held).sum();
+    for (sku, units, stock) in &books {
+        ensure!(stock.total() == *units, "{sku}: counts {stock:?} do not add up to the {units} units created");
+        ensure!(stock.sold <= *units, "{sku}: oversold: {} sold of {units}", stock.sold);
+    }
+    ensure!(sold == tally.units_committed, "units sold ({sold}) differ from units buyers committed ({})", tally.units_committed);
+    ensure!(held == 0, "{held} units still held {} s after the last hold should have expired", expiry_wait.as_secs());
+    let sold_out_skus = books.iter().filter(|(_, _, stock): &&(SkuId, u64, StockSnapshot)| stock.available == 0).count();
+    println!(
+        "  books balance: {sold} units sold = {} units committed by buyers; no SKU oversold; every abandoned hold expired; {sold_out_skus} SKUs sold out",
+        tally.units_committed
+    );
+    Ok(())
+}
