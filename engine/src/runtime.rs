@@ -223,6 +223,8 @@ enum OrderPhase {
 struct OrderRecord {
     request: OrderRequest,
     lines: Vec<MergedLine>,
+    /// The SKU of each line, resolved once.
+    slots: Vec<Arc<SkuSlot>>,
     phase: OrderPhase,
     reservation: Option<Reservation>,
     settlement: Option<Settlement>,
@@ -276,7 +278,7 @@ pub struct Engine {
 }
 
 /// What an order line looks like once its SKU was found and admitted.
-type PendingLine = (usize, SkuId, oneshot::Receiver<SkuAnswer>);
+type PendingLine = (usize, Arc<SkuSlot>, oneshot::Receiver<SkuAnswer>);
 
 impl Engine {
     pub fn new(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self, InvalidLimits> {
@@ -337,8 +339,7 @@ impl Engine {
 
     /// Admits `command` for `sku` and hands it to the SKU's actor (starting
     /// one if none runs). The answer arrives on the returned channel.
-    async fn enqueue(&self, sku: &SkuId, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
-        let slot = self.slot(sku)?;
+    async fn enqueue(&self, slot: &Arc<SkuSlot>, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
         let busy = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
         if !slot.partition_gate.try_acquire() {
             return Err(busy);
@@ -364,7 +365,8 @@ impl Engine {
     }
 
     async fn execute(&self, sku: &SkuId, command: SkuCommand) -> Result<SkuAnswer, EngineError> {
-        self.enqueue(sku, command).await?.await.map_err(|_| EngineError::Unavailable)
+        let slot = self.slot(sku)?;
+        self.enqueue(&slot, command).await?.await.map_err(|_| EngineError::Unavailable)
     }
 
     async fn admin(&self, sku: &SkuId, command: SkuCommand) -> Result<StockSnapshot, EngineError> {
@@ -416,21 +418,15 @@ impl Engine {
     /// The `SoldOut` answer for `line` if the SKU's published snapshot proves
     /// it; `None` means "ask the actor". See `StockSnapshotCell` for what
     /// the snapshot promises.
-    fn sold_out_from_hint(&self, line: &MergedLine, now_ms: u64) -> Result<Option<OrderError>, OrderError> {
-        let slot = self.slot(&line.sku).map_err(|error| error.into_order_error(line.index))?;
-        let Some(reading) = slot.snapshot.read() else {
-            return Ok(None);
-        };
+    fn sold_out_from_hint(slot: &SkuSlot, line: &MergedLine, now_ms: u64) -> Option<OrderError> {
+        let reading = slot.snapshot.read()?;
         let short = reading.stock.available < u64::from(line.quantity.minimum());
-        if short && now_ms < reading.next_expiry_ms {
-            return Ok(Some(OrderError::Line {
-                index: line.index,
-                sku: line.sku.clone(),
-                error: SkuError::SoldOut { available: reading.stock.available },
-                stock: reading.stock,
-            }));
-        }
-        Ok(None)
+        (short && now_ms < reading.next_expiry_ms).then(|| OrderError::Line {
+            index: line.index,
+            sku: line.sku.clone(),
+            error: SkuError::SoldOut { available: reading.stock.available },
+            stock: reading.stock,
+        })
     }
 
     /// Holds every line of `request`, or none.
@@ -442,20 +438,23 @@ impl Engine {
     pub async fn reserve(&self, request: OrderRequest) -> Result<Reservation, OrderError> {
         let config = &self.inner.config;
         let lines = merge_lines(&request, &config.limits)?;
+        let slots = lines
+            .iter()
+            .map(|line| self.slot(&line.sku).map_err(|error| error.into_order_error(line.index)))
+            .collect::<Result<Vec<_>, _>>()?;
         let directory = &self.order_partition(&request.order).orders;
-        if let Some(answer) = Self::replay_reserve(&lock(directory), &request) {
-            return answer;
-        }
         let now_ms = self.inner.clock.now_ms();
-        for line in &lines {
-            if let Some(sold_out) = self.sold_out_from_hint(line, now_ms)? {
-                return Err(sold_out);
-            }
-        }
         {
             let mut orders = lock(directory);
+            // A retry is answered from the directory, before the hint: a
+            // held order stays held even once its SKU has sold out.
             if let Some(answer) = Self::replay_reserve(&orders, &request) {
                 return answer;
+            }
+            for (line, slot) in lines.iter().zip(&slots) {
+                if let Some(sold_out) = Self::sold_out_from_hint(slot, line, now_ms) {
+                    return Err(sold_out);
+                }
             }
             orders.forget_old(now_ms, config);
             orders.arrival.push_back((now_ms, request.order.clone()));
@@ -464,13 +463,14 @@ impl Engine {
                 OrderRecord {
                     request: request.clone(),
                     lines: lines.clone(),
+                    slots: slots.clone(),
                     phase: OrderPhase::Reserving,
                     reservation: None,
                     settlement: None,
                 },
             );
         }
-        let outcome = self.hold_all(&request, &lines).await;
+        let outcome = self.hold_all(&request, &lines, &slots).await;
         let mut orders = lock(directory);
         let record = orders.records.get_mut(&request.order).expect("a reserving order stays in the directory");
         match &outcome {
@@ -499,18 +499,18 @@ impl Engine {
 
     /// Places a hold on every line in parallel; on any failure aborts the
     /// holds that were placed and reports the first failing line.
-    async fn hold_all(&self, request: &OrderRequest, lines: &[MergedLine]) -> Result<Reservation, OrderError> {
+    async fn hold_all(&self, request: &OrderRequest, lines: &[MergedLine], slots: &[Arc<SkuSlot>]) -> Result<Reservation, OrderError> {
         let mut pending: Vec<PendingLine> = Vec::with_capacity(lines.len());
         let mut failure: Option<OrderError> = None;
-        for line in lines {
+        for (line, slot) in lines.iter().zip(slots) {
             let command = SkuCommand::Reserve(ReserveLine {
                 order: request.order.clone(),
                 buyer: request.buyer.clone(),
                 quantity: line.quantity,
                 ttl_ms: request.ttl_ms,
             });
-            match self.enqueue(&line.sku, command).await {
-                Ok(answer) => pending.push((line.index, line.sku.clone(), answer)),
+            match self.enqueue(slot, command).await {
+                Ok(answer) => pending.push((line.index, slot.clone(), answer)),
                 Err(error) => {
                     failure = Some(error.into_order_error(line.index));
                     break;
@@ -518,15 +518,17 @@ impl Engine {
             }
         }
         let mut held = Vec::with_capacity(pending.len());
+        let mut held_slots = Vec::with_capacity(pending.len());
         let mut expires_at_ms = u64::MAX;
-        for (index, sku, answer) in pending {
+        for (index, slot, answer) in pending {
             match answer.await {
                 Ok(SkuAnswer { result: Ok(SkuOutcome::Reserved { units, expires_at_ms: line_expiry_ms, .. }), stock }) => {
                     expires_at_ms = expires_at_ms.min(line_expiry_ms);
-                    held.push(ReservedLine { sku, units, stock });
+                    held.push(ReservedLine { sku: slot.sku.clone(), units, stock });
+                    held_slots.push(slot);
                 }
                 Ok(SkuAnswer { result: Err(error), stock }) => {
-                    failure.get_or_insert(OrderError::Line { index, sku, error, stock });
+                    failure.get_or_insert(OrderError::Line { index, sku: slot.sku.clone(), error, stock });
                 }
                 Ok(SkuAnswer { result: Ok(other), .. }) => {
                     unreachable!("a reserve answered {other:?}")
@@ -539,8 +541,8 @@ impl Engine {
         let Some(failure) = failure else {
             return Ok(Reservation { order: request.order.clone(), expires_at_ms, lines: held });
         };
-        for line in &held {
-            self.abort_line(&request.order, &line.sku).await;
+        for slot in &held_slots {
+            self.abort_line(&request.order, slot).await;
         }
         Err(failure)
     }
@@ -548,11 +550,11 @@ impl Engine {
     /// Enqueues a command that must not be dropped for want of admission
     /// (part of a decided settlement or an abort), waiting out `Busy` a
     /// bounded number of times.
-    async fn enqueue_patiently(&self, sku: &SkuId, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
+    async fn enqueue_patiently(&self, slot: &Arc<SkuSlot>, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
         const ATTEMPTS_MAX: u32 = 200;
         let mut last = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
         for _ in 0..ATTEMPTS_MAX {
-            match self.enqueue(sku, command.clone()).await {
+            match self.enqueue(slot, command.clone()).await {
                 Err(EngineError::Busy { retry_after_ms }) => {
                     last = EngineError::Busy { retry_after_ms };
                     tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms)).await;
@@ -565,13 +567,13 @@ impl Engine {
 
     /// Undoes one line's hold. If that keeps failing the hold still ends by
     /// its TTL, so stock is never lost, only delayed.
-    async fn abort_line(&self, order: &OrderId, sku: &SkuId) {
-        let answer = match self.enqueue_patiently(sku, SkuCommand::Abort { order: order.clone() }).await {
+    async fn abort_line(&self, order: &OrderId, slot: &Arc<SkuSlot>) {
+        let answer = match self.enqueue_patiently(slot, SkuCommand::Abort { order: order.clone() }).await {
             Ok(answer) => answer.await.ok(),
             Err(_) => None,
         };
         if answer.is_none() {
-            tracing::warn!(%order, %sku, "could not abort a hold; it will expire by its TTL");
+            tracing::warn!(%order, sku = %slot.sku, "could not abort a hold; it will expire by its TTL");
         }
     }
 
@@ -594,7 +596,7 @@ impl Engine {
     async fn settle(&self, order: &OrderId, how: Settle<'_>) -> Result<Settlement, OrderError> {
         let committing = matches!(how, Settle::Commit { .. });
         let directory = &self.order_partition(order).orders;
-        let (reservation, lines) = {
+        let (reservation, lines, slots, proceed) = {
             let mut orders = lock(directory);
             let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
             match (record.phase, committing) {
@@ -621,25 +623,25 @@ impl Engine {
                 let now_ms = self.inner.clock.now_ms();
                 if now_ms.saturating_add(self.inner.config.commit_grace_ms) >= reservation.expires_at_ms {
                     record.phase = OrderPhase::Expired;
-                    (reservation, None)
+                    (reservation, record.lines.clone(), record.slots.clone(), false)
                 } else {
                     record.phase = OrderPhase::Settling;
-                    (reservation, Some(record.lines.clone()))
+                    (reservation, record.lines.clone(), record.slots.clone(), true)
                 }
             } else {
                 record.phase = OrderPhase::Settling;
-                (reservation, Some(record.lines.clone()))
+                (reservation, record.lines.clone(), record.slots.clone(), true)
             }
         };
-        let Some(lines) = lines else {
+        if !proceed {
             // Decided: expired. Give every line back now rather than at TTL.
-            for line in &reservation.lines {
-                self.abort_line(order, &line.sku).await;
+            for slot in &slots {
+                self.abort_line(order, slot).await;
             }
             return Err(OrderError::Expired { expired_at_ms: reservation.expires_at_ms });
-        };
+        }
         let mut pending: Vec<PendingLine> = Vec::with_capacity(lines.len());
-        for line in &lines {
+        for (line, slot) in lines.iter().zip(&slots) {
             let command = match how {
                 Settle::Commit { fewer } => SkuCommand::Commit {
                     order: order.clone(),
@@ -647,8 +649,8 @@ impl Engine {
                 },
                 Settle::Release => SkuCommand::Release { order: order.clone() },
             };
-            match self.enqueue_patiently(&line.sku, command).await {
-                Ok(answer) => pending.push((line.index, line.sku.clone(), answer)),
+            match self.enqueue_patiently(slot, command).await {
+                Ok(answer) => pending.push((line.index, slot.clone(), answer)),
                 Err(error) => {
                     // Lines are idempotent, so the order goes back to Held
                     // and a retried settle finishes whatever this one began.
@@ -661,7 +663,8 @@ impl Engine {
         }
         let mut settled = Vec::with_capacity(pending.len());
         let mut first_error = None;
-        for (index, sku, answer) in pending {
+        for (index, slot, answer) in pending {
+            let sku = slot.sku.clone();
             match answer.await {
                 Ok(SkuAnswer { result: Ok(SkuOutcome::Committed { units, .. } | SkuOutcome::Released { units, .. }), stock }) => {
                     settled.push(ReservedLine { sku, units, stock });

@@ -10,6 +10,7 @@
 //! before any command is applied, so an answer never depends on when the
 //! owner's expiry timer last ran.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::ids::{BuyerId, OrderId};
@@ -169,17 +170,27 @@ enum Ending {
     Expired,
 }
 
+/// A reservation, live (`ending == None`) or ended. One map holds both so
+/// that the idempotency check and the insert of a new hold cost one lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Finished {
+struct Record {
     hold: Hold,
-    ending: Ending,
+    ending: Option<Ending>,
 }
+
+/// Keyed per process (so callers cannot aim collisions at it) and several
+/// times faster than SipHash on short ids. Never iterated for a decision.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One SKU's stock and reservations.
 ///
 /// Maps here are only ever looked up, never iterated to make a decision, so
 /// their (randomised) iteration order cannot make replay diverge; the expiry
 /// index, which is walked, is a `BTreeMap`.
+///
+/// A reservation is *live* while it holds units (it is then in the expiry
+/// index) and *ended* once committed, released or expired; ended ones are
+/// kept for idempotent retries until forgotten (oldest first).
 #[derive(Debug, Clone)]
 pub struct SkuState {
     limits: Limits,
@@ -192,15 +203,15 @@ pub struct SkuState {
     opens_at_ms: u64,
     /// The newest time seen; time never runs backwards inside a SKU.
     clock_ms: u64,
-    holds: HashMap<OrderId, Hold>,
+    reservations: FastMap<OrderId, Record>,
+    /// Live reservations by expiry: exactly the live entries of `reservations`.
     expiry_index: BTreeMap<(u64, u64), OrderId>,
     next_hold_number: u64,
-    finished: HashMap<OrderId, Finished>,
     /// Ended reservations, oldest first, with when they ended: the order in
     /// which they are forgotten.
     finished_queue: VecDeque<(u64, OrderId)>,
     /// Units held plus sold, per buyer with any.
-    buyer_units: HashMap<BuyerId, u32>,
+    buyer_units: FastMap<BuyerId, u32>,
 }
 
 impl SkuState {
@@ -220,12 +231,11 @@ impl SkuState {
             units_per_buyer_max: settings.units_per_buyer_max,
             opens_at_ms: settings.opens_at_ms,
             clock_ms: 0,
-            holds: HashMap::new(),
+            reservations: FastMap::default(),
             expiry_index: BTreeMap::new(),
             next_hold_number: 0,
-            finished: HashMap::new(),
             finished_queue: VecDeque::new(),
-            buyer_units: HashMap::new(),
+            buyer_units: FastMap::default(),
         };
         state.check_invariants();
         Ok(state)
@@ -237,7 +247,7 @@ impl SkuState {
 
     /// Live holds.
     pub fn hold_count(&self) -> usize {
-        self.holds.len()
+        self.expiry_index.len()
     }
 
     /// When the earliest live hold expires, if any.
@@ -304,27 +314,27 @@ impl SkuState {
         if !(ttl_ms_min..=ttl_ms_max).contains(&line.ttl_ms) {
             return Err(SkuError::InvalidTtl { ttl_ms: line.ttl_ms, ttl_ms_min, ttl_ms_max });
         }
-        let earlier = self
-            .holds
-            .get(&line.order)
-            .or_else(|| self.finished.get(&line.order).map(|finished| &finished.hold));
-        if let Some(hold) = earlier {
-            if hold.line != *line {
-                return Err(SkuError::IdempotencyConflict);
+        let holds_per_sku_max = self.limits.holds_per_sku_max;
+        let live_holds = self.expiry_index.len();
+        let vacant = match self.reservations.entry(line.order.clone()) {
+            Entry::Occupied(earlier) => {
+                let hold = &earlier.get().hold;
+                if hold.line != *line {
+                    return Err(SkuError::IdempotencyConflict);
+                }
+                return Ok(SkuOutcome::Reserved {
+                    units: hold.units,
+                    expires_at_ms: hold.expires_at_ms,
+                    replayed: true,
+                });
             }
-            return Ok(SkuOutcome::Reserved {
-                units: hold.units,
-                expires_at_ms: hold.expires_at_ms,
-                replayed: true,
-            });
-        }
+            Entry::Vacant(vacant) => vacant,
+        };
         if self.clock_ms < self.opens_at_ms {
             return Err(SkuError::NotOpen { opens_at_ms: self.opens_at_ms });
         }
-        if self.holds.len() >= self.limits.holds_per_sku_max {
-            return Err(SkuError::HoldLimitReached {
-                holds_per_sku_max: self.limits.holds_per_sku_max,
-            });
+        if live_holds >= holds_per_sku_max {
+            return Err(SkuError::HoldLimitReached { holds_per_sku_max });
         }
         let units_taken = self.buyer_units.get(&line.buyer).copied().unwrap_or(0);
         let allowance = match self.units_per_buyer_max {
@@ -354,79 +364,84 @@ impl SkuState {
         self.next_hold_number += 1;
         self.available -= u64::from(units);
         self.held += u64::from(units);
-        *self.buyer_units.entry(line.buyer.clone()).or_insert(0) += units;
+        match self.buyer_units.get_mut(&line.buyer) {
+            Some(taken) => *taken += units,
+            None => {
+                self.buyer_units.insert(line.buyer.clone(), units);
+            }
+        }
         self.expiry_index.insert((expires_at_ms, number), line.order.clone());
-        self.holds.insert(line.order.clone(), Hold { line: line.clone(), units, expires_at_ms, number });
+        vacant.insert(Record { hold: Hold { line: line.clone(), units, expires_at_ms, number }, ending: None });
         Ok(SkuOutcome::Reserved { units, expires_at_ms, replayed: false })
     }
 
     fn commit(&mut self, order: &OrderId, requested: Option<u32>) -> Result<SkuOutcome, SkuError> {
-        if let Some(hold) = self.holds.get(order) {
-            let units = requested.unwrap_or(hold.units);
-            if units == 0 || units > hold.units {
-                return Err(SkuError::InvalidQuantity {
-                    detail: "a commit must sell between 1 and the held units",
-                });
+        let record = self.reservations.get(order).ok_or(SkuError::UnknownReservation)?;
+        match record.ending {
+            None => {
+                let held_units = record.hold.units;
+                let units = requested.unwrap_or(held_units);
+                if units == 0 || units > held_units {
+                    return Err(SkuError::InvalidQuantity {
+                        detail: "a commit must sell between 1 and the held units",
+                    });
+                }
+                let hold = self.end_hold(order, Ending::Committed { units, requested });
+                self.sold += u64::from(units);
+                self.give_back(&hold.line.buyer, hold.units - units);
+                Ok(SkuOutcome::Committed { units, replayed: false })
             }
-            let hold = self.end_hold(order, Ending::Committed { units, requested });
-            self.sold += u64::from(units);
-            self.give_back(&hold.line.buyer, hold.units - units);
-            return Ok(SkuOutcome::Committed { units, replayed: false });
-        }
-        match self.finished.get(order).map(|finished| (finished.ending, finished.hold.expires_at_ms)) {
-            Some((Ending::Committed { units, requested: first }, _)) => {
+            Some(Ending::Committed { units, requested: first }) => {
                 if first == requested || requested == Some(units) {
                     Ok(SkuOutcome::Committed { units, replayed: true })
                 } else {
                     Err(SkuError::IdempotencyConflict)
                 }
             }
-            Some((Ending::Released, _)) => Err(SkuError::AlreadyReleased),
-            Some((Ending::Expired, expired_at_ms)) => Err(SkuError::Expired { expired_at_ms }),
-            None => Err(SkuError::UnknownReservation),
+            Some(Ending::Released) => Err(SkuError::AlreadyReleased),
+            Some(Ending::Expired) => Err(SkuError::Expired { expired_at_ms: record.hold.expires_at_ms }),
         }
     }
 
     fn release(&mut self, order: &OrderId) -> Result<SkuOutcome, SkuError> {
-        if self.holds.contains_key(order) {
-            let hold = self.end_hold(order, Ending::Released);
-            self.give_back(&hold.line.buyer, hold.units);
-            return Ok(SkuOutcome::Released { units: hold.units, replayed: false });
-        }
-        match self.finished.get(order) {
-            Some(Finished { ending: Ending::Released, hold }) => {
-                Ok(SkuOutcome::Released { units: hold.units, replayed: true })
+        let record = self.reservations.get(order).ok_or(SkuError::UnknownReservation)?;
+        match record.ending {
+            None => {
+                let hold = self.end_hold(order, Ending::Released);
+                self.give_back(&hold.line.buyer, hold.units);
+                Ok(SkuOutcome::Released { units: hold.units, replayed: false })
             }
-            Some(Finished { ending: Ending::Committed { .. }, .. }) => Err(SkuError::AlreadyCommitted),
-            Some(Finished { ending: Ending::Expired, hold }) => {
-                Err(SkuError::Expired { expired_at_ms: hold.expires_at_ms })
-            }
-            None => Err(SkuError::UnknownReservation),
+            Some(Ending::Released) => Ok(SkuOutcome::Released { units: record.hold.units, replayed: true }),
+            Some(Ending::Committed { .. }) => Err(SkuError::AlreadyCommitted),
+            Some(Ending::Expired) => Err(SkuError::Expired { expired_at_ms: record.hold.expires_at_ms }),
         }
     }
 
     fn abort(&mut self, order: &OrderId) -> Result<SkuOutcome, SkuError> {
-        if let Some(hold) = self.holds.remove(order) {
-            self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
-            self.held -= u64::from(hold.units);
-            self.give_back(&hold.line.buyer, hold.units);
-            return Ok(SkuOutcome::Aborted { units: hold.units });
-        }
-        match self.finished.get(order) {
-            Some(Finished { ending: Ending::Committed { .. }, .. }) => Err(SkuError::AlreadyCommitted),
+        match self.reservations.get(order).map(|record| record.ending) {
+            Some(None) => {
+                let Record { hold, .. } = self.reservations.remove(order).expect("just found");
+                self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
+                self.held -= u64::from(hold.units);
+                self.give_back(&hold.line.buyer, hold.units);
+                Ok(SkuOutcome::Aborted { units: hold.units })
+            }
+            Some(Some(Ending::Committed { .. })) => Err(SkuError::AlreadyCommitted),
             // Already back in stock (released or expired), or never held.
-            _ => Ok(SkuOutcome::Aborted { units: 0 }),
+            Some(Some(_)) | None => Ok(SkuOutcome::Aborted { units: 0 }),
         }
     }
 
-    /// Removes a live hold, records how it ended, and takes its units out of
-    /// `held`. The caller decides where the units go.
+    /// Ends a live hold, records how, and takes its units out of `held`.
+    /// The caller decides where the units go.
     fn end_hold(&mut self, order: &OrderId, ending: Ending) -> Hold {
-        let hold = self.holds.remove(order).expect("end_hold of a hold that is not live");
+        let record = self.reservations.get_mut(order).expect("end_hold of an unknown reservation");
+        assert!(record.ending.is_none(), "a reservation ended twice");
+        record.ending = Some(ending);
+        let hold = record.hold.clone();
         let removed = self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
         assert!(removed.is_some(), "live hold missing from the expiry index");
         self.held -= u64::from(hold.units);
-        self.finished.insert(order.clone(), Finished { hold: hold.clone(), ending });
         self.finished_queue.push_back((self.clock_ms, order.clone()));
         hold
     }
@@ -467,7 +482,8 @@ impl SkuState {
             if !too_old && self.finished_queue.len() <= self.limits.finished_per_sku_max {
                 break;
             }
-            self.finished.remove(order);
+            let forgotten = self.reservations.remove(order);
+            debug_assert!(forgotten.is_some_and(|record| record.ending.is_some()), "forgot a live hold");
             self.finished_queue.pop_front();
         }
     }
@@ -482,14 +498,89 @@ impl SkuState {
             "units were created or destroyed"
         );
         debug_assert!(self.sold <= self.units_added, "sold more than was ever added");
-        debug_assert_eq!(self.holds.len(), self.expiry_index.len());
+        debug_assert_eq!(self.reservations.len(), self.expiry_index.len() + self.finished_queue.len());
         #[cfg(test)]
         {
-            let held: u64 = self.holds.values().map(|hold| u64::from(hold.units)).sum();
+            let live = self.reservations.values().filter(|record| record.ending.is_none());
+            let held: u64 = live.map(|record| u64::from(record.hold.units)).sum();
             assert_eq!(held, self.held, "held total disagrees with the holds");
             let by_buyer: u64 = self.buyer_units.values().map(|&units| u64::from(units)).sum();
             assert!(by_buyer >= held, "buyer counts lost a hold");
-            assert_eq!(self.finished.len(), self.finished_queue.len());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(order: &str, buyer: &str, quantity: Quantity) -> SkuCommand {
+        SkuCommand::Reserve(ReserveLine {
+            order: OrderId::new(order).expect("id"),
+            buyer: BuyerId::new(buyer).expect("id"),
+            quantity,
+            ttl_ms: 10_000,
+        })
+    }
+
+    fn state(units: u64, limits: Limits) -> SkuState {
+        SkuState::new(SkuSettings { initial_units: units, ..SkuSettings::default() }, limits).expect("valid")
+    }
+
+    #[test]
+    fn up_to_takes_what_is_there_but_at_least_the_minimum() {
+        let mut sku = state(3, Limits::default());
+        let answer = sku.apply(0, &line("a", "x", Quantity::UpTo { max: 5, min: 2 }));
+        assert_eq!(answer.result, Ok(SkuOutcome::Reserved { units: 3, expires_at_ms: 10_000, replayed: false }));
+        let answer = sku.apply(0, &line("b", "y", Quantity::UpTo { max: 5, min: 1 }));
+        assert_eq!(answer.result, Err(SkuError::SoldOut { available: 0 }));
+    }
+
+    #[test]
+    fn time_never_runs_backwards_inside_a_sku() {
+        let mut sku = state(3, Limits::default());
+        sku.apply(50_000, &SkuCommand::Query);
+        // A clock that stepped back does not extend the hold.
+        let answer = sku.apply(1_000, &line("a", "x", Quantity::Exactly(1)));
+        assert_eq!(answer.result, Ok(SkuOutcome::Reserved { units: 1, expires_at_ms: 60_000, replayed: false }));
+    }
+
+    #[test]
+    fn ended_reservations_are_forgotten_oldest_first_beyond_the_bound() {
+        let limits = Limits { finished_per_sku_max: 2, ..Limits::default() };
+        let mut sku = state(10, limits);
+        for order in ["a", "b", "c"] {
+            sku.apply(0, &line(order, "x", Quantity::Exactly(1)));
+            sku.apply(0, &SkuCommand::Release { order: OrderId::new(order).expect("id") });
+        }
+        // The next command forgets the oldest ("a"): its id is fresh again.
+        let answer = sku.apply(0, &line("a", "x", Quantity::Exactly(1)));
+        assert_eq!(answer.result, Ok(SkuOutcome::Reserved { units: 1, expires_at_ms: 10_000, replayed: false }));
+        let answer = sku.apply(0, &SkuCommand::Release { order: OrderId::new("c").expect("id") });
+        assert_eq!(answer.result, Ok(SkuOutcome::Released { units: 1, replayed: true }), "recent ones are kept");
+    }
+
+    #[test]
+    fn ended_reservations_are_forgotten_after_the_window() {
+        let limits = Limits { idempotency_window_ms: 3_600_000, ..Limits::default() };
+        let mut sku = state(10, limits);
+        sku.apply(0, &line("a", "x", Quantity::Exactly(1)));
+        sku.apply(0, &SkuCommand::Commit { order: OrderId::new("a").expect("id"), units: None });
+        let commit_again = SkuCommand::Commit { order: OrderId::new("a").expect("id"), units: None };
+        assert!(matches!(sku.apply(3_599_999, &commit_again).result, Ok(SkuOutcome::Committed { replayed: true, .. })));
+        assert_eq!(sku.apply(3_600_000, &commit_again).result, Err(SkuError::UnknownReservation));
+    }
+
+    #[test]
+    fn stock_bounds_are_enforced_without_change() {
+        let limits = Limits { stock_units_max: 10, ..Limits::default() };
+        assert!(matches!(
+            SkuState::new(SkuSettings { initial_units: 11, ..SkuSettings::default() }, limits.clone()),
+            Err(SkuError::StockLimitExceeded { stock_units_max: 10 })
+        ));
+        let mut sku = state(8, limits);
+        let answer = sku.apply(0, &SkuCommand::AddStock { units: 3 });
+        assert_eq!(answer.result, Err(SkuError::StockLimitExceeded { stock_units_max: 10 }));
+        assert_eq!(answer.stock, StockSnapshot { available: 8, held: 0, sold: 0 });
     }
 }
