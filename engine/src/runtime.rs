@@ -12,7 +12,7 @@
 //! partition (of the order id) makes reserve, commit and release idempotent
 //! at the order level and records each order's fate once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 
 use flashstock_sync::{AdmissionGate, Pushed, SnapshotReading, WakeQueue};
@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::actor::{SkuActor, SkuMessage};
 use crate::clock::Clock;
-use crate::ids::{OrderId, SkuId};
+use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{InvalidLimits, Limits};
 use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservation, ReservedLine, Settlement};
 use crate::partition::partition_of;
@@ -219,12 +219,19 @@ enum OrderPhase {
     Expired,
 }
 
+/// An order's merged lines and their SKUs (resolved once), shared by its
+/// directory record and whichever request is working on it.
+#[derive(Debug)]
+struct OrderPlan {
+    lines: Vec<MergedLine>,
+    slots: Vec<Arc<SkuSlot>>,
+}
+
 #[derive(Debug)]
 struct OrderRecord {
+    /// As first received: a retry must match it exactly.
     request: OrderRequest,
-    lines: Vec<MergedLine>,
-    /// The SKU of each line, resolved once.
-    slots: Vec<Arc<SkuSlot>>,
+    plan: Arc<OrderPlan>,
     phase: OrderPhase,
     reservation: Option<Reservation>,
     settlement: Option<Settlement>,
@@ -233,7 +240,7 @@ struct OrderRecord {
 /// Orders of one partition, for idempotency and for the commit decision.
 #[derive(Debug, Default)]
 struct OrderDirectory {
-    records: HashMap<OrderId, OrderRecord>,
+    records: FastMap<OrderId, OrderRecord>,
     /// Insertion order with time, for forgetting the oldest.
     arrival: VecDeque<(u64, OrderId)>,
 }
@@ -259,7 +266,7 @@ impl OrderDirectory {
 #[derive(Debug)]
 struct Partition {
     gate: Arc<AdmissionGate>,
-    skus: RwLock<HashMap<SkuId, Arc<SkuSlot>>>,
+    skus: RwLock<FastMap<SkuId, Arc<SkuSlot>>>,
     orders: Mutex<OrderDirectory>,
 }
 
@@ -286,7 +293,7 @@ impl Engine {
         let partitions = (0..config.partition_count)
             .map(|_| Partition {
                 gate: Arc::new(AdmissionGate::new(config.in_flight_per_partition_max)),
-                skus: RwLock::new(HashMap::new()),
+                skus: RwLock::new(FastMap::default()),
                 orders: Mutex::new(OrderDirectory::default()),
             })
             .collect();
@@ -444,7 +451,9 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         let directory = &self.order_partition(&request.order).orders;
         let now_ms = self.inner.clock.now_ms();
-        {
+        // Nothing is cloned before the sold-out check: most requests in a
+        // flash sale end there.
+        let (order, buyer, ttl_ms, plan) = {
             let mut orders = lock(directory);
             // A retry is answered from the directory, before the hint: a
             // held order stays held even once its SKU has sold out.
@@ -457,29 +466,23 @@ impl Engine {
                 }
             }
             orders.forget_old(now_ms, config);
-            orders.arrival.push_back((now_ms, request.order.clone()));
-            orders.records.insert(
-                request.order.clone(),
-                OrderRecord {
-                    request: request.clone(),
-                    lines: lines.clone(),
-                    slots: slots.clone(),
-                    phase: OrderPhase::Reserving,
-                    reservation: None,
-                    settlement: None,
-                },
-            );
-        }
-        let outcome = self.hold_all(&request, &lines, &slots).await;
+            let (order, buyer, ttl_ms) = (request.order.clone(), request.buyer.clone(), request.ttl_ms);
+            orders.arrival.push_back((now_ms, order.clone()));
+            let plan = Arc::new(OrderPlan { lines, slots });
+            let record = OrderRecord { request, plan: plan.clone(), phase: OrderPhase::Reserving, reservation: None, settlement: None };
+            orders.records.insert(order.clone(), record);
+            (order, buyer, ttl_ms, plan)
+        };
+        let outcome = self.hold_all(&order, &buyer, ttl_ms, &plan).await;
         let mut orders = lock(directory);
-        let record = orders.records.get_mut(&request.order).expect("a reserving order stays in the directory");
+        let record = orders.records.get_mut(&order).expect("a reserving order stays in the directory");
         match &outcome {
             Ok(reservation) => {
                 record.phase = OrderPhase::Held;
                 record.reservation = Some(reservation.clone());
             }
             Err(_) => {
-                orders.records.remove(&request.order);
+                orders.records.remove(&order);
             }
         }
         outcome
@@ -499,16 +502,12 @@ impl Engine {
 
     /// Places a hold on every line in parallel; on any failure aborts the
     /// holds that were placed and reports the first failing line.
-    async fn hold_all(&self, request: &OrderRequest, lines: &[MergedLine], slots: &[Arc<SkuSlot>]) -> Result<Reservation, OrderError> {
-        let mut pending: Vec<PendingLine> = Vec::with_capacity(lines.len());
+    async fn hold_all(&self, order: &OrderId, buyer: &BuyerId, ttl_ms: u64, plan: &OrderPlan) -> Result<Reservation, OrderError> {
+        let mut pending: Vec<PendingLine> = Vec::with_capacity(plan.lines.len());
         let mut failure: Option<OrderError> = None;
-        for (line, slot) in lines.iter().zip(slots) {
-            let command = SkuCommand::Reserve(ReserveLine {
-                order: request.order.clone(),
-                buyer: request.buyer.clone(),
-                quantity: line.quantity,
-                ttl_ms: request.ttl_ms,
-            });
+        for (line, slot) in plan.lines.iter().zip(&plan.slots) {
+            let command =
+                SkuCommand::Reserve(ReserveLine { order: order.clone(), buyer: buyer.clone(), quantity: line.quantity, ttl_ms });
             match self.enqueue(slot, command).await {
                 Ok(answer) => pending.push((line.index, slot.clone(), answer)),
                 Err(error) => {
@@ -539,10 +538,10 @@ impl Engine {
             }
         }
         let Some(failure) = failure else {
-            return Ok(Reservation { order: request.order.clone(), expires_at_ms, lines: held });
+            return Ok(Reservation { order: order.clone(), expires_at_ms, lines: held });
         };
         for slot in &held_slots {
-            self.abort_line(&request.order, slot).await;
+            self.abort_line(order, slot).await;
         }
         Err(failure)
     }
@@ -596,7 +595,7 @@ impl Engine {
     async fn settle(&self, order: &OrderId, how: Settle<'_>) -> Result<Settlement, OrderError> {
         let committing = matches!(how, Settle::Commit { .. });
         let directory = &self.order_partition(order).orders;
-        let (reservation, lines, slots, proceed) = {
+        let (expires_at_ms, plan, proceed) = {
             let mut orders = lock(directory);
             let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
             match (record.phase, committing) {
@@ -616,32 +615,25 @@ impl Engine {
                     return Err(OrderError::Busy { retry_after_ms: 1 });
                 }
             }
-            let reservation = record.reservation.clone().expect("a held order has its reservation");
+            let expires_at_ms = record.reservation.as_ref().expect("a held order has its reservation").expires_at_ms;
             // The decision. A single line is decided by its SKU atomically;
             // several lines must all outlive the time it takes to commit them.
-            if committing && record.lines.len() > 1 {
-                let now_ms = self.inner.clock.now_ms();
-                if now_ms.saturating_add(self.inner.config.commit_grace_ms) >= reservation.expires_at_ms {
-                    record.phase = OrderPhase::Expired;
-                    (reservation, record.lines.clone(), record.slots.clone(), false)
-                } else {
-                    record.phase = OrderPhase::Settling;
-                    (reservation, record.lines.clone(), record.slots.clone(), true)
-                }
-            } else {
-                record.phase = OrderPhase::Settling;
-                (reservation, record.lines.clone(), record.slots.clone(), true)
-            }
+            let now_ms = self.inner.clock.now_ms();
+            let proceed = !committing
+                || record.plan.lines.len() == 1
+                || now_ms.saturating_add(self.inner.config.commit_grace_ms) < expires_at_ms;
+            record.phase = if proceed { OrderPhase::Settling } else { OrderPhase::Expired };
+            (expires_at_ms, record.plan.clone(), proceed)
         };
         if !proceed {
             // Decided: expired. Give every line back now rather than at TTL.
-            for slot in &slots {
+            for slot in &plan.slots {
                 self.abort_line(order, slot).await;
             }
-            return Err(OrderError::Expired { expired_at_ms: reservation.expires_at_ms });
+            return Err(OrderError::Expired { expired_at_ms: expires_at_ms });
         }
-        let mut pending: Vec<PendingLine> = Vec::with_capacity(lines.len());
-        for (line, slot) in lines.iter().zip(&slots) {
+        let mut pending: Vec<PendingLine> = Vec::with_capacity(plan.lines.len());
+        for (line, slot) in plan.lines.iter().zip(&plan.slots) {
             let command = match how {
                 Settle::Commit { fewer } => SkuCommand::Commit {
                     order: order.clone(),
@@ -688,7 +680,7 @@ impl Engine {
         };
         // A line refused: for a single line (or a release) the SKU's answer
         // is the order's answer. Expired lines mean the order expired.
-        record.phase = match (&error, reservation.lines.len()) {
+        record.phase = match (&error, plan.lines.len()) {
             (OrderError::Line { error: SkuError::Expired { .. }, .. }, _) => OrderPhase::Expired,
             (OrderError::Line { error: SkuError::InvalidQuantity { .. } | SkuError::IdempotencyConflict, .. }, _) => {
                 OrderPhase::Held

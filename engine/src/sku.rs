@@ -11,9 +11,9 @@
 //! owner's expiry timer last ran.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
-use crate::ids::{BuyerId, OrderId};
+use crate::ids::{BuyerId, FastMap, OrderId};
 use crate::limits::Limits;
 pub use flashstock_sync::StockSnapshot;
 
@@ -177,10 +177,6 @@ struct Record {
     hold: Hold,
     ending: Option<Ending>,
 }
-
-/// Keyed per process (so callers cannot aim collisions at it) and several
-/// times faster than SipHash on short ids. Never iterated for a decision.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One SKU's stock and reservations.
 ///
