@@ -76,10 +76,16 @@ impl Limits {
             ),
             (self.lines_per_order_max == 0, "lines_per_order_max", "must be at least 1"),
         ];
-        match checks.into_iter().find(|(broken, _, _)| *broken) {
-            Some((_, field, reason)) => Err(InvalidLimits { field, reason }),
-            None => Ok(()),
-        }
+        first_violation(checks)
+    }
+}
+
+/// The first check whose condition holds (`(broken, field, reason)`), as an
+/// error naming its field.
+pub(crate) fn first_violation<const N: usize>(checks: [(bool, &'static str, &'static str); N]) -> Result<(), InvalidLimits> {
+    match checks.into_iter().find(|(broken, _, _)| *broken) {
+        Some((_, field, reason)) => Err(InvalidLimits { field, reason }),
+        None => Ok(()),
     }
 }
 

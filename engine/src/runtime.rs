@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use crate::actor::{SkuActor, SkuMessage};
 use crate::clock::Clock;
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
-use crate::limits::{InvalidLimits, Limits};
+use crate::limits::{first_violation, InvalidLimits, Limits};
 use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservation, ReservedLine, Settlement};
 use crate::partition::partition_of;
 use crate::sku::{ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot};
@@ -91,10 +91,7 @@ impl EngineConfig {
             ),
             (self.orders_per_partition_max == 0, "orders_per_partition_max", "must be at least 1"),
         ];
-        match checks.into_iter().find(|(broken, _, _)| *broken) {
-            Some((_, field, reason)) => Err(InvalidLimits { field, reason }),
-            None => Ok(()),
-        }
+        first_violation(checks)
     }
 }
 
