@@ -76,6 +76,8 @@ pub enum OrderError {
     IdempotencyConflict,
     #[error("no reservation for this order")]
     UnknownReservation,
+    #[error("SKU {sku} is not a line of this order, or is named twice")]
+    NotInOrder { sku: SkuId },
     #[error("the reservation expired at {expired_at_ms} ms")]
     Expired { expired_at_ms: u64 },
     #[error("the reservation is already committed")]

@@ -228,6 +228,8 @@ struct OrderPlan {
 struct OrderRecord {
     /// As first received: a retry must match it exactly.
     request: OrderRequest,
+    /// Which arrival in `OrderDirectory::arrival` this record belongs to.
+    arrival: u64,
     plan: Arc<OrderPlan>,
     phase: OrderPhase,
     reservation: Option<Reservation>,
@@ -238,25 +240,37 @@ struct OrderRecord {
 #[derive(Debug, Default)]
 struct OrderDirectory {
     records: FastMap<OrderId, OrderRecord>,
-    /// Insertion order with time, for forgetting the oldest.
-    arrival: VecDeque<(u64, OrderId)>,
+    /// Arrivals with their time and number, oldest first, for forgetting
+    /// the oldest. An order refused and then retried arrives twice; the
+    /// number tells which arrival its record belongs to.
+    arrival: VecDeque<(u64, u64, OrderId)>,
+    next_arrival: u64,
 }
 
 impl OrderDirectory {
     fn forget_old(&mut self, now_ms: u64, config: &EngineConfig) {
-        while let Some((arrived_ms, order)) = self.arrival.front() {
+        while let Some((arrived_ms, arrival, order)) = self.arrival.front() {
             let too_old = arrived_ms.saturating_add(config.limits.idempotency_window_ms) <= now_ms;
             let too_many = self.arrival.len() > config.orders_per_partition_max;
-            let in_progress = self
-                .records
-                .get(order)
-                .is_some_and(|record| matches!(record.phase, OrderPhase::Reserving | OrderPhase::Settling));
+            let record = self.records.get(order).filter(|record| record.arrival == *arrival);
+            let in_progress =
+                record.is_some_and(|record| matches!(record.phase, OrderPhase::Reserving | OrderPhase::Settling));
             if !(too_old || too_many) || in_progress {
                 break;
             }
-            self.records.remove(order);
+            if record.is_some() {
+                self.records.remove(order);
+            }
             self.arrival.pop_front();
         }
+    }
+
+    /// Records a new order's arrival; returns its number.
+    fn arrive(&mut self, now_ms: u64, order: &OrderId) -> u64 {
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.arrival.push_back((now_ms, arrival, order.clone()));
+        arrival
     }
 }
 
@@ -464,9 +478,10 @@ impl Engine {
             }
             orders.forget_old(now_ms, config);
             let (order, buyer, ttl_ms) = (request.order.clone(), request.buyer.clone(), request.ttl_ms);
-            orders.arrival.push_back((now_ms, order.clone()));
+            let arrival = orders.arrive(now_ms, &order);
             let plan = Arc::new(OrderPlan { lines, slots });
-            let record = OrderRecord { request, plan: plan.clone(), phase: OrderPhase::Reserving, reservation: None, settlement: None };
+            let record =
+                OrderRecord { request, arrival, plan: plan.clone(), phase: OrderPhase::Reserving, reservation: None, settlement: None };
             orders.records.insert(order.clone(), record);
             (order, buyer, ttl_ms, plan)
         };
@@ -591,6 +606,13 @@ impl Engine {
 
     async fn settle(&self, order: &OrderId, how: Settle<'_>) -> Result<Settlement, OrderError> {
         let committing = matches!(how, Settle::Commit { .. });
+        if let Settle::Commit { fewer } = how {
+            for (index, (sku, _)) in fewer.iter().enumerate() {
+                if fewer[..index].iter().any(|(earlier, _)| earlier == sku) {
+                    return Err(OrderError::NotInOrder { sku: sku.clone() });
+                }
+            }
+        }
         let directory = &self.order_partition(order).orders;
         let (expires_at_ms, plan, proceed) = {
             let mut orders = lock(directory);
@@ -610,6 +632,11 @@ impl Engine {
                 }
                 (OrderPhase::Reserving | OrderPhase::Settling, _) => {
                     return Err(OrderError::Busy { retry_after_ms: 1 });
+                }
+            }
+            if let Settle::Commit { fewer } = how {
+                if let Some((sku, _)) = fewer.iter().find(|(sku, _)| !record.plan.lines.iter().any(|line| line.sku == *sku)) {
+                    return Err(OrderError::NotInOrder { sku: sku.clone() });
                 }
             }
             let expires_at_ms = record.reservation.as_ref().expect("a held order has its reservation").expires_at_ms;

@@ -304,3 +304,40 @@ async fn stampede_never_oversells() {
     }
     assert_eq!(cold_sold, 100, "cold lines sold exactly with their hot line");
 }
+
+#[tokio::test]
+async fn commit_fewer_refuses_skus_outside_the_order_without_change() {
+    let (engine, _clock) = manual_engine();
+    for name in ["a", "b"] {
+        engine.create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    }
+    engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
+    assert_eq!(engine.commit_fewer(&order("o1"), &[(sku("b"), 1)]).await, Err(OrderError::NotInOrder { sku: sku("b") }));
+    assert_eq!(
+        engine.commit_fewer(&order("o1"), &[(sku("a"), 1), (sku("a"), 1)]).await,
+        Err(OrderError::NotInOrder { sku: sku("a") })
+    );
+    let over = engine.commit_fewer(&order("o1"), &[(sku("a"), 3)]).await;
+    assert!(matches!(over, Err(OrderError::Line { error: SkuError::InvalidQuantity { .. }, .. })));
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(3, 2, 0)), "nothing changed");
+    // The refusals left the order held: a correct commit still works.
+    let settled = engine.commit_fewer(&order("o1"), &[(sku("a"), 1)]).await.expect("committed");
+    assert_eq!(settled.lines[0].stock, stock(4, 0, 1));
+}
+
+#[tokio::test]
+async fn a_refused_then_retried_order_is_remembered_for_the_full_window() {
+    let config = EngineConfig { orders_per_partition_max: 1, partition_count: 1, ..EngineConfig::default() };
+    let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
+    let settings = SkuSettings { initial_units: 5, units_per_buyer_max: Some(0), ..SkuSettings::default() };
+    engine.create_sku(sku("a"), settings).expect("created");
+    // Refused by the actor (past the hint), then the same id succeeds.
+    let refused = engine.reserve(request("o1", "alice", &[("a", 1)])).await;
+    assert!(matches!(refused, Err(OrderError::Line { error: SkuError::LimitExceeded { .. }, .. })));
+    engine.set_buyer_limit(&sku("a"), None).await.expect("limit lifted");
+    let held = engine.reserve(request("o1", "alice", &[("a", 1)])).await.expect("held");
+    // Another order arrives; the bound of one order lets the directory forget
+    // only the stale first arrival, never the live record of the retry.
+    engine.reserve(request("o2", "bob", &[("a", 1)])).await.expect("held");
+    assert_eq!(engine.reserve(request("o1", "alice", &[("a", 1)])).await, Ok(held));
+}
