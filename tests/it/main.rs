@@ -2,3 +2,4 @@
 //! tests that start real node processes join this binary as modules.
 
 mod flash_sale;
+mod routing;
