@@ -79,6 +79,7 @@ impl SkuActorState {
         for (request, answer) in self.answered.drain(..) {
             request.answer(answer);
         }
+        self.slot.admitted_done(taken);
         self.slot.queue.finish_batch(taken)
     }
 

@@ -27,6 +27,13 @@ use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservatio
 use crate::partition::partition_of;
 use crate::sku::{ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot};
 
+/// Most partitions a cluster may have. Each costs a directory, a map and a
+/// gate in every process; 65,536 is far more than any cluster needs.
+const PARTITION_COUNT_MAX: u32 = 65_536;
+/// Most requests one SKU may have in flight. The queue behind it is
+/// unbounded storage, so this bound is what keeps a hot SKU's memory finite.
+const IN_FLIGHT_PER_SKU_MAX: usize = 1 << 20;
+
 /// How the engine runs; every bound has a unit and a reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -76,14 +83,26 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<(), InvalidLimits> {
         self.limits.validate()?;
         let checks = [
-            (self.partition_count == 0, "partition_count", "must be at least 1"),
-            (self.in_flight_per_sku_max == 0, "in_flight_per_sku_max", "must be at least 1"),
+            (
+                self.partition_count == 0 || self.partition_count > PARTITION_COUNT_MAX,
+                "partition_count",
+                "must be between 1 and 65536",
+            ),
+            (
+                self.in_flight_per_sku_max == 0 || self.in_flight_per_sku_max > IN_FLIGHT_PER_SKU_MAX,
+                "in_flight_per_sku_max",
+                "must be between 1 and 1048576",
+            ),
             (
                 self.in_flight_per_partition_max < self.in_flight_per_sku_max,
                 "in_flight_per_partition_max",
                 "must be at least in_flight_per_sku_max",
             ),
-            (self.batch_max == 0, "batch_max", "must be at least 1"),
+            (
+                self.batch_max == 0 || self.batch_max > self.in_flight_per_sku_max,
+                "batch_max",
+                "must be between 1 and in_flight_per_sku_max (a batch never holds more)",
+            ),
             (
                 self.commit_grace_ms >= self.limits.hold_ttl_ms_min,
                 "commit_grace_ms",
@@ -121,32 +140,20 @@ impl EngineError {
     }
 }
 
-/// A request travelling to a SKU actor. Dropping it (answered or not) gives
-/// back its admission places, so a lost request never leaks capacity.
+/// A request travelling to a SKU actor. It holds one place in the SKU's and
+/// the partition's admission gates, which the actor gives back (for a whole
+/// batch at once) after answering.
 #[derive(Debug)]
 pub(crate) struct Request {
     pub(crate) command: SkuCommand,
     reply: oneshot::Sender<SkuAnswer>,
-    admission: Admission,
 }
 
 impl Request {
+    /// Sends the answer; the caller then calls [`SkuSlot::admitted_done`].
     pub(crate) fn answer(self, answer: SkuAnswer) {
         // The caller may have given up waiting; the answer then has no reader.
         let _ = self.reply.send(answer);
-        drop(self.admission);
-    }
-}
-
-#[derive(Debug)]
-struct Admission {
-    slot: Arc<SkuSlot>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.slot.gate.release();
-        self.slot.partition_gate.release();
     }
 }
 
@@ -173,6 +180,12 @@ fn reading_of(state: &SkuState) -> SnapshotReading {
 impl SkuSlot {
     pub(crate) fn publish(&self, state: &SkuState) {
         self.snapshot.publish(reading_of(state));
+    }
+
+    /// Gives back the admission places of `count` answered requests.
+    pub(crate) fn admitted_done(&self, count: usize) {
+        self.gate.release_many(count);
+        self.partition_gate.release_many(count);
     }
 
     pub(crate) fn store_parked(&self, state: SkuState) {
@@ -296,7 +309,9 @@ pub struct Engine {
 }
 
 /// What an order line looks like once its SKU was found and admitted.
-type PendingLine = (usize, Arc<SkuSlot>, oneshot::Receiver<SkuAnswer>);
+/// A line whose command is with its SKU's actor: its position in the order's
+/// plan and the channel its answer arrives on.
+type PendingLine = (usize, oneshot::Receiver<SkuAnswer>);
 
 impl Engine {
     pub fn new(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self, InvalidLimits> {
@@ -367,7 +382,7 @@ impl Engine {
             return Err(busy);
         }
         let (reply, answer) = oneshot::channel();
-        let request = Request { command, reply, admission: Admission { slot: slot.clone() } };
+        let request = Request { command, reply };
         match slot.queue.push(request) {
             Pushed::ConsumerBusy => {}
             Pushed::WakeConsumer => slot.wake(),
@@ -517,11 +532,11 @@ impl Engine {
     async fn hold_all(&self, order: &OrderId, buyer: &BuyerId, ttl_ms: u64, plan: &OrderPlan) -> Result<Reservation, OrderError> {
         let mut pending: Vec<PendingLine> = Vec::with_capacity(plan.lines.len());
         let mut failure: Option<OrderError> = None;
-        for (line, slot) in plan.lines.iter().zip(&plan.slots) {
+        for (position, (line, slot)) in plan.lines.iter().zip(&plan.slots).enumerate() {
             let command =
                 SkuCommand::Reserve(ReserveLine { order: order.clone(), buyer: buyer.clone(), quantity: line.quantity, ttl_ms });
             match self.enqueue(slot, command).await {
-                Ok(answer) => pending.push((line.index, slot.clone(), answer)),
+                Ok(answer) => pending.push((position, answer)),
                 Err(error) => {
                     failure = Some(error.into_order_error(line.index));
                     break;
@@ -531,7 +546,8 @@ impl Engine {
         let mut held = Vec::with_capacity(pending.len());
         let mut held_slots = Vec::with_capacity(pending.len());
         let mut expires_at_ms = u64::MAX;
-        for (index, slot, answer) in pending {
+        for (position, answer) in pending {
+            let (index, slot) = (plan.lines[position].index, &plan.slots[position]);
             match answer.await {
                 Ok(SkuAnswer { result: Ok(SkuOutcome::Reserved { units, expires_at_ms: line_expiry_ms, .. }), stock }) => {
                     expires_at_ms = expires_at_ms.min(line_expiry_ms);
@@ -552,7 +568,7 @@ impl Engine {
         let Some(failure) = failure else {
             return Ok(Reservation { order: order.clone(), expires_at_ms, lines: held });
         };
-        for slot in &held_slots {
+        for slot in held_slots {
             self.abort_line(order, slot).await;
         }
         Err(failure)
@@ -657,7 +673,7 @@ impl Engine {
             return Err(OrderError::Expired { expired_at_ms: expires_at_ms });
         }
         let mut pending: Vec<PendingLine> = Vec::with_capacity(plan.lines.len());
-        for (line, slot) in plan.lines.iter().zip(&plan.slots) {
+        for (position, (line, slot)) in plan.lines.iter().zip(&plan.slots).enumerate() {
             let command = match how {
                 Settle::Commit { fewer } => SkuCommand::Commit {
                     order: order.clone(),
@@ -666,7 +682,7 @@ impl Engine {
                 Settle::Release => SkuCommand::Release { order: order.clone() },
             };
             match self.enqueue_patiently(slot, command).await {
-                Ok(answer) => pending.push((line.index, slot.clone(), answer)),
+                Ok(answer) => pending.push((position, answer)),
                 Err(error) => {
                     // Lines are idempotent, so the order goes back to Held
                     // and a retried settle finishes whatever this one began.
@@ -679,8 +695,8 @@ impl Engine {
         }
         let mut settled = Vec::with_capacity(pending.len());
         let mut first_error = None;
-        for (index, slot, answer) in pending {
-            let sku = slot.sku.clone();
+        for (position, answer) in pending {
+            let (index, sku) = (plan.lines[position].index, plan.slots[position].sku.clone());
             match answer.await {
                 Ok(SkuAnswer { result: Ok(SkuOutcome::Committed { units, .. } | SkuOutcome::Released { units, .. }), stock }) => {
                     settled.push(ReservedLine { sku, units, stock });
@@ -740,4 +756,22 @@ impl Engine {
 enum Settle<'a> {
     Commit { fewer: &'a [(SkuId, u32)] },
     Release,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_bounds_name_the_field() {
+        assert_eq!(EngineConfig::default().validate(), Ok(()));
+        let field = |config: EngineConfig| config.validate().map_err(|error| error.field);
+        assert_eq!(field(EngineConfig { partition_count: 1 << 20, ..EngineConfig::default() }), Err("partition_count"));
+        assert_eq!(field(EngineConfig { batch_max: 10_000, ..EngineConfig::default() }), Err("batch_max"));
+        assert_eq!(
+            field(EngineConfig { in_flight_per_partition_max: 10, ..EngineConfig::default() }),
+            Err("in_flight_per_partition_max")
+        );
+        assert_eq!(field(EngineConfig { commit_grace_ms: 5_000, ..EngineConfig::default() }), Err("commit_grace_ms"));
+    }
 }

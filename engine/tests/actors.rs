@@ -177,7 +177,8 @@ async fn admin_errors_are_typed_and_change_nothing() {
 /// admitted and the rest are told `Busy`, without any change to stock.
 #[tokio::test(flavor = "current_thread")]
 async fn admission_answers_busy_beyond_the_bound() {
-    let config = EngineConfig { in_flight_per_sku_max: 4, in_flight_per_partition_max: 4, ..EngineConfig::default() };
+    let config =
+        EngineConfig { in_flight_per_sku_max: 4, in_flight_per_partition_max: 4, batch_max: 4, ..EngineConfig::default() };
     let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
     engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).expect("created");
     // Start the actor first so that admission is the only thing that waits.

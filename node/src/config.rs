@@ -105,6 +105,8 @@ pub struct SaleSection {
     pub seed: u64,
 }
 
+/// Longest cluster name: it appears in every log line and metric label.
+const CLUSTER_NAME_BYTES_MAX: usize = 64;
 /// Most buyer tasks the demo runs at once: each is a tokio task with a small
 /// latency buffer; more than this only measures the scheduler.
 const SALE_CONCURRENCY_MAX: usize = 65_536;
@@ -149,6 +151,9 @@ impl ClusterFile {
             orders_per_partition_max: engine.orders_per_partition_max,
             busy_retry_after_ms: engine.busy_retry_after_ms,
         };
+        if self.cluster.name.is_empty() || self.cluster.name.len() > CLUSTER_NAME_BYTES_MAX {
+            bail!("`cluster.name`: must be 1 to {CLUSTER_NAME_BYTES_MAX} bytes");
+        }
         let section = if Limits::validate(&config.limits).is_err() { "limits" } else { "engine" };
         config.validate().map_err(|error| {
             let key = if error.field == "partition_count" { "cluster.partitions".to_owned() } else { format!("{section}.{}", error.field) };

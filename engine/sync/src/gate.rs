@@ -45,8 +45,14 @@ impl AdmissionGate {
 
     /// Gives back a place taken by a successful [`Self::try_acquire`].
     pub fn release(&self) {
-        let previous = self.in_flight.fetch_sub(1, Ordering::Release);
-        assert!(previous > 0, "admission gate released more often than acquired");
+        self.release_many(1);
+    }
+
+    /// Gives back `count` places at once: an actor that answered a batch
+    /// pays for one atomic operation, not one per request.
+    pub fn release_many(&self, count: usize) {
+        let previous = self.in_flight.fetch_sub(count, Ordering::Release);
+        assert!(previous >= count, "admission gate released more often than acquired");
     }
 
     pub fn in_flight(&self) -> usize {
