@@ -265,10 +265,11 @@ impl OrderDirectory {
         while let Some((arrived_ms, arrival, order)) = self.arrival.front() {
             let too_old = arrived_ms.saturating_add(config.limits.idempotency_window_ms) <= now_ms;
             let too_many = self.arrival.len() > config.orders_per_partition_max;
+            if !(too_old || too_many) {
+                break;
+            }
             let record = self.records.get(order).filter(|record| record.arrival == *arrival);
-            let in_progress =
-                record.is_some_and(|record| matches!(record.phase, OrderPhase::Reserving | OrderPhase::Settling));
-            if !(too_old || too_many) || in_progress {
+            if record.is_some_and(|record| matches!(record.phase, OrderPhase::Reserving | OrderPhase::Settling)) {
                 break;
             }
             if record.is_some() {
