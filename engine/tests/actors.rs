@@ -342,3 +342,70 @@ async fn a_refused_then_retried_order_is_remembered_for_the_full_window() {
     engine.reserve(request("o2", "bob", &[("a", 1)])).await.expect("held");
     assert_eq!(engine.reserve(request("o1", "alice", &[("a", 1)])).await, Ok(held));
 }
+
+/// Buyers with multi-line orders that pay, cancel or walk away, on real time
+/// with short holds, racing each other and the expiry timers: afterwards
+/// every SKU's counts add up, nothing is held, and units sold equal the
+/// units the paying buyers were told they bought.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_orders_with_expiry_keep_the_books() {
+    const BUYERS: u64 = 600;
+    const SKUS: u64 = 6;
+    let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
+    for index in 0..SKUS {
+        engine.create_sku(sku(&format!("s{index}")), SkuSettings { initial_units: 40, ..SkuSettings::default() }).expect("created");
+    }
+    let tasks: Vec<_> = (0..BUYERS)
+        .map(|buyer| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let first = format!("s{}", buyer % SKUS);
+                let second = format!("s{}", (buyer * 7 + 3) % SKUS);
+                let mut order_request = request(&format!("o{buyer}"), &format!("b{buyer}"), &[(&first, 1), (&second, 2)]);
+                order_request.ttl_ms = 30 + buyer % 40;
+                let held = match engine.reserve(order_request).await {
+                    Ok(reservation) => reservation,
+                    Err(OrderError::Line { error: SkuError::SoldOut { .. }, .. } | OrderError::Busy { .. }) => return 0,
+                    Err(other) => panic!("unexpected {other:?}"),
+                };
+                match buyer % 3 {
+                    0 => match engine.commit(&held.order).await {
+                        Ok(settled) => settled.lines.iter().map(|line| u64::from(line.units)).sum(),
+                        Err(OrderError::Expired { .. }) => 0,
+                        Err(other) => panic!("unexpected {other:?}"),
+                    },
+                    1 => {
+                        match engine.release(&held.order).await {
+                            Ok(_) | Err(OrderError::Expired { .. }) => {}
+                            Err(other) => panic!("unexpected {other:?}"),
+                        }
+                        0
+                    }
+                    _ => 0,
+                }
+            })
+        })
+        .collect();
+    let mut units_bought = 0;
+    for task in tasks {
+        units_bought += task.await.expect("task ran");
+    }
+    let settled = eventually(Duration::from_secs(5), async || {
+        let mut held = 0;
+        for index in 0..SKUS {
+            held += engine.availability(&sku(&format!("s{index}"))).await.expect("exists").held;
+        }
+        held == 0
+    })
+    .await;
+    assert!(settled, "holds outlived their TTL");
+    let mut units_sold = 0;
+    for index in 0..SKUS {
+        let counts = engine.availability(&sku(&format!("s{index}"))).await.expect("exists");
+        assert_eq!(counts.total(), 40, "s{index}: {counts:?}");
+        units_sold += counts.sold;
+    }
+    assert_eq!(units_sold, units_bought);
+    assert!(units_bought > 0, "the test must actually sell something");
+    engine.stop_actors();
+}
