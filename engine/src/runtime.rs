@@ -288,6 +288,44 @@ impl OrderDirectory {
     }
 }
 
+/// Restores an order that was mid-way (reserving or settling) when the
+/// future working on it was dropped, so that a retry can finish it: a
+/// reserve is forgotten (its placed holds are found again by the retry, or
+/// expire), a settle goes back to held (settling lines is idempotent).
+#[derive(Debug)]
+struct InterruptedOrder<'a> {
+    directory: &'a Mutex<OrderDirectory>,
+    order: &'a OrderId,
+    arrival: u64,
+    finished: bool,
+}
+
+impl InterruptedOrder<'_> {
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for InterruptedOrder<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut orders = lock(self.directory);
+        let Some(record) = orders.records.get_mut(self.order).filter(|record| record.arrival == self.arrival) else {
+            return;
+        };
+        match record.phase {
+            OrderPhase::Reserving => {
+                orders.records.remove(self.order);
+            }
+            OrderPhase::Settling => record.phase = OrderPhase::Held,
+            OrderPhase::Held | OrderPhase::Committed | OrderPhase::Released | OrderPhase::Expired => {}
+        }
+        tracing::debug!(order = %self.order, "an order's caller stopped waiting mid-way; a retry will finish it");
+    }
+}
+
 #[derive(Debug)]
 struct Partition {
     gate: Arc<AdmissionGate>,
@@ -373,7 +411,7 @@ impl Engine {
 
     /// Admits `command` for `sku` and hands it to the SKU's actor (starting
     /// one if none runs). The answer arrives on the returned channel.
-    async fn enqueue(&self, slot: &Arc<SkuSlot>, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
+    fn enqueue(&self, slot: &Arc<SkuSlot>, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
         let busy = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
         if !slot.partition_gate.try_acquire() {
             return Err(busy);
@@ -388,11 +426,13 @@ impl Engine {
             Pushed::ConsumerBusy => {}
             Pushed::WakeConsumer => slot.wake(),
             Pushed::StartConsumer => {
-                let state = slot.take_parked();
-                // Spawning only fails on a duplicate actor name; ours are unnamed.
-                Actor::spawn(None, SkuActor, (slot.clone(), state))
-                    .await
-                    .expect("spawning an unnamed actor cannot fail");
+                // Started on its own task, so that a caller who stops waiting
+                // (a dropped future) cannot drop the SKU's state with it.
+                let (slot, state) = (slot.clone(), slot.take_parked());
+                tokio::spawn(async move {
+                    // Spawning only fails on a duplicate actor name; ours are unnamed.
+                    Actor::spawn(None, SkuActor, (slot, state)).await.expect("spawning an unnamed actor cannot fail");
+                });
             }
         }
         Ok(answer)
@@ -400,7 +440,7 @@ impl Engine {
 
     async fn execute(&self, sku: &SkuId, command: SkuCommand) -> Result<SkuAnswer, EngineError> {
         let slot = self.slot(sku)?;
-        self.enqueue(&slot, command).await?.await.map_err(|_| EngineError::Unavailable)
+        self.enqueue(&slot, command)?.await.map_err(|_| EngineError::Unavailable)
     }
 
     async fn admin(&self, sku: &SkuId, command: SkuCommand) -> Result<StockSnapshot, EngineError> {
@@ -480,7 +520,7 @@ impl Engine {
         let now_ms = self.inner.clock.now_ms();
         // Nothing is cloned before the sold-out check: most requests in a
         // flash sale end there.
-        let (order, buyer, ttl_ms, plan) = {
+        let (order, buyer, ttl_ms, plan, arrival) = {
             let mut orders = lock(directory);
             // A retry is answered from the directory, before the hint: a
             // held order stays held even once its SKU has sold out.
@@ -499,9 +539,11 @@ impl Engine {
             let record =
                 OrderRecord { request, arrival, plan: plan.clone(), phase: OrderPhase::Reserving, reservation: None, settlement: None };
             orders.records.insert(order.clone(), record);
-            (order, buyer, ttl_ms, plan)
+            (order, buyer, ttl_ms, plan, arrival)
         };
+        let interrupted = InterruptedOrder { directory, order: &order, arrival, finished: false };
         let outcome = self.hold_all(&order, &buyer, ttl_ms, &plan).await;
+        interrupted.finish();
         let mut orders = lock(directory);
         let record = orders.records.get_mut(&order).expect("a reserving order stays in the directory");
         match &outcome {
@@ -536,7 +578,7 @@ impl Engine {
         for (position, (line, slot)) in plan.lines.iter().zip(&plan.slots).enumerate() {
             let command =
                 SkuCommand::Reserve(ReserveLine { order: order.clone(), buyer: buyer.clone(), quantity: line.quantity, ttl_ms });
-            match self.enqueue(slot, command).await {
+            match self.enqueue(slot, command) {
                 Ok(answer) => pending.push((position, answer)),
                 Err(error) => {
                     failure = Some(error.into_order_error(line.index));
@@ -582,7 +624,7 @@ impl Engine {
         const ATTEMPTS_MAX: u32 = 200;
         let mut last = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
         for _ in 0..ATTEMPTS_MAX {
-            match self.enqueue(slot, command.clone()).await {
+            match self.enqueue(slot, command.clone()) {
                 Err(EngineError::Busy { retry_after_ms }) => {
                     last = EngineError::Busy { retry_after_ms };
                     tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms)).await;
@@ -631,7 +673,7 @@ impl Engine {
             }
         }
         let directory = &self.order_partition(order).orders;
-        let (expires_at_ms, plan, proceed) = {
+        let (expires_at_ms, plan, proceed, arrival) = {
             let mut orders = lock(directory);
             let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
             match (record.phase, committing) {
@@ -664,8 +706,9 @@ impl Engine {
                 || record.plan.lines.len() == 1
                 || now_ms.saturating_add(self.inner.config.commit_grace_ms) < expires_at_ms;
             record.phase = if proceed { OrderPhase::Settling } else { OrderPhase::Expired };
-            (expires_at_ms, record.plan.clone(), proceed)
+            (expires_at_ms, record.plan.clone(), proceed, record.arrival)
         };
+        let interrupted = InterruptedOrder { directory, order, arrival, finished: !proceed };
         if !proceed {
             // Decided: expired. Give every line back now rather than at TTL.
             for slot in &plan.slots {
@@ -711,6 +754,7 @@ impl Engine {
                 }
             }
         }
+        interrupted.finish();
         let mut orders = lock(directory);
         let record = orders.records.get_mut(order).expect("a settling order stays in the directory");
         let Some(error) = first_error else {

@@ -409,3 +409,28 @@ async fn mixed_orders_with_expiry_keep_the_books() {
     assert!(units_bought > 0, "the test must actually sell something");
     engine.stop_actors();
 }
+
+/// Polls `future` once and drops it; true if it had not finished.
+async fn poll_once_then_drop<F: std::future::Future>(future: F) -> bool {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|context| std::task::Poll::Ready(future.as_mut().poll(context).is_pending())).await
+}
+
+/// A caller that stops waiting (its future dropped after the first poll, as
+/// a timeout or a closed connection does) must not lose the SKU's state or
+/// wedge the order: the same request again finishes the job.
+#[tokio::test(flavor = "current_thread")]
+async fn dropped_callers_never_wedge_an_order_or_lose_a_sku() {
+    let (engine, _clock) = manual_engine();
+    // Parked SKU: the dropped reserve is the one that starts its actor.
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    assert!(poll_once_then_drop(engine.reserve(request("o1", "alice", &[("a", 2)]))).await, "cut off mid-way");
+
+    let held = engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("the retry finishes the reserve");
+    assert_eq!(held.lines[0].stock, stock(3, 2, 0), "held once, not twice");
+
+    assert!(poll_once_then_drop(engine.commit(&order("o1"))).await, "cut off mid-way");
+    let settled = engine.commit(&order("o1")).await.expect("the retry finishes the commit");
+    assert_eq!(settled.lines[0].stock, stock(3, 0, 2));
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(3, 0, 2)));
+}
