@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use flashstock_engine::sku::ReserveLine;
 use flashstock_engine::{
-    BuyerId, Engine, EngineConfig, Limits, Line, OrderId, OrderRequest, Quantity, SkuCommand, SkuId, SkuSettings, SkuState, SystemClock,
+    BuyerId, Engine, EngineConfig, Limits, Line, OrderId, OrderRequest, Quantity, SkuCommand, SkuId, SkuSettings,
+    SkuState, SystemClock,
 };
 
 const IN_FLIGHT: usize = 256;
@@ -28,7 +29,14 @@ fn state_machine(criterion: &mut Criterion) {
     let buyer = BuyerId::new("buyer").expect("valid id");
     let commands: Vec<SkuCommand> = orders
         .iter()
-        .map(|order| SkuCommand::Reserve(ReserveLine { order: order.clone(), buyer: buyer.clone(), quantity: Quantity::Exactly(1), ttl_ms: 60_000 }))
+        .map(|order| {
+            SkuCommand::Reserve(ReserveLine {
+                order: order.clone(),
+                buyer: buyer.clone(),
+                quantity: Quantity::Exactly(1),
+                ttl_ms: 60_000,
+            })
+        })
         .collect();
     let mut group = criterion.benchmark_group("state_machine");
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -85,7 +93,8 @@ fn actors(criterion: &mut Criterion) {
     group.throughput(Throughput::Elements(ORDERS_PER_RUN as u64));
     group.sample_size(10);
     for (name, sku_count) in [("reserve_commit/hot_sku", 1usize), ("reserve_commit/10k_zipf", 10_000)] {
-        let skus: Vec<SkuId> = (0..sku_count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect();
+        let skus: Vec<SkuId> =
+            (0..sku_count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect();
         let picks = Arc::new(zipf_picks(sku_count, ORDERS_PER_RUN));
         let mut run = 0u64;
         group.bench_function(name, |bencher| {
@@ -93,10 +102,15 @@ fn actors(criterion: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iterations {
                     run += 1;
-                    let config = EngineConfig { limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() }, ..EngineConfig::default() };
+                    let config = EngineConfig {
+                        limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() },
+                        ..EngineConfig::default()
+                    };
                     let engine = Engine::new(config, Arc::new(SystemClock)).expect("valid config");
                     for sku in &skus {
-                        engine.create_sku(sku.clone(), SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() }).expect("created");
+                        engine
+                            .create_sku(sku.clone(), SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() })
+                            .expect("created");
                     }
                     let orders = Arc::new(order_ids(&format!("run{run}"), ORDERS_PER_RUN));
                     let buyer = BuyerId::new("buyer").expect("valid id");
@@ -108,13 +122,17 @@ fn actors(criterion: &mut Criterion) {
                         let started = Instant::now();
                         let tasks: Vec<_> = (0..IN_FLIGHT)
                             .map(|worker| {
-                                let (engine, orders, picks, skus, buyer) = (engine.clone(), orders.clone(), picks.clone(), skus.clone(), buyer.clone());
+                                let (engine, orders, picks, skus, buyer) =
+                                    (engine.clone(), orders.clone(), picks.clone(), skus.clone(), buyer.clone());
                                 tokio::spawn(async move {
                                     for index in (worker..ORDERS_PER_RUN).step_by(IN_FLIGHT) {
                                         let request = OrderRequest {
                                             order: orders[index].clone(),
                                             buyer: buyer.clone(),
-                                            lines: vec![Line { sku: skus[picks[index]].clone(), quantity: Quantity::Exactly(1) }],
+                                            lines: vec![Line {
+                                                sku: skus[picks[index]].clone(),
+                                                quantity: Quantity::Exactly(1),
+                                            }],
                                             ttl_ms: 60_000,
                                         };
                                         engine.reserve(request).await.expect("held");
@@ -156,7 +174,8 @@ fn sold_out_hint(criterion: &mut Criterion) {
                 for _ in 0..iterations {
                     let tasks: Vec<_> = (0..TASKS)
                         .map(|task| {
-                            let (engine, orders, sku, buyer) = (engine.clone(), orders.clone(), sku.clone(), buyer.clone());
+                            let (engine, orders, sku, buyer) =
+                                (engine.clone(), orders.clone(), sku.clone(), buyer.clone());
                             tokio::spawn(async move {
                                 for index in (task..REQUESTS_PER_TASK * TASKS).step_by(TASKS) {
                                     let request = OrderRequest {

@@ -58,11 +58,7 @@ impl Limits {
         let checks = [
             (self.line_units_max == 0, "line_units_max", "must be at least 1"),
             (self.hold_ttl_ms_min == 0, "hold_ttl_ms_min", "must be at least 1"),
-            (
-                self.hold_ttl_ms_max < self.hold_ttl_ms_min,
-                "hold_ttl_ms_max",
-                "must not be below hold_ttl_ms_min",
-            ),
+            (self.hold_ttl_ms_max < self.hold_ttl_ms_min, "hold_ttl_ms_max", "must not be below hold_ttl_ms_min"),
             (self.holds_per_sku_max == 0, "holds_per_sku_max", "must be at least 1"),
             (
                 self.idempotency_window_ms < self.hold_ttl_ms_max,
@@ -82,7 +78,9 @@ impl Limits {
 
 /// The first check whose condition holds (`(broken, field, reason)`), as an
 /// error naming its field.
-pub(crate) fn first_violation<const N: usize>(checks: [(bool, &'static str, &'static str); N]) -> Result<(), InvalidLimits> {
+pub(crate) fn first_violation<const N: usize>(
+    checks: [(bool, &'static str, &'static str); N],
+) -> Result<(), InvalidLimits> {
     match checks.into_iter().find(|(broken, _, _)| *broken) {
         Some((_, field, reason)) => Err(InvalidLimits { field, reason }),
         None => Ok(()),

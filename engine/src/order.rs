@@ -127,12 +127,10 @@ pub(crate) fn merge_lines(request: &OrderRequest, limits: &Limits) -> Result<Vec
             (Quantity::Exactly(first), Quantity::Exactly(second)) => {
                 Quantity::Exactly(first.checked_add(second).ok_or_else(too_large)?)
             }
-            (Quantity::UpTo { max: max_a, min: min_a }, Quantity::UpTo { max: max_b, min: min_b }) => {
-                Quantity::UpTo {
-                    max: max_a.checked_add(max_b).ok_or_else(too_large)?,
-                    min: min_a.checked_add(min_b).ok_or_else(too_large)?,
-                }
-            }
+            (Quantity::UpTo { max: max_a, min: min_a }, Quantity::UpTo { max: max_b, min: min_b }) => Quantity::UpTo {
+                max: max_a.checked_add(max_b).ok_or_else(too_large)?,
+                min: min_a.checked_add(min_b).ok_or_else(too_large)?,
+            },
             _ => return Err(OrderError::ConflictingLines { index, sku: line.sku.clone() }),
         };
         let max = match existing.quantity {

@@ -385,9 +385,8 @@ impl Engine {
 
     /// Creates a SKU. No actor starts until the first request for it.
     pub fn create_sku(&self, sku: SkuId, settings: SkuSettings) -> Result<StockSnapshot, EngineError> {
-        let state = SkuState::new(settings, self.inner.config.limits.clone()).map_err(|error| {
-            EngineError::Refused { sku: sku.clone(), error, stock: StockSnapshot::default() }
-        })?;
+        let state = SkuState::new(settings, self.inner.config.limits.clone())
+            .map_err(|error| EngineError::Refused { sku: sku.clone(), error, stock: StockSnapshot::default() })?;
         let stock = state.stock();
         let partition = self.partition(&sku);
         let mut skus = partition.skus.write().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -459,7 +458,11 @@ impl Engine {
         self.admin(sku, SkuCommand::RemoveStock { units }).await
     }
 
-    pub async fn set_buyer_limit(&self, sku: &SkuId, units_per_buyer_max: Option<u32>) -> Result<StockSnapshot, EngineError> {
+    pub async fn set_buyer_limit(
+        &self,
+        sku: &SkuId,
+        units_per_buyer_max: Option<u32>,
+    ) -> Result<StockSnapshot, EngineError> {
         self.admin(sku, SkuCommand::SetBuyerLimit { units_per_buyer_max }).await
     }
 
@@ -536,8 +539,14 @@ impl Engine {
             let (order, buyer, ttl_ms) = (request.order.clone(), request.buyer.clone(), request.ttl_ms);
             let arrival = orders.arrive(now_ms, &order);
             let plan = Arc::new(OrderPlan { lines, slots });
-            let record =
-                OrderRecord { request, arrival, plan: plan.clone(), phase: OrderPhase::Reserving, reservation: None, settlement: None };
+            let record = OrderRecord {
+                request,
+                arrival,
+                plan: plan.clone(),
+                phase: OrderPhase::Reserving,
+                reservation: None,
+                settlement: None,
+            };
             orders.records.insert(order.clone(), record);
             (order, buyer, ttl_ms, plan, arrival)
         };
@@ -572,12 +581,22 @@ impl Engine {
 
     /// Places a hold on every line in parallel; on any failure aborts the
     /// holds that were placed and reports the first failing line.
-    async fn hold_all(&self, order: &OrderId, buyer: &BuyerId, ttl_ms: u64, plan: &OrderPlan) -> Result<Reservation, OrderError> {
+    async fn hold_all(
+        &self,
+        order: &OrderId,
+        buyer: &BuyerId,
+        ttl_ms: u64,
+        plan: &OrderPlan,
+    ) -> Result<Reservation, OrderError> {
         let mut pending: Vec<PendingLine> = Vec::with_capacity(plan.lines.len());
         let mut failure: Option<OrderError> = None;
         for (position, (line, slot)) in plan.lines.iter().zip(&plan.slots).enumerate() {
-            let command =
-                SkuCommand::Reserve(ReserveLine { order: order.clone(), buyer: buyer.clone(), quantity: line.quantity, ttl_ms });
+            let command = SkuCommand::Reserve(ReserveLine {
+                order: order.clone(),
+                buyer: buyer.clone(),
+                quantity: line.quantity,
+                ttl_ms,
+            });
             match self.enqueue(slot, command) {
                 Ok(answer) => pending.push((position, answer)),
                 Err(error) => {
@@ -592,7 +611,10 @@ impl Engine {
         for (position, answer) in pending {
             let (index, slot) = (plan.lines[position].index, &plan.slots[position]);
             match answer.await {
-                Ok(SkuAnswer { result: Ok(SkuOutcome::Reserved { units, expires_at_ms: line_expiry_ms, .. }), stock }) => {
+                Ok(SkuAnswer {
+                    result: Ok(SkuOutcome::Reserved { units, expires_at_ms: line_expiry_ms, .. }),
+                    stock,
+                }) => {
                     expires_at_ms = expires_at_ms.min(line_expiry_ms);
                     held.push(ReservedLine { sku: slot.sku.clone(), units, stock });
                     held_slots.push(slot);
@@ -620,7 +642,11 @@ impl Engine {
     /// Enqueues a command that must not be dropped for want of admission
     /// (part of a decided settlement or an abort), waiting out `Busy` a
     /// bounded number of times.
-    async fn enqueue_patiently(&self, slot: &Arc<SkuSlot>, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
+    async fn enqueue_patiently(
+        &self,
+        slot: &Arc<SkuSlot>,
+        command: SkuCommand,
+    ) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
         const ATTEMPTS_MAX: u32 = 200;
         let mut last = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
         for _ in 0..ATTEMPTS_MAX {
@@ -694,7 +720,9 @@ impl Engine {
                 }
             }
             if let Settle::Commit { fewer } = how {
-                if let Some((sku, _)) = fewer.iter().find(|(sku, _)| !record.plan.lines.iter().any(|line| line.sku == *sku)) {
+                if let Some((sku, _)) =
+                    fewer.iter().find(|(sku, _)| !record.plan.lines.iter().any(|line| line.sku == *sku))
+                {
                     return Err(OrderError::NotInOrder { sku: sku.clone() });
                 }
             }
@@ -742,7 +770,10 @@ impl Engine {
         for (position, answer) in pending {
             let (index, sku) = (plan.lines[position].index, plan.slots[position].sku.clone());
             match answer.await {
-                Ok(SkuAnswer { result: Ok(SkuOutcome::Committed { units, .. } | SkuOutcome::Released { units, .. }), stock }) => {
+                Ok(SkuAnswer {
+                    result: Ok(SkuOutcome::Committed { units, .. } | SkuOutcome::Released { units, .. }),
+                    stock,
+                }) => {
                     settled.push(ReservedLine { sku, units, stock });
                 }
                 Ok(SkuAnswer { result: Err(error), stock }) => {
@@ -772,13 +803,19 @@ impl Engine {
             }
             (OrderError::Line { .. }, lines) if lines > 1 && !settled.is_empty() => {
                 tracing::error!(%order, ?error, "a multi-line order settled on some lines only");
-                if committing { OrderPhase::Committed } else { OrderPhase::Released }
+                if committing {
+                    OrderPhase::Committed
+                } else {
+                    OrderPhase::Released
+                }
             }
             // Busy or unavailable: settling again is safe (lines are idempotent).
             _ => OrderPhase::Held,
         };
         Err(match error {
-            OrderError::Line { error: SkuError::Expired { expired_at_ms }, .. } => OrderError::Expired { expired_at_ms },
+            OrderError::Line { error: SkuError::Expired { expired_at_ms }, .. } => {
+                OrderError::Expired { expired_at_ms }
+            }
             other => other,
         })
     }

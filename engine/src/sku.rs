@@ -47,9 +47,7 @@ impl Quantity {
             return Err(SkuError::InvalidQuantity { detail: "`min` is larger than `max`" });
         }
         if max > limits.line_units_max {
-            return Err(SkuError::InvalidQuantity {
-                detail: "more units than line_units_max allows on one line",
-            });
+            return Err(SkuError::InvalidQuantity { detail: "more units than line_units_max allows on one line" });
         }
         Ok(())
     }
@@ -67,20 +65,35 @@ pub struct ReserveLine {
 /// Everything that can be asked of one SKU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SkuCommand {
-    AddStock { units: u64 },
+    AddStock {
+        units: u64,
+    },
     /// Takes unsold, unheld units out of the sale.
-    RemoveStock { units: u64 },
+    RemoveStock {
+        units: u64,
+    },
     /// `None` lifts the limit. Counts units held plus sold per buyer.
-    SetBuyerLimit { units_per_buyer_max: Option<u32> },
+    SetBuyerLimit {
+        units_per_buyer_max: Option<u32>,
+    },
     /// Reservations before `opens_at_ms` fail with `NotOpen`.
-    OpenSale { opens_at_ms: u64 },
+    OpenSale {
+        opens_at_ms: u64,
+    },
     Reserve(ReserveLine),
     /// Sells `units` of the hold (all of it when `None`); the rest go back.
-    Commit { order: OrderId, units: Option<u32> },
-    Release { order: OrderId },
+    Commit {
+        order: OrderId,
+        units: Option<u32>,
+    },
+    Release {
+        order: OrderId,
+    },
     /// Undoes a hold of an order that failed as a whole and forgets the
     /// order id here, so the whole order can be retried with the same id.
-    Abort { order: OrderId },
+    Abort {
+        order: OrderId,
+    },
     /// Ends every hold whose expiry has come. Issued by the owner's timer.
     Expire,
     /// Changes nothing; answers with the counts.
@@ -99,11 +112,25 @@ impl SkuCommand {
 pub enum SkuOutcome {
     StockChanged,
     /// `replayed` is true when this answers a retry of an earlier reserve.
-    Reserved { units: u32, expires_at_ms: u64, replayed: bool },
-    Committed { units: u32, replayed: bool },
-    Released { units: u32, replayed: bool },
-    Aborted { units: u32 },
-    Expired { holds: usize },
+    Reserved {
+        units: u32,
+        expires_at_ms: u64,
+        replayed: bool,
+    },
+    Committed {
+        units: u32,
+        replayed: bool,
+    },
+    Released {
+        units: u32,
+        replayed: bool,
+    },
+    Aborted {
+        units: u32,
+    },
+    Expired {
+        holds: usize,
+    },
     Counted,
 }
 

@@ -100,7 +100,12 @@ async fn multi_line_orders_are_all_or_nothing() {
     let refused = engine.reserve(request("o1", "alice", &[("a", 2), ("b", 3)])).await;
     assert_eq!(
         refused,
-        Err(OrderError::Line { index: 1, sku: sku("b"), error: SkuError::SoldOut { available: 1 }, stock: stock(1, 0, 0) })
+        Err(OrderError::Line {
+            index: 1,
+            sku: sku("b"),
+            error: SkuError::SoldOut { available: 1 },
+            stock: stock(1, 0, 0)
+        })
     );
     assert_eq!(engine.availability(&sku("a")).await, Ok(stock(5, 0, 0)), "line a was given back");
 
@@ -165,7 +170,10 @@ async fn admin_errors_are_typed_and_change_nothing() {
     engine.set_buyer_limit(&sku("a"), Some(1)).await.expect("limit set");
     engine.release(&order("o1")).await.expect("released");
     let over = engine.reserve(request("o2", "alice", &[("a", 2)])).await;
-    assert!(matches!(over, Err(OrderError::Line { error: SkuError::LimitExceeded { units_per_buyer_max: 1, .. }, .. })));
+    assert!(matches!(
+        over,
+        Err(OrderError::Line { error: SkuError::LimitExceeded { units_per_buyer_max: 1, .. }, .. })
+    ));
     engine.open_sale(&sku("a"), clock.now_ms() + 1_000).await.expect("scheduled");
     let early = engine.reserve(request("o3", "bob", &[("a", 1)])).await;
     assert!(matches!(early, Err(OrderError::Line { error: SkuError::NotOpen { .. }, .. })));
@@ -177,8 +185,12 @@ async fn admin_errors_are_typed_and_change_nothing() {
 /// admitted and the rest are told `Busy`, without any change to stock.
 #[tokio::test(flavor = "current_thread")]
 async fn admission_answers_busy_beyond_the_bound() {
-    let config =
-        EngineConfig { in_flight_per_sku_max: 4, in_flight_per_partition_max: 4, batch_max: 4, ..EngineConfig::default() };
+    let config = EngineConfig {
+        in_flight_per_sku_max: 4,
+        in_flight_per_partition_max: 4,
+        batch_max: 4,
+        ..EngineConfig::default()
+    };
     let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
     engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).expect("created");
     // Start the actor first so that admission is the only thing that waits.
@@ -221,7 +233,8 @@ async fn holds_expire_without_anyone_asking() {
     engine.reserve(order_request).await.expect("held");
     assert_eq!(engine.availability(&sku("a")).await, Ok(stock(0, 3, 0)));
     // Only the actor's own timer can bring the units back.
-    let back = eventually(Duration::from_secs(5), async || engine.availability(&sku("a")).await == Ok(stock(3, 0, 0))).await;
+    let back =
+        eventually(Duration::from_secs(5), async || engine.availability(&sku("a")).await == Ok(stock(3, 0, 0))).await;
     assert!(back, "hold did not expire: {:?}", engine.availability(&sku("a")).await);
 }
 
@@ -267,7 +280,9 @@ async fn stampede_never_oversells() {
     let (engine, _clock) = manual_engine();
     engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).expect("created");
     for cold in 0..4 {
-        engine.create_sku(sku(&format!("cold-{cold}")), SkuSettings { initial_units: 1_000, ..SkuSettings::default() }).expect("created");
+        engine
+            .create_sku(sku(&format!("cold-{cold}")), SkuSettings { initial_units: 1_000, ..SkuSettings::default() })
+            .expect("created");
     }
     let tasks: Vec<_> = (0..BUYERS)
         .map(|buyer| {
@@ -313,7 +328,10 @@ async fn commit_fewer_refuses_skus_outside_the_order_without_change() {
         engine.create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
     }
     engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
-    assert_eq!(engine.commit_fewer(&order("o1"), &[(sku("b"), 1)]).await, Err(OrderError::NotInOrder { sku: sku("b") }));
+    assert_eq!(
+        engine.commit_fewer(&order("o1"), &[(sku("b"), 1)]).await,
+        Err(OrderError::NotInOrder { sku: sku("b") })
+    );
     assert_eq!(
         engine.commit_fewer(&order("o1"), &[(sku("a"), 1), (sku("a"), 1)]).await,
         Err(OrderError::NotInOrder { sku: sku("a") })
@@ -353,7 +371,9 @@ async fn mixed_orders_with_expiry_keep_the_books() {
     const SKUS: u64 = 6;
     let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
     for index in 0..SKUS {
-        engine.create_sku(sku(&format!("s{index}")), SkuSettings { initial_units: 40, ..SkuSettings::default() }).expect("created");
+        engine
+            .create_sku(sku(&format!("s{index}")), SkuSettings { initial_units: 40, ..SkuSettings::default() })
+            .expect("created");
     }
     let tasks: Vec<_> = (0..BUYERS)
         .map(|buyer| {
@@ -361,11 +381,14 @@ async fn mixed_orders_with_expiry_keep_the_books() {
             tokio::spawn(async move {
                 let first = format!("s{}", buyer % SKUS);
                 let second = format!("s{}", (buyer * 7 + 3) % SKUS);
-                let mut order_request = request(&format!("o{buyer}"), &format!("b{buyer}"), &[(&first, 1), (&second, 2)]);
+                let mut order_request =
+                    request(&format!("o{buyer}"), &format!("b{buyer}"), &[(&first, 1), (&second, 2)]);
                 order_request.ttl_ms = 30 + buyer % 40;
                 let held = match engine.reserve(order_request).await {
                     Ok(reservation) => reservation,
-                    Err(OrderError::Line { error: SkuError::SoldOut { .. }, .. } | OrderError::Busy { .. }) => return 0,
+                    Err(OrderError::Line { error: SkuError::SoldOut { .. }, .. } | OrderError::Busy { .. }) => {
+                        return 0
+                    }
                     Err(other) => panic!("unexpected {other:?}"),
                 };
                 match buyer % 3 {

@@ -3,8 +3,10 @@
 //! obviously-correct reference model. Every answer and every count must
 //! agree, and the conservation law must hold after every step.
 
-use flashstock_engine::{BuyerId, Limits, OrderId, Quantity, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot};
 use flashstock_engine::sku::ReserveLine;
+use flashstock_engine::{
+    BuyerId, Limits, OrderId, Quantity, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot,
+};
 use proptest::prelude::*;
 
 const LINE_UNITS_MAX: u32 = 5;
@@ -180,7 +182,9 @@ impl Model {
                     return Err(SkuError::InvalidQuantity { detail: "`min` is larger than `max`" });
                 }
                 if max > LINE_UNITS_MAX {
-                    return Err(SkuError::InvalidQuantity { detail: "more units than line_units_max allows on one line" });
+                    return Err(SkuError::InvalidQuantity {
+                        detail: "more units than line_units_max allows on one line",
+                    });
                 }
                 if !(TTL_MS_MIN..=TTL_MS_MAX).contains(&ttl_ms) {
                     return Err(SkuError::InvalidTtl { ttl_ms, ttl_ms_min: TTL_MS_MIN, ttl_ms_max: TTL_MS_MAX });
@@ -189,7 +193,11 @@ impl Model {
                     if (hold.buyer, hold.quantity, hold.ttl_ms) != (buyer, quantity, ttl_ms) {
                         return Err(SkuError::IdempotencyConflict);
                     }
-                    return Ok(SkuOutcome::Reserved { units: hold.units, expires_at_ms: hold.expires_at_ms, replayed: true });
+                    return Ok(SkuOutcome::Reserved {
+                        units: hold.units,
+                        expires_at_ms: hold.expires_at_ms,
+                        replayed: true,
+                    });
                 }
                 if clock < self.opens_at_ms {
                     return Err(SkuError::NotOpen { opens_at_ms: self.opens_at_ms });
@@ -200,7 +208,10 @@ impl Model {
                 let taken = self.buyer_taken(buyer);
                 let allowance = self.buyer_limit.map_or(u32::MAX, |limit| limit.saturating_sub(taken));
                 if allowance < min {
-                    return Err(SkuError::LimitExceeded { units_per_buyer_max: self.buyer_limit.unwrap_or(u32::MAX), units_taken: taken });
+                    return Err(SkuError::LimitExceeded {
+                        units_per_buyer_max: self.buyer_limit.unwrap_or(u32::MAX),
+                        units_taken: taken,
+                    });
                 }
                 let available = u32::try_from(self.available()).unwrap_or(u32::MAX);
                 let units = max.min(allowance).min(available);
@@ -217,7 +228,9 @@ impl Model {
                     Fate::Live => {
                         let units = requested.unwrap_or(hold.units);
                         if units == 0 || units > hold.units {
-                            return Err(SkuError::InvalidQuantity { detail: "a commit must sell between 1 and the held units" });
+                            return Err(SkuError::InvalidQuantity {
+                                detail: "a commit must sell between 1 and the held units",
+                            });
                         }
                         hold.fate = Fate::Committed { units, requested };
                         Ok(SkuOutcome::Committed { units, replayed: false })
@@ -247,7 +260,9 @@ impl Model {
                     let hold = self.holds.remove(index);
                     Ok(SkuOutcome::Aborted { units: hold.units })
                 }
-                Some(index) if matches!(self.holds[index].fate, Fate::Committed { .. }) => Err(SkuError::AlreadyCommitted),
+                Some(index) if matches!(self.holds[index].fate, Fate::Committed { .. }) => {
+                    Err(SkuError::AlreadyCommitted)
+                }
                 _ => Ok(SkuOutcome::Aborted { units: 0 }),
             },
             Step::Expire => Ok(SkuOutcome::Expired { holds: expired }),

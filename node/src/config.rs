@@ -156,7 +156,11 @@ impl ClusterFile {
         }
         let section = if Limits::validate(&config.limits).is_err() { "limits" } else { "engine" };
         config.validate().map_err(|error| {
-            let key = if error.field == "partition_count" { "cluster.partitions".to_owned() } else { format!("{section}.{}", error.field) };
+            let key = if error.field == "partition_count" {
+                "cluster.partitions".to_owned()
+            } else {
+                format!("{section}.{}", error.field)
+            };
             anyhow::anyhow!("`{key}`: {}", error.reason)
         })?;
         Ok(config)
@@ -226,8 +230,9 @@ mod tests {
     fn contradictions_name_the_key() {
         let error = parse("[cluster]\nname = \"x\"\npartitions = 0\n").expect_err("no partitions");
         assert!(format!("{error:#}").contains("cluster.partitions"), "{error:#}");
-        let error = parse("[cluster]\nname = \"x\"\npartitions = 4\n[limits]\nhold_ttl_ms_min = 10\nhold_ttl_ms_max = 5\n")
-            .expect_err("inverted ttl bounds");
+        let error =
+            parse("[cluster]\nname = \"x\"\npartitions = 4\n[limits]\nhold_ttl_ms_min = 10\nhold_ttl_ms_max = 5\n")
+                .expect_err("inverted ttl bounds");
         assert!(format!("{error:#}").contains("limits.hold_ttl_ms_max"), "{error:#}");
     }
 }

@@ -52,7 +52,12 @@ fn main() -> anyhow::Result<()> {
     match Arguments::parse().command {
         Command::CheckConfig { config } => {
             let file = config::ClusterFile::load(&config)?;
-            println!("{}: valid (cluster `{}`, {} partitions)", config.display(), file.cluster.name, file.cluster.partitions);
+            println!(
+                "{}: valid (cluster `{}`, {} partitions)",
+                config.display(),
+                file.cluster.name,
+                file.cluster.partitions
+            );
             Ok(())
         }
         Command::FlashSale { config, buyers } => {

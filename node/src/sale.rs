@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use flashstock_engine::{BuyerId, Engine, Line, OrderError, OrderId, OrderRequest, Quantity, SkuError, SkuId, SkuSettings, StockSnapshot};
+use flashstock_engine::{
+    BuyerId, Engine, Line, OrderError, OrderId, OrderRequest, Quantity, SkuError, SkuId, SkuSettings, StockSnapshot,
+};
 
 use crate::config::SaleSection;
 
@@ -123,7 +125,10 @@ impl Sale {
         let mut lines = Vec::with_capacity(2);
         let units = 1 + choices.below(u64::from(self.sale.units_per_buyer_max)) as u32;
         if choices.below(100) < u64::from(self.sale.hot_demand_percent) {
-            lines.push(Line { sku: hot_sku(choices.below(u64::from(self.sale.hot_skus))), quantity: Quantity::Exactly(units) });
+            lines.push(Line {
+                sku: hot_sku(choices.below(u64::from(self.sale.hot_skus))),
+                quantity: Quantity::Exactly(units),
+            });
         } else {
             lines.push(Line { sku: cold_sku(self.zipf.sample(&mut choices)), quantity: Quantity::Exactly(units) });
         }
@@ -134,7 +139,8 @@ impl Sale {
         OrderRequest {
             order: OrderId::new(format!("order-{buyer}")).expect("generated ids are valid"),
             // Some buyers come back for a second order, so per-buyer limits bite.
-            buyer: BuyerId::new(format!("buyer-{}", buyer % (self.sale.buyers * 3 / 4).max(1))).expect("generated ids are valid"),
+            buyer: BuyerId::new(format!("buyer-{}", buyer % (self.sale.buyers * 3 / 4).max(1)))
+                .expect("generated ids are valid"),
             lines,
             ttl_ms: self.sale.hold_ttl_ms,
         }
@@ -231,7 +237,13 @@ pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Resul
     }
     println!(
         "flash sale `{name}`: {} buyers, {} in flight, {} hot SKUs x {} units, {} cold SKUs x {} units (Zipf {})",
-        sale.buyers, sale.concurrency, sale.hot_skus, sale.hot_units, sale.cold_skus, sale.cold_units, sale.zipf_exponent
+        sale.buyers,
+        sale.concurrency,
+        sale.hot_skus,
+        sale.hot_units,
+        sale.cold_skus,
+        sale.cold_units,
+        sale.zipf_exponent
     );
 
     let shared = Arc::new(Sale {
@@ -268,7 +280,9 @@ pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Resul
     tally.refused_latencies_us.sort_unstable();
     let seconds = elapsed.as_secs_f64();
     println!("  {:.2} s: {:.0} buyers/s served", seconds, sale.buyers as f64 / seconds);
-    for (kind, latencies) in [("holds placed", &tally.held_latencies_us), ("refused (sold out, limit)", &tally.refused_latencies_us)] {
+    for (kind, latencies) in
+        [("holds placed", &tally.held_latencies_us), ("refused (sold out, limit)", &tally.refused_latencies_us)]
+    {
         println!(
             "  reserve latency, {kind}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} answers)",
             percentile_ms(latencies, 0.50),
@@ -291,9 +305,14 @@ pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Resul
         ensure!(stock.total() == *units, "{sku}: counts {stock:?} do not add up to the {units} units created");
         ensure!(stock.sold <= *units, "{sku}: oversold: {} sold of {units}", stock.sold);
     }
-    ensure!(sold == tally.units_committed, "units sold ({sold}) differ from units buyers committed ({})", tally.units_committed);
+    ensure!(
+        sold == tally.units_committed,
+        "units sold ({sold}) differ from units buyers committed ({})",
+        tally.units_committed
+    );
     ensure!(held == 0, "{held} units still held {} s after the last hold should have expired", expiry_wait.as_secs());
-    let sold_out_skus = books.iter().filter(|(_, _, stock): &&(SkuId, u64, StockSnapshot)| stock.available == 0).count();
+    let sold_out_skus =
+        books.iter().filter(|(_, _, stock): &&(SkuId, u64, StockSnapshot)| stock.available == 0).count();
     println!(
         "  books balance: {sold} units sold = {} units committed by buyers; no SKU oversold; every abandoned hold expired; {sold_out_skus} SKUs sold out",
         tally.units_committed

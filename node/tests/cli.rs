@@ -49,7 +49,12 @@ fn a_small_flash_sale_balances_its_books() {
     let config = write_config("sale", SMALL_SALE);
     let output = Command::new(node_binary()).args(["flash-sale", "--config"]).arg(&config).output().expect("node runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("books balance"), "{stdout}");
     assert!(stdout.contains("hot-0: "), "{stdout}");
 }
@@ -57,7 +62,8 @@ fn a_small_flash_sale_balances_its_books() {
 #[test]
 fn a_misspelt_limit_is_refused_by_name() {
     let config = write_config("typo", &SMALL_SALE.replace("hold_ttl_ms_min", "hold_ttl_min_ms"));
-    let output = Command::new(node_binary()).args(["check-config", "--config"]).arg(&config).output().expect("node runs");
+    let output =
+        Command::new(node_binary()).args(["check-config", "--config"]).arg(&config).output().expect("node runs");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("hold_ttl_min_ms"), "{stderr}");

@@ -31,12 +31,7 @@ impl AdmissionGate {
             if current >= self.limit {
                 return false;
             }
-            match self.in_flight.compare_exchange(
-                current,
-                current + 1,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
+            match self.in_flight.compare_exchange(current, current + 1, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(actual) => current = actual,
             }

@@ -148,10 +148,8 @@ mod tests {
 
     #[test]
     fn concurrent_reads_never_see_a_torn_snapshot() {
-        let cell = std::sync::Arc::new(StockSnapshotCell::new(SnapshotReading {
-            next_expiry_ms: 0,
-            ..reading(1000, 0, 0)
-        }));
+        let cell =
+            std::sync::Arc::new(StockSnapshotCell::new(SnapshotReading { next_expiry_ms: 0, ..reading(1000, 0, 0) }));
         let writer = {
             let cell = cell.clone();
             std::thread::spawn(move || {

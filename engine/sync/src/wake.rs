@@ -92,10 +92,7 @@ impl<T> WakeQueue<T> {
             return self.announced() > 0;
         }
         let previous = self.word.fetch_sub(taken, Ordering::AcqRel);
-        assert!(
-            previous & PARKED == 0 && previous >= taken,
-            "finish_batch by a consumer that does not own the queue"
-        );
+        assert!(previous & PARKED == 0 && previous >= taken, "finish_batch by a consumer that does not own the queue");
         previous - taken > 0
     }
 

@@ -54,14 +54,9 @@ fn admission_gate_never_over_admits() {
 #[test]
 fn snapshot_is_whole_and_never_older_than_an_acknowledged_publish() {
     model(|| {
-        let sold_out = SnapshotReading {
-            stock: StockSnapshot { available: 0, held: 2, sold: 0 },
-            next_expiry_ms: 50,
-        };
-        let released = SnapshotReading {
-            stock: StockSnapshot { available: 2, held: 0, sold: 0 },
-            next_expiry_ms: u64::MAX,
-        };
+        let sold_out = SnapshotReading { stock: StockSnapshot { available: 0, held: 2, sold: 0 }, next_expiry_ms: 50 };
+        let released =
+            SnapshotReading { stock: StockSnapshot { available: 2, held: 0, sold: 0 }, next_expiry_ms: u64::MAX };
         let cell = Arc::new(StockSnapshotCell::new(sold_out));
         let release_acknowledged = Arc::new(AtomicBool::new(false));
 
