@@ -409,9 +409,7 @@ impl SkuState {
                         detail: "a commit must sell between 1 and the held units",
                     });
                 }
-                let hold = self.end_hold(order, Ending::Committed { units, requested });
-                self.sold += u64::from(units);
-                self.give_back(&hold.line.buyer, hold.units - units);
+                self.end_hold(order, Ending::Committed { units, requested }, units);
                 Ok(SkuOutcome::Committed { units, replayed: false })
             }
             Some(Ending::Committed { units, requested: first }) => {
@@ -430,9 +428,8 @@ impl SkuState {
         let record = self.reservations.get(order).ok_or(SkuError::UnknownReservation)?;
         match record.ending {
             None => {
-                let hold = self.end_hold(order, Ending::Released);
-                self.give_back(&hold.line.buyer, hold.units);
-                Ok(SkuOutcome::Released { units: hold.units, replayed: false })
+                let units = self.end_hold(order, Ending::Released, 0);
+                Ok(SkuOutcome::Released { units, replayed: false })
             }
             Some(Ending::Released) => Ok(SkuOutcome::Released { units: record.hold.units, replayed: true }),
             Some(Ending::Committed { .. }) => Err(SkuError::AlreadyCommitted),
@@ -446,7 +443,8 @@ impl SkuState {
                 let Record { hold, .. } = self.reservations.remove(order).expect("just found");
                 self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
                 self.held -= u64::from(hold.units);
-                self.give_back(&hold.line.buyer, hold.units);
+                self.available += u64::from(hold.units);
+                uncount_buyer(&mut self.buyer_units, &hold.line.buyer, hold.units);
                 Ok(SkuOutcome::Aborted { units: hold.units })
             }
             Some(Some(Ending::Committed { .. })) => Err(SkuError::AlreadyCommitted),
@@ -455,33 +453,24 @@ impl SkuState {
         }
     }
 
-    /// Ends a live hold, records how, and takes its units out of `held`.
-    /// The caller decides where the units go.
-    fn end_hold(&mut self, order: &OrderId, ending: Ending) -> Hold {
+    /// Ends a live hold and records how: `units_sold` of its units become
+    /// sold, the rest go back to stock and to the buyer's allowance. Returns
+    /// the units the hold had.
+    fn end_hold(&mut self, order: &OrderId, ending: Ending, units_sold: u32) -> u32 {
         let record = self.reservations.get_mut(order).expect("end_hold of an unknown reservation");
         assert!(record.ending.is_none(), "a reservation ended twice");
         record.ending = Some(ending);
-        let hold = record.hold.clone();
-        let removed = self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
-        assert!(removed.is_some(), "live hold missing from the expiry index");
+        let hold = &record.hold;
+        assert!(units_sold <= hold.units, "sold more than was held");
+        let indexed = self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
+        let indexed = indexed.expect("live hold missing from the expiry index");
+        let returned = hold.units - units_sold;
         self.held -= u64::from(hold.units);
-        self.finished_queue.push_back((self.clock_ms, order.clone()));
-        hold
-    }
-
-    /// Returns `units` of a buyer's ended hold to stock and to the buyer's
-    /// allowance.
-    fn give_back(&mut self, buyer: &BuyerId, units: u32) {
-        self.available += u64::from(units);
-        let remaining = {
-            let taken = self.buyer_units.get_mut(buyer).expect("a holding buyer is counted");
-            assert!(*taken >= units, "buyer count below their held units");
-            *taken -= units;
-            *taken
-        };
-        if remaining == 0 {
-            self.buyer_units.remove(buyer);
-        }
+        self.sold += u64::from(units_sold);
+        self.available += u64::from(returned);
+        uncount_buyer(&mut self.buyer_units, &hold.line.buyer, returned);
+        self.finished_queue.push_back((self.clock_ms, indexed));
+        hold.units
     }
 
     /// Ends every hold whose expiry has come; returns how many.
@@ -492,8 +481,7 @@ impl SkuState {
                 break;
             }
             let order = order.clone();
-            let hold = self.end_hold(&order, Ending::Expired);
-            self.give_back(&hold.line.buyer, hold.units);
+            self.end_hold(&order, Ending::Expired, 0);
             count += 1;
         }
         count
@@ -530,6 +518,17 @@ impl SkuState {
             let by_buyer: u64 = self.buyer_units.values().map(|&units| u64::from(units)).sum();
             assert!(by_buyer >= held, "buyer counts lost a hold");
         }
+    }
+}
+
+/// Takes `units` off a buyer's count (held plus sold), dropping the entry at
+/// zero so that the map only holds buyers with units.
+fn uncount_buyer(buyer_units: &mut FastMap<BuyerId, u32>, buyer: &BuyerId, units: u32) {
+    let taken = buyer_units.get_mut(buyer).expect("a holding buyer is counted");
+    assert!(*taken >= units, "buyer count below their held units");
+    *taken -= units;
+    if *taken == 0 {
+        buyer_units.remove(buyer);
     }
 }
 
