@@ -13,6 +13,7 @@
 //! - [`order`]: multi-line orders: validation and merging of lines (pure).
 //! - [`partition`]: the stable SKU -> partition hash.
 //! - [`clock`]: where the shell gets `now` from (system or manual clock).
+//! - [`log`]: the partition log (framing, recovery scan, storage; in progress).
 //! - [`actor`]: the ractor actor that owns one SKU's state, drains its queue
 //!   in batches, expires holds on a timer and passivates when idle.
 //! - [`runtime`]: [`Engine`], the in-process entry point: routing to SKU
@@ -25,6 +26,7 @@ pub mod actor;
 pub mod clock;
 pub mod ids;
 pub mod limits;
+pub mod log;
 pub mod order;
 pub mod partition;
 pub mod runtime;

@@ -1,0 +1,18 @@
+//! The partition log: how commands become durable (being built, issue 3).
+//!
+//! Layers, bottom up:
+//! - [`frame`]: the on-disk record framing (magic, version, length,
+//!   sequence, CRC32C) and the recovery scan that tells a torn tail, which
+//!   is cut, from corruption in the middle, which stops the node. Pure: it
+//!   works on byte slices.
+//! - [`storage`]: the file operations the log needs, behind a trait, with
+//!   the real file system and an in-memory one that injects the faults the
+//!   tests need (torn writes, lost unsynced data, fsync errors, a full disk,
+//!   flipped bits).
+//!
+//! Still to come: the engine's record type, the group-commit writer and its
+//! durable watermark, snapshots and segment rotation, and recovery wired
+//! into the actors.
+
+pub mod frame;
+pub mod storage;

@@ -1,0 +1,379 @@
+//! The file operations the log needs, and a disk that misbehaves on demand.
+//!
+//! [`FileStorage`] is the real file system. [`MemoryStorage`] keeps files in
+//! memory and models what a crash does to them: only bytes covered by a
+//! successful `sync_data` survive, a name survives only once its directory
+//! was synced, and a test may keep a torn part of the unsynced bytes, make a
+//! sync fail, make the disk full, or flip a bit in data already on "disk".
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// A file opened for appending.
+pub trait AppendFile: Send + fmt::Debug {
+    /// Appends all of `bytes` (or fails, possibly after writing some).
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything appended so far durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+/// What the log asks of a file system.
+pub trait Storage: Send + Sync + fmt::Debug {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// The files directly in `dir`, sorted by name.
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Opens `path` for appending, creating it if missing.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
+    /// Cuts `path` to `length` bytes and makes the cut durable.
+    fn truncate(&self, path: &Path, length: u64) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes the names in `dir` (creations, renames, removals) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FileStorage;
+
+#[derive(Debug)]
+struct RealFile(std::fs::File);
+
+impl AppendFile for RealFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes)
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Storage for FileStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Box::new(RealFile(file)))
+    }
+
+    fn truncate(&self, path: &Path, length: u64) -> io::Result<()> {
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.set_len(length)?;
+        file.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// What a simulated crash does to bytes that were written but not synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsyncedFate {
+    /// All of them are lost.
+    Lost,
+    /// The first `bytes` of them reached the disk (a torn write).
+    TornAfter { bytes: usize },
+}
+
+#[derive(Debug, Default)]
+struct MemoryFile {
+    synced: Vec<u8>,
+    unsynced: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryDisk {
+    /// Names as the running process sees them.
+    names: BTreeMap<PathBuf, u64>,
+    /// Names as they would be after a crash.
+    durable_names: BTreeMap<PathBuf, u64>,
+    files: HashMap<u64, MemoryFile>,
+    next_file: u64,
+    /// Syncs left before every further sync fails, if set.
+    syncs_before_failure: Option<usize>,
+    /// Bytes the disk holds in total, if bounded.
+    capacity_bytes: Option<usize>,
+}
+
+impl MemoryDisk {
+    fn used_bytes(&self) -> usize {
+        self.files.values().map(|file| file.synced.len() + file.unsynced.len()).sum()
+    }
+
+    fn file_id(&self, path: &Path) -> io::Result<u64> {
+        self.names.get(path).copied().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.display().to_string()))
+    }
+
+    fn sync_file(&mut self, id: u64) -> io::Result<()> {
+        if let Some(left) = self.syncs_before_failure.as_mut() {
+            if *left == 0 {
+                return Err(io::Error::other("injected fsync failure"));
+            }
+            *left -= 1;
+        }
+        let file = self.files.get_mut(&id).expect("open files exist");
+        let unsynced = std::mem::take(&mut file.unsynced);
+        file.synced.extend_from_slice(&unsynced);
+        Ok(())
+    }
+}
+
+/// An in-memory disk with fault injection, shared by clones.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStorage {
+    disk: Arc<Mutex<MemoryDisk>>,
+}
+
+impl MemoryStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn disk(&self) -> MutexGuard<'_, MemoryDisk> {
+        self.disk.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// From now on, the sync after `successful_syncs` more fails, and every
+    /// one after it.
+    pub fn fail_syncs_after(&self, successful_syncs: usize) {
+        self.disk().syncs_before_failure = Some(successful_syncs);
+    }
+
+    /// Bounds the disk to `bytes` in total; appends beyond fail (after
+    /// writing what fits, as a real disk does).
+    pub fn set_capacity_bytes(&self, bytes: usize) {
+        self.disk().capacity_bytes = Some(bytes);
+    }
+
+    /// Flips one bit of data already synced to `path`.
+    pub fn flip_bit(&self, path: &Path, offset: usize, bit: u8) -> io::Result<()> {
+        let mut disk = self.disk();
+        let id = disk.file_id(path)?;
+        let file = disk.files.get_mut(&id).expect("named files exist");
+        let byte = file.synced.get_mut(offset).ok_or_else(|| io::Error::other("offset past the synced data"))?;
+        *byte ^= 1 << (bit % 8);
+        Ok(())
+    }
+
+    /// Simulates power loss: names and bytes that were not synced are lost,
+    /// except that every file keeps the torn part `fate` says. Faults are
+    /// cleared (the machine restarts with a working disk).
+    pub fn crash(&self, fate: UnsyncedFate) {
+        let mut disk = self.disk();
+        disk.names = disk.durable_names.clone();
+        let live: std::collections::HashSet<u64> = disk.names.values().copied().collect();
+        disk.files.retain(|id, _| live.contains(id));
+        for file in disk.files.values_mut() {
+            let unsynced = std::mem::take(&mut file.unsynced);
+            if let UnsyncedFate::TornAfter { bytes } = fate {
+                file.synced.extend_from_slice(&unsynced[..bytes.min(unsynced.len())]);
+            }
+        }
+        disk.syncs_before_failure = None;
+        disk.capacity_bytes = None;
+    }
+}
+
+#[derive(Debug)]
+struct MemoryAppendFile {
+    disk: Arc<Mutex<MemoryDisk>>,
+    id: u64,
+}
+
+impl AppendFile for MemoryAppendFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut disk = self.disk.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = disk.capacity_bytes.map_or(usize::MAX, |capacity| capacity.saturating_sub(disk.used_bytes()));
+        let written = bytes.len().min(room);
+        disk.files.get_mut(&self.id).expect("open files exist").unsynced.extend_from_slice(&bytes[..written]);
+        if written < bytes.len() {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "injected full disk"));
+        }
+        Ok(())
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.disk.lock().unwrap_or_else(PoisonError::into_inner).sync_file(self.id)
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        Ok(self.disk().names.keys().filter(|path| path.parent() == Some(dir)).cloned().collect())
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let disk = self.disk();
+        let file = &disk.files[&disk.file_id(path)?];
+        Ok([file.synced.as_slice(), file.unsynced.as_slice()].concat())
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let mut disk = self.disk();
+        let id = match disk.names.get(path) {
+            Some(&id) => id,
+            None => {
+                let id = disk.next_file;
+                disk.next_file += 1;
+                disk.files.insert(id, MemoryFile::default());
+                disk.names.insert(path.to_path_buf(), id);
+                id
+            }
+        };
+        Ok(Box::new(MemoryAppendFile { disk: self.disk.clone(), id }))
+    }
+
+    fn truncate(&self, path: &Path, length: u64) -> io::Result<()> {
+        let mut disk = self.disk();
+        let id = disk.file_id(path)?;
+        disk.sync_file(id)?;
+        let file = disk.files.get_mut(&id).expect("named files exist");
+        file.synced.truncate(usize::try_from(length).unwrap_or(usize::MAX));
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut disk = self.disk();
+        let id = disk.file_id(from)?;
+        disk.names.remove(from);
+        disk.names.insert(to.to_path_buf(), id);
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut disk = self.disk();
+        disk.file_id(path)?;
+        disk.names.remove(path);
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut disk = self.disk();
+        let in_dir = |path: &Path| path.parent() == Some(dir);
+        disk.durable_names.retain(|path, _| !in_dir(path));
+        let current: Vec<(PathBuf, u64)> =
+            disk.names.iter().filter(|(path, _)| in_dir(path)).map(|(path, &id)| (path.clone(), id)).collect();
+        disk.durable_names.extend(current);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(name: &str) -> PathBuf {
+        Path::new("/data").join(name)
+    }
+
+    #[test]
+    fn a_crash_keeps_only_synced_bytes_and_synced_names() {
+        let storage = MemoryStorage::new();
+        let mut file = storage.open_append(&path("a.log")).expect("open");
+        file.append(b"durable").expect("append");
+        file.sync_data().expect("sync");
+        storage.sync_dir(Path::new("/data")).expect("sync dir");
+        file.append(b"-lost").expect("append");
+        let mut unnamed = storage.open_append(&path("b.log")).expect("open");
+        unnamed.append(b"x").expect("append");
+        unnamed.sync_data().expect("sync");
+
+        storage.crash(UnsyncedFate::Lost);
+        assert_eq!(storage.read(&path("a.log")).expect("read"), b"durable");
+        assert_eq!(
+            storage.list(Path::new("/data")).expect("list"),
+            vec![path("a.log")],
+            "b.log was never named durably"
+        );
+    }
+
+    #[test]
+    fn a_torn_write_keeps_a_prefix_of_the_unsynced_bytes() {
+        let storage = MemoryStorage::new();
+        let mut file = storage.open_append(&path("a.log")).expect("open");
+        storage.sync_dir(Path::new("/data")).expect("sync dir");
+        file.append(b"abcdef").expect("append");
+        storage.crash(UnsyncedFate::TornAfter { bytes: 2 });
+        assert_eq!(storage.read(&path("a.log")).expect("read"), b"ab");
+    }
+
+    #[test]
+    fn injected_faults_surface_as_errors() {
+        let storage = MemoryStorage::new();
+        let mut file = storage.open_append(&path("a.log")).expect("open");
+        storage.fail_syncs_after(1);
+        file.sync_data().expect("first sync works");
+        assert!(file.sync_data().is_err(), "second sync fails");
+        storage.set_capacity_bytes(4);
+        let full = file.append(b"123456").expect_err("disk full");
+        assert_eq!(full.kind(), io::ErrorKind::StorageFull);
+        assert_eq!(storage.read(&path("a.log")).expect("read"), b"1234", "what fits is written");
+    }
+
+    #[test]
+    fn flipped_bits_and_renames_behave_like_a_disk() {
+        let storage = MemoryStorage::new();
+        let mut file = storage.open_append(&path("tmp")).expect("open");
+        file.append(&[0u8; 4]).expect("append");
+        file.sync_data().expect("sync");
+        storage.rename(&path("tmp"), &path("snapshot")).expect("rename");
+        storage.sync_dir(Path::new("/data")).expect("sync dir");
+        storage.flip_bit(&path("snapshot"), 2, 3).expect("flip");
+        storage.crash(UnsyncedFate::Lost);
+        assert_eq!(storage.read(&path("snapshot")).expect("read"), vec![0, 0, 8, 0]);
+        assert!(storage.read(&path("tmp")).is_err());
+    }
+
+    #[test]
+    fn the_real_file_system_round_trips() {
+        let dir = std::env::temp_dir().join(format!("flashstock-storage-{}", std::process::id()));
+        let storage = FileStorage;
+        storage.create_dir_all(&dir).expect("dir");
+        let target = dir.join("a.log");
+        let mut file = storage.open_append(&target).expect("open");
+        file.append(b"hello world").expect("append");
+        file.sync_data().expect("sync");
+        storage.truncate(&target, 5).expect("truncate");
+        storage.sync_dir(&dir).expect("sync dir");
+        assert_eq!(storage.read(&target).expect("read"), b"hello");
+        assert_eq!(storage.list(&dir).expect("list"), vec![target.clone()]);
+        storage.remove(&target).expect("remove");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
