@@ -5,14 +5,17 @@
 //!   sequence, CRC32C) and the recovery scan that tells a torn tail, which
 //!   is cut, from corruption in the middle, which stops the node. Pure: it
 //!   works on byte slices.
+//! - [`record`]: the engine's log record, its only serialized form
+//!   (MessagePack of explicit mirror types, validated on decode).
 //! - [`storage`]: the file operations the log needs, behind a trait, with
 //!   the real file system and an in-memory one that injects the faults the
 //!   tests need (torn writes, lost unsynced data, fsync errors, a full disk,
 //!   flipped bits).
 //!
-//! Still to come: the engine's record type, the group-commit writer and its
+//! Still to come: the group-commit writer and its
 //! durable watermark, snapshots and segment rotation, and recovery wired
 //! into the actors.
 
 pub mod frame;
+pub mod record;
 pub mod storage;
