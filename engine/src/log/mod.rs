@@ -7,15 +7,20 @@
 //!   works on byte slices.
 //! - [`record`]: the engine's log record, its only serialized form
 //!   (MessagePack of explicit mirror types, validated on decode).
+//! - [`segments`]: [`segments::PartitionLog`], one partition's numbered
+//!   segment files: batched appends made durable by one write and one
+//!   `fdatasync`, rotation at a size, recovery on open, poisoning on the
+//!   first write or sync error.
 //! - [`storage`]: the file operations the log needs, behind a trait, with
 //!   the real file system and an in-memory one that injects the faults the
 //!   tests need (torn writes, lost unsynced data, fsync errors, a full disk,
 //!   flipped bits).
 //!
-//! Still to come: the group-commit writer and its
-//! durable watermark, snapshots and segment rotation, and recovery wired
-//! into the actors.
+//! Still to come: the group-commit writer thread and its durable watermark,
+//! snapshots (and dropping the segments they cover), and the actors
+//! answering only once their records are durable.
 
 pub mod frame;
 pub mod record;
+pub mod segments;
 pub mod storage;
