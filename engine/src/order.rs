@@ -78,6 +78,8 @@ pub enum OrderError {
     UnknownReservation,
     #[error("SKU {sku} is not a line of this order, or is named twice")]
     NotInOrder { sku: SkuId },
+    #[error("cannot commit {units} units of SKU {sku}: the hold has {held}")]
+    InvalidUnits { sku: SkuId, units: u32, held: u32 },
     #[error("the reservation expired at {expired_at_ms} ms")]
     Expired { expired_at_ms: u64 },
     #[error("the reservation is already committed")]

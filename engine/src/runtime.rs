@@ -476,8 +476,14 @@ impl Engine {
         let slot = self.slot(sku)?;
         match slot.snapshot.read() {
             Some(reading) => Ok(reading.stock),
-            None => self.admin(sku, SkuCommand::Query).await,
+            None => self.availability_now(sku).await,
         }
+    }
+
+    /// The SKU's counts from its owner, after ending the holds whose time
+    /// has come: exact, at the cost of a trip through the actor.
+    pub async fn availability_now(&self, sku: &SkuId) -> Result<StockSnapshot, EngineError> {
+        self.admin(sku, SkuCommand::Query).await
     }
 
     /// How many SKU actors are running now (the rest are passivated).
@@ -719,13 +725,22 @@ impl Engine {
                     return Err(OrderError::Busy { retry_after_ms: 1 });
                 }
             }
-            if let Settle::Commit { fewer } = how {
-                if let Some((sku, _)) =
-                    fewer.iter().find(|(sku, _)| !record.plan.lines.iter().any(|line| line.sku == *sku))
-                {
-                    return Err(OrderError::NotInOrder { sku: sku.clone() });
+            // Every requested count is checked against its hold before any
+            // line is touched: one line refusing while the others sell would
+            // split the order.
+            if let (Settle::Commit { fewer }, Some(reservation)) = (how, record.reservation.as_ref()) {
+                for (sku, units) in fewer {
+                    let held = reservation.lines.iter().find(|line| line.sku == *sku).map(|line| line.units);
+                    match held {
+                        None => return Err(OrderError::NotInOrder { sku: sku.clone() }),
+                        Some(held) if *units == 0 || *units > held => {
+                            return Err(OrderError::InvalidUnits { sku: sku.clone(), units: *units, held });
+                        }
+                        Some(_) => {}
+                    }
                 }
             }
+
             let expires_at_ms = record.reservation.as_ref().expect("a held order has its reservation").expires_at_ms;
             // The decision. A single line is decided by its SKU atomically;
             // several lines must all outlive the time it takes to commit them.

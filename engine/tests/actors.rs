@@ -337,7 +337,7 @@ async fn commit_fewer_refuses_skus_outside_the_order_without_change() {
         Err(OrderError::NotInOrder { sku: sku("a") })
     );
     let over = engine.commit_fewer(&order("o1"), &[(sku("a"), 3)]).await;
-    assert!(matches!(over, Err(OrderError::Line { error: SkuError::InvalidQuantity { .. }, .. })));
+    assert_eq!(over, Err(OrderError::InvalidUnits { sku: sku("a"), units: 3, held: 2 }));
     assert_eq!(engine.availability(&sku("a")).await, Ok(stock(3, 2, 0)), "nothing changed");
     // The refusals left the order held: a correct commit still works.
     let settled = engine.commit_fewer(&order("o1"), &[(sku("a"), 1)]).await.expect("committed");
