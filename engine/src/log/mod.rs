@@ -11,16 +11,21 @@
 //!   segment files: batched appends made durable by one write and one
 //!   `fdatasync`, rotation at a size, recovery on open, poisoning on the
 //!   first write or sync error.
+//! - [`writer`]: [`writer::LogWriter`], the group-commit thread: takes the
+//!   appends of many actors, one write and one `fdatasync` per touched
+//!   partition per round, advances the partition's durable watermark, then
+//!   releases the answers.
 //! - [`storage`]: the file operations the log needs, behind a trait, with
 //!   the real file system and an in-memory one that injects the faults the
 //!   tests need (torn writes, lost unsynced data, fsync errors, a full disk,
 //!   flipped bits).
 //!
-//! Still to come: the group-commit writer thread and its durable watermark,
-//! snapshots (and dropping the segments they cover), and the actors
-//! answering only once their records are durable.
+//! Still to come: snapshots (and dropping the segments they cover), the
+//! order directory's decisions in the log, and the engine opening its logs,
+//! replaying them, and answering only once its records are durable.
 
 pub mod frame;
 pub mod record;
 pub mod segments;
 pub mod storage;
+pub mod writer;

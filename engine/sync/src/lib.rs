@@ -13,6 +13,8 @@
 //! - [`snapshot`]: [`StockSnapshotCell`], a single-writer seqlock with a SKU's
 //!   available / held / sold, read by the edge to answer `SoldOut` without a
 //!   trip to the actor.
+//! - [`watermark`]: [`DurableWatermark`], the highest log sequence number
+//!   known durable; it never moves back.
 //! - [`wake`]: [`WakeQueue`], a multi-producer queue whose consumer is woken
 //!   exactly once per batch of work and can park itself (actor passivation)
 //!   without losing a request.
@@ -21,7 +23,9 @@ pub mod gate;
 pub mod primitives;
 pub mod snapshot;
 pub mod wake;
+pub mod watermark;
 
 pub use gate::AdmissionGate;
 pub use snapshot::{SnapshotReading, StockSnapshot, StockSnapshotCell};
 pub use wake::{Pushed, WakeQueue};
+pub use watermark::DurableWatermark;

@@ -6,7 +6,9 @@
 //! ```
 #![cfg(flashstock_loom)]
 
-use flashstock_sync::{AdmissionGate, Pushed, SnapshotReading, StockSnapshot, StockSnapshotCell, WakeQueue};
+use flashstock_sync::{
+    AdmissionGate, DurableWatermark, Pushed, SnapshotReading, StockSnapshot, StockSnapshotCell, WakeQueue,
+};
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::{mpsc, Arc, Mutex};
 use loom::thread;
@@ -153,5 +155,35 @@ fn wake_queue_never_loses_a_wake_up_or_runs_two_consumers() {
         assert_eq!(consumed, vec![0, 10]);
         let final_state = live_state.or_else(|| *parked_state.lock().expect("lock"));
         assert_eq!(final_state, Some(2), "state counts every item once");
+    });
+}
+
+/// Two flushes race to advance the mark (the later one may publish first);
+/// a reader told that sequence 9 is durable never reads less, and the mark
+/// ends at the highest value whatever the order.
+#[test]
+fn watermark_never_moves_back_and_covers_what_was_acknowledged() {
+    model(|| {
+        let mark = Arc::new(DurableWatermark::new(0));
+        let acknowledged = Arc::new(AtomicBool::new(false));
+        let late = {
+            let mark = mark.clone();
+            thread::spawn(move || mark.advance(5))
+        };
+        let writer = {
+            let (mark, acknowledged) = (mark.clone(), acknowledged.clone());
+            thread::spawn(move || {
+                mark.advance(9);
+                acknowledged.store(true, Ordering::Release);
+            })
+        };
+        let first = mark.durable();
+        if acknowledged.load(Ordering::Acquire) {
+            assert!(mark.durable() >= 9, "an acknowledged sequence is not covered");
+        }
+        assert!(mark.durable() >= first, "the mark moved back");
+        late.join().expect("late writer panicked");
+        writer.join().expect("writer panicked");
+        assert_eq!(mark.durable(), 9);
     });
 }
