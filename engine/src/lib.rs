@@ -18,12 +18,15 @@
 //!   in batches, expires holds on a timer and passivates when idle.
 //! - [`runtime`]: [`Engine`], the in-process entry point: routing to SKU
 //!   actors, admission (`Busy`), the sold-out hint, all-or-nothing orders.
+//! - `directory` (private): the per-partition order directory behind
+//!   order-level idempotency and the commit decision.
 //!
 //! The structures shared between threads without an actor live in the
 //! `flashstock-sync` crate, which is loom-checked on its own.
 
 pub mod actor;
 pub mod clock;
+mod directory;
 pub mod ids;
 pub mod limits;
 pub mod log;

@@ -12,7 +12,6 @@
 //! partition (of the order id) makes reserve, commit and release idempotent
 //! at the order level and records each order's fate once.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 
 use flashstock_sync::{AdmissionGate, Pushed, SnapshotReading, WakeQueue};
@@ -21,6 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::actor::{SkuActor, SkuMessage};
 use crate::clock::Clock;
+use crate::directory::{InterruptedOrder, OrderDirectory, OrderPhase, OrderPlan, OrderRecord};
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
 use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservation, ReservedLine, Settlement};
@@ -213,117 +213,8 @@ impl SkuSlot {
 
 /// Locks a mutex whose holder cannot leave it half-updated (every critical
 /// section here is a few assignments), so poisoning carries no information.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OrderPhase {
-    /// Lines are being held right now.
-    Reserving,
-    Held,
-    /// A commit or release is being applied to the lines.
-    Settling,
-    Committed,
-    Released,
-    Expired,
-}
-
-/// An order's merged lines and their SKUs (resolved once), shared by its
-/// directory record and whichever request is working on it.
-#[derive(Debug)]
-struct OrderPlan {
-    lines: Vec<MergedLine>,
-    slots: Vec<Arc<SkuSlot>>,
-}
-
-#[derive(Debug)]
-struct OrderRecord {
-    /// As first received: a retry must match it exactly.
-    request: OrderRequest,
-    /// Which arrival in `OrderDirectory::arrival` this record belongs to.
-    arrival: u64,
-    plan: Arc<OrderPlan>,
-    phase: OrderPhase,
-    reservation: Option<Reservation>,
-    settlement: Option<Settlement>,
-}
-
-/// Orders of one partition, for idempotency and for the commit decision.
-#[derive(Debug, Default)]
-struct OrderDirectory {
-    records: FastMap<OrderId, OrderRecord>,
-    /// Arrivals with their time and number, oldest first, for forgetting
-    /// the oldest. An order refused and then retried arrives twice; the
-    /// number tells which arrival its record belongs to.
-    arrival: VecDeque<(u64, u64, OrderId)>,
-    next_arrival: u64,
-}
-
-impl OrderDirectory {
-    fn forget_old(&mut self, now_ms: u64, config: &EngineConfig) {
-        while let Some((arrived_ms, arrival, order)) = self.arrival.front() {
-            let too_old = arrived_ms.saturating_add(config.limits.idempotency_window_ms) <= now_ms;
-            let too_many = self.arrival.len() > config.orders_per_partition_max;
-            if !(too_old || too_many) {
-                break;
-            }
-            let record = self.records.get(order).filter(|record| record.arrival == *arrival);
-            if record.is_some_and(|record| matches!(record.phase, OrderPhase::Reserving | OrderPhase::Settling)) {
-                break;
-            }
-            if record.is_some() {
-                self.records.remove(order);
-            }
-            self.arrival.pop_front();
-        }
-    }
-
-    /// Records a new order's arrival; returns its number.
-    fn arrive(&mut self, now_ms: u64, order: &OrderId) -> u64 {
-        let arrival = self.next_arrival;
-        self.next_arrival += 1;
-        self.arrival.push_back((now_ms, arrival, order.clone()));
-        arrival
-    }
-}
-
-/// Restores an order that was mid-way (reserving or settling) when the
-/// future working on it was dropped, so that a retry can finish it: a
-/// reserve is forgotten (its placed holds are found again by the retry, or
-/// expire), a settle goes back to held (settling lines is idempotent).
-#[derive(Debug)]
-struct InterruptedOrder<'a> {
-    directory: &'a Mutex<OrderDirectory>,
-    order: &'a OrderId,
-    arrival: u64,
-    finished: bool,
-}
-
-impl InterruptedOrder<'_> {
-    fn finish(mut self) {
-        self.finished = true;
-    }
-}
-
-impl Drop for InterruptedOrder<'_> {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let mut orders = lock(self.directory);
-        let Some(record) = orders.records.get_mut(self.order).filter(|record| record.arrival == self.arrival) else {
-            return;
-        };
-        match record.phase {
-            OrderPhase::Reserving => {
-                orders.records.remove(self.order);
-            }
-            OrderPhase::Settling => record.phase = OrderPhase::Held,
-            OrderPhase::Held | OrderPhase::Committed | OrderPhase::Released | OrderPhase::Expired => {}
-        }
-        tracing::debug!(order = %self.order, "an order's caller stopped waiting mid-way; a retry will finish it");
-    }
 }
 
 #[derive(Debug)]
@@ -347,7 +238,6 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
-/// What an order line looks like once its SKU was found and admitted.
 /// A line whose command is with its SKU's actor: its position in the order's
 /// plan and the channel its answer arrives on.
 type PendingLine = (usize, oneshot::Receiver<SkuAnswer>);
