@@ -521,6 +521,156 @@ impl SkuState {
     }
 }
 
+/// Everything a SKU knows, in one canonical order: what a snapshot stores.
+/// Two states with the same history have equal images, whatever the
+/// (randomised) layout of their maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkuImage {
+    pub units_added: u64,
+    pub units_removed: u64,
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+    pub units_per_buyer_max: Option<u32>,
+    pub opens_at_ms: u64,
+    pub clock_ms: u64,
+    pub next_hold_number: u64,
+    /// Live and remembered reservations, sorted by order id.
+    pub reservations: Vec<ReservationImage>,
+    /// Ended reservations with when they ended, oldest first.
+    pub finished_queue: Vec<(u64, OrderId)>,
+    /// Units held plus sold per buyer, sorted by buyer.
+    pub buyer_units: Vec<(BuyerId, u32)>,
+}
+
+/// One reservation in a [`SkuImage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationImage {
+    pub line: ReserveLine,
+    pub units: u32,
+    pub expires_at_ms: u64,
+    pub number: u64,
+    pub ending: Option<EndingImage>,
+}
+
+/// How a reservation in a [`SkuImage`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndingImage {
+    Committed { units: u32, requested: Option<u32> },
+    Released,
+    Expired,
+}
+
+/// Why an image cannot be a SKU's state (a damaged or forged snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inconsistent SKU image: {0}")]
+pub struct InvalidImage(pub &'static str);
+
+impl SkuState {
+    /// The state in canonical form.
+    pub fn image(&self) -> SkuImage {
+        let mut reservations: Vec<ReservationImage> = self
+            .reservations
+            .iter()
+            .map(|(_, record)| ReservationImage {
+                line: record.hold.line.clone(),
+                units: record.hold.units,
+                expires_at_ms: record.hold.expires_at_ms,
+                number: record.hold.number,
+                ending: record.ending.map(|ending| match ending {
+                    Ending::Committed { units, requested } => EndingImage::Committed { units, requested },
+                    Ending::Released => EndingImage::Released,
+                    Ending::Expired => EndingImage::Expired,
+                }),
+            })
+            .collect();
+        reservations.sort_by(|a, b| a.line.order.cmp(&b.line.order));
+        let mut buyer_units: Vec<(BuyerId, u32)> =
+            self.buyer_units.iter().map(|(buyer, units)| (buyer.clone(), *units)).collect();
+        buyer_units.sort();
+        SkuImage {
+            units_added: self.units_added,
+            units_removed: self.units_removed,
+            available: self.available,
+            held: self.held,
+            sold: self.sold,
+            units_per_buyer_max: self.units_per_buyer_max,
+            opens_at_ms: self.opens_at_ms,
+            clock_ms: self.clock_ms,
+            next_hold_number: self.next_hold_number,
+            reservations,
+            finished_queue: self.finished_queue.iter().cloned().collect(),
+            buyer_units,
+        }
+    }
+
+    /// Rebuilds a state from its image, checking everything that can be
+    /// cross-checked: counts against reservations, indexes against records.
+    pub fn from_image(image: SkuImage, limits: Limits) -> Result<Self, InvalidImage> {
+        let stock =
+            image.units_added.checked_sub(image.units_removed).ok_or(InvalidImage("removed more than added"))?;
+        let total = image.available.checked_add(image.held).and_then(|sum| sum.checked_add(image.sold));
+        if total != Some(stock) {
+            return Err(InvalidImage("available + held + sold differs from the stock"));
+        }
+        let mut reservations = FastMap::default();
+        let mut expiry_index = BTreeMap::new();
+        let mut held = 0u64;
+        for reservation in image.reservations {
+            let ending = reservation.ending.map(|ending| match ending {
+                EndingImage::Committed { units, requested } => Ending::Committed { units, requested },
+                EndingImage::Released => Ending::Released,
+                EndingImage::Expired => Ending::Expired,
+            });
+            if reservation.number >= image.next_hold_number {
+                return Err(InvalidImage("hold number from the future"));
+            }
+            if ending.is_none() {
+                held += u64::from(reservation.units);
+                expiry_index.insert((reservation.expires_at_ms, reservation.number), reservation.line.order.clone());
+            }
+            let order = reservation.line.order.clone();
+            let hold = Hold {
+                line: reservation.line,
+                units: reservation.units,
+                expires_at_ms: reservation.expires_at_ms,
+                number: reservation.number,
+            };
+            if reservations.insert(order, Record { hold, ending }).is_some() {
+                return Err(InvalidImage("two reservations for one order"));
+            }
+        }
+        if held != image.held {
+            return Err(InvalidImage("held differs from the live reservations"));
+        }
+        let ended = reservations.values().filter(|record| record.ending.is_some()).count();
+        let queued_ended = image
+            .finished_queue
+            .iter()
+            .all(|(_, order)| reservations.get(order).is_some_and(|record| record.ending.is_some()));
+        if ended != image.finished_queue.len() || !queued_ended {
+            return Err(InvalidImage("ended reservations and their queue differ"));
+        }
+        let state = Self {
+            limits,
+            units_added: image.units_added,
+            units_removed: image.units_removed,
+            available: image.available,
+            held: image.held,
+            sold: image.sold,
+            units_per_buyer_max: image.units_per_buyer_max,
+            opens_at_ms: image.opens_at_ms,
+            clock_ms: image.clock_ms,
+            reservations,
+            expiry_index,
+            next_hold_number: image.next_hold_number,
+            finished_queue: image.finished_queue.into_iter().collect(),
+            buyer_units: image.buyer_units.into_iter().collect(),
+        };
+        Ok(state)
+    }
+}
+
 /// Takes `units` off a buyer's count (held plus sold), dropping the entry at
 /// zero so that the map only holds buyers with units.
 fn uncount_buyer(buyer_units: &mut FastMap<BuyerId, u32>, buyer: &BuyerId, units: u32) {

@@ -331,3 +331,45 @@ proptest! {
         prop_assert_eq!(run(), run());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A state rebuilt from its image (what a snapshot stores) is the same
+    /// state: equal image, and the same answers to any further commands.
+    #[test]
+    fn a_state_restored_from_its_image_behaves_identically(
+        prefix in proptest::collection::vec((time_step(), step()), 0..60),
+        suffix in proptest::collection::vec((time_step(), step()), 1..30),
+    ) {
+        let mut original = SkuState::new(SkuSettings { initial_units: 12, ..SkuSettings::default() }, limits())
+            .expect("valid settings");
+        let mut now_ms: u64 = 10_000;
+        for (delta_ms, step) in &prefix {
+            now_ms = now_ms.saturating_add_signed(*delta_ms);
+            original.apply(now_ms, &command(step));
+        }
+        let image = original.image();
+        let mut restored = SkuState::from_image(image.clone(), limits()).expect("a real image is consistent");
+        prop_assert_eq!(restored.image(), image);
+        for (delta_ms, step) in &suffix {
+            now_ms = now_ms.saturating_add_signed(*delta_ms);
+            let command = command(step);
+            prop_assert_eq!(original.apply(now_ms, &command), restored.apply(now_ms, &command), "{:?}", step);
+        }
+        prop_assert_eq!(original.image(), restored.image());
+    }
+}
+
+#[test]
+fn an_inconsistent_image_is_refused() {
+    let mut state = SkuState::new(SkuSettings { initial_units: 5, ..SkuSettings::default() }, limits()).expect("valid");
+    state.apply(0, &command(&Step::Reserve { order: 1, buyer: 1, quantity: Quantity::Exactly(2), ttl_ms: 10_000 }));
+    let mut image = state.image();
+    image.held += 1;
+    image.available -= 1;
+    assert!(SkuState::from_image(image, limits()).is_err(), "held must match the live holds");
+    let mut image = state.image();
+    image.sold += 1;
+    assert!(SkuState::from_image(image, limits()).is_err(), "counts must add up to the stock");
+}

@@ -11,6 +11,9 @@
 //!   segment files: batched appends made durable by one write and one
 //!   `fdatasync`, rotation at a size, recovery on open, poisoning on the
 //!   first write or sync error.
+//! - [`snapshot`]: a partition's SKUs in canonical form at a log position;
+//!   checksummed, written crash-safely (temporary file, sync, rename, sync
+//!   directory), equal states giving equal bytes.
 //! - [`writer`]: [`writer::LogWriter`], the group-commit thread: takes the
 //!   appends of many actors, one write and one `fdatasync` per touched
 //!   partition per round, advances the partition's durable watermark, then
@@ -20,12 +23,13 @@
 //!   tests need (torn writes, lost unsynced data, fsync errors, a full disk,
 //!   flipped bits).
 //!
-//! Still to come: snapshots (and dropping the segments they cover), the
-//! order directory's decisions in the log, and the engine opening its logs,
+//! Still to come: taking snapshots periodically and dropping the segments
+//! they cover, the order directory's decisions in the log, and the engine opening its logs,
 //! replaying them, and answering only once its records are durable.
 
 pub mod frame;
 pub mod record;
 pub mod segments;
+pub mod snapshot;
 pub mod storage;
 pub mod writer;
