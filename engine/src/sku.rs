@@ -571,8 +571,8 @@ impl SkuState {
     pub fn image(&self) -> SkuImage {
         let mut reservations: Vec<ReservationImage> = self
             .reservations
-            .iter()
-            .map(|(_, record)| ReservationImage {
+            .values()
+            .map(|record| ReservationImage {
                 line: record.hold.line.clone(),
                 units: record.hold.units,
                 expires_at_ms: record.hold.expires_at_ms,
