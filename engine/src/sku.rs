@@ -280,10 +280,44 @@ impl SkuState {
 
     /// Applies one command at `now_ms`.
     pub fn apply(&mut self, now_ms: u64, command: &SkuCommand) -> SkuAnswer {
+        self.apply_recording(now_ms, command).0
+    }
+
+    /// Applies `command` at `now_ms` and also returns what a log must record
+    /// so that replaying it reaches the same state: the command itself if
+    /// it changed anything beyond the passage of time; [`SkuCommand::Expire`]
+    /// if only time passed (the clock moved, holds expired, or old
+    /// reservations were forgotten, which is all a refused or read-only
+    /// command does); nothing if nothing changed.
+    pub fn apply_recording(&mut self, now_ms: u64, command: &SkuCommand) -> (SkuAnswer, Option<SkuCommand>) {
+        let clock_moved = now_ms > self.clock_ms;
         self.clock_ms = self.clock_ms.max(now_ms);
         let expired = self.expire_due();
-        self.forget_old_finished();
-        let result = match command {
+        let forgotten = self.forget_old_finished();
+        let result = self.dispatch(command, expired);
+        self.check_invariants();
+        let command_changed = match &result {
+            Ok(SkuOutcome::StockChanged) => true,
+            Ok(
+                SkuOutcome::Reserved { replayed, .. }
+                | SkuOutcome::Committed { replayed, .. }
+                | SkuOutcome::Released { replayed, .. },
+            ) => !replayed,
+            Ok(SkuOutcome::Aborted { units }) => *units > 0,
+            Ok(SkuOutcome::Expired { .. } | SkuOutcome::Counted) | Err(_) => false,
+        };
+        let to_record = if command_changed {
+            Some(command.clone())
+        } else if clock_moved || expired > 0 || forgotten > 0 {
+            Some(SkuCommand::Expire)
+        } else {
+            None
+        };
+        (SkuAnswer { result, stock: self.stock() }, to_record)
+    }
+
+    fn dispatch(&mut self, command: &SkuCommand, expired: usize) -> Result<SkuOutcome, SkuError> {
+        match command {
             SkuCommand::AddStock { units } => self.add_stock(*units),
             SkuCommand::RemoveStock { units } => self.remove_stock(*units),
             SkuCommand::SetBuyerLimit { units_per_buyer_max } => {
@@ -300,9 +334,7 @@ impl SkuState {
             SkuCommand::Abort { order } => self.abort(order),
             SkuCommand::Expire => Ok(SkuOutcome::Expired { holds: expired }),
             SkuCommand::Query => Ok(SkuOutcome::Counted),
-        };
-        self.check_invariants();
-        SkuAnswer { result, stock: self.stock() }
+        }
     }
 
     fn add_stock(&mut self, units: u64) -> Result<SkuOutcome, SkuError> {
@@ -487,7 +519,9 @@ impl SkuState {
         count
     }
 
-    fn forget_old_finished(&mut self) {
+    /// Forgets ended reservations past the window or the count; returns how many.
+    fn forget_old_finished(&mut self) -> usize {
+        let mut count = 0;
         while let Some((finished_at_ms, order)) = self.finished_queue.front() {
             let too_old = finished_at_ms.saturating_add(self.limits.idempotency_window_ms) <= self.clock_ms;
             if !too_old && self.finished_queue.len() <= self.limits.finished_per_sku_max {
@@ -496,7 +530,9 @@ impl SkuState {
             let forgotten = self.reservations.remove(order);
             debug_assert!(forgotten.is_some_and(|record| record.ending.is_some()), "forgot a live hold");
             self.finished_queue.pop_front();
+            count += 1;
         }
+        count
     }
 
     /// The conservation law, checked after every command in debug and test

@@ -373,3 +373,34 @@ fn an_inconsistent_image_is_refused() {
     image.sold += 1;
     assert!(SkuState::from_image(image, limits()).is_err(), "counts must add up to the stock");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The logging rule: replaying only what `apply_recording` asked to
+    /// record, at the same times, on a fresh state reaches exactly the same
+    /// state, including its clock, expiries and remembered reservations.
+    #[test]
+    fn replaying_the_recorded_commands_reaches_the_same_state(
+        steps in proptest::collection::vec((time_step(), step()), 1..80),
+    ) {
+        let small_memory = Limits { finished_per_sku_max: 3, idempotency_window_ms: TTL_MS_MAX, ..limits() };
+        let settings = SkuSettings { initial_units: 9, ..SkuSettings::default() };
+        let mut live = SkuState::new(settings, small_memory.clone()).expect("valid settings");
+        let mut log = Vec::new();
+        let mut now_ms: u64 = 10_000;
+        for (delta_ms, step) in &steps {
+            now_ms = now_ms.saturating_add_signed(*delta_ms);
+            let (_, recorded) = live.apply_recording(now_ms, &command(step));
+            if let Some(recorded) = recorded {
+                log.push((now_ms, recorded));
+            }
+        }
+        let mut replayed = SkuState::new(settings, small_memory).expect("valid settings");
+        for (at_ms, recorded) in &log {
+            replayed.apply(*at_ms, recorded);
+        }
+        prop_assert_eq!(replayed.image(), live.image());
+        prop_assert!(log.len() <= steps.len());
+    }
+}
