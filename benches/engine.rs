@@ -107,11 +107,12 @@ fn actors(criterion: &mut Criterion) {
                         ..EngineConfig::default()
                     };
                     let engine = Engine::new(config, Arc::new(SystemClock)).expect("valid config");
-                    for sku in &skus {
-                        engine
-                            .create_sku(sku.clone(), SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() })
-                            .expect("created");
-                    }
+                    runtime.block_on(async {
+                        for sku in &skus {
+                            let settings = SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() };
+                            engine.create_sku(sku.clone(), settings).await.expect("created");
+                        }
+                    });
                     let orders = Arc::new(order_ids(&format!("run{run}"), ORDERS_PER_RUN));
                     let buyer = BuyerId::new("buyer").expect("valid id");
                     total += runtime.block_on(async {
@@ -162,7 +163,9 @@ fn sold_out_hint(criterion: &mut Criterion) {
     let runtime = runtime();
     let engine = Engine::new(EngineConfig::default(), Arc::new(SystemClock)).expect("valid config");
     let sku = SkuId::new("gone").expect("valid id");
-    engine.create_sku(sku.clone(), SkuSettings { initial_units: 0, ..SkuSettings::default() }).expect("created");
+    runtime
+        .block_on(engine.create_sku(sku.clone(), SkuSettings { initial_units: 0, ..SkuSettings::default() }))
+        .expect("created");
     let orders = Arc::new(order_ids("late", REQUESTS_PER_TASK * TASKS));
     let buyer = BuyerId::new("buyer").expect("valid id");
     let mut group = criterion.benchmark_group("sold_out_hint");

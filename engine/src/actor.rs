@@ -14,13 +14,16 @@
 //! which a SKU with no live holds passivates: its state goes back to the slot
 //! and the actor stops; the next request starts a fresh one.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use crate::log::record::LogRecord;
+use crate::log::writer::{Append, SubmitError, WriteFailure};
 use crate::runtime::{Request, SkuSlot};
-use crate::sku::{SkuCommand, SkuState};
+use crate::sku::{SkuAnswer, SkuCommand, SkuState};
 
 /// Messages an SKU actor receives. Requests themselves travel in the slot's
 /// queue, so this mailbox stays tiny whatever the load.
@@ -41,7 +44,7 @@ pub(crate) struct SkuActorState {
     /// `None` only while being handed back at passivation.
     sku: Option<SkuState>,
     batch: Vec<Request>,
-    answered: Vec<(Request, crate::sku::SkuAnswer)>,
+    answered: Vec<(Request, SkuAnswer)>,
     /// When the armed tick fires, if one is armed.
     tick_due_ms: Option<u64>,
     last_busy_ms: u64,
@@ -68,19 +71,80 @@ impl SkuActorState {
         }
         let now_ms = self.slot.clock.now_ms();
         self.last_busy_ms = now_ms;
+        let mut records = Vec::new();
         for request in batch.drain(..) {
-            let answer = self.state().apply(now_ms, &request.command);
+            let (answer, recorded) = self.state().apply_recording(now_ms, &request.command);
+            if let (Some(command), Some(_)) = (recorded, &self.slot.log) {
+                records.push(LogRecord::Apply { sku: self.slot.sku.clone(), now_ms, command });
+            }
             self.answered.push((request, answer));
         }
         self.batch = batch;
         // Publish before answering: whoever sees an answer also sees counts
         // at least this new in the hint.
         self.publish();
-        for (request, answer) in self.answered.drain(..) {
-            request.answer(answer);
-        }
-        self.slot.admitted_done(taken);
+        self.release_answers(records, taken);
         self.slot.queue.finish_batch(taken)
+    }
+
+    /// Answers the batch just applied: at once for an in-memory engine;
+    /// once its records (and every earlier record of the partition) are
+    /// durable for a durable one. Even a batch with no records waits its
+    /// turn, because its answers may rest on records not yet durable.
+    fn release_answers(&mut self, records: Vec<LogRecord>, taken: usize) {
+        let Some(log) = &self.slot.log else {
+            for (request, answer) in self.answered.drain(..) {
+                request.answer(answer);
+            }
+            self.slot.admitted_done(taken);
+            return;
+        };
+        let answered: Vec<(Request, SkuAnswer)> = self.answered.drain(..).collect();
+        let slot = self.slot.clone();
+        let append = Append {
+            partition: self.slot.partition,
+            records,
+            on_durable: Box::new(move |outcome| {
+                match outcome {
+                    Ok(_) => {
+                        for (request, answer) in answered {
+                            request.answer(answer);
+                        }
+                    }
+                    // Dropping the requests tells their callers the owner
+                    // could not answer; the partition answers nothing more.
+                    Err(failure) => {
+                        slot.partition_failed.store(true, Ordering::Release);
+                        tracing::error!(sku = %slot.sku, %failure, "answers withheld: their records are not durable");
+                    }
+                }
+                slot.admitted_done(taken);
+            }),
+        };
+        if let Err(SubmitError(append)) = log.submit(append) {
+            self.slot.partition_failed.store(true, Ordering::Release);
+            let cause = Arc::from("the log writer stopped");
+            (append.on_durable)(Err(WriteFailure { partition: self.slot.partition, cause }));
+        }
+    }
+
+    /// Logs a command the actor issued itself (the expiry timer's); no
+    /// answer waits on it, only later answers, which queue behind it.
+    fn record_own(&self, now_ms: u64, command: SkuCommand) {
+        let Some(log) = &self.slot.log else { return };
+        let failed = self.slot.partition_failed.clone();
+        let append = Append {
+            partition: self.slot.partition,
+            records: vec![LogRecord::Apply { sku: self.slot.sku.clone(), now_ms, command }],
+            on_durable: Box::new(move |outcome| {
+                if outcome.is_err() {
+                    failed.store(true, Ordering::Release);
+                }
+            }),
+        };
+        if log.submit(append).is_err() {
+            self.slot.partition_failed.store(true, Ordering::Release);
+        }
     }
 
     /// Arms a tick for the next expiry or the idle deadline if none is armed
@@ -180,8 +244,11 @@ impl Actor for SkuActor {
                 state.tick_due_ms = None;
                 let now_ms = state.slot.clock.now_ms();
                 if state.state().next_expiry_ms().is_some_and(|expiry_ms| expiry_ms <= now_ms) {
-                    let answer = state.state().apply(now_ms, &SkuCommand::Expire);
+                    let (answer, recorded) = state.state().apply_recording(now_ms, &SkuCommand::Expire);
                     tracing::debug!(sku = %state.slot.sku, ?answer.result, "expired holds");
+                    if let Some(command) = recorded {
+                        state.record_own(now_ms, command);
+                    }
                     state.publish();
                 }
                 if state.try_passivate(now_ms) {

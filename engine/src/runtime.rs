@@ -12,6 +12,9 @@
 //! partition (of the order id) makes reserve, commit and release idempotent
 //! at the order level and records each order's fate once.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use flashstock_sync::{AdmissionGate, Pushed, SnapshotReading, WakeQueue};
@@ -23,6 +26,10 @@ use crate::clock::Clock;
 use crate::directory::{InterruptedOrder, OrderDirectory, OrderPhase, OrderPlan, OrderRecord};
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
+use crate::log::record::LogRecord;
+use crate::log::segments::{LogConfig, LogError, PartitionLog, TornTail};
+use crate::log::storage::Storage;
+use crate::log::writer::{Append, LogSubmitter, LogWriter, WriterConfig};
 use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservation, ReservedLine, Settlement};
 use crate::partition::partition_of;
 use crate::sku::{ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot};
@@ -161,6 +168,12 @@ impl Request {
 #[derive(Debug)]
 pub(crate) struct SkuSlot {
     pub(crate) sku: SkuId,
+    pub(crate) partition: u32,
+    /// Where the actor sends its records; `None` for an in-memory engine.
+    pub(crate) log: Option<LogSubmitter>,
+    /// Set once the partition's log failed: memory may be ahead of the log,
+    /// so the partition answers nothing more.
+    pub(crate) partition_failed: Arc<AtomicBool>,
     pub(crate) config: Arc<EngineConfig>,
     pub(crate) clock: Arc<dyn Clock>,
     gate: AdmissionGate,
@@ -219,6 +232,7 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Debug)]
 struct Partition {
+    failed: Arc<AtomicBool>,
     gate: Arc<AdmissionGate>,
     skus: RwLock<FastMap<SkuId, Arc<SkuSlot>>>,
     orders: Mutex<OrderDirectory>,
@@ -229,6 +243,45 @@ struct Inner {
     config: Arc<EngineConfig>,
     clock: Arc<dyn Clock>,
     partitions: Box<[Partition]>,
+    log: Option<LogSubmitter>,
+    /// Kept so the writer thread's handle lives as long as the engine.
+    _writer: Option<LogWriter>,
+}
+
+/// Where and how a durable engine keeps its log.
+#[derive(Debug, Clone)]
+pub struct Durability {
+    pub storage: Arc<dyn Storage>,
+    /// Each partition's log lives in `partition-<number, 5 digits>` below.
+    pub data_directory: PathBuf,
+    pub log: LogConfig,
+    pub writer: WriterConfig,
+}
+
+/// What opening a durable engine found.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    pub skus: usize,
+    pub records: usize,
+    /// Torn last writes that were cut off, one per partition at most.
+    pub torn_tails: Vec<TornTail>,
+}
+
+/// Why a durable engine could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Config(#[from] InvalidLimits),
+    #[error("partition {partition}: {source}")]
+    Log {
+        partition: u32,
+        #[source]
+        source: LogError,
+    },
+    #[error("partition {partition}, record {sequence}: {reason}")]
+    Replay { partition: u32, sequence: u64, reason: String },
+    #[error("starting the log writer: {0}")]
+    Writer(#[source] std::io::Error),
 }
 
 /// The inventory engine of one process. Cheap to clone; all clones share
@@ -243,16 +296,76 @@ pub struct Engine {
 type PendingLine = (usize, oneshot::Receiver<SkuAnswer>);
 
 impl Engine {
+    /// An engine that keeps everything in memory (nothing survives the
+    /// process).
     pub fn new(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Self, InvalidLimits> {
         config.validate()?;
+        Ok(Self::build(config, clock, None))
+    }
+
+    fn build(config: EngineConfig, clock: Arc<dyn Clock>, writer: Option<LogWriter>) -> Self {
         let partitions = (0..config.partition_count)
             .map(|_| Partition {
+                failed: Arc::new(AtomicBool::new(false)),
                 gate: Arc::new(AdmissionGate::new(config.in_flight_per_partition_max)),
                 skus: RwLock::new(FastMap::default()),
                 orders: Mutex::new(OrderDirectory::default()),
             })
             .collect();
-        Ok(Self { inner: Arc::new(Inner { config: Arc::new(config), clock, partitions }) })
+        let log = writer.as_ref().map(LogWriter::submitter);
+        Self { inner: Arc::new(Inner { config: Arc::new(config), clock, partitions, log, _writer: writer }) }
+    }
+
+    /// A durable engine: opens every partition's log under the data
+    /// directory, replays it, and from then on answers a command only once
+    /// its record is durable.
+    pub fn open(
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+        durability: Durability,
+    ) -> Result<(Self, RecoveryReport), OpenError> {
+        config.validate()?;
+        let mut report = RecoveryReport::default();
+        let mut logs = Vec::with_capacity(config.partition_count as usize);
+        let mut states = Vec::with_capacity(config.partition_count as usize);
+        for partition in 0..config.partition_count {
+            let directory = durability.data_directory.join(format!("partition-{partition:05}"));
+            let (log, recovered) = PartitionLog::open(durability.storage.clone(), &directory, durability.log)
+                .map_err(|source| OpenError::Log { partition, source })?;
+            report.records += recovered.records.len();
+            report.torn_tails.extend(recovered.torn_tail);
+            let mut skus: BTreeMap<SkuId, SkuState> = BTreeMap::new();
+            for (sequence, record) in recovered.records {
+                let replay_error = |reason: String| OpenError::Replay { partition, sequence, reason };
+                match record {
+                    LogRecord::CreateSku { sku, settings } => {
+                        if partition_of(&sku, config.partition_count) != partition {
+                            return Err(replay_error(format!("SKU {sku} belongs to another partition")));
+                        }
+                        let state = SkuState::new(settings, config.limits.clone())
+                            .map_err(|error| replay_error(format!("SKU {sku}: {error}")))?;
+                        if skus.insert(sku.clone(), state).is_some() {
+                            return Err(replay_error(format!("SKU {sku} created twice")));
+                        }
+                    }
+                    LogRecord::Apply { sku, now_ms, command } => {
+                        let state = skus.get_mut(&sku).ok_or_else(|| replay_error(format!("no SKU {sku}")))?;
+                        state.apply(now_ms, &command);
+                    }
+                }
+            }
+            report.skus += skus.len();
+            logs.push(log);
+            states.push(skus);
+        }
+        let writer = LogWriter::start(logs, durability.writer).map_err(OpenError::Writer)?;
+        let engine = Self::build(config, clock, Some(writer));
+        for skus in states {
+            for (sku, state) in skus {
+                engine.insert_slot(sku, state);
+            }
+        }
+        Ok((engine, report))
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -273,18 +386,64 @@ impl Engine {
         skus.get(sku).cloned().ok_or_else(|| EngineError::UnknownSku { sku: sku.clone() })
     }
 
-    /// Creates a SKU. No actor starts until the first request for it.
-    pub fn create_sku(&self, sku: SkuId, settings: SkuSettings) -> Result<StockSnapshot, EngineError> {
+    /// Creates a SKU. No actor starts until the first request for it. A
+    /// durable engine answers once the creation is in the log.
+    pub async fn create_sku(&self, sku: SkuId, settings: SkuSettings) -> Result<StockSnapshot, EngineError> {
         let state = SkuState::new(settings, self.inner.config.limits.clone())
             .map_err(|error| EngineError::Refused { sku: sku.clone(), error, stock: StockSnapshot::default() })?;
         let stock = state.stock();
-        let partition = self.partition(&sku);
-        let mut skus = partition.skus.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if skus.contains_key(&sku) {
-            return Err(EngineError::SkuExists { sku });
+        let partition_index = partition_of(&sku, self.inner.config.partition_count);
+        let partition = &self.inner.partitions[partition_index as usize];
+        if partition.failed.load(Ordering::Acquire) {
+            return Err(EngineError::Unavailable);
         }
-        let slot = Arc::new(SkuSlot {
-            sku: sku.clone(),
+        let durable = {
+            let mut skus = partition.skus.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if skus.contains_key(&sku) {
+                return Err(EngineError::SkuExists { sku });
+            }
+            // Submitted before the SKU is visible, so the creation precedes
+            // every record of a command on it in the log.
+            let durable = match &self.inner.log {
+                Some(log) => {
+                    let (sender, receiver) = oneshot::channel();
+                    let failed = partition.failed.clone();
+                    let append = Append {
+                        partition: partition_index,
+                        records: vec![LogRecord::CreateSku { sku: sku.clone(), settings }],
+                        on_durable: Box::new(move |outcome| {
+                            if outcome.is_err() {
+                                failed.store(true, Ordering::Release);
+                            }
+                            let _ = sender.send(outcome.is_ok());
+                        }),
+                    };
+                    if log.submit(append).is_err() {
+                        partition.failed.store(true, Ordering::Release);
+                        return Err(EngineError::Unavailable);
+                    }
+                    Some(receiver)
+                }
+                None => None,
+            };
+            skus.insert(sku.clone(), self.new_slot(sku, partition_index, state));
+            durable
+        };
+        if let Some(receiver) = durable {
+            if !receiver.await.unwrap_or(false) {
+                return Err(EngineError::Unavailable);
+            }
+        }
+        Ok(stock)
+    }
+
+    fn new_slot(&self, sku: SkuId, partition_index: u32, state: SkuState) -> Arc<SkuSlot> {
+        let partition = &self.inner.partitions[partition_index as usize];
+        Arc::new(SkuSlot {
+            sku,
+            partition: partition_index,
+            log: self.inner.log.clone(),
+            partition_failed: partition.failed.clone(),
             config: self.inner.config.clone(),
             clock: self.inner.clock.clone(),
             gate: AdmissionGate::new(self.inner.config.in_flight_per_sku_max),
@@ -293,14 +452,23 @@ impl Engine {
             queue: WakeQueue::new_parked(),
             parked: Mutex::new(Some(state)),
             actor: Mutex::new(None),
-        });
-        skus.insert(sku, slot);
-        Ok(stock)
+        })
+    }
+
+    /// Adds a recovered SKU (no log record: it came from the log).
+    fn insert_slot(&self, sku: SkuId, state: SkuState) {
+        let partition_index = partition_of(&sku, self.inner.config.partition_count);
+        let slot = self.new_slot(sku.clone(), partition_index, state);
+        let partition = &self.inner.partitions[partition_index as usize];
+        partition.skus.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(sku, slot);
     }
 
     /// Admits `command` for `sku` and hands it to the SKU's actor (starting
     /// one if none runs). The answer arrives on the returned channel.
     fn enqueue(&self, slot: &Arc<SkuSlot>, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
+        if slot.partition_failed.load(Ordering::Acquire) {
+            return Err(EngineError::Unavailable);
+        }
         let busy = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };
         if !slot.partition_gate.try_acquire() {
             return Err(busy);

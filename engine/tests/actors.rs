@@ -54,7 +54,7 @@ async fn eventually(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -
 #[tokio::test]
 async fn reserve_commit_release_and_their_retries() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).await.expect("created");
 
     let reservation = engine.reserve(request("o1", "alice", &[("tv", 3)])).await.expect("held");
     assert_eq!(reservation.lines[0].units, 3);
@@ -85,7 +85,7 @@ async fn reserve_commit_release_and_their_retries() {
 #[tokio::test]
 async fn commit_of_fewer_units_returns_the_rest() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).await.expect("created");
     engine.reserve(request("o1", "alice", &[("tv", 4)])).await.expect("held");
     let settled = engine.commit_fewer(&order("o1"), &[(sku("tv"), 1)]).await.expect("committed");
     assert_eq!((settled.lines[0].units, settled.lines[0].stock), (1, stock(9, 0, 1)));
@@ -94,8 +94,8 @@ async fn commit_of_fewer_units_returns_the_rest() {
 #[tokio::test]
 async fn multi_line_orders_are_all_or_nothing() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
-    engine.create_sku(sku("b"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
+    engine.create_sku(sku("b"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).await.expect("created");
 
     let refused = engine.reserve(request("o1", "alice", &[("a", 2), ("b", 3)])).await;
     assert_eq!(
@@ -131,7 +131,10 @@ async fn multi_line_orders_are_all_or_nothing() {
 async fn multi_line_commit_after_expiry_releases_every_line() {
     let (engine, clock) = manual_engine();
     for name in ["a", "b"] {
-        engine.create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+        engine
+            .create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() })
+            .await
+            .expect("created");
     }
     engine.reserve(request("o1", "alice", &[("a", 1), ("b", 1)])).await.expect("held");
     // Inside the grace period before expiry: refusing is the safe decision.
@@ -145,7 +148,7 @@ async fn multi_line_commit_after_expiry_releases_every_line() {
 #[tokio::test]
 async fn single_line_commit_after_expiry_is_expired() {
     let (engine, clock) = manual_engine();
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
     engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
     clock.advance_ms(60_000);
     assert_eq!(engine.commit(&order("o1")).await, Err(OrderError::Expired { expired_at_ms: 1_060_000 }));
@@ -156,9 +159,9 @@ async fn single_line_commit_after_expiry_is_expired() {
 #[tokio::test]
 async fn admin_errors_are_typed_and_change_nothing() {
     let (engine, clock) = manual_engine();
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
     assert!(matches!(
-        engine.create_sku(sku("a"), SkuSettings::default()),
+        engine.create_sku(sku("a"), SkuSettings::default()).await,
         Err(flashstock_engine::EngineError::SkuExists { .. })
     ));
     engine.reserve(request("o1", "alice", &[("a", 4)])).await.expect("held");
@@ -192,7 +195,7 @@ async fn admission_answers_busy_beyond_the_bound() {
         ..EngineConfig::default()
     };
     let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
-    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).await.expect("created");
     // Start the actor first so that admission is the only thing that waits.
     engine.reserve(request("warm", "w", &[("hot", 1)])).await.expect("held");
 
@@ -227,7 +230,7 @@ fn short_ttl_config() -> EngineConfig {
 #[tokio::test]
 async fn holds_expire_without_anyone_asking() {
     let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).await.expect("created");
     let mut order_request = request("o1", "alice", &[("a", 3)]);
     order_request.ttl_ms = 40;
     engine.reserve(order_request).await.expect("held");
@@ -241,7 +244,7 @@ async fn holds_expire_without_anyone_asking() {
 #[tokio::test]
 async fn idle_actors_passivate_and_keep_their_state() {
     let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).await.expect("created");
     assert_eq!(engine.active_actor_count(), 0, "no actor before the first request");
     engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
     engine.commit(&order("o1")).await.expect("committed");
@@ -260,7 +263,7 @@ async fn idle_actors_passivate_and_keep_their_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sold_out_hint_never_hides_released_stock() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("one"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("one"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).await.expect("created");
     for round in 0..200 {
         let holder = format!("hold-{round}");
         engine.reserve(request(&holder, "a", &[("one", 1)])).await.expect("held");
@@ -278,10 +281,11 @@ async fn sold_out_hint_never_hides_released_stock() {
 async fn stampede_never_oversells() {
     const BUYERS: usize = 2_000;
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).await.expect("created");
     for cold in 0..4 {
         engine
             .create_sku(sku(&format!("cold-{cold}")), SkuSettings { initial_units: 1_000, ..SkuSettings::default() })
+            .await
             .expect("created");
     }
     let tasks: Vec<_> = (0..BUYERS)
@@ -325,7 +329,10 @@ async fn stampede_never_oversells() {
 async fn commit_fewer_refuses_skus_outside_the_order_without_change() {
     let (engine, _clock) = manual_engine();
     for name in ["a", "b"] {
-        engine.create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+        engine
+            .create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() })
+            .await
+            .expect("created");
     }
     engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
     assert_eq!(
@@ -349,7 +356,7 @@ async fn a_refused_then_retried_order_is_remembered_for_the_full_window() {
     let config = EngineConfig { orders_per_partition_max: 1, partition_count: 1, ..EngineConfig::default() };
     let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
     let settings = SkuSettings { initial_units: 5, units_per_buyer_max: Some(0), ..SkuSettings::default() };
-    engine.create_sku(sku("a"), settings).expect("created");
+    engine.create_sku(sku("a"), settings).await.expect("created");
     // Refused by the actor (past the hint), then the same id succeeds.
     let refused = engine.reserve(request("o1", "alice", &[("a", 1)])).await;
     assert!(matches!(refused, Err(OrderError::Line { error: SkuError::LimitExceeded { .. }, .. })));
@@ -373,6 +380,7 @@ async fn mixed_orders_with_expiry_keep_the_books() {
     for index in 0..SKUS {
         engine
             .create_sku(sku(&format!("s{index}")), SkuSettings { initial_units: 40, ..SkuSettings::default() })
+            .await
             .expect("created");
     }
     let tasks: Vec<_> = (0..BUYERS)
@@ -446,7 +454,7 @@ async fn poll_once_then_drop<F: std::future::Future>(future: F) -> bool {
 async fn dropped_callers_never_wedge_an_order_or_lose_a_sku() {
     let (engine, _clock) = manual_engine();
     // Parked SKU: the dropped reserve is the one that starts its actor.
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).expect("created");
+    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
     assert!(poll_once_then_drop(engine.reserve(request("o1", "alice", &[("a", 2)]))).await, "cut off mid-way");
 
     let held = engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("the retry finishes the reserve");

@@ -61,7 +61,10 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let mut given = [0u64; SKUS];
     for (index, units) in given.iter_mut().enumerate() {
         *units = 4;
-        engine.create_sku(sku(index), SkuSettings { initial_units: 4, ..SkuSettings::default() }).expect("created");
+        engine
+            .create_sku(sku(index), SkuSettings { initial_units: 4, ..SkuSettings::default() })
+            .await
+            .expect("created");
     }
     for step in steps {
         let before = counts(&engine).await;

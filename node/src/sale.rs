@@ -229,11 +229,13 @@ pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Resul
             units_per_buyer_max: Some(sale.units_per_buyer_max),
             opens_at_ms: 0,
         };
-        engine.create_sku(hot_sku(index), settings)?;
+        engine.create_sku(hot_sku(index), settings).await?;
         initial.push((hot_sku(index), sale.hot_units));
     }
     for index in 0..sale.cold_skus as usize {
-        engine.create_sku(cold_sku(index), SkuSettings { initial_units: sale.cold_units, ..SkuSettings::default() })?;
+        engine
+            .create_sku(cold_sku(index), SkuSettings { initial_units: sale.cold_units, ..SkuSettings::default() })
+            .await?;
         initial.push((cold_sku(index), sale.cold_units));
     }
     println!(

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use flashstock_sync::DurableWatermark;
 
 use crate::log::record::LogRecord;
@@ -51,22 +51,17 @@ pub struct WriteFailure {
     pub cause: Arc<str>,
 }
 
-/// Why an append was not accepted.
+/// An append the writer cannot take: its thread has stopped.
 #[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("the writer's queue is full")]
-    Full(Append),
-    #[error("the writer has stopped")]
-    Stopped(Append),
-}
+#[error("the log writer has stopped")]
+pub struct SubmitError(pub Append);
 
-/// Bounds of the writer.
+/// Bounds of the writer. Its queue has no bound of its own: every append
+/// carries the answers of admitted requests (or one timer's expiry per SKU),
+/// so the admission gates bound it, and refusing an append of commands that
+/// were already applied would leave memory ahead of the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterConfig {
-    /// Appends waiting for the writer. Admission bounds requests in flight,
-    /// and each append carries at least one request, so this is sized from
-    /// the admission bounds and is never reached in normal operation.
-    pub queue_appends_max: usize,
     /// Appends taken per round (one write + sync per touched partition).
     /// Bounds the latency a round adds to the first append in it.
     pub round_appends_max: usize,
@@ -80,10 +75,27 @@ pub struct WriterStats {
     pub records: std::sync::atomic::AtomicU64,
 }
 
-/// The writer thread and the way to feed it.
+/// A handle that queues appends for the writer; cheap to clone. The writer
+/// thread ends once every submitter (and the [`LogWriter`]) is gone and the
+/// queue is drained.
+#[derive(Debug, Clone)]
+pub struct LogSubmitter {
+    sender: Sender<Append>,
+}
+
+impl LogSubmitter {
+    /// Queues `append` without waiting.
+    pub fn submit(&self, append: Append) -> Result<(), SubmitError> {
+        self.sender.send(append).map_err(|error| SubmitError(error.0))
+    }
+}
+
+/// The writer thread and the way to feed it. Dropping it does not wait for
+/// the thread (the thread finishes what is queued and exits once the last
+/// submitter is gone); [`LogWriter::stop`] waits.
 #[derive(Debug)]
 pub struct LogWriter {
-    sender: Option<Sender<Append>>,
+    submitter: Option<LogSubmitter>,
     thread: Option<JoinHandle<()>>,
     watermarks: Arc<[DurableWatermark]>,
     stats: Arc<WriterStats>,
@@ -92,27 +104,31 @@ pub struct LogWriter {
 impl LogWriter {
     /// Starts the writer over `logs`, indexed by partition.
     pub fn start(logs: Vec<PartitionLog>, config: WriterConfig) -> std::io::Result<Self> {
-        assert!(config.queue_appends_max > 0 && config.round_appends_max > 0, "writer bounds must be positive");
+        assert!(config.round_appends_max > 0, "a round takes at least one append");
         let watermarks: Arc<[DurableWatermark]> =
             logs.iter().map(|log| DurableWatermark::new(log.durable_sequence())).collect();
         let stats = Arc::new(WriterStats::default());
-        let (sender, receiver) = crossbeam_channel::bounded(config.queue_appends_max);
+        let (sender, receiver) = crossbeam_channel::unbounded();
         let thread = {
             let (watermarks, stats) = (watermarks.clone(), stats.clone());
             std::thread::Builder::new()
                 .name("log-writer".to_owned())
                 .spawn(move || run(logs, &receiver, config, &watermarks, &stats))?
         };
-        Ok(Self { sender: Some(sender), thread: Some(thread), watermarks, stats })
+        Ok(Self { submitter: Some(LogSubmitter { sender }), thread: Some(thread), watermarks, stats })
     }
 
     /// Queues `append` without waiting.
     pub fn submit(&self, append: Append) -> Result<(), SubmitError> {
-        let Some(sender) = &self.sender else { return Err(SubmitError::Stopped(append)) };
-        sender.try_send(append).map_err(|error| match error {
-            TrySendError::Full(append) => SubmitError::Full(append),
-            TrySendError::Disconnected(append) => SubmitError::Stopped(append),
-        })
+        match &self.submitter {
+            Some(submitter) => submitter.submit(append),
+            None => Err(SubmitError(append)),
+        }
+    }
+
+    /// A handle for queueing appends from elsewhere.
+    pub fn submitter(&self) -> LogSubmitter {
+        self.submitter.clone().expect("a running writer has a submitter")
     }
 
     /// The durable watermark of each partition.
@@ -124,25 +140,16 @@ impl LogWriter {
         &self.stats
     }
 
-    /// Stops taking appends, makes everything already queued durable (or
-    /// fails it), and waits for the thread.
+    /// Makes everything queued durable (or fails it) and waits for the
+    /// thread. Every [`LogSubmitter`] must be gone first, or this waits for
+    /// them.
     pub fn stop(mut self) {
-        self.shut_down();
-    }
-
-    fn shut_down(&mut self) {
-        drop(self.sender.take());
+        drop(self.submitter.take());
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 tracing::error!("the log writer thread panicked");
             }
         }
-    }
-}
-
-impl Drop for LogWriter {
-    fn drop(&mut self) {
-        self.shut_down();
     }
 }
 
@@ -215,7 +222,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Mutex;
 
-    const CONFIG: WriterConfig = WriterConfig { queue_appends_max: 1024, round_appends_max: 64 };
+    const CONFIG: WriterConfig = WriterConfig { round_appends_max: 64 };
 
     fn record(units: u64) -> LogRecord {
         LogRecord::Apply { sku: SkuId::new("sku").expect("valid"), now_ms: 0, command: SkuCommand::AddStock { units } }
