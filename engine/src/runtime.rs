@@ -244,8 +244,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     partitions: Box<[Partition]>,
     log: Option<LogSubmitter>,
-    /// Kept so the writer thread's handle lives as long as the engine.
-    _writer: Option<LogWriter>,
+    /// The writer thread's handle, taken by [`Engine::shutdown`] (the thread
+    /// itself holds the data directory's lock until it is done).
+    writer: Mutex<Option<LogWriter>>,
 }
 
 /// Where and how a durable engine keeps its log.
@@ -272,6 +273,8 @@ pub struct RecoveryReport {
 pub enum OpenError {
     #[error(transparent)]
     Config(#[from] InvalidLimits),
+    #[error("cannot lock the data directory: {0}")]
+    Locked(#[source] std::io::Error),
     #[error("partition {partition}: {source}")]
     Log {
         partition: u32,
@@ -313,7 +316,7 @@ impl Engine {
             })
             .collect();
         let log = writer.as_ref().map(LogWriter::submitter);
-        Self { inner: Arc::new(Inner { config: Arc::new(config), clock, partitions, log, _writer: writer }) }
+        Self { inner: Arc::new(Inner { config: Arc::new(config), clock, partitions, log, writer: Mutex::new(writer) }) }
     }
 
     /// A durable engine: opens every partition's log under the data
@@ -325,6 +328,7 @@ impl Engine {
         durability: Durability,
     ) -> Result<(Self, RecoveryReport), OpenError> {
         config.validate()?;
+        let lock = durability.storage.lock_dir(&durability.data_directory).map_err(OpenError::Locked)?;
         let mut report = RecoveryReport::default();
         let mut logs = Vec::with_capacity(config.partition_count as usize);
         let mut states = Vec::with_capacity(config.partition_count as usize);
@@ -358,7 +362,7 @@ impl Engine {
             logs.push(log);
             states.push(skus);
         }
-        let writer = LogWriter::start(logs, durability.writer).map_err(OpenError::Writer)?;
+        let writer = LogWriter::start(logs, durability.writer, Some(lock)).map_err(OpenError::Writer)?;
         let engine = Self::build(config, clock, Some(writer));
         for skus in states {
             for (sku, state) in skus {
@@ -891,6 +895,20 @@ impl Engine {
             }
             other => other,
         })
+    }
+
+    /// Orderly stop: stops the SKU actors, makes every record already
+    /// queued durable, ends the log writer and releases the data directory.
+    /// Requests after this fail with `Unavailable` (durable engine) or find
+    /// their actors gone.
+    pub async fn shutdown(&self) {
+        self.stop_actors();
+        let writer = lock(&self.inner.writer).take();
+        if let Some(writer) = writer {
+            if tokio::task::spawn_blocking(move || writer.stop()).await.is_err() {
+                tracing::error!("stopping the log writer panicked");
+            }
+        }
     }
 
     /// Stops every running SKU actor (their state stays in memory, parked

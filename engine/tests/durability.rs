@@ -100,7 +100,7 @@ async fn acknowledged_state_survives_repeated_crashes() {
             clock.advance_ms(next(3_000));
         }
         let acknowledged = counts(&engine, SKUS).await;
-        engine.stop_actors();
+        engine.shutdown().await;
         drop(engine);
         let fate =
             if next(2) == 0 { UnsyncedFate::Lost } else { UnsyncedFate::TornAfter { bytes: next(300) as usize } };
@@ -114,7 +114,7 @@ async fn acknowledged_state_survives_repeated_crashes() {
         }
         engine = recovered;
     }
-    engine.stop_actors();
+    engine.shutdown().await;
 }
 
 /// Once an fsync fails, the command waiting on it is not acknowledged, nor
@@ -133,13 +133,13 @@ async fn a_failed_fsync_acknowledges_nothing_more() {
     assert_eq!(engine.reserve(request("b", &[(0, 1)])).await, Err(OrderError::Unavailable));
     assert_eq!(engine.reserve(request("c", &[(0, 1)])).await, Err(OrderError::Unavailable));
     assert_eq!(engine.add_stock(&sku(0), 5).await, Err(EngineError::Unavailable));
-    engine.stop_actors();
+    engine.shutdown().await;
     drop(engine);
 
     storage.crash(UnsyncedFate::Lost);
     let (recovered, _) = open(&storage, &clock);
     assert_eq!(counts(&recovered, 1).await, acknowledged);
-    recovered.stop_actors();
+    recovered.shutdown().await;
 }
 
 /// Opening the same log twice gives the same state.
@@ -161,15 +161,28 @@ async fn replay_is_repeatable() {
             }
         }
     }
-    engine.stop_actors();
+    engine.shutdown().await;
     drop(engine);
     storage.crash(UnsyncedFate::Lost);
     let (first, report) = open(&storage, &clock);
     let first_counts = counts(&first, 3).await;
-    first.stop_actors();
+    first.shutdown().await;
     drop(first);
     let (second, again) = open(&storage, &clock);
     assert_eq!(counts(&second, 3).await, first_counts);
     assert!(again.records >= report.records);
-    second.stop_actors();
+    second.shutdown().await;
+}
+
+/// Two engines never share a data directory.
+#[tokio::test]
+async fn a_second_engine_on_the_same_data_is_refused() {
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (first, _) = open(&storage, &clock);
+    let refused = Engine::open(config(), clock.clone(), durability(&storage));
+    assert!(matches!(refused, Err(flashstock_engine::OpenError::Locked(_))), "{refused:?}");
+    first.shutdown().await;
+    let (second, _) = open(&storage, &clock);
+    second.shutdown().await;
 }

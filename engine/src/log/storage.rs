@@ -34,6 +34,38 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes the names in `dir` (creations, renames, removals) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes the exclusive lock on `dir` (held until the guard is dropped);
+    /// fails with `WouldBlock` if another holder has it, so that two
+    /// processes never write one data directory.
+    fn lock_dir(&self, dir: &Path) -> io::Result<DirectoryLock>;
+}
+
+/// An exclusive hold on a data directory, released on drop.
+#[derive(Debug)]
+pub struct DirectoryLock {
+    _held: LockHolder,
+}
+
+#[derive(Debug)]
+enum LockHolder {
+    /// The OS releases the lock when the file is closed.
+    File(#[allow(dead_code)] std::fs::File),
+    Memory {
+        disk: Arc<Mutex<MemoryDisk>>,
+        dir: PathBuf,
+    },
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        if let LockHolder::Memory { disk, dir } = self {
+            disk.lock().unwrap_or_else(PoisonError::into_inner).locked.remove(dir);
+        }
+    }
+}
+
+fn already_locked(dir: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::WouldBlock, format!("{} is in use by another process", dir.display()))
 }
 
 /// The real file system.
@@ -96,6 +128,16 @@ impl Storage for FileStorage {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<DirectoryLock> {
+        std::fs::create_dir_all(dir)?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK"))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DirectoryLock { _held: LockHolder::File(file) }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(already_locked(dir)),
+            Err(std::fs::TryLockError::Error(error)) => Err(error),
+        }
+    }
 }
 
 /// What a simulated crash does to bytes that were written but not synced.
@@ -125,6 +167,8 @@ struct MemoryDisk {
     syncs_before_failure: Option<usize>,
     /// Bytes the disk holds in total, if bounded.
     capacity_bytes: Option<usize>,
+    /// Directories whose lock is held.
+    locked: std::collections::HashSet<PathBuf>,
 }
 
 impl MemoryDisk {
@@ -283,6 +327,13 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn lock_dir(&self, dir: &Path) -> io::Result<DirectoryLock> {
+        if !self.disk().locked.insert(dir.to_path_buf()) {
+            return Err(already_locked(dir));
+        }
+        Ok(DirectoryLock { _held: LockHolder::Memory { disk: self.disk.clone(), dir: dir.to_path_buf() } })
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut disk = self.disk();
         let in_dir = |path: &Path| path.parent() == Some(dir);
@@ -358,6 +409,20 @@ mod tests {
         storage.crash(UnsyncedFate::Lost);
         assert_eq!(storage.read(&path("snapshot")).expect("read"), vec![0, 0, 8, 0]);
         assert!(storage.read(&path("tmp")).is_err());
+    }
+
+    #[test]
+    fn a_directory_is_locked_by_one_holder_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("flashstock-lock-{}", std::process::id()));
+        for storage in [&FileStorage as &dyn Storage, &MemoryStorage::new()] {
+            let first = storage.lock_dir(&dir).expect("first lock");
+            let second = storage.lock_dir(&dir).expect_err("second lock");
+            assert_eq!(second.kind(), io::ErrorKind::WouldBlock);
+            assert!(second.to_string().contains("in use"), "{second}");
+            drop(first);
+            storage.lock_dir(&dir).expect("free again after the holder is gone");
+        }
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

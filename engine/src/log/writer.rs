@@ -21,6 +21,7 @@ use flashstock_sync::DurableWatermark;
 
 use crate::log::record::LogRecord;
 use crate::log::segments::PartitionLog;
+use crate::log::storage::DirectoryLock;
 
 /// Runs once the append's records are durable (with the highest durable
 /// sequence number of its partition) or can never be.
@@ -80,13 +81,23 @@ pub struct WriterStats {
 /// queue is drained.
 #[derive(Debug, Clone)]
 pub struct LogSubmitter {
-    sender: Sender<Append>,
+    sender: Sender<Message>,
+}
+
+#[derive(Debug)]
+enum Message {
+    Append(Append),
+    /// Finish what came before, then exit (releasing the directory lock).
+    Stop,
 }
 
 impl LogSubmitter {
     /// Queues `append` without waiting.
     pub fn submit(&self, append: Append) -> Result<(), SubmitError> {
-        self.sender.send(append).map_err(|error| SubmitError(error.0))
+        self.sender.send(Message::Append(append)).map_err(|error| match error.0 {
+            Message::Append(append) => SubmitError(append),
+            Message::Stop => unreachable!("only appends are submitted"),
+        })
     }
 }
 
@@ -102,8 +113,10 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// Starts the writer over `logs`, indexed by partition.
-    pub fn start(logs: Vec<PartitionLog>, config: WriterConfig) -> std::io::Result<Self> {
+    /// Starts the writer over `logs`, indexed by partition. `lock` (the
+    /// data directory's) is held by the thread until it has written its
+    /// last byte, so a successor can never write beside it.
+    pub fn start(logs: Vec<PartitionLog>, config: WriterConfig, lock: Option<DirectoryLock>) -> std::io::Result<Self> {
         assert!(config.round_appends_max > 0, "a round takes at least one append");
         let watermarks: Arc<[DurableWatermark]> =
             logs.iter().map(|log| DurableWatermark::new(log.durable_sequence())).collect();
@@ -111,9 +124,10 @@ impl LogWriter {
         let (sender, receiver) = crossbeam_channel::unbounded();
         let thread = {
             let (watermarks, stats) = (watermarks.clone(), stats.clone());
-            std::thread::Builder::new()
-                .name("log-writer".to_owned())
-                .spawn(move || run(logs, &receiver, config, &watermarks, &stats))?
+            std::thread::Builder::new().name("log-writer".to_owned()).spawn(move || {
+                run(logs, &receiver, config, &watermarks, &stats);
+                drop(lock);
+            })?
         };
         Ok(Self { submitter: Some(LogSubmitter { sender }), thread: Some(thread), watermarks, stats })
     }
@@ -140,11 +154,13 @@ impl LogWriter {
         &self.stats
     }
 
-    /// Makes everything queued durable (or fails it) and waits for the
-    /// thread. Every [`LogSubmitter`] must be gone first, or this waits for
-    /// them.
+    /// Makes everything queued so far durable (or fails it), then ends the
+    /// thread and waits for it. Appends submitted afterwards fail.
     pub fn stop(mut self) {
-        drop(self.submitter.take());
+        if let Some(submitter) = self.submitter.take() {
+            // A send error means the thread is already gone.
+            let _ = submitter.sender.send(Message::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 tracing::error!("the log writer thread panicked");
@@ -155,7 +171,7 @@ impl LogWriter {
 
 fn run(
     mut logs: Vec<PartitionLog>,
-    receiver: &Receiver<Append>,
+    receiver: &Receiver<Message>,
     config: WriterConfig,
     watermarks: &[DurableWatermark],
     stats: &WriterStats,
@@ -164,11 +180,19 @@ fn run(
     let mut failed: Vec<Option<Arc<str>>> = vec![None; logs.len()];
     let mut round: Vec<Append> = Vec::with_capacity(config.round_appends_max);
     let mut touched: Vec<bool> = vec![false; logs.len()];
-    while let Ok(first) = receiver.recv() {
-        round.push(first);
+    let mut stopping = false;
+    while !stopping {
+        match receiver.recv() {
+            Ok(Message::Append(first)) => round.push(first),
+            Ok(Message::Stop) | Err(_) => break,
+        }
         while round.len() < config.round_appends_max {
             match receiver.try_recv() {
-                Ok(append) => round.push(append),
+                Ok(Message::Append(append)) => round.push(append),
+                Ok(Message::Stop) => {
+                    stopping = true;
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -260,7 +284,7 @@ mod tests {
     fn concurrent_appends_are_all_acknowledged_durable_and_in_order() {
         let storage = MemoryStorage::new();
         let logs = vec![open(&storage, 0).0, open(&storage, 1).0];
-        let writer = Arc::new(LogWriter::start(logs, CONFIG).expect("starts"));
+        let writer = Arc::new(LogWriter::start(logs, CONFIG, None).expect("starts"));
         let outcomes: Outcomes = Arc::default();
         let producers: Vec<_> = (0..4u64)
             .map(|producer| {
@@ -294,7 +318,7 @@ mod tests {
     #[test]
     fn an_acknowledgement_comes_only_after_the_watermark_covers_it() {
         let storage = MemoryStorage::new();
-        let writer = LogWriter::start(vec![open(&storage, 0).0], CONFIG).expect("starts");
+        let writer = LogWriter::start(vec![open(&storage, 0).0], CONFIG, None).expect("starts");
         let watermarks = writer.watermarks();
         let (sender, receiver) = std::sync::mpsc::channel();
         for units in 1..=20 {
@@ -323,7 +347,7 @@ mod tests {
         let (healthy, broken) = (MemoryStorage::new(), MemoryStorage::new());
         let logs = vec![open(&healthy, 0).0, open(&broken, 1).0];
         broken.fail_syncs_after(0);
-        let writer = LogWriter::start(logs, CONFIG).expect("starts");
+        let writer = LogWriter::start(logs, CONFIG, None).expect("starts");
         let outcomes: Outcomes = Arc::default();
         submit(&writer, 1, 1, &outcomes);
         submit(&writer, 0, 2, &outcomes);
@@ -338,7 +362,7 @@ mod tests {
     fn after_a_failure_later_appends_fail_without_touching_the_disk() {
         let broken = MemoryStorage::new();
         broken.fail_syncs_after(0);
-        let writer = LogWriter::start(vec![open(&broken, 0).0], CONFIG).expect("starts");
+        let writer = LogWriter::start(vec![open(&broken, 0).0], CONFIG, None).expect("starts");
         let outcomes: Outcomes = Arc::default();
         for units in 1..=5 {
             submit(&writer, 0, units, &outcomes);
