@@ -88,7 +88,7 @@ impl StockSnapshotCell {
     pub fn publish(&self, reading: SnapshotReading) {
         let snapshot = reading.stock;
         let sequence = self.sequence.load(Ordering::Relaxed);
-        assert!(sequence % 2 == 0, "two writers published into one snapshot cell");
+        assert!(sequence.is_multiple_of(2), "two writers published into one snapshot cell");
         self.sequence.store(sequence + 1, Ordering::Relaxed);
         // Orders the odd sequence before the field stores: a reader that sees
         // any new field value also sees the sequence change.
@@ -104,7 +104,7 @@ impl StockSnapshotCell {
     pub fn read(&self) -> Option<SnapshotReading> {
         for _ in 0..READ_ATTEMPTS_MAX {
             let before = self.sequence.load(Ordering::Acquire);
-            if before % 2 == 1 {
+            if !before.is_multiple_of(2) {
                 spin_hint();
                 continue;
             }
