@@ -9,9 +9,10 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use crate::ids::{FastMap, OrderId};
-use crate::order::{MergedLine, OrderRequest, Reservation, Settlement};
+use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
+use crate::order::{MergedLine, Reservation, Settlement};
 use crate::runtime::{lock, EngineConfig, SkuSlot};
+use crate::sku::Quantity;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OrderPhase {
@@ -33,10 +34,41 @@ pub(crate) struct OrderPlan {
     pub(crate) slots: Vec<Arc<SkuSlot>>,
 }
 
+/// What makes two requests the same order for idempotency: the buyer, the
+/// TTL and the merged lines sorted by SKU. (A record rebuilt from the SKUs'
+/// logs after a restart knows exactly this much.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OrderContent {
+    pub(crate) buyer: BuyerId,
+    pub(crate) ttl_ms: u64,
+    pub(crate) lines: Vec<(SkuId, Quantity)>,
+}
+
+impl OrderContent {
+    pub(crate) fn of(buyer: &BuyerId, ttl_ms: u64, merged: &[MergedLine]) -> Self {
+        let mut lines: Vec<(SkuId, Quantity)> = merged.iter().map(|line| (line.sku.clone(), line.quantity)).collect();
+        lines.sort_by(|a, b| a.0.cmp(&b.0));
+        Self { buyer: buyer.clone(), ttl_ms, lines }
+    }
+
+    /// Whether a request with these parts is the same order, without
+    /// building its content (this runs before the sold-out check).
+    pub(crate) fn matches(&self, buyer: &BuyerId, ttl_ms: u64, merged: &[MergedLine]) -> bool {
+        self.buyer == *buyer
+            && self.ttl_ms == ttl_ms
+            && self.lines.len() == merged.len()
+            && merged.iter().all(|line| {
+                self.lines
+                    .binary_search_by(|(sku, _)| sku.cmp(&line.sku))
+                    .is_ok_and(|position| self.lines[position].1 == line.quantity)
+            })
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct OrderRecord {
-    /// As first received: a retry must match it exactly.
-    pub(crate) request: OrderRequest,
+    /// What a retry must match.
+    pub(crate) content: OrderContent,
     /// Which arrival in `OrderDirectory::arrival` this record belongs to.
     pub(crate) arrival: u64,
     pub(crate) plan: Arc<OrderPlan>,

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::actor::{SkuActor, SkuMessage};
 use crate::clock::Clock;
-use crate::directory::{InterruptedOrder, OrderDirectory, OrderPhase, OrderPlan, OrderRecord};
+use crate::directory::{InterruptedOrder, OrderContent, OrderDirectory, OrderPhase, OrderPlan, OrderRecord};
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
 use crate::log::record::LogRecord;
@@ -32,7 +32,10 @@ use crate::log::storage::Storage;
 use crate::log::writer::{Append, LogSubmitter, LogWriter, WriterConfig};
 use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservation, ReservedLine, Settlement};
 use crate::partition::partition_of;
-use crate::sku::{ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot};
+use crate::sku::{
+    EndingImage, ReservationImage, ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState,
+    StockSnapshot,
+};
 
 /// Most partitions a cluster may have. Each costs a directory, a map and a
 /// gate in every process; 65,536 is far more than any cluster needs.
@@ -263,6 +266,8 @@ pub struct Durability {
 #[derive(Debug, Default)]
 pub struct RecoveryReport {
     pub skus: usize,
+    /// Orders rebuilt from the SKUs' reservations.
+    pub orders: usize,
     pub records: usize,
     /// Torn last writes that were cut off, one per partition at most.
     pub torn_tails: Vec<TornTail>,
@@ -369,7 +374,107 @@ impl Engine {
                 engine.insert_slot(sku, state);
             }
         }
+        report.orders = engine.rebuild_directories();
         Ok((engine, report))
+    }
+
+    /// Rebuilds every partition's order directory from the reservations the
+    /// recovered SKUs hold: the SKUs' logs are the only truth, and an order
+    /// is exactly its lines' reservations. Returns how many orders.
+    ///
+    /// An order whose lines ended differently (a multi-line settle cut off
+    /// by the crash: some lines committed or released, others still held)
+    /// is rebuilt as held, so that the client's retried commit or release
+    /// finishes it (settling is idempotent per line).
+    fn rebuild_directories(&self) -> usize {
+        let mut orders: BTreeMap<OrderId, Vec<(Arc<SkuSlot>, ReservationImage)>> = BTreeMap::new();
+        for partition in self.inner.partitions.iter() {
+            let skus = partition.skus.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for slot in skus.values() {
+                let image = lock(&slot.parked).as_ref().expect("no actor runs while recovering").image();
+                for reservation in image.reservations {
+                    orders.entry(reservation.line.order.clone()).or_default().push((slot.clone(), reservation));
+                }
+            }
+        }
+        let now_ms = self.inner.clock.now_ms();
+        let count = orders.len();
+        for (order, mut lines) in orders {
+            lines.sort_by(|a, b| a.0.sku.cmp(&b.0.sku));
+            let first = &lines[0].1.line;
+            let (buyer, ttl_ms) = (first.buyer.clone(), first.ttl_ms);
+            let merged: Vec<MergedLine> = lines
+                .iter()
+                .enumerate()
+                .map(|(index, (slot, reservation))| MergedLine {
+                    index,
+                    sku: slot.sku.clone(),
+                    quantity: reservation.line.quantity,
+                })
+                .collect();
+            let stock_of =
+                |slot: &SkuSlot| slot.snapshot.read().map_or_else(StockSnapshot::default, |reading| reading.stock);
+            let reservation = Reservation {
+                order: order.clone(),
+                expires_at_ms: lines.iter().map(|(_, reservation)| reservation.expires_at_ms).min().unwrap_or(0),
+                lines: lines
+                    .iter()
+                    .map(|(slot, reservation)| ReservedLine {
+                        sku: slot.sku.clone(),
+                        units: reservation.units,
+                        stock: stock_of(slot),
+                    })
+                    .collect(),
+            };
+            let ended = |wanted: fn(&EndingImage) -> bool| {
+                lines.iter().filter(|(_, r)| r.ending.as_ref().is_some_and(wanted)).count()
+            };
+            let committed = ended(|ending| matches!(ending, EndingImage::Committed { .. }));
+            let released = ended(|ending| matches!(ending, EndingImage::Released));
+            let live = lines.iter().filter(|(_, reservation)| reservation.ending.is_none()).count();
+            let (phase, settled_units): (OrderPhase, Option<Vec<u32>>) = if live > 0 {
+                (OrderPhase::Held, None)
+            } else if committed > 0 {
+                let units = lines
+                    .iter()
+                    .map(|(_, reservation)| match reservation.ending {
+                        Some(EndingImage::Committed { units, .. }) => units,
+                        _ => 0,
+                    })
+                    .collect();
+                (OrderPhase::Committed, Some(units))
+            } else if released > 0 {
+                (OrderPhase::Released, Some(lines.iter().map(|(_, reservation)| reservation.units).collect()))
+            } else {
+                (OrderPhase::Expired, None)
+            };
+            if live > 0 && live < lines.len() {
+                tracing::warn!(%order, "an order's settle was cut off by the crash; a retried commit or release finishes it");
+            }
+            let settlement = settled_units.map(|units| Settlement {
+                order: order.clone(),
+                lines: lines
+                    .iter()
+                    .zip(units)
+                    .map(|((slot, _), units)| ReservedLine { sku: slot.sku.clone(), units, stock: stock_of(slot) })
+                    .collect(),
+                replayed: false,
+            });
+            let slots = lines.into_iter().map(|(slot, _)| slot).collect();
+            let directory = &self.order_partition(&order).orders;
+            let mut directory = lock(directory);
+            let arrival = directory.arrive(now_ms, &order);
+            let record = OrderRecord {
+                content: OrderContent::of(&buyer, ttl_ms, &merged),
+                arrival,
+                plan: Arc::new(OrderPlan { lines: merged, slots }),
+                phase,
+                reservation: Some(reservation),
+                settlement,
+            };
+            directory.records.insert(order, record);
+        }
+        count
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -595,7 +700,7 @@ impl Engine {
             let mut orders = lock(directory);
             // A retry is answered from the directory, before the hint: a
             // held order stays held even once its SKU has sold out.
-            if let Some(answer) = Self::replay_reserve(&orders, &request) {
+            if let Some(answer) = Self::replay_reserve(&orders, &request, &lines) {
                 return answer;
             }
             for (line, slot) in lines.iter().zip(&slots) {
@@ -606,9 +711,10 @@ impl Engine {
             orders.forget_old(now_ms, config);
             let (order, buyer, ttl_ms) = (request.order.clone(), request.buyer.clone(), request.ttl_ms);
             let arrival = orders.arrive(now_ms, &order);
+            let content = OrderContent::of(&request.buyer, request.ttl_ms, &lines);
             let plan = Arc::new(OrderPlan { lines, slots });
             let record = OrderRecord {
-                request,
+                content,
                 arrival,
                 plan: plan.clone(),
                 phase: OrderPhase::Reserving,
@@ -635,9 +741,13 @@ impl Engine {
         outcome
     }
 
-    fn replay_reserve(orders: &OrderDirectory, request: &OrderRequest) -> Option<Result<Reservation, OrderError>> {
+    fn replay_reserve(
+        orders: &OrderDirectory,
+        request: &OrderRequest,
+        merged: &[MergedLine],
+    ) -> Option<Result<Reservation, OrderError>> {
         let record = orders.records.get(&request.order)?;
-        if record.request != *request {
+        if !record.content.matches(&request.buyer, request.ttl_ms, merged) {
             return Some(Err(OrderError::IdempotencyConflict));
         }
         Some(match &record.reservation {

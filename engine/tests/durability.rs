@@ -186,3 +186,50 @@ async fn a_second_engine_on_the_same_data_is_refused() {
     let (second, _) = open(&storage, &clock);
     second.shutdown().await;
 }
+
+/// Orders outlive a restart: the directory is rebuilt from the SKUs'
+/// reservations, so held orders can be committed or released, settled ones
+/// answer retries with their first answer, and a retried reserve (lines in
+/// any order) finds its reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_outlive_a_restart() {
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (engine, _) = open(&storage, &clock);
+    for index in 0..3 {
+        engine
+            .create_sku(sku(index), SkuSettings { initial_units: 20, ..SkuSettings::default() })
+            .await
+            .expect("created");
+    }
+    let single = engine.reserve(request("single", &[(0, 2)])).await.expect("held");
+    let multi = engine.reserve(request("multi", &[(1, 1), (2, 3)])).await.expect("held");
+    let paid = engine.reserve(request("paid", &[(0, 1), (1, 1)])).await.expect("held");
+    engine.commit(&paid.order).await.expect("committed");
+    let cancelled = engine.reserve(request("cancelled", &[(2, 2)])).await.expect("held");
+    engine.release(&cancelled.order).await.expect("released");
+    let before = counts(&engine, 3).await;
+    engine.shutdown().await;
+    drop(engine);
+    storage.crash(UnsyncedFate::Lost);
+
+    let (engine, report) = open(&storage, &clock);
+    assert_eq!(report.orders, 4);
+    assert_eq!(counts(&engine, 3).await, before);
+    // A retried reserve, lines in another order, is the same reservation.
+    let retried = engine.reserve(request("multi", &[(2, 3), (1, 1)])).await.expect("same order");
+    assert_eq!(retried.lines.iter().map(|line| line.units).sum::<u32>(), 4);
+    assert_eq!(engine.reserve(request("multi", &[(2, 1)])).await, Err(OrderError::IdempotencyConflict));
+
+    assert!(engine.commit(&paid.order).await.expect("first answer").replayed);
+    assert!(engine.release(&cancelled.order).await.expect("first answer").replayed);
+    assert_eq!(engine.release(&paid.order).await, Err(OrderError::AlreadyCommitted));
+    let sold = engine.commit(&single.order).await.expect("commit after restart");
+    assert_eq!(sold.lines[0].units, 2);
+    let sold = engine.commit(&multi.order).await.expect("multi-line commit after restart");
+    assert_eq!(sold.lines.iter().map(|line| line.units).sum::<u32>(), 4);
+    let after = counts(&engine, 3).await;
+    assert_eq!(after.iter().map(|counts| counts.held).sum::<u64>(), 0);
+    assert_eq!(after.iter().map(|counts| counts.sold).sum::<u64>(), 2 + 2 + 4);
+    engine.shutdown().await;
+}
