@@ -10,10 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use flashstock_engine::log::segments::LogConfig;
+use flashstock_engine::log::storage::FileStorage;
+use flashstock_engine::log::writer::WriterConfig;
 use flashstock_engine::sku::ReserveLine;
 use flashstock_engine::{
-    BuyerId, Engine, EngineConfig, Limits, Line, OrderId, OrderRequest, Quantity, SkuCommand, SkuId, SkuSettings,
-    SkuState, SystemClock,
+    BuyerId, Durability, Engine, EngineConfig, Limits, Line, OrderId, OrderRequest, Quantity, SkuCommand, SkuId,
+    SkuSettings, SkuState, SystemClock,
 };
 
 const IN_FLIGHT: usize = 256;
@@ -92,7 +95,13 @@ fn actors(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("actors");
     group.throughput(Throughput::Elements(ORDERS_PER_RUN as u64));
     group.sample_size(10);
-    for (name, sku_count) in [("reserve_commit/hot_sku", 1usize), ("reserve_commit/10k_zipf", 10_000)] {
+    let cases = [
+        ("reserve_commit/hot_sku/memory", 1usize, false),
+        ("reserve_commit/hot_sku/durable", 1, true),
+        ("reserve_commit/10k_zipf/memory", 10_000, false),
+        ("reserve_commit/10k_zipf/durable", 10_000, true),
+    ];
+    for (name, sku_count, durable) in cases {
         let skus: Vec<SkuId> =
             (0..sku_count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect();
         let picks = Arc::new(zipf_picks(sku_count, ORDERS_PER_RUN));
@@ -106,11 +115,29 @@ fn actors(criterion: &mut Criterion) {
                         limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() },
                         ..EngineConfig::default()
                     };
-                    let engine = Engine::new(config, Arc::new(SystemClock)).expect("valid config");
+                    let data = std::env::temp_dir().join(format!("flashstock-bench-{}-{run}", std::process::id()));
+                    let engine = if durable {
+                        let durability = Durability {
+                            storage: Arc::new(FileStorage),
+                            data_directory: data.clone(),
+                            log: LogConfig::default(),
+                            writer: WriterConfig { round_appends_max: 4096, sync_threads_max: 8 },
+                        };
+                        Engine::open(config, Arc::new(SystemClock), durability).expect("opens").0
+                    } else {
+                        Engine::new(config, Arc::new(SystemClock)).expect("valid config")
+                    };
                     runtime.block_on(async {
-                        for sku in &skus {
-                            let settings = SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() };
-                            engine.create_sku(sku.clone(), settings).await.expect("created");
+                        let creations: Vec<_> = skus
+                            .iter()
+                            .map(|sku| {
+                                let (engine, sku) = (engine.clone(), sku.clone());
+                                let settings = SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() };
+                                tokio::spawn(async move { engine.create_sku(sku, settings).await.expect("created") })
+                            })
+                            .collect();
+                        for creation in creations {
+                            creation.await.expect("created");
                         }
                     });
                     let orders = Arc::new(order_ids(&format!("run{run}"), ORDERS_PER_RUN));
@@ -146,9 +173,17 @@ fn actors(criterion: &mut Criterion) {
                             task.await.expect("task ran");
                         }
                         let elapsed = started.elapsed();
-                        engine.stop_actors();
+                        if let Some((syncs, records)) = engine.log_counts() {
+                            eprintln!(
+                                "  {name}: {records} records in {syncs} fdatasyncs ({:.1} per sync)",
+                                records as f64 / syncs.max(1) as f64
+                            );
+                        }
+                        engine.shutdown().await;
                         elapsed
                     });
+                    drop(engine);
+                    let _ = std::fs::remove_dir_all(&data);
                 }
                 total
             });

@@ -1007,6 +1007,15 @@ impl Engine {
         })
     }
 
+    /// What the log writer has done so far: `(fdatasync calls, records)`;
+    /// `None` for an in-memory engine.
+    pub fn log_counts(&self) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        lock(&self.inner.writer)
+            .as_ref()
+            .map(|writer| (writer.stats().syncs.load(Relaxed), writer.stats().records.load(Relaxed)))
+    }
+
     /// Orderly stop: stops the SKU actors, makes every record already
     /// queued durable, ends the log writer and releases the data directory.
     /// Requests after this fail with `Unavailable` (durable engine) or find

@@ -18,7 +18,7 @@ fn durability(storage: &MemoryStorage) -> Durability {
         storage: Arc::new(storage.clone()),
         data_directory: PathBuf::from("/data"),
         log: LogConfig { segment_bytes_max: 4096 },
-        writer: WriterConfig { round_appends_max: 256 },
+        writer: WriterConfig { round_appends_max: 256, sync_threads_max: 4 },
     }
 }
 

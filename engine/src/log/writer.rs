@@ -66,6 +66,10 @@ pub struct WriterConfig {
     /// Appends taken per round (one write + sync per touched partition).
     /// Bounds the latency a round adds to the first append in it.
     pub round_appends_max: usize,
+    /// Partition logs synced at once in a round. Syncs of different files
+    /// overlap on the device; more threads than the device has queues only
+    /// add scheduling.
+    pub sync_threads_max: usize,
 }
 
 /// Counts of what the writer did, for metrics and benchmarks.
@@ -212,12 +216,14 @@ fn run(
             }
             stats.records.fetch_add(append.records.len() as u64, Relaxed);
         }
-        for (partition, log) in logs.iter_mut().enumerate() {
-            if !std::mem::take(&mut touched[partition]) || failed[partition].is_some() {
-                continue;
-            }
-            stats.syncs.fetch_add(1, Relaxed);
-            match log.flush() {
+        let to_flush: Vec<(usize, &mut PartitionLog)> = logs
+            .iter_mut()
+            .enumerate()
+            .filter(|(partition, _)| std::mem::take(&mut touched[*partition]) && failed[*partition].is_none())
+            .collect();
+        stats.syncs.fetch_add(to_flush.len() as u64, Relaxed);
+        for (partition, outcome) in flush_in_parallel(to_flush, config.sync_threads_max) {
+            match outcome {
                 Ok(durable) => watermarks[partition].advance(durable),
                 Err(error) => {
                     tracing::error!(partition, %error, "partition log failed; it acknowledges nothing more");
@@ -236,6 +242,35 @@ fn run(
     }
 }
 
+/// Flushes each log (one write and one `fdatasync`) on up to
+/// `threads_max` threads at once: the syncs of different files overlap in
+/// the device's queue instead of waiting for each other.
+fn flush_in_parallel(
+    logs: Vec<(usize, &mut PartitionLog)>,
+    threads_max: usize,
+) -> Vec<(usize, Result<u64, crate::log::segments::LogError>)> {
+    if logs.len() <= 1 || threads_max <= 1 {
+        return logs.into_iter().map(|(partition, log)| (partition, log.flush())).collect();
+    }
+    let per_thread = logs.len().div_ceil(threads_max);
+    let mut chunks: Vec<Vec<(usize, &mut PartitionLog)>> = Vec::new();
+    let mut remaining = logs.into_iter().peekable();
+    while remaining.peek().is_some() {
+        chunks.push(remaining.by_ref().take(per_thread).collect());
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk.into_iter().map(|(partition, log)| (partition, log.flush())).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|worker| worker.join().expect("a flush thread panicked")).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,7 +281,7 @@ mod tests {
     use std::path::Path;
     use std::sync::Mutex;
 
-    const CONFIG: WriterConfig = WriterConfig { round_appends_max: 64 };
+    const CONFIG: WriterConfig = WriterConfig { round_appends_max: 64, sync_threads_max: 4 };
 
     fn record(units: u64) -> LogRecord {
         LogRecord::Apply { sku: SkuId::new("sku").expect("valid"), now_ms: 0, command: SkuCommand::AddStock { units } }
