@@ -19,7 +19,37 @@ pub struct ClusterFile {
     #[serde(default)]
     pub limits: LimitsSection,
     pub sale: Option<SaleSection>,
+    /// Where logs are kept; without it the engine keeps everything in memory.
+    pub storage: Option<StorageSection>,
 }
+
+/// The durable log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// Logs live below this directory (relative paths are relative to the
+    /// working directory).
+    pub data_directory: std::path::PathBuf,
+    /// A log segment that reaches this size is closed and a new one begun.
+    #[serde(default = "default_segment_bytes_max")]
+    pub segment_bytes_max: u64,
+    /// Partition logs synced at once by the group-commit writer.
+    #[serde(default = "default_sync_threads_max")]
+    pub sync_threads_max: usize,
+}
+
+fn default_segment_bytes_max() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_sync_threads_max() -> usize {
+    8
+}
+
+/// Bounds checked on `[storage]`: a segment holds at least one largest
+/// record; more sync threads than this only add scheduling.
+const SEGMENT_BYTES_MIN: u64 = 1024 * 1024;
+const SYNC_THREADS_MAX: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +155,14 @@ impl ClusterFile {
         let engine = file.engine_config()?;
         if let Some(sale) = &file.sale {
             sale.validate(&engine)?;
+        }
+        if let Some(storage) = &file.storage {
+            if storage.segment_bytes_max < SEGMENT_BYTES_MIN {
+                bail!("`storage.segment_bytes_max`: at least {SEGMENT_BYTES_MIN} bytes");
+            }
+            if storage.sync_threads_max == 0 || storage.sync_threads_max > SYNC_THREADS_MAX {
+                bail!("`storage.sync_threads_max`: between 1 and {SYNC_THREADS_MAX}");
+            }
         }
         Ok(file)
     }

@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use flashstock_engine::{Engine, SystemClock};
+use flashstock_engine::log::segments::LogConfig;
+use flashstock_engine::log::storage::FileStorage;
+use flashstock_engine::log::writer::WriterConfig;
+use flashstock_engine::{Durability, Engine, SystemClock};
 use flashstock_node::{config, sale};
 
 #[derive(Debug, Parser)]
@@ -69,9 +72,30 @@ fn main() -> anyhow::Result<()> {
             let engine_config = file.engine_config()?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
-                let engine = Engine::new(engine_config, Arc::new(SystemClock))?;
+                let engine = match &file.storage {
+                    None => Engine::new(engine_config, Arc::new(SystemClock))?,
+                    Some(storage) => {
+                        // The simulated sale owns this directory and starts it empty.
+                        let data_directory = storage.data_directory.join("simulated-sale");
+                        if data_directory.exists() {
+                            std::fs::remove_dir_all(&data_directory)
+                                .with_context(|| format!("emptying {}", data_directory.display()))?;
+                        }
+                        println!("durable: logs in {}", data_directory.display());
+                        let durability = Durability {
+                            storage: Arc::new(FileStorage),
+                            data_directory,
+                            log: LogConfig { segment_bytes_max: storage.segment_bytes_max },
+                            writer: WriterConfig {
+                                round_appends_max: 4096,
+                                sync_threads_max: storage.sync_threads_max,
+                            },
+                        };
+                        Engine::open(engine_config, Arc::new(SystemClock), durability)?.0
+                    }
+                };
                 let outcome = sale::run(engine.clone(), &file.cluster.name, sale).await;
-                engine.stop_actors();
+                engine.shutdown().await;
                 outcome
             })
         }

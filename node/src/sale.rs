@@ -222,22 +222,29 @@ fn percentile_ms(sorted_us: &[u32], percentile: f64) -> f64 {
 /// Runs the sale on `engine` and prints the report. Fails if the books do
 /// not balance.
 pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Result<()> {
-    let mut initial = Vec::new();
-    for index in 0..u64::from(sale.hot_skus) {
-        let settings = SkuSettings {
-            initial_units: sale.hot_units,
-            units_per_buyer_max: Some(sale.units_per_buyer_max),
-            opens_at_ms: 0,
-        };
-        engine.create_sku(hot_sku(index), settings).await?;
-        initial.push((hot_sku(index), sale.hot_units));
+    let hot_settings = SkuSettings {
+        initial_units: sale.hot_units,
+        units_per_buyer_max: Some(sale.units_per_buyer_max),
+        opens_at_ms: 0,
+    };
+    let cold_settings = SkuSettings { initial_units: sale.cold_units, ..SkuSettings::default() };
+    let initial: Vec<(SkuId, SkuSettings)> = (0..u64::from(sale.hot_skus))
+        .map(|index| (hot_sku(index), hot_settings))
+        .chain((0..sale.cold_skus as usize).map(|index| (cold_sku(index), cold_settings)))
+        .collect();
+    // Created concurrently, so that a durable engine logs them in a few
+    // group commits rather than one fdatasync each.
+    let creations: Vec<_> = initial
+        .iter()
+        .map(|(sku, settings)| {
+            let (engine, sku, settings) = (engine.clone(), sku.clone(), *settings);
+            tokio::spawn(async move { engine.create_sku(sku, settings).await })
+        })
+        .collect();
+    for creation in creations {
+        creation.await.context("creating a SKU panicked")??;
     }
-    for index in 0..sale.cold_skus as usize {
-        engine
-            .create_sku(cold_sku(index), SkuSettings { initial_units: sale.cold_units, ..SkuSettings::default() })
-            .await?;
-        initial.push((cold_sku(index), sale.cold_units));
-    }
+    let initial: Vec<(SkuId, u64)> = initial.into_iter().map(|(sku, settings)| (sku, settings.initial_units)).collect();
     println!(
         "flash sale `{name}`: {} buyers, {} in flight, {} hot SKUs x {} units, {} cold SKUs x {} units (Zipf {})",
         sale.buyers,

@@ -68,3 +68,20 @@ fn a_misspelt_limit_is_refused_by_name() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("hold_ttl_min_ms"), "{stderr}");
 }
+
+#[test]
+fn a_durable_sale_balances_its_books_and_leaves_its_log() {
+    let data = std::env::temp_dir().join(format!("flashstock-it-{}-durable-data", std::process::id()));
+    let storage = format!("\n[storage]\ndata_directory = {:?}\n", data.display().to_string());
+    let config = write_config("durable", &format!("{SMALL_SALE}{storage}"));
+    for run in 0..2 {
+        let output =
+            Command::new(node_binary()).args(["flash-sale", "--config"]).arg(&config).output().expect("node runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "run {run}: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.contains("books balance"), "{stdout}");
+    }
+    let partitions = std::fs::read_dir(data.join("simulated-sale")).expect("log directory").count();
+    assert!(partitions >= 8, "one directory per partition (and the lock)");
+    std::fs::remove_dir_all(&data).expect("cleanup");
+}
