@@ -1,4 +1,4 @@
-//! The partition log: how commands become durable (being built, issue 3).
+//! The partition log: how commands become durable.
 //!
 //! Layers, bottom up:
 //! - [`frame`]: the on-disk record framing (magic, version, length,
@@ -23,9 +23,9 @@
 //!   tests need (torn writes, lost unsynced data, fsync errors, a full disk,
 //!   flipped bits).
 //!
-//! Still to come: taking snapshots periodically and dropping the segments
-//! they cover, the order directory's decisions in the log, and the engine opening its logs,
-//! replaying them, and answering only once its records are durable.
+//! The engine uses them in `Engine::open` (durable mode). Still to come:
+//! taking snapshots periodically and dropping the segments they cover, and
+//! one shared log per node so that a group commit costs one sync.
 
 pub mod frame;
 pub mod record;
