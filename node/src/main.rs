@@ -32,6 +32,17 @@ enum Command {
         #[arg(long)]
         buyers: Option<u64>,
     },
+    /// Runs a reserve-and-commit load on a durable engine in `--data` until
+    /// killed (at most 30 s), appending each acknowledged commit's order id
+    /// to `--acknowledged`. For crash tests.
+    CrashLoad {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        acknowledged: PathBuf,
+    },
     /// Loads and validates a configuration file, then exits.
     CheckConfig {
         #[arg(long, default_value = "cluster.toml")]
@@ -62,6 +73,24 @@ fn main() -> anyhow::Result<()> {
                 file.cluster.partitions
             );
             Ok(())
+        }
+        Command::CrashLoad { config, data, acknowledged } => {
+            let file = config::ClusterFile::load(&config)?;
+            let engine_config = file.engine_config()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let durability = Durability {
+                    storage: Arc::new(FileStorage),
+                    data_directory: data,
+                    log: LogConfig::default(),
+                    writer: WriterConfig { round_appends_max: 4096, sync_threads_max: 8 },
+                };
+                let (engine, report) = Engine::open(engine_config, Arc::new(SystemClock), durability)?;
+                eprintln!("recovered {} records, {} SKUs, {} orders", report.records, report.skus, report.orders);
+                let outcome = flashstock_node::crash_load::run(engine.clone(), acknowledged).await;
+                engine.shutdown().await;
+                outcome
+            })
         }
         Command::FlashSale { config, buyers } => {
             let file = config::ClusterFile::load(&config)?;
