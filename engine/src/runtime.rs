@@ -333,6 +333,11 @@ impl Engine {
         durability: Durability,
     ) -> Result<(Self, RecoveryReport), OpenError> {
         config.validate()?;
+        first_violation([
+            (durability.writer.round_appends_max == 0, "round_appends_max", "must be at least 1"),
+            (durability.writer.sync_threads_max == 0, "sync_threads_max", "must be at least 1"),
+            (durability.log.segment_bytes_max == 0, "segment_bytes_max", "must be at least 1"),
+        ])?;
         let lock = durability.storage.lock_dir(&durability.data_directory).map_err(OpenError::Locked)?;
         let mut report = RecoveryReport::default();
         let mut logs = Vec::with_capacity(config.partition_count as usize);

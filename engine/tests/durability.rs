@@ -233,3 +233,17 @@ async fn orders_outlive_a_restart() {
     assert_eq!(after.iter().map(|counts| counts.sold).sum::<u64>(), 2 + 2 + 4);
     engine.shutdown().await;
 }
+
+/// A writer bound of zero is a configuration error, not a panic.
+#[tokio::test]
+async fn bad_durability_settings_are_typed_errors() {
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(0));
+    let mut settings = durability(&storage);
+    settings.writer.round_appends_max = 0;
+    let refused = Engine::open(config(), clock, settings);
+    assert!(
+        matches!(&refused, Err(flashstock_engine::OpenError::Config(invalid)) if invalid.field == "round_appends_max"),
+        "{refused:?}"
+    );
+}
