@@ -39,6 +39,11 @@ fn stock(available: u64, held: u64, sold: u64) -> StockSnapshot {
     StockSnapshot { available, held, sold }
 }
 
+/// Creates `sku` with `units` in stock, which must succeed.
+async fn create(engine: &Engine, sku: SkuId, units: u64) {
+    engine.create_sku(sku, SkuSettings { initial_units: units, ..SkuSettings::default() }).await.expect("created");
+}
+
 /// Polls `condition` every 10 ms for at most `limit`.
 async fn eventually(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -54,7 +59,7 @@ async fn eventually(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -
 #[tokio::test]
 async fn reserve_commit_release_and_their_retries() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("tv"), 10).await;
 
     let reservation = engine.reserve(request("o1", "alice", &[("tv", 3)])).await.expect("held");
     assert_eq!(reservation.lines[0].units, 3);
@@ -85,7 +90,7 @@ async fn reserve_commit_release_and_their_retries() {
 #[tokio::test]
 async fn commit_of_fewer_units_returns_the_rest() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("tv"), SkuSettings { initial_units: 10, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("tv"), 10).await;
     engine.reserve(request("o1", "alice", &[("tv", 4)])).await.expect("held");
     let settled = engine.commit_fewer(&order("o1"), &[(sku("tv"), 1)]).await.expect("committed");
     assert_eq!((settled.lines[0].units, settled.lines[0].stock), (1, stock(9, 0, 1)));
@@ -94,8 +99,8 @@ async fn commit_of_fewer_units_returns_the_rest() {
 #[tokio::test]
 async fn multi_line_orders_are_all_or_nothing() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
-    engine.create_sku(sku("b"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("a"), 5).await;
+    create(&engine, sku("b"), 1).await;
 
     let refused = engine.reserve(request("o1", "alice", &[("a", 2), ("b", 3)])).await;
     assert_eq!(
@@ -131,10 +136,7 @@ async fn multi_line_orders_are_all_or_nothing() {
 async fn multi_line_commit_after_expiry_releases_every_line() {
     let (engine, clock) = manual_engine();
     for name in ["a", "b"] {
-        engine
-            .create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() })
-            .await
-            .expect("created");
+        create(&engine, sku(name), 5).await;
     }
     engine.reserve(request("o1", "alice", &[("a", 1), ("b", 1)])).await.expect("held");
     // Inside the grace period before expiry: refusing is the safe decision.
@@ -148,7 +150,7 @@ async fn multi_line_commit_after_expiry_releases_every_line() {
 #[tokio::test]
 async fn single_line_commit_after_expiry_is_expired() {
     let (engine, clock) = manual_engine();
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("a"), 5).await;
     engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
     clock.advance_ms(60_000);
     assert_eq!(engine.commit(&order("o1")).await, Err(OrderError::Expired { expired_at_ms: 1_060_000 }));
@@ -159,7 +161,7 @@ async fn single_line_commit_after_expiry_is_expired() {
 #[tokio::test]
 async fn admin_errors_are_typed_and_change_nothing() {
     let (engine, clock) = manual_engine();
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("a"), 5).await;
     assert!(matches!(
         engine.create_sku(sku("a"), SkuSettings::default()).await,
         Err(flashstock_engine::EngineError::SkuExists { .. })
@@ -195,7 +197,7 @@ async fn admission_answers_busy_beyond_the_bound() {
         ..EngineConfig::default()
     };
     let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
-    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("hot"), 100).await;
     // Start the actor first so that admission is the only thing that waits.
     engine.reserve(request("warm", "w", &[("hot", 1)])).await.expect("held");
 
@@ -230,7 +232,7 @@ fn short_ttl_config() -> EngineConfig {
 #[tokio::test]
 async fn holds_expire_without_anyone_asking() {
     let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("a"), 3).await;
     let mut order_request = request("o1", "alice", &[("a", 3)]);
     order_request.ttl_ms = 40;
     engine.reserve(order_request).await.expect("held");
@@ -244,7 +246,7 @@ async fn holds_expire_without_anyone_asking() {
 #[tokio::test]
 async fn idle_actors_passivate_and_keep_their_state() {
     let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 3, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("a"), 3).await;
     assert_eq!(engine.active_actor_count(), 0, "no actor before the first request");
     engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
     engine.commit(&order("o1")).await.expect("committed");
@@ -263,7 +265,7 @@ async fn idle_actors_passivate_and_keep_their_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sold_out_hint_never_hides_released_stock() {
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("one"), SkuSettings { initial_units: 1, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("one"), 1).await;
     for round in 0..200 {
         let holder = format!("hold-{round}");
         engine.reserve(request(&holder, "a", &[("one", 1)])).await.expect("held");
@@ -281,12 +283,9 @@ async fn sold_out_hint_never_hides_released_stock() {
 async fn stampede_never_oversells() {
     const BUYERS: usize = 2_000;
     let (engine, _clock) = manual_engine();
-    engine.create_sku(sku("hot"), SkuSettings { initial_units: 100, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("hot"), 100).await;
     for cold in 0..4 {
-        engine
-            .create_sku(sku(&format!("cold-{cold}")), SkuSettings { initial_units: 1_000, ..SkuSettings::default() })
-            .await
-            .expect("created");
+        create(&engine, sku(&format!("cold-{cold}")), 1_000).await;
     }
     let tasks: Vec<_> = (0..BUYERS)
         .map(|buyer| {
@@ -329,10 +328,7 @@ async fn stampede_never_oversells() {
 async fn commit_fewer_refuses_skus_outside_the_order_without_change() {
     let (engine, _clock) = manual_engine();
     for name in ["a", "b"] {
-        engine
-            .create_sku(sku(name), SkuSettings { initial_units: 5, ..SkuSettings::default() })
-            .await
-            .expect("created");
+        create(&engine, sku(name), 5).await;
     }
     engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("held");
     assert_eq!(
@@ -378,10 +374,7 @@ async fn mixed_orders_with_expiry_keep_the_books() {
     const SKUS: u64 = 6;
     let engine = engine_with(short_ttl_config(), Arc::new(SystemClock));
     for index in 0..SKUS {
-        engine
-            .create_sku(sku(&format!("s{index}")), SkuSettings { initial_units: 40, ..SkuSettings::default() })
-            .await
-            .expect("created");
+        create(&engine, sku(&format!("s{index}")), 40).await;
     }
     let tasks: Vec<_> = (0..BUYERS)
         .map(|buyer| {
@@ -454,7 +447,7 @@ async fn poll_once_then_drop<F: std::future::Future>(future: F) -> bool {
 async fn dropped_callers_never_wedge_an_order_or_lose_a_sku() {
     let (engine, _clock) = manual_engine();
     // Parked SKU: the dropped reserve is the one that starts its actor.
-    engine.create_sku(sku("a"), SkuSettings { initial_units: 5, ..SkuSettings::default() }).await.expect("created");
+    create(&engine, sku("a"), 5).await;
     assert!(poll_once_then_drop(engine.reserve(request("o1", "alice", &[("a", 2)]))).await, "cut off mid-way");
 
     let held = engine.reserve(request("o1", "alice", &[("a", 2)])).await.expect("the retry finishes the reserve");
