@@ -15,8 +15,8 @@ use flashstock_engine::log::storage::FileStorage;
 use flashstock_engine::log::writer::WriterConfig;
 use flashstock_engine::sku::ReserveLine;
 use flashstock_engine::{
-    BuyerId, Durability, Engine, EngineConfig, Limits, Line, OrderId, OrderRequest, Quantity, SkuCommand, SkuId,
-    SkuSettings, SkuState, SystemClock,
+    BuyerId, Durability, Engine, EngineConfig, Limits, Line, LogStats, OrderId, OrderRequest, Quantity, SkuCommand,
+    SkuId, SkuSettings, SkuState, SystemClock,
 };
 
 const IN_FLIGHT: usize = 256;
@@ -173,7 +173,7 @@ fn actors(criterion: &mut Criterion) {
                             task.await.expect("task ran");
                         }
                         let elapsed = started.elapsed();
-                        if let Some((syncs, records)) = engine.log_counts() {
+                        if let Some(LogStats { syncs, records, .. }) = engine.log_stats() {
                             eprintln!(
                                 "  {name}: {records} records in {syncs} fdatasyncs ({:.1} per sync)",
                                 records as f64 / syncs.max(1) as f64

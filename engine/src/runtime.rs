@@ -26,7 +26,9 @@ use crate::clock::Clock;
 use crate::directory::{InterruptedOrder, OrderContent, OrderDirectory, OrderPhase, OrderPlan, OrderRecord};
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
+use crate::log::compactor::{Compactor, ReplayRules};
 use crate::log::record::LogRecord;
+use crate::log::replay::PartitionState;
 use crate::log::segments::{LogConfig, LogError, PartitionLog, TornTail};
 use crate::log::storage::Storage;
 use crate::log::writer::{Append, LogSubmitter, LogWriter, WriterConfig};
@@ -262,13 +264,29 @@ pub struct Durability {
     pub writer: WriterConfig,
 }
 
+/// Counts of what a durable engine's log has done since it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// `fdatasync` calls on log segments.
+    pub syncs: u64,
+    pub records: u64,
+    pub snapshots: u64,
+    /// Log segments removed because a snapshot covers them.
+    pub segments_removed: u64,
+    /// Snapshots that failed (the log kept every record).
+    pub snapshot_failures: u64,
+}
+
 /// What opening a durable engine found.
 #[derive(Debug, Default)]
 pub struct RecoveryReport {
     pub skus: usize,
     /// Orders rebuilt from the SKUs' reservations.
     pub orders: usize,
+    /// Records replayed after the snapshots.
     pub records: usize,
+    /// Partitions that started from a snapshot.
+    pub snapshots: usize,
     /// Torn last writes that were cut off, one per partition at most.
     pub torn_tails: Vec<TornTail>,
 }
@@ -288,7 +306,7 @@ pub enum OpenError {
     },
     #[error("partition {partition}, record {sequence}: {reason}")]
     Replay { partition: u32, sequence: u64, reason: String },
-    #[error("starting the log writer: {0}")]
+    #[error("starting the log threads: {0}")]
     Writer(#[source] std::io::Error),
 }
 
@@ -337,6 +355,11 @@ impl Engine {
             (durability.writer.round_appends_max == 0, "round_appends_max", "must be at least 1"),
             (durability.writer.sync_threads_max == 0, "sync_threads_max", "must be at least 1"),
             (durability.log.segment_bytes_max == 0, "segment_bytes_max", "must be at least 1"),
+            (
+                durability.log.snapshot_log_bytes < durability.log.segment_bytes_max,
+                "snapshot_log_bytes",
+                "must be at least segment_bytes_max (snapshots cover whole closed segments)",
+            ),
         ])?;
         let lock = durability.storage.lock_dir(&durability.data_directory).map_err(OpenError::Locked)?;
         let mut report = RecoveryReport::default();
@@ -347,32 +370,27 @@ impl Engine {
             let (log, recovered) = PartitionLog::open(durability.storage.clone(), &directory, durability.log)
                 .map_err(|source| OpenError::Log { partition, source })?;
             report.records += recovered.records.len();
+            report.snapshots += usize::from(recovered.snapshot.is_some());
             report.torn_tails.extend(recovered.torn_tail);
-            let mut skus: BTreeMap<SkuId, SkuState> = BTreeMap::new();
-            for (sequence, record) in recovered.records {
-                let replay_error = |reason: String| OpenError::Replay { partition, sequence, reason };
-                match record {
-                    LogRecord::CreateSku { sku, settings } => {
-                        if partition_of(&sku, config.partition_count) != partition {
-                            return Err(replay_error(format!("SKU {sku} belongs to another partition")));
-                        }
-                        let state = SkuState::new(settings, config.limits.clone())
-                            .map_err(|error| replay_error(format!("SKU {sku}: {error}")))?;
-                        if skus.insert(sku.clone(), state).is_some() {
-                            return Err(replay_error(format!("SKU {sku} created twice")));
-                        }
-                    }
-                    LogRecord::Apply { sku, now_ms, command } => {
-                        let state = skus.get_mut(&sku).ok_or_else(|| replay_error(format!("no SKU {sku}")))?;
-                        state.apply(now_ms, &command);
-                    }
+            let mut state = match recovered.snapshot {
+                Some(snapshot) => {
+                    let sequence = snapshot.last_sequence;
+                    PartitionState::from_snapshot(partition, config.partition_count, config.limits.clone(), snapshot)
+                        .map_err(|reason| OpenError::Replay { partition, sequence, reason })?
                 }
+                None => PartitionState::empty(partition, config.partition_count, config.limits.clone()),
+            };
+            for (sequence, record) in recovered.records {
+                state.apply(sequence, record).map_err(|reason| OpenError::Replay { partition, sequence, reason })?;
             }
-            report.skus += skus.len();
+            report.skus += state.skus.len();
             logs.push(log);
-            states.push(skus);
+            states.push(state.skus);
         }
-        let writer = LogWriter::start(logs, durability.writer, Some(lock)).map_err(OpenError::Writer)?;
+        let rules = ReplayRules { partition_count: config.partition_count, limits: config.limits.clone() };
+        let compactor = Compactor::start(rules, config.partition_count as usize).map_err(OpenError::Writer)?;
+        let writer =
+            LogWriter::start(logs, durability.writer, Some(compactor), Some(lock)).map_err(OpenError::Writer)?;
         let engine = Self::build(config, clock, Some(writer));
         for skus in states {
             for (sku, state) in skus {
@@ -1012,13 +1030,21 @@ impl Engine {
         })
     }
 
-    /// What the log writer has done so far: `(fdatasync calls, records)`;
-    /// `None` for an in-memory engine.
-    pub fn log_counts(&self) -> Option<(u64, u64)> {
+    /// What the log has done so far; `None` for an in-memory engine.
+    pub fn log_stats(&self) -> Option<LogStats> {
         use std::sync::atomic::Ordering::Relaxed;
-        lock(&self.inner.writer)
-            .as_ref()
-            .map(|writer| (writer.stats().syncs.load(Relaxed), writer.stats().records.load(Relaxed)))
+        lock(&self.inner.writer).as_ref().map(|writer| {
+            let compactor = writer.compactor_stats();
+            let of =
+                |counter: Option<&std::sync::atomic::AtomicU64>| counter.map_or(0, |counter| counter.load(Relaxed));
+            LogStats {
+                syncs: writer.stats().syncs.load(Relaxed),
+                records: writer.stats().records.load(Relaxed),
+                snapshots: of(compactor.map(|stats| &stats.snapshots)),
+                segments_removed: of(compactor.map(|stats| &stats.segments_removed)),
+                snapshot_failures: of(compactor.map(|stats| &stats.failures)),
+            }
+        })
     }
 
     /// Orderly stop: stops the SKU actors, makes every record already

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use flashstock_engine::log::compactor::{replay_partition, ReplayRules};
 use flashstock_engine::log::segments::LogConfig;
 use flashstock_engine::log::storage::{MemoryStorage, UnsyncedFate};
 use flashstock_engine::log::writer::WriterConfig;
@@ -17,7 +18,7 @@ fn durability(storage: &MemoryStorage) -> Durability {
     Durability {
         storage: Arc::new(storage.clone()),
         data_directory: PathBuf::from("/data"),
-        log: LogConfig { segment_bytes_max: 4096 },
+        log: LogConfig { segment_bytes_max: 4096, snapshot_log_bytes: 8192 },
         writer: WriterConfig { round_appends_max: 256, sync_threads_max: 4 },
     }
 }
@@ -79,6 +80,7 @@ async fn acknowledged_state_survives_repeated_crashes() {
     }
     let mut engine = engine;
     let mut order_number = 0;
+    let mut recovered_from_snapshots = 0;
     for round in 0..5 {
         for _ in 0..40 {
             order_number += 1;
@@ -107,6 +109,7 @@ async fn acknowledged_state_survives_repeated_crashes() {
         storage.crash(fate);
 
         let (recovered, report) = open(&storage, &clock);
+        recovered_from_snapshots += report.snapshots;
         assert_eq!(report.skus, SKUS as usize, "round {round}");
         assert_eq!(counts(&recovered, SKUS).await, acknowledged, "round {round}: recovered state differs");
         for snapshot in &acknowledged {
@@ -114,6 +117,7 @@ async fn acknowledged_state_survives_repeated_crashes() {
         }
         engine = recovered;
     }
+    assert!(recovered_from_snapshots > 0, "no restart began from a snapshot");
     engine.shutdown().await;
 }
 
@@ -142,36 +146,58 @@ async fn a_failed_fsync_acknowledges_nothing_more() {
     recovered.shutdown().await;
 }
 
-/// Opening the same log twice gives the same state.
+/// The partitions' states as a restart would replay them, in canonical
+/// snapshot bytes.
+fn replayed(storage: &MemoryStorage) -> Vec<Vec<u8>> {
+    let rules = ReplayRules { partition_count: config().partition_count, limits: config().limits };
+    (0..config().partition_count)
+        .map(|partition| {
+            let directory = PathBuf::from("/data").join(format!("partition-{partition:05}"));
+            replay_partition(storage, &directory, partition, &rules).expect("replays").snapshot().encode()
+        })
+        .collect()
+}
+
+/// Replaying the same log gives the same state, byte for byte, whether it
+/// is replayed twice, through a restart, or from a snapshot plus the log
+/// after it; and the engine serves exactly that state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_is_repeatable() {
+async fn replay_is_repeatable_byte_for_byte() {
     let storage = MemoryStorage::new();
     let clock = Arc::new(ManualClock::new(1_000_000));
     let (engine, _) = open(&storage, &clock);
     for index in 0..3 {
         engine
-            .create_sku(sku(index), SkuSettings { initial_units: 8, ..SkuSettings::default() })
+            .create_sku(sku(index), SkuSettings { initial_units: 400, ..SkuSettings::default() })
             .await
             .expect("created");
     }
-    for order in 0..12u64 {
-        if let Ok(held) = engine.reserve(request(&format!("o{order}"), &[(order % 3, 2)])).await {
-            if order % 2 == 0 {
-                engine.commit(&held.order).await.expect("committed");
+    for order in 0..300u64 {
+        if let Ok(held) = engine.reserve(request(&format!("o{order}"), &[(order % 3, 1 + (order % 2) as u32)])).await {
+            match order % 3 {
+                0 => drop(engine.commit(&held.order).await.expect("committed")),
+                1 => drop(engine.release(&held.order).await.expect("released")),
+                _ => {}
             }
         }
+        clock.advance_ms(50);
     }
+    let served = counts(&engine, 3).await;
+    let stats = engine.log_stats().expect("durable");
     engine.shutdown().await;
     drop(engine);
+    assert!(stats.snapshots > 0, "the run was long enough for snapshots: {stats:?}");
+    assert_eq!(stats.snapshot_failures, 0);
+
     storage.crash(UnsyncedFate::Lost);
-    let (first, report) = open(&storage, &clock);
-    let first_counts = counts(&first, 3).await;
-    first.shutdown().await;
-    drop(first);
-    let (second, again) = open(&storage, &clock);
-    assert_eq!(counts(&second, 3).await, first_counts);
-    assert!(again.records >= report.records);
-    second.shutdown().await;
+    let first = replayed(&storage);
+    assert_eq!(replayed(&storage), first, "two replays differ");
+    let (engine, report) = open(&storage, &clock);
+    assert!(report.snapshots > 0, "{report:?}");
+    assert_eq!(counts(&engine, 3).await, served, "the engine serves what was acknowledged");
+    engine.shutdown().await;
+    drop(engine);
+    assert_eq!(replayed(&storage), first, "a restart changed the replayed state");
 }
 
 /// Two engines never share a data directory.

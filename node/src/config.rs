@@ -5,9 +5,13 @@
 //! reason when values contradict each other.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use flashstock_engine::{EngineConfig, Limits};
+use flashstock_engine::log::segments::LogConfig;
+use flashstock_engine::log::storage::FileStorage;
+use flashstock_engine::log::writer::WriterConfig;
+use flashstock_engine::{Durability, EngineConfig, Limits};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -33,22 +37,54 @@ pub struct StorageSection {
     /// A log segment that reaches this size is closed and a new one begun.
     #[serde(default = "default_segment_bytes_max")]
     pub segment_bytes_max: u64,
+    /// A partition's closed segments are folded into a snapshot (and
+    /// removed) once they hold this many bytes: bounds disk use and the log
+    /// a restart replays.
+    #[serde(default = "default_snapshot_log_bytes")]
+    pub snapshot_log_bytes: u64,
     /// Partition logs synced at once by the group-commit writer.
     #[serde(default = "default_sync_threads_max")]
     pub sync_threads_max: usize,
+}
+
+impl StorageSection {
+    /// The default layout, with logs below `data_directory`.
+    pub fn at(data_directory: &std::path::Path) -> Self {
+        Self {
+            data_directory: data_directory.to_path_buf(),
+            segment_bytes_max: default_segment_bytes_max(),
+            snapshot_log_bytes: default_snapshot_log_bytes(),
+            sync_threads_max: default_sync_threads_max(),
+        }
+    }
+
+    /// How the engine keeps its log in `data_directory` on the real disk.
+    pub fn durability(&self, data_directory: std::path::PathBuf) -> Durability {
+        Durability {
+            storage: Arc::new(FileStorage),
+            data_directory,
+            log: LogConfig { segment_bytes_max: self.segment_bytes_max, snapshot_log_bytes: self.snapshot_log_bytes },
+            // A round takes what a few milliseconds of a busy node queue.
+            writer: WriterConfig { round_appends_max: 4096, sync_threads_max: self.sync_threads_max },
+        }
+    }
 }
 
 fn default_segment_bytes_max() -> u64 {
     64 * 1024 * 1024
 }
 
+fn default_snapshot_log_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
 fn default_sync_threads_max() -> usize {
     8
 }
 
-/// Bounds checked on `[storage]`: a segment holds at least one largest
-/// record; more sync threads than this only add scheduling.
-const SEGMENT_BYTES_MIN: u64 = 1024 * 1024;
+/// Bounds checked on `[storage]`: smaller segments only multiply files and
+/// directory syncs; more sync threads than this only add scheduling.
+const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 const SYNC_THREADS_MAX: usize = 64;
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +195,9 @@ impl ClusterFile {
         if let Some(storage) = &file.storage {
             if storage.segment_bytes_max < SEGMENT_BYTES_MIN {
                 bail!("`storage.segment_bytes_max`: at least {SEGMENT_BYTES_MIN} bytes");
+            }
+            if storage.snapshot_log_bytes < storage.segment_bytes_max {
+                bail!("`storage.snapshot_log_bytes`: at least `segment_bytes_max` (snapshots cover whole segments)");
             }
             if storage.sync_threads_max == 0 || storage.sync_threads_max > SYNC_THREADS_MAX {
                 bail!("`storage.sync_threads_max`: between 1 and {SYNC_THREADS_MAX}");

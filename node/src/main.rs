@@ -9,10 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use flashstock_engine::log::segments::LogConfig;
-use flashstock_engine::log::storage::FileStorage;
-use flashstock_engine::log::writer::WriterConfig;
-use flashstock_engine::{Durability, Engine, SystemClock};
+use flashstock_engine::{Engine, SystemClock};
 use flashstock_node::{config, sale};
 
 #[derive(Debug, Parser)]
@@ -79,14 +76,15 @@ fn main() -> anyhow::Result<()> {
             let engine_config = file.engine_config()?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
-                let durability = Durability {
-                    storage: Arc::new(FileStorage),
-                    data_directory: data,
-                    log: LogConfig::default(),
-                    writer: WriterConfig { round_appends_max: 4096, sync_threads_max: 8 },
-                };
+                // The log's layout comes from `[storage]` when there is one;
+                // the directory is always the one given.
+                let durability =
+                    file.storage.clone().unwrap_or_else(|| config::StorageSection::at(&data)).durability(data);
                 let (engine, report) = Engine::open(engine_config, Arc::new(SystemClock), durability)?;
-                eprintln!("recovered {} records, {} SKUs, {} orders", report.records, report.skus, report.orders);
+                eprintln!(
+                    "recovered {} snapshots + {} records, {} SKUs, {} orders",
+                    report.snapshots, report.records, report.skus, report.orders
+                );
                 let outcome = flashstock_node::crash_load::run(engine.clone(), acknowledged).await;
                 engine.shutdown().await;
                 outcome
@@ -111,16 +109,7 @@ fn main() -> anyhow::Result<()> {
                                 .with_context(|| format!("emptying {}", data_directory.display()))?;
                         }
                         println!("durable: logs in {}", data_directory.display());
-                        let durability = Durability {
-                            storage: Arc::new(FileStorage),
-                            data_directory,
-                            log: LogConfig { segment_bytes_max: storage.segment_bytes_max },
-                            writer: WriterConfig {
-                                round_appends_max: 4096,
-                                sync_threads_max: storage.sync_threads_max,
-                            },
-                        };
-                        Engine::open(engine_config, Arc::new(SystemClock), durability)?.0
+                        Engine::open(engine_config, Arc::new(SystemClock), storage.durability(data_directory))?.0
                     }
                 };
                 let outcome = sale::run(engine.clone(), &file.cluster.name, sale).await;

@@ -12,7 +12,10 @@ use flashstock_engine::log::writer::WriterConfig;
 use flashstock_engine::{Durability, Engine, EngineConfig, OrderId, SystemClock};
 use flashstock_node::crash_load::{load_sku, LOAD_SKUS, LOAD_UNITS_PER_SKU};
 
-const CONFIG: &str = "[cluster]\nname = \"crash\"\npartitions = 8\n";
+/// Small segments and snapshots, so that the kills also land in the middle
+/// of rotations and snapshots.
+const CONFIG: &str = "[cluster]\nname = \"crash\"\npartitions = 8\n\n\
+    [storage]\ndata_directory = \"unused\"\nsegment_bytes_max = 65536\nsnapshot_log_bytes = 131072\n";
 
 fn scratch(name: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("flashstock-crash-{}-{name}", std::process::id()));
@@ -58,7 +61,7 @@ async fn acknowledged_commits_survive_repeated_kill_9() {
     let durability = Durability {
         storage: Arc::new(FileStorage),
         data_directory: data,
-        log: LogConfig::default(),
+        log: LogConfig { segment_bytes_max: 65_536, snapshot_log_bytes: 131_072 },
         writer: WriterConfig { round_appends_max: 1024, sync_threads_max: 4 },
     };
     let config = EngineConfig { partition_count: 8, ..EngineConfig::default() };

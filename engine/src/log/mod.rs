@@ -14,21 +14,26 @@
 //! - [`snapshot`]: a partition's SKUs in canonical form at a log position;
 //!   checksummed, written crash-safely (temporary file, sync, rename, sync
 //!   directory), equal states giving equal bytes.
+//! - [`replay`]: [`replay::PartitionState`], what a run of records means:
+//!   the one replay shared by recovery and compaction (pure).
 //! - [`writer`]: [`writer::LogWriter`], the group-commit thread: takes the
 //!   appends of many actors, one write and one `fdatasync` per touched
 //!   partition per round, advances the partition's durable watermark, then
-//!   releases the answers.
+//!   releases the answers; asks for snapshots as closed log accumulates.
+//! - [`compactor`]: [`compactor::Compactor`], the background thread that
+//!   replays closed segments onto the newest snapshot, writes the next one
+//!   and removes what it covers.
 //! - [`storage`]: the file operations the log needs, behind a trait, with
 //!   the real file system and an in-memory one that injects the faults the
 //!   tests need (torn writes, lost unsynced data, fsync errors, a full disk,
 //!   flipped bits).
 //!
-//! The engine uses them in `Engine::open` (durable mode). Still to come:
-//! taking snapshots periodically and dropping the segments they cover, and
-//! one shared log per node so that a group commit costs one sync.
+//! The engine uses them in `Engine::open` (durable mode).
 
+pub mod compactor;
 pub mod frame;
 pub mod record;
+pub mod replay;
 pub mod segments;
 pub mod snapshot;
 pub mod storage;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::log::frame::{encode_frame, scan, ScanEnd};
 use crate::log::record::LogRecord;
+use crate::log::snapshot::{load_newest_snapshot, snapshot_sequence_of, PartitionSnapshot, SnapshotError};
 use crate::log::storage::{AppendFile, Storage};
 
 /// How the log lays out its files.
@@ -21,11 +22,15 @@ pub struct LogConfig {
     /// A segment that reaches this size is closed and a new one started.
     /// Bounds the work of reading one file and the space a snapshot frees.
     pub segment_bytes_max: u64,
+    /// Once closed segments not yet covered by a snapshot hold this many
+    /// bytes, a snapshot is taken in the background and they are removed.
+    /// Bounds both the disk a partition uses and the log a restart replays.
+    pub snapshot_log_bytes: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { segment_bytes_max: 64 * 1024 * 1024 }
+        Self { segment_bytes_max: 64 * 1024 * 1024, snapshot_log_bytes: 256 * 1024 * 1024 }
     }
 }
 
@@ -41,6 +46,8 @@ pub enum LogError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("the log failed earlier ({0}) and accepts nothing more")]
     Poisoned(String),
 }
@@ -56,7 +63,9 @@ pub struct TornTail {
 /// What [`PartitionLog::open`] found.
 #[derive(Debug)]
 pub struct Recovered {
-    /// Every record, with its sequence number, in order.
+    /// The newest snapshot, if one was taken.
+    pub snapshot: Option<PartitionSnapshot>,
+    /// Every record after the snapshot, with its sequence number, in order.
     pub records: Vec<(u64, LogRecord)>,
     pub torn_tail: Option<TornTail>,
 }
@@ -72,6 +81,8 @@ pub struct PartitionLog {
     active_bytes: u64,
     next_sequence: u64,
     durable_sequence: u64,
+    /// Bytes of closed segments since the last snapshot was asked for.
+    closed_bytes_unsnapshotted: u64,
     buffer: Vec<u8>,
     poisoned: Option<String>,
 }
@@ -89,61 +100,171 @@ fn io_error<'a>(file: &'a Path, operation: &'static str) -> impl FnOnce(std::io:
     move |source| LogError::Io { file: file.to_path_buf(), operation, source }
 }
 
+/// A segment file: its first sequence number (from its name) and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub(crate) first_sequence: u64,
+    pub(crate) path: PathBuf,
+}
+
+/// The segment files in `directory`, oldest first.
+pub(crate) fn list_segments(storage: &dyn Storage, directory: &Path) -> Result<Vec<Segment>, LogError> {
+    let mut segments: Vec<Segment> = storage
+        .list(directory)
+        .map_err(io_error(directory, "list"))?
+        .into_iter()
+        .filter_map(|path| first_sequence_of(&path).map(|first_sequence| Segment { first_sequence, path }))
+        .collect();
+    segments.sort_by_key(|segment| segment.first_sequence);
+    Ok(segments)
+}
+
+/// Splits `segments` into those whose every record is at or below
+/// `covered_through` (a snapshot holds them) and the rest. Snapshots are
+/// taken at segment boundaries, so a segment is covered exactly when the
+/// next one starts at or below `covered_through + 1`.
+pub(crate) fn split_covered(mut segments: Vec<Segment>, covered_through: u64) -> (Vec<Segment>, Vec<Segment>) {
+    let covered = segments.windows(2).take_while(|pair| pair[1].first_sequence <= covered_through + 1).count();
+    let rest = segments.split_off(covered);
+    (segments, rest)
+}
+
+/// The records of a run of segments, read without changing anything.
+#[derive(Debug)]
+pub(crate) struct SegmentsRead {
+    /// Records with a sequence number above the `after` given.
+    pub(crate) records: Vec<(u64, LogRecord)>,
+    /// The sequence number the next record would get.
+    pub(crate) next_sequence: u64,
+    /// Bytes of each segment read, in order.
+    pub(crate) segment_bytes: Vec<u64>,
+    /// A damaged end of the last segment: where it starts, why, and the
+    /// segment's length.
+    pub(crate) torn_tail: Option<(usize, String, usize)>,
+}
+
+/// Reads `segments` (consecutive, oldest first), keeping the records after
+/// `after`. The first segment must start at or before `after + 1` so no
+/// record is missing. Only the last segment may end in a torn write, and
+/// only if `tail_may_be_torn`; anything else unreadable is corruption,
+/// reported with the file and offset.
+pub(crate) fn read_segments(
+    storage: &dyn Storage,
+    segments: &[Segment],
+    after: u64,
+    tail_may_be_torn: bool,
+) -> Result<SegmentsRead, LogError> {
+    let mut read = SegmentsRead {
+        records: Vec::new(),
+        next_sequence: segments.first().map_or(after + 1, |segment| segment.first_sequence),
+        segment_bytes: Vec::with_capacity(segments.len()),
+        torn_tail: None,
+    };
+    if read.next_sequence > after + 1 {
+        let file = segments[0].path.clone();
+        let reason = format!("the log starts at record {}, but the snapshot ends at {after}", read.next_sequence);
+        return Err(LogError::Corrupt { file, offset: 0, reason });
+    }
+    for (position, segment) in segments.iter().enumerate() {
+        let path = &segment.path;
+        let corrupt = |offset: usize, reason: String| LogError::Corrupt { file: path.clone(), offset, reason };
+        if segment.first_sequence != read.next_sequence {
+            let reason = format!("segment starts at {}, expected {}", segment.first_sequence, read.next_sequence);
+            return Err(corrupt(0, reason));
+        }
+        let bytes = storage.read(path).map_err(io_error(path, "read"))?;
+        let scanned = scan(&bytes, segment.first_sequence);
+        for (sequence, range) in &scanned.records {
+            if *sequence <= after {
+                continue;
+            }
+            let record = LogRecord::decode(&bytes[range.clone()])
+                .map_err(|error| corrupt(range.start, format!("record {sequence}: {error}")))?;
+            read.records.push((*sequence, record));
+        }
+        read.next_sequence = segment.first_sequence + scanned.records.len() as u64;
+        read.segment_bytes.push(scanned.valid_bytes as u64);
+        let is_last = position + 1 == segments.len();
+        match scanned.end {
+            ScanEnd::Clean => {}
+            ScanEnd::TornTail { offset, reason } if is_last && tail_may_be_torn => {
+                read.torn_tail = Some((offset, reason.to_string(), bytes.len()));
+            }
+            ScanEnd::TornTail { offset, reason } => {
+                return Err(corrupt(offset, format!("damaged frame ({reason}) where the log must be whole")));
+            }
+            ScanEnd::Corrupt { offset, reason } => {
+                return Err(corrupt(offset, reason.to_string()));
+            }
+        }
+    }
+    if read.next_sequence <= after {
+        let file = segments.last().map_or_else(PathBuf::new, |segment| segment.path.clone());
+        let reason = format!("the log ends at record {}, before the snapshot's {after}", read.next_sequence - 1);
+        return Err(LogError::Corrupt { file, offset: 0, reason });
+    }
+    Ok(read)
+}
+
+/// Removes leftovers that recovery must not trip over and nothing needs:
+/// temporary files of snapshots never renamed, snapshots older than the
+/// newest, segments the newest snapshot covers. Returns whether any name
+/// changed (the caller syncs the directory).
+pub(crate) fn remove_leftovers(
+    storage: &dyn Storage,
+    directory: &Path,
+    newest_snapshot: Option<u64>,
+    covered: &[Segment],
+) -> Result<bool, LogError> {
+    let mut doomed: Vec<PathBuf> = covered.iter().map(|segment| segment.path.clone()).collect();
+    for path in storage.list(directory).map_err(io_error(directory, "list"))? {
+        let is_temporary = path.extension().is_some_and(|extension| extension == "tmp");
+        let is_older_snapshot = snapshot_sequence_of(&path).is_some_and(|sequence| Some(sequence) != newest_snapshot);
+        if is_temporary || is_older_snapshot {
+            doomed.push(path);
+        }
+    }
+    for path in &doomed {
+        storage.remove(path).map_err(io_error(path, "remove"))?;
+    }
+    Ok(!doomed.is_empty())
+}
+
 impl PartitionLog {
-    /// Opens (or creates) the log in `directory` and recovers its records.
-    /// A torn tail in the last segment is cut off and reported; anything
-    /// else unreadable is [`LogError::Corrupt`], naming the file and offset.
+    /// Opens (or creates) the log in `directory` and recovers it: the
+    /// newest snapshot and the records after it. A torn tail in the last
+    /// segment is cut off and reported; anything else unreadable is
+    /// [`LogError::Corrupt`], naming the file and offset.
     pub fn open(storage: Arc<dyn Storage>, directory: &Path, config: LogConfig) -> Result<(Self, Recovered), LogError> {
         storage.create_dir_all(directory).map_err(io_error(directory, "create directory"))?;
-        let segments: Vec<(u64, PathBuf)> = storage
-            .list(directory)
-            .map_err(io_error(directory, "list"))?
-            .into_iter()
-            .filter_map(|path| first_sequence_of(&path).map(|first| (first, path)))
-            .collect();
-        let mut records = Vec::new();
-        let mut torn_tail = None;
-        let mut next_sequence = segments.first().map_or(1, |(first, _)| *first);
-        let mut active_bytes = 0;
-        for (position, (first_sequence, path)) in segments.iter().enumerate() {
-            let corrupt = |offset: usize, reason: String| LogError::Corrupt { file: path.clone(), offset, reason };
-            if *first_sequence != next_sequence {
-                return Err(corrupt(0, format!("segment starts at {first_sequence}, expected {next_sequence}")));
-            }
-            let bytes = storage.read(path).map_err(io_error(path, "read"))?;
-            let scanned = scan(&bytes, *first_sequence);
-            for (sequence, range) in &scanned.records {
-                let record = LogRecord::decode(&bytes[range.clone()])
-                    .map_err(|error| corrupt(range.start, format!("record {sequence}: {error}")))?;
-                records.push((*sequence, record));
-            }
-            next_sequence = first_sequence + scanned.records.len() as u64;
-            let is_last = position + 1 == segments.len();
-            match scanned.end {
-                ScanEnd::Clean => {}
-                ScanEnd::TornTail { offset, reason } if is_last => {
-                    tracing::warn!(file = %path.display(), offset, %reason, "cutting a torn tail off the log");
-                    storage.truncate(path, offset as u64).map_err(io_error(path, "truncate"))?;
-                    torn_tail = Some(TornTail { file: path.clone(), offset, bytes_cut: bytes.len() - offset });
-                }
-                ScanEnd::TornTail { offset, reason } => {
-                    return Err(corrupt(offset, format!("damaged frame ({reason}) before a later segment")));
-                }
-                ScanEnd::Corrupt { offset, reason } => {
-                    return Err(corrupt(offset, reason.to_string()));
-                }
-            }
-            active_bytes = scanned.valid_bytes as u64;
+        let snapshot = load_newest_snapshot(storage.as_ref(), directory)?;
+        let covered_through = snapshot.as_ref().map_or(0, |snapshot| snapshot.last_sequence);
+        let (covered, segments) = split_covered(list_segments(storage.as_ref(), directory)?, covered_through);
+        if remove_leftovers(storage.as_ref(), directory, snapshot.as_ref().map(|s| s.last_sequence), &covered)? {
+            storage.sync_dir(directory).map_err(io_error(directory, "sync directory"))?;
         }
-        let (active_first, active_path) = match segments.last() {
-            Some((first, path)) => (*first, path.clone()),
+        if segments.is_empty() && snapshot.is_some() {
+            let reason = format!("no log segment after the snapshot of record {covered_through}");
+            return Err(LogError::Corrupt { file: directory.to_path_buf(), offset: 0, reason });
+        }
+        let read = read_segments(storage.as_ref(), &segments, covered_through, true)?;
+        let mut torn_tail = None;
+        if let (Some((offset, reason, length)), Some(last)) = (&read.torn_tail, segments.last()) {
+            let path = &last.path;
+            tracing::warn!(file = %path.display(), offset, %reason, "cutting a torn tail off the log");
+            storage.truncate(path, *offset as u64).map_err(io_error(path, "truncate"))?;
+            torn_tail = Some(TornTail { file: path.clone(), offset: *offset, bytes_cut: length - offset });
+        }
+        let (active_first, active_path, active_bytes) = match segments.last() {
+            Some(last) => (last.first_sequence, last.path.clone(), read.segment_bytes.last().copied().unwrap_or(0)),
             None => {
-                let path = directory.join(segment_name(next_sequence));
+                let path = directory.join(segment_name(read.next_sequence));
                 storage.open_append(&path).map_err(io_error(&path, "create"))?;
                 storage.sync_dir(directory).map_err(io_error(directory, "sync directory"))?;
-                (next_sequence, path)
+                (read.next_sequence, path, 0)
             }
         };
+        let closed_bytes_unsnapshotted = read.segment_bytes.iter().rev().skip(1).sum();
         let active = storage.open_append(&active_path).map_err(io_error(&active_path, "open"))?;
         let log = Self {
             storage,
@@ -152,12 +273,13 @@ impl PartitionLog {
             active,
             active_first,
             active_bytes,
-            next_sequence,
-            durable_sequence: next_sequence - 1,
+            next_sequence: read.next_sequence,
+            durable_sequence: read.next_sequence - 1,
+            closed_bytes_unsnapshotted,
             buffer: Vec::new(),
             poisoned: None,
         };
-        Ok((log, Recovered { records, torn_tail }))
+        Ok((log, Recovered { snapshot, records: read.records, torn_tail }))
     }
 
     /// Buffers `record`; returns its sequence number. It is durable once
@@ -205,11 +327,32 @@ impl PartitionLog {
         self.durable_sequence
     }
 
+    /// If enough closed log awaits a snapshot, the last sequence number a
+    /// snapshot would cover now (the end of the newest closed segment).
+    pub fn snapshot_due(&self) -> Option<u64> {
+        (self.closed_bytes_unsnapshotted >= self.config.snapshot_log_bytes).then(|| self.active_first - 1)
+    }
+
+    /// A snapshot through [`Self::snapshot_due`]'s answer was asked for;
+    /// the next is due after as many bytes again.
+    pub fn snapshot_requested(&mut self) {
+        self.closed_bytes_unsnapshotted = 0;
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
     fn rotate(&mut self) -> Result<(), LogError> {
         let path = self.directory.join(segment_name(self.next_sequence));
         self.active = self.storage.open_append(&path).map_err(io_error(&path, "create"))?;
         self.storage.sync_dir(&self.directory).map_err(io_error(&self.directory, "sync directory"))?;
         self.active_first = self.next_sequence;
+        self.closed_bytes_unsnapshotted += self.active_bytes;
         self.active_bytes = 0;
         Ok(())
     }
@@ -341,7 +484,7 @@ mod tests {
     #[test]
     fn segments_rotate_and_recover_in_order() {
         let storage = MemoryStorage::new();
-        let config = LogConfig { segment_bytes_max: 100 };
+        let config = LogConfig { segment_bytes_max: 100, snapshot_log_bytes: 100 };
         let (mut log, _) = open(&storage, config).expect("opens");
         for units in 1..=20 {
             log.append(&record(units)).expect("append");
@@ -369,7 +512,7 @@ mod tests {
         };
         for run in 0..200 {
             let storage = MemoryStorage::new();
-            let config = LogConfig { segment_bytes_max: 64 + next(400) };
+            let config = LogConfig { segment_bytes_max: 64 + next(400), snapshot_log_bytes: u64::MAX };
             let (mut log, _) = open(&storage, config).expect("opens");
             let mut appended = Vec::new();
             let mut flushed = 0;

@@ -245,7 +245,8 @@ fn snapshot_name(last_sequence: u64) -> String {
     format!("snapshot-{last_sequence:020}.snap")
 }
 
-fn last_sequence_of(path: &Path) -> Option<u64> {
+/// The sequence number a snapshot file's name says it covers.
+pub(crate) fn snapshot_sequence_of(path: &Path) -> Option<u64> {
     path.file_name()?.to_str()?.strip_prefix("snapshot-")?.strip_suffix(".snap")?.parse().ok()
 }
 
@@ -283,7 +284,7 @@ pub fn load_newest_snapshot(
         source,
     })?;
     let Some((sequence, path)) =
-        listed.into_iter().filter_map(|path| last_sequence_of(&path).map(|sequence| (sequence, path))).max()
+        listed.into_iter().filter_map(|path| snapshot_sequence_of(&path).map(|sequence| (sequence, path))).max()
     else {
         return Ok(None);
     };

@@ -12,6 +12,10 @@
 //!
 //! A failed write or sync fails that partition for good: its pending and
 //! later appends are answered with [`WriteFailure`], never acknowledged.
+//!
+//! When a partition has enough closed log, the writer asks the
+//! [`Compactor`] for a snapshot; the compactor works on closed segments
+//! only, so the writer never waits for it.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -19,6 +23,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use flashstock_sync::DurableWatermark;
 
+use crate::log::compactor::{Compactor, CompactorStats, SnapshotRequest};
 use crate::log::record::LogRecord;
 use crate::log::segments::PartitionLog;
 use crate::log::storage::DirectoryLock;
@@ -114,26 +119,42 @@ pub struct LogWriter {
     thread: Option<JoinHandle<()>>,
     watermarks: Arc<[DurableWatermark]>,
     stats: Arc<WriterStats>,
+    compactor_stats: Option<Arc<CompactorStats>>,
 }
 
 impl LogWriter {
-    /// Starts the writer over `logs`, indexed by partition. `lock` (the
-    /// data directory's) is held by the thread until it has written its
-    /// last byte, so a successor can never write beside it.
-    pub fn start(logs: Vec<PartitionLog>, config: WriterConfig, lock: Option<DirectoryLock>) -> std::io::Result<Self> {
+    /// Starts the writer over `logs`, indexed by partition, asking
+    /// `compactor` (if any) for snapshots. `lock` (the data directory's) is
+    /// held by the thread until it and the compactor have written their
+    /// last byte, so a successor can never write beside them.
+    pub fn start(
+        logs: Vec<PartitionLog>,
+        config: WriterConfig,
+        compactor: Option<Compactor>,
+        lock: Option<DirectoryLock>,
+    ) -> std::io::Result<Self> {
         assert!(config.round_appends_max > 0, "a round takes at least one append");
         let watermarks: Arc<[DurableWatermark]> =
             logs.iter().map(|log| DurableWatermark::new(log.durable_sequence())).collect();
         let stats = Arc::new(WriterStats::default());
         let (sender, receiver) = crossbeam_channel::unbounded();
+        let compactor_stats = compactor.as_ref().map(|compactor| compactor.stats().clone());
         let thread = {
             let (watermarks, stats) = (watermarks.clone(), stats.clone());
             std::thread::Builder::new().name("log-writer".to_owned()).spawn(move || {
-                run(logs, &receiver, config, &watermarks, &stats);
+                run(logs, &receiver, config, compactor.as_ref(), &watermarks, &stats);
+                if let Some(compactor) = compactor {
+                    compactor.stop();
+                }
                 drop(lock);
             })?
         };
-        Ok(Self { submitter: Some(LogSubmitter { sender }), thread: Some(thread), watermarks, stats })
+        Ok(Self { submitter: Some(LogSubmitter { sender }), thread: Some(thread), watermarks, stats, compactor_stats })
+    }
+
+    /// What the compactor did, if there is one.
+    pub fn compactor_stats(&self) -> Option<&CompactorStats> {
+        self.compactor_stats.as_deref()
     }
 
     /// Queues `append` without waiting.
@@ -177,6 +198,7 @@ fn run(
     mut logs: Vec<PartitionLog>,
     receiver: &Receiver<Message>,
     config: WriterConfig,
+    compactor: Option<&Compactor>,
     watermarks: &[DurableWatermark],
     stats: &WriterStats,
 ) {
@@ -224,7 +246,21 @@ fn run(
         stats.syncs.fetch_add(to_flush.len() as u64, Relaxed);
         for (partition, outcome) in flush_in_parallel(to_flush, config.sync_threads_max) {
             match outcome {
-                Ok(durable) => watermarks[partition].advance(durable),
+                Ok(durable) => {
+                    watermarks[partition].advance(durable);
+                    if let (Some(compactor), Some(through)) = (compactor, logs[partition].snapshot_due()) {
+                        let log = &mut logs[partition];
+                        let request = SnapshotRequest {
+                            partition: partition as u32,
+                            storage: log.storage().clone(),
+                            directory: log.directory().to_path_buf(),
+                            through,
+                        };
+                        if compactor.request(request) {
+                            log.snapshot_requested();
+                        }
+                    }
+                }
                 Err(error) => {
                     tracing::error!(partition, %error, "partition log failed; it acknowledges nothing more");
                     failed[partition] = Some(Arc::from(error.to_string()));
@@ -319,7 +355,7 @@ mod tests {
     fn concurrent_appends_are_all_acknowledged_durable_and_in_order() {
         let storage = MemoryStorage::new();
         let logs = vec![open(&storage, 0).0, open(&storage, 1).0];
-        let writer = Arc::new(LogWriter::start(logs, CONFIG, None).expect("starts"));
+        let writer = Arc::new(LogWriter::start(logs, CONFIG, None, None).expect("starts"));
         let outcomes: Outcomes = Arc::default();
         let producers: Vec<_> = (0..4u64)
             .map(|producer| {
@@ -353,7 +389,7 @@ mod tests {
     #[test]
     fn an_acknowledgement_comes_only_after_the_watermark_covers_it() {
         let storage = MemoryStorage::new();
-        let writer = LogWriter::start(vec![open(&storage, 0).0], CONFIG, None).expect("starts");
+        let writer = LogWriter::start(vec![open(&storage, 0).0], CONFIG, None, None).expect("starts");
         let watermarks = writer.watermarks();
         let (sender, receiver) = std::sync::mpsc::channel();
         for units in 1..=20 {
@@ -382,7 +418,7 @@ mod tests {
         let (healthy, broken) = (MemoryStorage::new(), MemoryStorage::new());
         let logs = vec![open(&healthy, 0).0, open(&broken, 1).0];
         broken.fail_syncs_after(0);
-        let writer = LogWriter::start(logs, CONFIG, None).expect("starts");
+        let writer = LogWriter::start(logs, CONFIG, None, None).expect("starts");
         let outcomes: Outcomes = Arc::default();
         submit(&writer, 1, 1, &outcomes);
         submit(&writer, 0, 2, &outcomes);
@@ -397,7 +433,7 @@ mod tests {
     fn after_a_failure_later_appends_fail_without_touching_the_disk() {
         let broken = MemoryStorage::new();
         broken.fail_syncs_after(0);
-        let writer = LogWriter::start(vec![open(&broken, 0).0], CONFIG, None).expect("starts");
+        let writer = LogWriter::start(vec![open(&broken, 0).0], CONFIG, None, None).expect("starts");
         let outcomes: Outcomes = Arc::default();
         for units in 1..=5 {
             submit(&writer, 0, units, &outcomes);
