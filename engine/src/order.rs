@@ -56,6 +56,20 @@ pub struct Settlement {
     pub replayed: bool,
 }
 
+/// Where an order stands, as the engine that owns its id knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderStatus {
+    /// Its lines are being held, committed or released right now.
+    InProgress,
+    Held(Reservation),
+    Committed(Settlement),
+    Released(Settlement),
+    /// Its holds ran out (or a commit came too late to be decided).
+    Expired {
+        expired_at_ms: u64,
+    },
+}
+
 /// Why an order was refused. A refused order holds nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderError {

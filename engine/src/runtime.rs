@@ -32,7 +32,9 @@ use crate::log::replay::PartitionState;
 use crate::log::segments::{LogConfig, LogError, PartitionLog, TornTail};
 use crate::log::storage::Storage;
 use crate::log::writer::{Append, LogSubmitter, LogWriter, WriterConfig};
-use crate::order::{merge_lines, MergedLine, OrderError, OrderRequest, Reservation, ReservedLine, Settlement};
+use crate::order::{
+    merge_lines, MergedLine, OrderError, OrderRequest, OrderStatus, Reservation, ReservedLine, Settlement,
+};
 use crate::partition::partition_of;
 use crate::sku::{
     EndingImage, ReservationImage, ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState,
@@ -668,6 +670,30 @@ impl Engine {
             Some(reading) => Ok(reading.stock),
             None => self.availability_now(sku).await,
         }
+    }
+
+    /// Where `order` stands; `None` if the engine does not know it (never
+    /// reserved, refused, or forgotten after its idempotency window).
+    pub fn order_status(&self, order: &OrderId) -> Option<OrderStatus> {
+        let orders = lock(&self.order_partition(order).orders);
+        let record = orders.records.get(order)?;
+        let expired_at_ms = record.reservation.as_ref().map_or(0, |reservation| reservation.expires_at_ms);
+        Some(match record.phase {
+            OrderPhase::Reserving | OrderPhase::Settling => OrderStatus::InProgress,
+            // The directory learns of an expiry only when someone settles;
+            // the clock says it already.
+            OrderPhase::Held if self.inner.clock.now_ms() >= expired_at_ms => OrderStatus::Expired { expired_at_ms },
+            OrderPhase::Held => {
+                OrderStatus::Held(record.reservation.clone().expect("a held order has its reservation"))
+            }
+            OrderPhase::Committed => {
+                OrderStatus::Committed(record.settlement.clone().expect("a settled order has its settlement"))
+            }
+            OrderPhase::Released => {
+                OrderStatus::Released(record.settlement.clone().expect("a settled order has its settlement"))
+            }
+            OrderPhase::Expired => OrderStatus::Expired { expired_at_ms },
+        })
     }
 
     /// The SKU's counts from its owner, after ending the holds whose time

@@ -11,7 +11,7 @@ use flashstock_engine::log::storage::{MemoryStorage, UnsyncedFate};
 use flashstock_engine::log::writer::WriterConfig;
 use flashstock_engine::{
     BuyerId, Durability, Engine, EngineConfig, EngineError, Line, ManualClock, OrderError, OrderId, OrderRequest,
-    Quantity, SkuId, SkuSettings, StockSnapshot,
+    OrderStatus, Quantity, SkuId, SkuSettings, StockSnapshot,
 };
 
 fn durability(storage: &MemoryStorage) -> Durability {
@@ -272,4 +272,138 @@ async fn bad_durability_settings_are_typed_errors() {
         matches!(&refused, Err(flashstock_engine::OpenError::Config(invalid)) if invalid.field == "round_appends_max"),
         "{refused:?}"
     );
+}
+
+/// An answer a buyer received, in the order received.
+#[derive(Debug, Clone)]
+enum Acknowledged {
+    Held(OrderId, u32),
+    Committed(OrderId, u32),
+    Released(OrderId),
+}
+
+/// Power fails in the middle of a sale, at a seeded moment, while buyers
+/// are still waiting for answers: everything acknowledged before that
+/// moment is in the recovered state (held orders still held, sales sold,
+/// releases released), and every SKU still adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_sale_keeps_every_answer_given_before_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    const SKUS: u64 = 5;
+    const BUYERS: u64 = 8;
+    const UNITS: u64 = 60;
+    let mut seed: u64 = 0x0bad_5eed;
+    let mut next = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    for run in 0..6 {
+        let storage = MemoryStorage::new();
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let (engine, _) = open(&storage, &clock);
+        for index in 0..SKUS {
+            let settings = SkuSettings { initial_units: UNITS, ..SkuSettings::default() };
+            engine.create_sku(sku(index), settings).await.expect("created");
+        }
+        let acknowledged: Arc<Mutex<Vec<Acknowledged>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let buyers: Vec<_> = (0..BUYERS)
+            .map(|buyer| {
+                let (engine, acknowledged, stop) = (engine.clone(), acknowledged.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut choice = run * 7_919 + buyer * 104_729 + 1;
+                    let mut pick = move |bound: u64| {
+                        choice = choice.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                        (choice >> 33) % bound
+                    };
+                    for attempt in 0..150 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let order = format!("run{run}-buyer{buyer}-{attempt}");
+                        let first = pick(SKUS);
+                        let lines: Vec<(u64, u32)> = if pick(3) == 0 {
+                            vec![(first, 1), ((first + 1 + pick(SKUS - 1)) % SKUS, 1)]
+                        } else {
+                            vec![(first, 1 + pick(2) as u32)]
+                        };
+                        let units: u32 = lines.iter().map(|line| line.1).sum();
+                        let Ok(held) = engine.reserve(request(&order, &lines)).await else { continue };
+                        let record = |answer| acknowledged.lock().expect("lock").push(answer);
+                        record(Acknowledged::Held(held.order.clone(), units));
+                        match pick(3) {
+                            0 => {
+                                if engine.commit(&held.order).await.is_ok() {
+                                    record(Acknowledged::Committed(held.order, units));
+                                }
+                            }
+                            1 => {
+                                if engine.release(&held.order).await.is_ok() {
+                                    record(Acknowledged::Released(held.order));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Let the sale run until a seeded number of answers (bounded in time).
+        let target = 5 + next(200) as usize;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while acknowledged.lock().expect("lock").len() < target
+            && std::time::Instant::now() < deadline
+            && !buyers.iter().all(|buyer| buyer.is_finished())
+        {
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
+        let fate =
+            if next(2) == 0 { UnsyncedFate::Lost } else { UnsyncedFate::TornAfter { bytes: next(400) as usize } };
+        // Every answer in the list was received before the disk is copied.
+        let (disk, answers) = {
+            let answers = acknowledged.lock().expect("lock");
+            (storage.crashed_copy(fate), answers.clone())
+        };
+        stop.store(true, Ordering::Relaxed);
+        for buyer in buyers {
+            buyer.await.expect("buyer");
+        }
+        engine.shutdown().await;
+        drop(engine);
+
+        let (recovered, _) = open(&disk, &clock);
+        let mut sold_at_least = 0;
+        for answer in &answers {
+            let status_of = |order: &OrderId| recovered.order_status(order);
+            match answer {
+                Acknowledged::Held(order, units) => {
+                    let status = status_of(order).unwrap_or_else(|| panic!("run {run}: held order {order} lost"));
+                    if let OrderStatus::Held(reservation) = &status {
+                        assert_eq!(reservation.lines.iter().map(|line| line.units).sum::<u32>(), *units);
+                    }
+                    assert!(!matches!(status, OrderStatus::Expired { .. }), "run {run}: {order} {status:?}");
+                }
+                Acknowledged::Committed(order, units) => {
+                    match status_of(order) {
+                        Some(OrderStatus::Committed(settlement)) => {
+                            assert_eq!(settlement.lines.iter().map(|line| line.units).sum::<u32>(), *units);
+                        }
+                        other => panic!("run {run}: acknowledged commit of {order} is {other:?}"),
+                    }
+                    sold_at_least += u64::from(*units);
+                }
+                Acknowledged::Released(order) => {
+                    let status = status_of(order);
+                    assert!(matches!(status, Some(OrderStatus::Released(_))), "run {run}: {order} is {status:?}");
+                }
+            }
+        }
+        let after = counts(&recovered, SKUS).await;
+        assert!(after.iter().all(|counts| counts.total() == UNITS), "run {run}: {after:?}");
+        assert!(after.iter().map(|counts| counts.sold).sum::<u64>() >= sold_at_least, "run {run}");
+        recovered.shutdown().await;
+    }
 }

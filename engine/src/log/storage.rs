@@ -236,18 +236,43 @@ impl MemoryStorage {
     /// cleared (the machine restarts with a working disk).
     pub fn crash(&self, fate: UnsyncedFate) {
         let mut disk = self.disk();
-        disk.names = disk.durable_names.clone();
-        let live: std::collections::HashSet<u64> = disk.names.values().copied().collect();
-        disk.files.retain(|id, _| live.contains(id));
-        for file in disk.files.values_mut() {
-            let unsynced = std::mem::take(&mut file.unsynced);
-            if let UnsyncedFate::TornAfter { bytes } = fate {
-                file.synced.extend_from_slice(&unsynced[..bytes.min(unsynced.len())]);
-            }
-        }
-        disk.syncs_before_failure = None;
-        disk.capacity_bytes = None;
+        crash_disk(&mut disk, fate);
     }
+
+    /// The disk as it would be found after power failed right now, as a
+    /// separate disk: this one (and whatever still runs on it) carries on.
+    /// Lets a test crash a running engine at an exact moment without
+    /// stopping it first.
+    pub fn crashed_copy(&self, fate: UnsyncedFate) -> MemoryStorage {
+        let disk = self.disk();
+        let mut copy = MemoryDisk {
+            names: disk.names.clone(),
+            durable_names: disk.durable_names.clone(),
+            files: disk
+                .files
+                .iter()
+                .map(|(id, file)| (*id, MemoryFile { synced: file.synced.clone(), unsynced: file.unsynced.clone() }))
+                .collect(),
+            next_file: disk.next_file,
+            ..MemoryDisk::default()
+        };
+        crash_disk(&mut copy, fate);
+        MemoryStorage { disk: Arc::new(Mutex::new(copy)) }
+    }
+}
+
+fn crash_disk(disk: &mut MemoryDisk, fate: UnsyncedFate) {
+    disk.names = disk.durable_names.clone();
+    let live: std::collections::HashSet<u64> = disk.names.values().copied().collect();
+    disk.files.retain(|id, _| live.contains(id));
+    for file in disk.files.values_mut() {
+        let unsynced = std::mem::take(&mut file.unsynced);
+        if let UnsyncedFate::TornAfter { bytes } = fate {
+            file.synced.extend_from_slice(&unsynced[..bytes.min(unsynced.len())]);
+        }
+    }
+    disk.syncs_before_failure = None;
+    disk.capacity_bytes = None;
 }
 
 #[derive(Debug)]
