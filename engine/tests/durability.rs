@@ -335,15 +335,11 @@ async fn a_crash_during_a_sale_keeps_every_answer_given_before_it() {
                         let record = |answer| acknowledged.lock().expect("lock").push(answer);
                         record(Acknowledged::Held(held.order.clone(), units));
                         match pick(3) {
-                            0 => {
-                                if engine.commit(&held.order).await.is_ok() {
-                                    record(Acknowledged::Committed(held.order, units));
-                                }
+                            0 if engine.commit(&held.order).await.is_ok() => {
+                                record(Acknowledged::Committed(held.order, units));
                             }
-                            1 => {
-                                if engine.release(&held.order).await.is_ok() {
-                                    record(Acknowledged::Released(held.order));
-                                }
+                            1 if engine.release(&held.order).await.is_ok() => {
+                                record(Acknowledged::Released(held.order));
                             }
                             _ => {}
                         }
