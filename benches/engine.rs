@@ -121,7 +121,7 @@ fn actors(criterion: &mut Criterion) {
                             storage: Arc::new(FileStorage),
                             data_directory: data.clone(),
                             log: LogConfig::default(),
-                            writer: WriterConfig { round_appends_max: 4096, sync_threads_max: 8 },
+                            writer: WriterConfig::default(),
                         };
                         Engine::open(config, Arc::new(SystemClock), durability).expect("opens").0
                     } else {
@@ -153,7 +153,9 @@ fn actors(criterion: &mut Criterion) {
                                 let (engine, orders, picks, skus, buyer) =
                                     (engine.clone(), orders.clone(), picks.clone(), skus.clone(), buyer.clone());
                                 tokio::spawn(async move {
+                                    let mut latencies_us = Vec::with_capacity(ORDERS_PER_RUN / IN_FLIGHT + 1);
                                     for index in (worker..ORDERS_PER_RUN).step_by(IN_FLIGHT) {
+                                        let pair_started = Instant::now();
                                         let request = OrderRequest {
                                             order: orders[index].clone(),
                                             buyer: buyer.clone(),
@@ -165,20 +167,31 @@ fn actors(criterion: &mut Criterion) {
                                         };
                                         engine.reserve(request).await.expect("held");
                                         engine.commit(&orders[index]).await.expect("committed");
+                                        latencies_us.push(pair_started.elapsed().as_micros() as u64);
                                     }
+                                    latencies_us
                                 })
                             })
                             .collect();
+                        let mut latencies_us = Vec::with_capacity(ORDERS_PER_RUN);
                         for task in tasks {
-                            task.await.expect("task ran");
+                            latencies_us.extend(task.await.expect("task ran"));
                         }
                         let elapsed = started.elapsed();
-                        if let Some(LogStats { syncs, records, .. }) = engine.log_stats() {
-                            eprintln!(
-                                "  {name}: {records} records in {syncs} fdatasyncs ({:.1} per sync)",
-                                records as f64 / syncs.max(1) as f64
-                            );
-                        }
+                        latencies_us.sort_unstable();
+                        let percentile = |fraction: f64| latencies_us[(latencies_us.len() as f64 * fraction) as usize];
+                        let syncs = match engine.log_stats() {
+                            Some(LogStats { syncs, records, .. }) => {
+                                format!(", {:.1} records per fdatasync", records as f64 / syncs.max(1) as f64)
+                            }
+                            None => String::new(),
+                        };
+                        eprintln!(
+                            "  {name}: {:.0} pairs/s, reserve+commit p50 {} us, p99 {} us{syncs}",
+                            ORDERS_PER_RUN as f64 / elapsed.as_secs_f64(),
+                            percentile(0.50),
+                            percentile(0.99),
+                        );
                         engine.shutdown().await;
                         elapsed
                     });

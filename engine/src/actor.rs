@@ -102,7 +102,6 @@ impl SkuActorState {
         let answered: Vec<(Request, SkuAnswer)> = self.answered.drain(..).collect();
         let slot = self.slot.clone();
         let append = Append {
-            partition: self.slot.partition,
             records,
             on_durable: Box::new(move |outcome| {
                 match outcome {
@@ -114,7 +113,7 @@ impl SkuActorState {
                     // Dropping the requests tells their callers the owner
                     // could not answer; the partition answers nothing more.
                     Err(failure) => {
-                        slot.partition_failed.store(true, Ordering::Release);
+                        slot.log_failed.store(true, Ordering::Release);
                         tracing::error!(sku = %slot.sku, %failure, "answers withheld: their records are not durable");
                     }
                 }
@@ -122,9 +121,9 @@ impl SkuActorState {
             }),
         };
         if let Err(SubmitError(append)) = log.submit(append) {
-            self.slot.partition_failed.store(true, Ordering::Release);
+            self.slot.log_failed.store(true, Ordering::Release);
             let cause = Arc::from("the log writer stopped");
-            (append.on_durable)(Err(WriteFailure { partition: self.slot.partition, cause }));
+            (append.on_durable)(Err(WriteFailure { cause }));
         }
     }
 
@@ -132,9 +131,8 @@ impl SkuActorState {
     /// answer waits on it, only later answers, which queue behind it.
     fn record_own(&self, now_ms: u64, command: SkuCommand) {
         let Some(log) = &self.slot.log else { return };
-        let failed = self.slot.partition_failed.clone();
+        let failed = self.slot.log_failed.clone();
         let append = Append {
-            partition: self.slot.partition,
             records: vec![LogRecord::Apply { sku: self.slot.sku.clone(), now_ms, command }],
             on_durable: Box::new(move |outcome| {
                 if outcome.is_err() {
@@ -143,7 +141,7 @@ impl SkuActorState {
             }),
         };
         if log.submit(append).is_err() {
-            self.slot.partition_failed.store(true, Ordering::Release);
+            self.slot.log_failed.store(true, Ordering::Release);
         }
     }
 

@@ -26,10 +26,10 @@ use crate::clock::Clock;
 use crate::directory::{InterruptedOrder, OrderContent, OrderDirectory, OrderPhase, OrderPlan, OrderRecord};
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
-use crate::log::compactor::{Compactor, ReplayRules};
+use crate::log::compactor::Compactor;
 use crate::log::record::LogRecord;
-use crate::log::replay::PartitionState;
-use crate::log::segments::{LogConfig, LogError, PartitionLog, TornTail};
+use crate::log::replay::{ReplayRules, ReplayedState};
+use crate::log::segments::{LogConfig, LogError, SegmentedLog, TornTail};
 use crate::log::storage::Storage;
 use crate::log::writer::{Append, LogSubmitter, LogWriter, WriterConfig};
 use crate::order::{
@@ -175,12 +175,11 @@ impl Request {
 #[derive(Debug)]
 pub(crate) struct SkuSlot {
     pub(crate) sku: SkuId,
-    pub(crate) partition: u32,
     /// Where the actor sends its records; `None` for an in-memory engine.
     pub(crate) log: Option<LogSubmitter>,
-    /// Set once the partition's log failed: memory may be ahead of the log,
+    /// Set once the log failed: memory may be ahead of the log,
     /// so the partition answers nothing more.
-    pub(crate) partition_failed: Arc<AtomicBool>,
+    pub(crate) log_failed: Arc<AtomicBool>,
     pub(crate) config: Arc<EngineConfig>,
     pub(crate) clock: Arc<dyn Clock>,
     gate: AdmissionGate,
@@ -239,7 +238,6 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Debug)]
 struct Partition {
-    failed: Arc<AtomicBool>,
     gate: Arc<AdmissionGate>,
     skus: RwLock<FastMap<SkuId, Arc<SkuSlot>>>,
     orders: Mutex<OrderDirectory>,
@@ -248,6 +246,9 @@ struct Partition {
 #[derive(Debug)]
 struct Inner {
     config: Arc<EngineConfig>,
+    /// Set once the log failed: every partition then answers
+    /// `Unavailable`, since memory may be ahead of the log.
+    log_failed: Arc<AtomicBool>,
     clock: Arc<dyn Clock>,
     partitions: Box<[Partition]>,
     log: Option<LogSubmitter>,
@@ -260,7 +261,8 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct Durability {
     pub storage: Arc<dyn Storage>,
-    /// Each partition's log lives in `partition-<number, 5 digits>` below.
+    /// The log (segments and snapshots) lives in `log/` below; the
+    /// directory itself is locked against a second process.
     pub data_directory: PathBuf,
     pub log: LogConfig,
     pub writer: WriterConfig,
@@ -285,12 +287,12 @@ pub struct RecoveryReport {
     pub skus: usize,
     /// Orders rebuilt from the SKUs' reservations.
     pub orders: usize,
-    /// Records replayed after the snapshots.
+    /// Records replayed after the snapshot.
     pub records: usize,
-    /// Partitions that started from a snapshot.
-    pub snapshots: usize,
-    /// Torn last writes that were cut off, one per partition at most.
-    pub torn_tails: Vec<TornTail>,
+    /// Whether recovery began from a snapshot.
+    pub from_snapshot: bool,
+    /// A torn last write that was cut off.
+    pub torn_tail: Option<TornTail>,
 }
 
 /// Why a durable engine could not open.
@@ -300,14 +302,10 @@ pub enum OpenError {
     Config(#[from] InvalidLimits),
     #[error("cannot lock the data directory: {0}")]
     Locked(#[source] std::io::Error),
-    #[error("partition {partition}: {source}")]
-    Log {
-        partition: u32,
-        #[source]
-        source: LogError,
-    },
-    #[error("partition {partition}, record {sequence}: {reason}")]
-    Replay { partition: u32, sequence: u64, reason: String },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("log record {sequence}: {reason}")]
+    Replay { sequence: u64, reason: String },
     #[error("starting the log threads: {0}")]
     Writer(#[source] std::io::Error),
 }
@@ -334,14 +332,15 @@ impl Engine {
     fn build(config: EngineConfig, clock: Arc<dyn Clock>, writer: Option<LogWriter>) -> Self {
         let partitions = (0..config.partition_count)
             .map(|_| Partition {
-                failed: Arc::new(AtomicBool::new(false)),
                 gate: Arc::new(AdmissionGate::new(config.in_flight_per_partition_max)),
                 skus: RwLock::new(FastMap::default()),
                 orders: Mutex::new(OrderDirectory::default()),
             })
             .collect();
         let log = writer.as_ref().map(LogWriter::submitter);
-        Self { inner: Arc::new(Inner { config: Arc::new(config), clock, partitions, log, writer: Mutex::new(writer) }) }
+        let log_failed = Arc::new(AtomicBool::new(false));
+        let inner = Inner { config: Arc::new(config), log_failed, clock, partitions, log, writer: Mutex::new(writer) };
+        Self { inner: Arc::new(inner) }
     }
 
     /// A durable engine: opens every partition's log under the data
@@ -355,7 +354,6 @@ impl Engine {
         config.validate()?;
         first_violation([
             (durability.writer.round_appends_max == 0, "round_appends_max", "must be at least 1"),
-            (durability.writer.sync_threads_max == 0, "sync_threads_max", "must be at least 1"),
             (durability.log.segment_bytes_max == 0, "segment_bytes_max", "must be at least 1"),
             (
                 durability.log.snapshot_log_bytes < durability.log.segment_bytes_max,
@@ -364,40 +362,36 @@ impl Engine {
             ),
         ])?;
         let lock = durability.storage.lock_dir(&durability.data_directory).map_err(OpenError::Locked)?;
-        let mut report = RecoveryReport::default();
-        let mut logs = Vec::with_capacity(config.partition_count as usize);
-        let mut states = Vec::with_capacity(config.partition_count as usize);
-        for partition in 0..config.partition_count {
-            let directory = durability.data_directory.join(format!("partition-{partition:05}"));
-            let (log, recovered) = PartitionLog::open(durability.storage.clone(), &directory, durability.log)
-                .map_err(|source| OpenError::Log { partition, source })?;
-            report.records += recovered.records.len();
-            report.snapshots += usize::from(recovered.snapshot.is_some());
-            report.torn_tails.extend(recovered.torn_tail);
-            let mut state = match recovered.snapshot {
-                Some(snapshot) => {
-                    let sequence = snapshot.last_sequence;
-                    PartitionState::from_snapshot(partition, config.partition_count, config.limits.clone(), snapshot)
-                        .map_err(|reason| OpenError::Replay { partition, sequence, reason })?
-                }
-                None => PartitionState::empty(partition, config.partition_count, config.limits.clone()),
-            };
-            for (sequence, record) in recovered.records {
-                state.apply(sequence, record).map_err(|reason| OpenError::Replay { partition, sequence, reason })?;
-            }
-            report.skus += state.skus.len();
-            logs.push(log);
-            states.push(state.skus);
-        }
+        let directory = durability.data_directory.join("log");
+        let (log, recovered) = SegmentedLog::open(durability.storage.clone(), &directory, durability.log)?;
         let rules = ReplayRules { partition_count: config.partition_count, limits: config.limits.clone() };
-        let compactor = Compactor::start(rules, config.partition_count as usize).map_err(OpenError::Writer)?;
-        let writer =
-            LogWriter::start(logs, durability.writer, Some(compactor), Some(lock)).map_err(OpenError::Writer)?;
-        let engine = Self::build(config, clock, Some(writer));
-        for skus in states {
-            for (sku, state) in skus {
-                engine.insert_slot(sku, state);
+        let mut state = match recovered.snapshot {
+            Some(snapshot) => {
+                let sequence = snapshot.last_sequence;
+                ReplayedState::from_snapshot(rules.clone(), snapshot)
+                    .map_err(|reason| OpenError::Replay { sequence, reason })?
             }
+            None => ReplayedState::empty(rules.clone()),
+        };
+        let report = RecoveryReport {
+            skus: 0,
+            orders: 0,
+            records: recovered.records.len(),
+            from_snapshot: state.last_sequence > 0,
+            torn_tail: recovered.torn_tail,
+        };
+        for (sequence, record) in recovered.records {
+            state.apply(sequence, record).map_err(|reason| OpenError::Replay { sequence, reason })?;
+        }
+        // A snapshot is a queue's worth of requests: one waiting is enough,
+        // the next request covers more.
+        let compactor = Compactor::start(durability.storage.clone(), directory, rules, 1).map_err(OpenError::Writer)?;
+        let writer =
+            LogWriter::start(log, durability.writer, Some(compactor), Some(lock)).map_err(OpenError::Writer)?;
+        let engine = Self::build(config, clock, Some(writer));
+        let mut report = RecoveryReport { skus: state.skus.len(), ..report };
+        for (sku, sku_state) in state.skus {
+            engine.insert_slot(sku, sku_state);
         }
         report.orders = engine.rebuild_directories();
         Ok((engine, report))
@@ -528,7 +522,7 @@ impl Engine {
         let stock = state.stock();
         let partition_index = partition_of(&sku, self.inner.config.partition_count);
         let partition = &self.inner.partitions[partition_index as usize];
-        if partition.failed.load(Ordering::Acquire) {
+        if self.inner.log_failed.load(Ordering::Acquire) {
             return Err(EngineError::Unavailable);
         }
         let durable = {
@@ -541,9 +535,8 @@ impl Engine {
             let durable = match &self.inner.log {
                 Some(log) => {
                     let (sender, receiver) = oneshot::channel();
-                    let failed = partition.failed.clone();
+                    let failed = self.inner.log_failed.clone();
                     let append = Append {
-                        partition: partition_index,
                         records: vec![LogRecord::CreateSku { sku: sku.clone(), settings }],
                         on_durable: Box::new(move |outcome| {
                             if outcome.is_err() {
@@ -553,7 +546,7 @@ impl Engine {
                         }),
                     };
                     if log.submit(append).is_err() {
-                        partition.failed.store(true, Ordering::Release);
+                        self.inner.log_failed.store(true, Ordering::Release);
                         return Err(EngineError::Unavailable);
                     }
                     Some(receiver)
@@ -575,9 +568,8 @@ impl Engine {
         let partition = &self.inner.partitions[partition_index as usize];
         Arc::new(SkuSlot {
             sku,
-            partition: partition_index,
             log: self.inner.log.clone(),
-            partition_failed: partition.failed.clone(),
+            log_failed: self.inner.log_failed.clone(),
             config: self.inner.config.clone(),
             clock: self.inner.clock.clone(),
             gate: AdmissionGate::new(self.inner.config.in_flight_per_sku_max),
@@ -600,7 +592,7 @@ impl Engine {
     /// Admits `command` for `sku` and hands it to the SKU's actor (starting
     /// one if none runs). The answer arrives on the returned channel.
     fn enqueue(&self, slot: &Arc<SkuSlot>, command: SkuCommand) -> Result<oneshot::Receiver<SkuAnswer>, EngineError> {
-        if slot.partition_failed.load(Ordering::Acquire) {
+        if slot.log_failed.load(Ordering::Acquire) {
             return Err(EngineError::Unavailable);
         }
         let busy = EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms };

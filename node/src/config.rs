@@ -42,9 +42,6 @@ pub struct StorageSection {
     /// a restart replays.
     #[serde(default = "default_snapshot_log_bytes")]
     pub snapshot_log_bytes: u64,
-    /// Partition logs synced at once by the group-commit writer.
-    #[serde(default = "default_sync_threads_max")]
-    pub sync_threads_max: usize,
 }
 
 impl StorageSection {
@@ -54,7 +51,6 @@ impl StorageSection {
             data_directory: data_directory.to_path_buf(),
             segment_bytes_max: default_segment_bytes_max(),
             snapshot_log_bytes: default_snapshot_log_bytes(),
-            sync_threads_max: default_sync_threads_max(),
         }
     }
 
@@ -64,8 +60,7 @@ impl StorageSection {
             storage: Arc::new(FileStorage),
             data_directory,
             log: LogConfig { segment_bytes_max: self.segment_bytes_max, snapshot_log_bytes: self.snapshot_log_bytes },
-            // A round takes what a few milliseconds of a busy node queue.
-            writer: WriterConfig { round_appends_max: 4096, sync_threads_max: self.sync_threads_max },
+            writer: WriterConfig::default(),
         }
     }
 }
@@ -78,14 +73,9 @@ fn default_snapshot_log_bytes() -> u64 {
     256 * 1024 * 1024
 }
 
-fn default_sync_threads_max() -> usize {
-    8
-}
-
-/// Bounds checked on `[storage]`: smaller segments only multiply files and
-/// directory syncs; more sync threads than this only add scheduling.
+/// Smallest segment `[storage]` accepts: smaller segments only multiply
+/// files and directory syncs.
 const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
-const SYNC_THREADS_MAX: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,9 +188,6 @@ impl ClusterFile {
             }
             if storage.snapshot_log_bytes < storage.segment_bytes_max {
                 bail!("`storage.snapshot_log_bytes`: at least `segment_bytes_max` (snapshots cover whole segments)");
-            }
-            if storage.sync_threads_max == 0 || storage.sync_threads_max > SYNC_THREADS_MAX {
-                bail!("`storage.sync_threads_max`: between 1 and {SYNC_THREADS_MAX}");
             }
         }
         Ok(file)

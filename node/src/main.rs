@@ -81,9 +81,10 @@ fn main() -> anyhow::Result<()> {
                 let durability =
                     file.storage.clone().unwrap_or_else(|| config::StorageSection::at(&data)).durability(data);
                 let (engine, report) = Engine::open(engine_config, Arc::new(SystemClock), durability)?;
+                let base = if report.from_snapshot { "a snapshot" } else { "nothing" };
                 eprintln!(
-                    "recovered {} snapshots + {} records, {} SKUs, {} orders",
-                    report.snapshots, report.records, report.skus, report.orders
+                    "recovered {base} + {} records: {} SKUs, {} orders",
+                    report.records, report.skus, report.orders
                 );
                 let outcome = flashstock_node::crash_load::run(engine.clone(), acknowledged).await;
                 engine.shutdown().await;

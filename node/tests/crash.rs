@@ -62,7 +62,7 @@ async fn acknowledged_commits_survive_repeated_kill_9() {
         storage: Arc::new(FileStorage),
         data_directory: data,
         log: LogConfig { segment_bytes_max: 65_536, snapshot_log_bytes: 131_072 },
-        writer: WriterConfig { round_appends_max: 1024, sync_threads_max: 4 },
+        writer: WriterConfig { round_appends_max: 1024 },
     };
     let config = EngineConfig { partition_count: 8, ..EngineConfig::default() };
     let (engine, report) = Engine::open(config, Arc::new(SystemClock), durability).expect("recovers");

@@ -1,6 +1,6 @@
-//! Background snapshots: the closed segments of a partition are replayed on
-//! top of its newest snapshot, the result is written as the next snapshot,
-//! and the segments it covers are removed.
+//! Background snapshots: the closed segments of the log are replayed on top
+//! of its newest snapshot, the result is written as the next snapshot, and
+//! the segments it covers are removed.
 //!
 //! Closed segments never change, so the compactor reads them while the
 //! writer appends to the active one, without any coordination beyond the
@@ -9,7 +9,7 @@
 //! state a restart would replay to, and costs the live path nothing.
 //!
 //! A failed snapshot is not fatal: the log still holds every record, so the
-//! partition keeps serving, the failure is reported, and the next request
+//! node keeps serving, the failure is reported, and the next request
 //! tries again with a longer stretch of log. Crash safety follows from the
 //! order of steps: the new snapshot is durable (temporary file, sync,
 //! rename, sync directory) before any segment it covers is removed, and
@@ -23,21 +23,10 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::limits::Limits;
-use crate::log::replay::PartitionState;
+use crate::log::replay::{ReplayRules, ReplayedState};
 use crate::log::segments::{list_segments, read_segments, remove_leftovers, split_covered, LogError};
 use crate::log::snapshot::{load_newest_snapshot, write_snapshot};
 use crate::log::storage::Storage;
-
-/// A request to cover a partition's log up to and including `through`,
-/// which must be the last record of a closed segment.
-#[derive(Debug)]
-pub struct SnapshotRequest {
-    pub partition: u32,
-    pub storage: Arc<dyn Storage>,
-    pub directory: PathBuf,
-    pub through: u64,
-}
 
 /// Counts of what the compactor did.
 #[derive(Debug, Default)]
@@ -57,40 +46,41 @@ pub struct Compacted {
 /// The compactor thread.
 #[derive(Debug)]
 pub struct Compactor {
-    sender: Option<Sender<SnapshotRequest>>,
+    /// Requests to cover the log through a sequence number, which must be
+    /// the last record of a closed segment.
+    sender: Option<Sender<u64>>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<CompactorStats>,
-}
-
-/// How the records of a partition are to be read back.
-#[derive(Debug, Clone)]
-pub struct ReplayRules {
-    pub partition_count: u32,
-    pub limits: Limits,
 }
 
 impl Compactor {
     /// Starts the thread. At most `queue_max` requests wait; beyond that a
     /// request is dropped, which only delays a snapshot (the next request
     /// covers more).
-    pub fn start(rules: ReplayRules, queue_max: usize) -> std::io::Result<Self> {
+    pub fn start(
+        storage: Arc<dyn Storage>,
+        directory: PathBuf,
+        rules: ReplayRules,
+        queue_max: usize,
+    ) -> std::io::Result<Self> {
         let (sender, receiver) = crossbeam_channel::bounded(queue_max.max(1));
         let stats = Arc::new(CompactorStats::default());
         let thread = {
             let stats = stats.clone();
             std::thread::Builder::new()
                 .name("log-compactor".to_owned())
-                .spawn(move || run(&receiver, &rules, &stats))?
+                .spawn(move || run(storage.as_ref(), &directory, &receiver, &rules, &stats))?
         };
         Ok(Self { sender: Some(sender), thread: Some(thread), stats })
     }
 
-    /// Queues `request` without waiting; returns false if it was dropped.
-    pub fn request(&self, request: SnapshotRequest) -> bool {
-        match self.sender.as_ref().map(|sender| sender.try_send(request)) {
+    /// Asks for a snapshot through record `through` (the last record of a
+    /// closed segment) without waiting; returns false if it was dropped.
+    pub fn request(&self, through: u64) -> bool {
+        match self.sender.as_ref().map(|sender| sender.try_send(through)) {
             Some(Ok(())) => true,
-            Some(Err(TrySendError::Full(request))) => {
-                tracing::debug!(partition = request.partition, "snapshot queue full; the next request covers more");
+            Some(Err(TrySendError::Full(_))) => {
+                tracing::debug!(through, "snapshot queue full; the next request covers more");
                 false
             }
             Some(Err(TrySendError::Disconnected(_))) | None => false,
@@ -112,10 +102,10 @@ impl Compactor {
     }
 }
 
-fn run(receiver: &Receiver<SnapshotRequest>, rules: &ReplayRules, stats: &CompactorStats) {
-    for request in receiver {
-        let _span = tracing::info_span!("snapshot", partition = request.partition, through = request.through).entered();
-        match take_snapshot(request.storage.as_ref(), &request.directory, request.partition, request.through, rules) {
+fn run(storage: &dyn Storage, directory: &Path, receiver: &Receiver<u64>, rules: &ReplayRules, stats: &CompactorStats) {
+    for through in receiver {
+        let _span = tracing::info_span!("snapshot", through).entered();
+        match take_snapshot(storage, directory, through, rules) {
             Ok(Some(done)) => {
                 stats.snapshots.fetch_add(1, Relaxed);
                 stats.segments_removed.fetch_add(done.segments_removed as u64, Relaxed);
@@ -130,14 +120,13 @@ fn run(receiver: &Receiver<SnapshotRequest>, rules: &ReplayRules, stats: &Compac
     }
 }
 
-/// Replays the closed segments of the partition in `directory` through
+/// Replays the closed segments of the log in `directory` through
 /// record `through` onto its newest snapshot, writes the result as the new
 /// snapshot, then removes the older snapshot and the covered segments.
 /// `None` if a snapshot already covers `through`.
 pub fn take_snapshot(
     storage: &dyn Storage,
     directory: &Path,
-    partition: u32,
     through: u64,
     rules: &ReplayRules,
 ) -> Result<Option<Compacted>, LogError> {
@@ -147,7 +136,7 @@ pub fn take_snapshot(
     if covered_through >= through {
         return Ok(None);
     }
-    let mut state = base_state(directory, partition, rules, base)?;
+    let mut state = base_state(directory, rules, base)?;
     let (_, uncovered) = split_covered(list_segments(storage, directory)?, covered_through);
     // Only closed segments: those starting at or before `through`, which
     // end at it exactly because `through` is a segment boundary.
@@ -170,19 +159,14 @@ pub fn take_snapshot(
     Ok(Some(Compacted { records_replayed, segments_removed: covered.len() }))
 }
 
-/// The partition state the files in `directory` describe (newest snapshot
-/// plus every record after it), read without changing anything: what a
-/// restart would recover, for tools and tests. A torn tail is left out, as
-/// recovery would cut it.
-pub fn replay_partition(
-    storage: &dyn Storage,
-    directory: &Path,
-    partition: u32,
-    rules: &ReplayRules,
-) -> Result<PartitionState, LogError> {
+/// The state the log in `directory` describes (newest snapshot plus every
+/// record after it), read without changing anything: what a restart would
+/// recover, for tools and tests. A torn tail is left out, as recovery would
+/// cut it.
+pub fn replay_log(storage: &dyn Storage, directory: &Path, rules: &ReplayRules) -> Result<ReplayedState, LogError> {
     let base = load_newest_snapshot(storage, directory)?;
     let covered_through = base.as_ref().map_or(0, |snapshot| snapshot.last_sequence);
-    let mut state = base_state(directory, partition, rules, base)?;
+    let mut state = base_state(directory, rules, base)?;
     let (_, segments) = split_covered(list_segments(storage, directory)?, covered_through);
     let read = read_segments(storage, &segments, covered_through, true)?;
     apply_all(directory, &mut state, read.records)?;
@@ -191,21 +175,22 @@ pub fn replay_partition(
 
 fn base_state(
     directory: &Path,
-    partition: u32,
     rules: &ReplayRules,
-    base: Option<crate::log::snapshot::PartitionSnapshot>,
-) -> Result<PartitionState, LogError> {
-    let (count, limits) = (rules.partition_count, rules.limits.clone());
+    base: Option<crate::log::snapshot::Snapshot>,
+) -> Result<ReplayedState, LogError> {
     match base {
-        Some(snapshot) => PartitionState::from_snapshot(partition, count, limits, snapshot)
-            .map_err(|reason| LogError::Corrupt { file: directory.to_path_buf(), offset: 0, reason }),
-        None => Ok(PartitionState::empty(partition, count, limits)),
+        Some(snapshot) => ReplayedState::from_snapshot(rules.clone(), snapshot).map_err(|reason| LogError::Corrupt {
+            file: directory.to_path_buf(),
+            offset: 0,
+            reason,
+        }),
+        None => Ok(ReplayedState::empty(rules.clone())),
     }
 }
 
 fn apply_all(
     directory: &Path,
-    state: &mut PartitionState,
+    state: &mut ReplayedState,
     records: Vec<(u64, crate::log::record::LogRecord)>,
 ) -> Result<(), LogError> {
     for (sequence, record) in records {
@@ -222,9 +207,10 @@ fn apply_all(
 mod tests {
     use super::*;
     use crate::ids::{BuyerId, OrderId, SkuId};
+    use crate::limits::Limits;
     use crate::log::record::LogRecord;
-    use crate::log::segments::{LogConfig, PartitionLog};
-    use crate::log::snapshot::PartitionSnapshot;
+    use crate::log::segments::{LogConfig, SegmentedLog};
+    use crate::log::snapshot::Snapshot;
     use crate::log::storage::{MemoryStorage, UnsyncedFate};
     use crate::sku::{Quantity, ReserveLine, SkuCommand, SkuSettings};
 
@@ -232,7 +218,7 @@ mod tests {
     const CONFIG: LogConfig = LogConfig { segment_bytes_max: 300, snapshot_log_bytes: 900 };
 
     fn directory() -> PathBuf {
-        PathBuf::from("/data/partition-00000")
+        PathBuf::from("/data/log")
     }
 
     fn sku() -> SkuId {
@@ -262,8 +248,8 @@ mod tests {
     }
 
     /// Writes `records`, one flush each; returns the open log.
-    fn write(storage: &MemoryStorage, records: &[LogRecord]) -> PartitionLog {
-        let (mut log, _) = PartitionLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
+    fn write(storage: &MemoryStorage, records: &[LogRecord]) -> SegmentedLog {
+        let (mut log, _) = SegmentedLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
         for record in records {
             log.append(record).expect("append");
             log.flush().expect("flush");
@@ -272,7 +258,7 @@ mod tests {
     }
 
     fn replayed_bytes(storage: &MemoryStorage) -> Vec<u8> {
-        replay_partition(storage, &directory(), 0, &RULES()).expect("replays").snapshot().encode()
+        replay_log(storage, &directory(), &RULES()).expect("replays").snapshot().encode()
     }
 
     fn segment_count(storage: &MemoryStorage) -> usize {
@@ -287,11 +273,11 @@ mod tests {
         let (full, segments_before) = (replayed_bytes(&storage), segment_count(&storage));
         assert_eq!(replayed_bytes(&storage), full, "replaying twice gives the same bytes");
 
-        let done = take_snapshot(&storage, &directory(), 0, through, &RULES()).expect("snapshot").expect("taken");
+        let done = take_snapshot(&storage, &directory(), through, &RULES()).expect("snapshot").expect("taken");
         assert!(done.segments_removed > 0);
         assert_eq!(segment_count(&storage), segments_before - done.segments_removed);
         assert_eq!(replayed_bytes(&storage), full, "snapshot + tail replays to the same bytes as the whole log");
-        assert_eq!(take_snapshot(&storage, &directory(), 0, through, &RULES()).expect("no-op"), None);
+        assert_eq!(take_snapshot(&storage, &directory(), through, &RULES()).expect("no-op"), None);
         let mut log = log;
         for record in &history(123)[120..] {
             log.append(record).expect("append");
@@ -300,7 +286,7 @@ mod tests {
         drop(log);
 
         storage.crash(UnsyncedFate::Lost);
-        let (mut log, recovered) = PartitionLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
+        let (mut log, recovered) = SegmentedLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
         assert_eq!(recovered.snapshot.as_ref().map(|snapshot| snapshot.last_sequence), Some(through));
         assert_eq!(recovered.records.first().map(|(sequence, _)| *sequence), Some(through + 1));
         assert_eq!(recovered.records.last().map(|(sequence, _)| *sequence), Some(123));
@@ -314,7 +300,7 @@ mod tests {
         let through = log.snapshot_due().expect("enough closed log");
         let full = replayed_bytes(&storage);
         // The first half of a snapshot: written and durable, nothing removed.
-        let mut state = PartitionState::empty(0, 1, Limits::default());
+        let mut state = ReplayedState::empty(RULES());
         for (index, record) in history(through).into_iter().enumerate() {
             state.apply(index as u64 + 1, record).expect("applies");
         }
@@ -325,7 +311,7 @@ mod tests {
         drop(log);
         storage.crash(UnsyncedFate::Lost);
 
-        let (_, recovered) = PartitionLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
+        let (_, recovered) = SegmentedLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
         assert_eq!(recovered.snapshot.map(|snapshot| snapshot.last_sequence), Some(through));
         assert_eq!(replayed_bytes(&storage), full);
         let names = storage.list(&directory()).expect("lists");
@@ -341,7 +327,7 @@ mod tests {
         let first = list_segments(&storage, &directory()).expect("lists")[0].path.clone();
         storage.flip_bit(&first, 40, 3).expect("flip");
         let before = storage.list(&directory()).expect("lists");
-        let failed = take_snapshot(&storage, &directory(), 0, through, &RULES());
+        let failed = take_snapshot(&storage, &directory(), through, &RULES());
         assert!(matches!(&failed, Err(LogError::Corrupt { file, .. }) if *file == first), "{failed:?}");
         assert_eq!(storage.list(&directory()).expect("lists"), before);
     }
@@ -351,23 +337,23 @@ mod tests {
         let storage = MemoryStorage::new();
         let log = write(&storage, &history(120));
         let through = log.snapshot_due().expect("enough closed log");
-        take_snapshot(&storage, &directory(), 0, through, &RULES()).expect("snapshot").expect("taken");
+        take_snapshot(&storage, &directory(), through, &RULES()).expect("snapshot").expect("taken");
         drop(log);
         // Lose the segment right after the snapshot.
         let next = list_segments(&storage, &directory()).expect("lists")[0].path.clone();
         storage.remove(&next).expect("remove");
-        let refused = PartitionLog::open(Arc::new(storage.clone()), &directory(), CONFIG);
+        let refused = SegmentedLog::open(Arc::new(storage.clone()), &directory(), CONFIG);
         assert!(matches!(refused, Err(LogError::Corrupt { .. })), "{refused:?}");
     }
 
     #[test]
     fn the_writer_asks_for_snapshots_and_they_bound_the_log() {
         let storage = MemoryStorage::new();
-        let (log, _) = PartitionLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
-        let compactor = Compactor::start(RULES(), 4).expect("starts");
+        let (log, _) = SegmentedLog::open(Arc::new(storage.clone()), &directory(), CONFIG).expect("opens");
+        let compactor = Compactor::start(Arc::new(storage.clone()), directory(), RULES(), 4).expect("starts");
         let writer = crate::log::writer::LogWriter::start(
-            vec![log],
-            crate::log::writer::WriterConfig { round_appends_max: 8, sync_threads_max: 1 },
+            log,
+            crate::log::writer::WriterConfig { round_appends_max: 8 },
             Some(compactor),
             None,
         )
@@ -375,7 +361,6 @@ mod tests {
         for record in history(400) {
             let (sender, receiver) = std::sync::mpsc::channel();
             let append = crate::log::writer::Append {
-                partition: 0,
                 records: vec![record],
                 on_durable: Box::new(move |outcome| sender.send(outcome.is_ok()).expect("send")),
             };
@@ -389,12 +374,12 @@ mod tests {
         // 400 records fill over 100 segments; snapshots removed most of them
         // (how many remain depends on how far the compactor lagged).
         assert!(segment_count(&storage) < 40, "{} segments left", segment_count(&storage));
-        let state = replay_partition(&storage, &directory(), 0, &RULES()).expect("replays");
-        let mut expected = PartitionState::empty(0, 1, Limits::default());
+        let state = replay_log(&storage, &directory(), &RULES()).expect("replays");
+        let mut expected = ReplayedState::empty(RULES());
         for (index, record) in history(400).into_iter().enumerate() {
             expected.apply(index as u64 + 1, record).expect("applies");
         }
         assert_eq!(state.snapshot().encode(), expected.snapshot().encode());
-        let _: PartitionSnapshot = state.snapshot();
+        let _: Snapshot = state.snapshot();
     }
 }

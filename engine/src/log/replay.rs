@@ -1,49 +1,55 @@
-//! A partition's state rebuilt from its snapshot and log records: the one
-//! definition of what a record means, shared by recovery (which then hands
-//! the SKUs to their actors) and by compaction (which writes the result as
-//! the next snapshot). Pure: no IO, no clock.
+//! The state a log describes, rebuilt from its snapshot and records: the
+//! one definition of what a record means, shared by recovery (which then
+//! hands the SKUs to their actors) and by compaction (which writes the
+//! result as the next snapshot). Pure: no IO, no clock.
 
 use std::collections::BTreeMap;
 
 use crate::ids::SkuId;
 use crate::limits::Limits;
 use crate::log::record::LogRecord;
-use crate::log::snapshot::PartitionSnapshot;
-use crate::partition::partition_of;
+use crate::log::snapshot::Snapshot;
 use crate::sku::SkuState;
 
-/// Every SKU of one partition, as of the last record applied.
+/// How a log's records are to be read back: with the limits and the
+/// partition count of the engine that wrote them.
+#[derive(Debug, Clone)]
+pub struct ReplayRules {
+    pub partition_count: u32,
+    pub limits: Limits,
+}
+
+/// Every SKU of a log, as of the last record applied.
 #[derive(Debug)]
-pub struct PartitionState {
-    partition: u32,
-    partition_count: u32,
-    limits: Limits,
+pub struct ReplayedState {
+    rules: ReplayRules,
     /// Sorted, so that snapshots come out canonical.
     pub skus: BTreeMap<SkuId, SkuState>,
     /// Sequence number of the last record applied (0 before any).
     pub last_sequence: u64,
 }
 
-impl PartitionState {
+impl ReplayedState {
     /// The state an empty log describes.
-    pub fn empty(partition: u32, partition_count: u32, limits: Limits) -> Self {
-        Self { partition, partition_count, limits, skus: BTreeMap::new(), last_sequence: 0 }
+    pub fn empty(rules: ReplayRules) -> Self {
+        Self { rules, skus: BTreeMap::new(), last_sequence: 0 }
     }
 
-    /// The state `snapshot` describes; a snapshot that breaks an invariant
-    /// (or holds another partition's SKU) is refused with the reason.
-    pub fn from_snapshot(
-        partition: u32,
-        partition_count: u32,
-        limits: Limits,
-        snapshot: PartitionSnapshot,
-    ) -> Result<Self, String> {
-        let mut state = Self::empty(partition, partition_count, limits);
+    /// The state `snapshot` describes; a snapshot taken with another
+    /// partition count, or one that breaks an invariant, is refused with
+    /// the reason.
+    pub fn from_snapshot(rules: ReplayRules, snapshot: Snapshot) -> Result<Self, String> {
+        if snapshot.partition_count != rules.partition_count {
+            return Err(format!(
+                "written with {} partitions, configured with {}: the partition count is fixed for a cluster's life",
+                snapshot.partition_count, rules.partition_count
+            ));
+        }
+        let mut state = Self::empty(rules);
         state.last_sequence = snapshot.last_sequence;
         for (sku, image) in snapshot.skus {
-            state.check_owned(&sku)?;
-            let restored =
-                SkuState::from_image(image, state.limits.clone()).map_err(|error| format!("SKU {sku}: {error}"))?;
+            let restored = SkuState::from_image(image, state.rules.limits.clone())
+                .map_err(|error| format!("SKU {sku}: {error}"))?;
             state.skus.insert(sku, restored);
         }
         Ok(state)
@@ -59,12 +65,11 @@ impl PartitionState {
         }
         match record {
             LogRecord::CreateSku { sku, settings } => {
-                self.check_owned(&sku)?;
                 if self.skus.contains_key(&sku) {
                     return Err(format!("SKU {sku} created twice"));
                 }
-                let state =
-                    SkuState::new(settings, self.limits.clone()).map_err(|error| format!("SKU {sku}: {error}"))?;
+                let state = SkuState::new(settings, self.rules.limits.clone())
+                    .map_err(|error| format!("SKU {sku}: {error}"))?;
                 self.skus.insert(sku, state);
             }
             LogRecord::Apply { sku, now_ms, command } => {
@@ -79,18 +84,12 @@ impl PartitionState {
     }
 
     /// The canonical snapshot of this state.
-    pub fn snapshot(&self) -> PartitionSnapshot {
-        PartitionSnapshot {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
             last_sequence: self.last_sequence,
+            partition_count: self.rules.partition_count,
             skus: self.skus.iter().map(|(sku, state)| (sku.clone(), state.image())).collect(),
         }
-    }
-
-    fn check_owned(&self, sku: &SkuId) -> Result<(), String> {
-        if partition_of(sku, self.partition_count) != self.partition {
-            return Err(format!("SKU {sku} belongs to another partition"));
-        }
-        Ok(())
     }
 }
 
@@ -99,39 +98,39 @@ mod tests {
     use super::*;
     use crate::sku::{SkuCommand, SkuSettings};
 
-    fn sku_in(partition: u32, partition_count: u32) -> SkuId {
-        (0..)
-            .map(|index| SkuId::new(format!("sku-{index}")).expect("valid"))
-            .find(|sku| partition_of(sku, partition_count) == partition)
-            .expect("some SKU lands in every partition")
+    fn rules(partition_count: u32) -> ReplayRules {
+        ReplayRules { partition_count, limits: Limits::default() }
+    }
+
+    fn sku() -> SkuId {
+        SkuId::new("sku").expect("valid")
     }
 
     #[test]
     fn records_apply_in_order_and_a_snapshot_restores_the_same_state() {
-        let sku = sku_in(1, 4);
-        let mut state = PartitionState::empty(1, 4, Limits::default());
+        let mut state = ReplayedState::empty(rules(4));
         let settings = SkuSettings { initial_units: 10, ..SkuSettings::default() };
-        state.apply(1, LogRecord::CreateSku { sku: sku.clone(), settings }).expect("creates");
-        let add = LogRecord::Apply { sku: sku.clone(), now_ms: 5, command: SkuCommand::AddStock { units: 3 } };
-        state.apply(2, add.clone()).expect("applies");
-        assert_eq!(state.skus[&sku].stock().available, 13);
+        state.apply(1, LogRecord::CreateSku { sku: sku(), settings }).expect("creates");
+        let add = LogRecord::Apply { sku: sku(), now_ms: 5, command: SkuCommand::AddStock { units: 3 } };
+        state.apply(2, add).expect("applies");
+        assert_eq!(state.skus[&sku()].stock().available, 13);
 
-        let restored = PartitionState::from_snapshot(1, 4, Limits::default(), state.snapshot()).expect("restores");
+        let restored = ReplayedState::from_snapshot(rules(4), state.snapshot()).expect("restores");
         assert_eq!(restored.snapshot().encode(), state.snapshot().encode());
         assert_eq!(restored.last_sequence, 2);
+        let refused = ReplayedState::from_snapshot(rules(8), state.snapshot()).expect_err("other partition count");
+        assert!(refused.contains("4 partitions"), "{refused}");
     }
 
     #[test]
     fn records_that_cannot_follow_are_refused_with_a_reason() {
-        let (mine, foreign) = (sku_in(1, 4), sku_in(2, 4));
-        let mut state = PartitionState::empty(1, 4, Limits::default());
-        let create = |sku: &SkuId| LogRecord::CreateSku { sku: sku.clone(), settings: SkuSettings::default() };
-        assert!(state.apply(2, create(&mine)).expect_err("gap").contains("expected record 1"));
-        assert!(state.apply(1, create(&foreign)).expect_err("foreign").contains("another partition"));
-        let add = LogRecord::Apply { sku: mine.clone(), now_ms: 0, command: SkuCommand::AddStock { units: 1 } };
+        let mut state = ReplayedState::empty(rules(4));
+        let create = LogRecord::CreateSku { sku: sku(), settings: SkuSettings::default() };
+        assert!(state.apply(2, create.clone()).expect_err("gap").contains("expected record 1"));
+        let add = LogRecord::Apply { sku: sku(), now_ms: 0, command: SkuCommand::AddStock { units: 1 } };
         assert!(state.apply(1, add).expect_err("unknown").contains("no SKU"));
-        state.apply(1, create(&mine)).expect("creates");
-        assert!(state.apply(2, create(&mine)).expect_err("twice").contains("twice"));
+        state.apply(1, create.clone()).expect("creates");
+        assert!(state.apply(2, create).expect_err("twice").contains("twice"));
         assert_eq!(state.last_sequence, 1, "a refused record leaves the state as it was");
     }
 }

@@ -1,8 +1,14 @@
-//! One partition's log on disk: numbered segment files, appended in
-//! batches, recovered on open.
+//! The node's log on disk: numbered segment files, appended in batches,
+//! recovered on open.
 //!
-//! Files are `segment-<first sequence, 20 digits>.log` in the partition's
-//! directory. Appends are buffered; [`PartitionLog::flush`] writes the
+//! One log holds the records of every partition of the node, so that a
+//! group commit costs one `fdatasync` however many partitions it touches.
+//! A record names its SKU, and the SKU's partition follows from the id, so
+//! the log can be split per partition (for replication) without a new
+//! format.
+//!
+//! Files are `segment-<first sequence, 20 digits>.log` in the log's
+//! directory. Appends are buffered; [`SegmentedLog::flush`] writes the
 //! buffer with one write and one `fdatasync` and returns the highest durable
 //! sequence number. The first failed write or sync poisons the log for good:
 //! an fsync error may have dropped data the kernel still reports as written,
@@ -13,7 +19,7 @@ use std::sync::Arc;
 
 use crate::log::frame::{encode_frame, scan, ScanEnd};
 use crate::log::record::LogRecord;
-use crate::log::snapshot::{load_newest_snapshot, snapshot_sequence_of, PartitionSnapshot, SnapshotError};
+use crate::log::snapshot::{load_newest_snapshot, snapshot_sequence_of, Snapshot, SnapshotError};
 use crate::log::storage::{AppendFile, Storage};
 
 /// How the log lays out its files.
@@ -24,7 +30,7 @@ pub struct LogConfig {
     pub segment_bytes_max: u64,
     /// Once closed segments not yet covered by a snapshot hold this many
     /// bytes, a snapshot is taken in the background and they are removed.
-    /// Bounds both the disk a partition uses and the log a restart replays.
+    /// Bounds both the disk the log uses and the log a restart replays.
     pub snapshot_log_bytes: u64,
 }
 
@@ -60,18 +66,18 @@ pub struct TornTail {
     pub bytes_cut: usize,
 }
 
-/// What [`PartitionLog::open`] found.
+/// What [`SegmentedLog::open`] found.
 #[derive(Debug)]
 pub struct Recovered {
     /// The newest snapshot, if one was taken.
-    pub snapshot: Option<PartitionSnapshot>,
+    pub snapshot: Option<Snapshot>,
     /// Every record after the snapshot, with its sequence number, in order.
     pub records: Vec<(u64, LogRecord)>,
     pub torn_tail: Option<TornTail>,
 }
 
 #[derive(Debug)]
-pub struct PartitionLog {
+pub struct SegmentedLog {
     storage: Arc<dyn Storage>,
     directory: PathBuf,
     config: LogConfig,
@@ -230,7 +236,7 @@ pub(crate) fn remove_leftovers(
     Ok(!doomed.is_empty())
 }
 
-impl PartitionLog {
+impl SegmentedLog {
     /// Opens (or creates) the log in `directory` and recovers it: the
     /// newest snapshot and the records after it. A torn tail in the last
     /// segment is cut off and reported; anything else unreadable is
@@ -391,8 +397,8 @@ mod tests {
             .collect()
     }
 
-    fn open(storage: &MemoryStorage, config: LogConfig) -> Result<(PartitionLog, Recovered), LogError> {
-        PartitionLog::open(Arc::new(storage.clone()), Path::new("/data/partition-0"), config)
+    fn open(storage: &MemoryStorage, config: LogConfig) -> Result<(SegmentedLog, Recovered), LogError> {
+        SegmentedLog::open(Arc::new(storage.clone()), Path::new("/data/log"), config)
     }
 
     #[test]
@@ -445,7 +451,7 @@ mod tests {
             log.append(&record(units)).expect("append");
         }
         log.flush().expect("flush");
-        let file = Path::new("/data/partition-0").join(segment_name(1));
+        let file = Path::new("/data/log").join(segment_name(1));
         storage.flip_bit(&file, 30, 0).expect("flip");
         match open(&storage, LogConfig::default()) {
             Err(LogError::Corrupt { file: reported, offset, .. }) => {
@@ -490,7 +496,7 @@ mod tests {
             log.append(&record(units)).expect("append");
             log.flush().expect("flush");
         }
-        let segments = storage.list(Path::new("/data/partition-0")).expect("list");
+        let segments = storage.list(Path::new("/data/log")).expect("list");
         assert!(segments.len() > 3, "{segments:?}");
         storage.crash(UnsyncedFate::Lost);
         let (_, recovered) = open(&storage, config).expect("reopens");

@@ -1,5 +1,5 @@
-//! Partition snapshots: every SKU's state at a log position, in canonical
-//! form, so that recovery reads the snapshot and only the log after it.
+//! Snapshots: every SKU's state at a log position, in canonical form, so
+//! that recovery reads the snapshot and only the log after it.
 //!
 //! File: `snapshot-<last sequence covered, 20 digits>.snap` holding a
 //! 24-byte header (magic `FSSN` 4, format version 1, zero 3, payload length
@@ -28,10 +28,13 @@ const SNAPSHOT_HEADER_BYTES: usize = 24;
 /// recovery allocate without limit.
 pub const SNAPSHOT_PAYLOAD_BYTES_MAX: u64 = 4 << 30;
 
-/// Every SKU of a partition as of log sequence `last_sequence`.
+/// Every SKU of the log as of sequence `last_sequence`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionSnapshot {
+pub struct Snapshot {
     pub last_sequence: u64,
+    /// The partition count the SKUs were spread over; a log is only ever
+    /// read back with the count it was written with.
+    pub partition_count: u32,
     /// Sorted by SKU id.
     pub skus: Vec<(SkuId, SkuImage)>,
 }
@@ -53,6 +56,7 @@ pub enum SnapshotError {
 #[derive(Serialize, Deserialize)]
 struct WireSnapshot {
     last_sequence: u64,
+    partition_count: u32,
     skus: Vec<(String, WireSku)>,
 }
 
@@ -84,11 +88,12 @@ struct WireReservation {
     requested_units: Option<u32>,
 }
 
-impl PartitionSnapshot {
+impl Snapshot {
     /// The snapshot file's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let wire = WireSnapshot {
             last_sequence: self.last_sequence,
+            partition_count: self.partition_count,
             skus: self.skus.iter().map(|(sku, image)| (sku.as_str().to_owned(), wire_sku(image))).collect(),
         };
         let payload = rmp_serde::to_vec(&wire).expect("snapshots always encode");
@@ -135,7 +140,7 @@ impl PartitionSnapshot {
         if !skus.windows(2).all(|pair| pair[0].0 < pair[1].0) {
             return Err("SKUs out of order or repeated".to_owned());
         }
-        Ok(Self { last_sequence: wire.last_sequence, skus })
+        Ok(Self { last_sequence: wire.last_sequence, partition_count: wire.partition_count, skus })
     }
 }
 
@@ -253,11 +258,7 @@ pub(crate) fn snapshot_sequence_of(path: &Path) -> Option<u64> {
 /// Writes `snapshot` into `directory` crash-safely and returns its path.
 /// Older snapshots are left for the caller to remove once this one is
 /// known durable (it is, when this returns).
-pub fn write_snapshot(
-    storage: &dyn Storage,
-    directory: &Path,
-    snapshot: &PartitionSnapshot,
-) -> Result<PathBuf, SnapshotError> {
+pub fn write_snapshot(storage: &dyn Storage, directory: &Path, snapshot: &Snapshot) -> Result<PathBuf, SnapshotError> {
     let io = |file: &Path, operation: &'static str| {
         let file = file.to_path_buf();
         move |source| SnapshotError::Io { file, operation, source }
@@ -274,10 +275,7 @@ pub fn write_snapshot(
 
 /// The newest snapshot in `directory`, if any. A damaged newest snapshot is
 /// an error (the log it covers may already be gone), never skipped.
-pub fn load_newest_snapshot(
-    storage: &dyn Storage,
-    directory: &Path,
-) -> Result<Option<PartitionSnapshot>, SnapshotError> {
+pub fn load_newest_snapshot(storage: &dyn Storage, directory: &Path) -> Result<Option<Snapshot>, SnapshotError> {
     let listed = storage.list(directory).map_err(|source| SnapshotError::Io {
         file: directory.to_path_buf(),
         operation: "list",
@@ -290,8 +288,7 @@ pub fn load_newest_snapshot(
     };
     let bytes =
         storage.read(&path).map_err(|source| SnapshotError::Io { file: path.clone(), operation: "read", source })?;
-    let snapshot =
-        PartitionSnapshot::decode(&bytes).map_err(|reason| SnapshotError::Invalid { file: path.clone(), reason })?;
+    let snapshot = Snapshot::decode(&bytes).map_err(|reason| SnapshotError::Invalid { file: path.clone(), reason })?;
     if snapshot.last_sequence != sequence {
         let reason = format!("names sequence {sequence} but holds {}", snapshot.last_sequence);
         return Err(SnapshotError::Invalid { file: path, reason });
@@ -329,18 +326,18 @@ mod tests {
         state
     }
 
-    fn snapshot_of(states: &[(&str, &SkuState)], last_sequence: u64) -> PartitionSnapshot {
+    fn snapshot_of(states: &[(&str, &SkuState)], last_sequence: u64) -> Snapshot {
         let mut skus: Vec<(SkuId, SkuImage)> =
             states.iter().map(|(sku, state)| (SkuId::new(sku).expect("id"), state.image())).collect();
         skus.sort_by(|a, b| a.0.cmp(&b.0));
-        PartitionSnapshot { last_sequence, skus }
+        Snapshot { last_sequence, partition_count: 4, skus }
     }
 
     #[test]
     fn snapshots_round_trip_and_equal_states_encode_to_equal_bytes() {
         let (first, second) = (busy_sku(1), busy_sku(1));
         let snapshot = snapshot_of(&[("b", &first), ("a", &busy_sku(2))], 42);
-        let decoded = PartitionSnapshot::decode(&snapshot.encode()).expect("decodes");
+        let decoded = Snapshot::decode(&snapshot.encode()).expect("decodes");
         assert_eq!(decoded, snapshot);
         // Two replays of the same history: identical bytes, whatever the maps' layout.
         assert_eq!(snapshot_of(&[("x", &first)], 1).encode(), snapshot_of(&[("x", &second)], 1).encode());
@@ -354,15 +351,15 @@ mod tests {
         for position in [0, 4, 6, 9, 17, 22, SNAPSHOT_HEADER_BYTES + 5, bytes.len() - 1] {
             let mut damaged = bytes.clone();
             damaged[position] ^= 0x20;
-            assert!(PartitionSnapshot::decode(&damaged).is_err(), "flip at {position} accepted");
+            assert!(Snapshot::decode(&damaged).is_err(), "flip at {position} accepted");
         }
-        assert!(PartitionSnapshot::decode(&bytes[..bytes.len() - 1]).is_err(), "truncated accepted");
+        assert!(Snapshot::decode(&bytes[..bytes.len() - 1]).is_err(), "truncated accepted");
     }
 
     #[test]
     fn a_crash_while_writing_leaves_the_previous_snapshot() {
         let storage = MemoryStorage::new();
-        let directory = Path::new("/data/partition-0");
+        let directory = Path::new("/data/log");
         let old = snapshot_of(&[("a", &busy_sku(4))], 10);
         write_snapshot(&storage, directory, &old).expect("written");
         // The next snapshot's bytes are written but the process dies before
@@ -376,7 +373,7 @@ mod tests {
     #[test]
     fn a_damaged_newest_snapshot_stops_recovery() {
         let storage = MemoryStorage::new();
-        let directory = Path::new("/data/partition-0");
+        let directory = Path::new("/data/log");
         let path = write_snapshot(&storage, directory, &snapshot_of(&[("a", &busy_sku(6))], 3)).expect("written");
         storage.flip_bit(&path, 40, 1).expect("flip");
         assert!(
