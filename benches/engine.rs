@@ -147,6 +147,7 @@ fn actors(criterion: &mut Criterion) {
                         for sku in skus.iter() {
                             engine.add_stock(sku, 1).await.expect("warm-up");
                         }
+                        let log_before = engine.log_stats();
                         let started = Instant::now();
                         let tasks: Vec<_> = (0..IN_FLIGHT)
                             .map(|worker| {
@@ -180,11 +181,13 @@ fn actors(criterion: &mut Criterion) {
                         let elapsed = started.elapsed();
                         latencies_us.sort_unstable();
                         let percentile = |fraction: f64| latencies_us[(latencies_us.len() as f64 * fraction) as usize];
-                        let syncs = match engine.log_stats() {
-                            Some(LogStats { syncs, records, .. }) => {
+                        // Only the timed part: the untimed warm-up syncs once per SKU.
+                        let syncs = match (log_before, engine.log_stats()) {
+                            (Some(before), Some(LogStats { syncs, records, .. })) => {
+                                let (syncs, records) = (syncs - before.syncs, records - before.records);
                                 format!(", {:.1} records per fdatasync", records as f64 / syncs.max(1) as f64)
                             }
-                            None => String::new(),
+                            _ => String::new(),
                         };
                         eprintln!(
                             "  {name}: {:.0} pairs/s, reserve+commit p50 {} us, p99 {} us{syncs}",
