@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::log::record::LogRecord;
+use crate::log::record::{EncodedRecord, LogRecord};
 use crate::log::writer::{Append, SubmitError, WriteFailure};
 use crate::runtime::{Request, SkuSlot};
 use crate::sku::{SkuAnswer, SkuCommand, SkuState};
@@ -75,7 +75,7 @@ impl SkuActorState {
         for request in batch.drain(..) {
             let (answer, recorded) = self.state().apply_recording(now_ms, &request.command);
             if let (Some(command), Some(_)) = (recorded, &self.slot.log) {
-                records.push(LogRecord::Apply { sku: self.slot.sku.clone(), now_ms, command });
+                records.push(EncodedRecord::from(&LogRecord::Apply { sku: self.slot.sku.clone(), now_ms, command }));
             }
             self.answered.push((request, answer));
         }
@@ -91,7 +91,7 @@ impl SkuActorState {
     /// once its records (and every earlier record of the partition) are
     /// durable for a durable one. Even a batch with no records waits its
     /// turn, because its answers may rest on records not yet durable.
-    fn release_answers(&mut self, records: Vec<LogRecord>, taken: usize) {
+    fn release_answers(&mut self, records: Vec<EncodedRecord>, taken: usize) {
         let Some(log) = &self.slot.log else {
             for (request, answer) in self.answered.drain(..) {
                 request.answer(answer);
@@ -133,7 +133,7 @@ impl SkuActorState {
         let Some(log) = &self.slot.log else { return };
         let failed = self.slot.log_failed.clone();
         let append = Append {
-            records: vec![LogRecord::Apply { sku: self.slot.sku.clone(), now_ms, command }],
+            records: vec![EncodedRecord::from(&LogRecord::Apply { sku: self.slot.sku.clone(), now_ms, command })],
             on_durable: Box::new(move |outcome| {
                 if outcome.is_err() {
                     failed.store(true, Ordering::Release);

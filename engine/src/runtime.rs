@@ -27,7 +27,7 @@ use crate::directory::{InterruptedOrder, OrderContent, OrderDirectory, OrderPhas
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
 use crate::log::compactor::Compactor;
-use crate::log::record::LogRecord;
+use crate::log::record::{EncodedRecord, LogRecord};
 use crate::log::replay::{ReplayRules, ReplayedState};
 use crate::log::segments::{LogConfig, LogError, SegmentedLog, TornTail};
 use crate::log::storage::Storage;
@@ -537,7 +537,7 @@ impl Engine {
                     let (sender, receiver) = oneshot::channel();
                     let failed = self.inner.log_failed.clone();
                     let append = Append {
-                        records: vec![LogRecord::CreateSku { sku: sku.clone(), settings }],
+                        records: vec![EncodedRecord::from(&LogRecord::CreateSku { sku: sku.clone(), settings })],
                         on_durable: Box::new(move |outcome| {
                             if outcome.is_err() {
                                 failed.store(true, Ordering::Release);

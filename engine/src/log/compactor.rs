@@ -361,7 +361,7 @@ mod tests {
         for record in history(400) {
             let (sender, receiver) = std::sync::mpsc::channel();
             let append = crate::log::writer::Append {
-                records: vec![record],
+                records: vec![crate::log::record::EncodedRecord::from(&record)],
                 on_durable: Box::new(move |outcome| sender.send(outcome.is_ok()).expect("send")),
             };
             writer.submit(append).expect("queued");

@@ -66,6 +66,24 @@ enum WireQuantity {
     UpTo { max: u32, min: u32 },
 }
 
+/// A record's payload, encoded by whoever produced the record, so that the
+/// log writer's thread (the critical path of every group commit) only
+/// frames and writes bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord(Vec<u8>);
+
+impl EncodedRecord {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&LogRecord> for EncodedRecord {
+    fn from(record: &LogRecord) -> Self {
+        Self(record.encode())
+    }
+}
+
 impl LogRecord {
     /// The record's payload bytes.
     ///

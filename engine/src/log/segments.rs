@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::log::frame::{encode_frame, scan, ScanEnd};
-use crate::log::record::LogRecord;
+use crate::log::record::{EncodedRecord, LogRecord};
 use crate::log::snapshot::{load_newest_snapshot, snapshot_sequence_of, Snapshot, SnapshotError};
 use crate::log::storage::{AppendFile, Storage};
 
@@ -291,9 +291,14 @@ impl SegmentedLog {
     /// Buffers `record`; returns its sequence number. It is durable once
     /// [`Self::flush`] returns a sequence at least this high.
     pub fn append(&mut self, record: &LogRecord) -> Result<u64, LogError> {
+        self.append_encoded(&EncodedRecord::from(record))
+    }
+
+    /// [`Self::append`] for a record already encoded.
+    pub fn append_encoded(&mut self, record: &EncodedRecord) -> Result<u64, LogError> {
         self.check_poisoned()?;
         let sequence = self.next_sequence;
-        encode_frame(sequence, &record.encode(), &mut self.buffer);
+        encode_frame(sequence, record.as_bytes(), &mut self.buffer);
         self.next_sequence += 1;
         Ok(sequence)
     }

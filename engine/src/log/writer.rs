@@ -24,6 +24,8 @@ use crossbeam_channel::{Receiver, Sender};
 use flashstock_sync::DurableWatermark;
 
 use crate::log::compactor::{Compactor, CompactorStats};
+use crate::log::record::EncodedRecord;
+#[cfg(test)]
 use crate::log::record::LogRecord;
 use crate::log::segments::SegmentedLog;
 use crate::log::storage::DirectoryLock;
@@ -34,7 +36,7 @@ pub type DurableCallback = Box<dyn FnOnce(Result<u64, WriteFailure>) + Send>;
 
 /// Records to make durable, and what to do then.
 pub struct Append {
-    pub records: Vec<LogRecord>,
+    pub records: Vec<EncodedRecord>,
     pub on_durable: DurableCallback,
 }
 
@@ -247,7 +249,7 @@ fn write_round(
     let mut records = 0;
     for append in round {
         for record in &append.records {
-            log.append(record).map_err(fail)?;
+            log.append_encoded(record).map_err(fail)?;
         }
         records += append.records.len() as u64;
     }
@@ -304,7 +306,7 @@ mod tests {
     fn submit(writer: &LogWriter, units: u64, outcomes: &Outcomes) {
         let outcomes = outcomes.clone();
         let append = Append {
-            records: vec![record(units)],
+            records: vec![EncodedRecord::from(&record(units))],
             on_durable: Box::new(move |outcome| outcomes.lock().expect("lock").push((units, outcome))),
         };
         writer.submit(append).expect("queued");
@@ -353,7 +355,7 @@ mod tests {
         for units in 1..=20 {
             let (sender, watermark) = (sender.clone(), watermark.clone());
             let append = Append {
-                records: vec![record(units)],
+                records: vec![EncodedRecord::from(&record(units))],
                 on_durable: Box::new(move |outcome| {
                     let durable = outcome.expect("durable");
                     sender.send((durable, watermark.durable())).expect("send");
