@@ -13,8 +13,9 @@
 //! - [`order`]: multi-line orders: validation and merging of lines (pure).
 //! - [`partition`]: the stable SKU -> partition hash.
 //! - [`clock`]: where the shell gets `now` from (system or manual clock).
-//! - [`log`]: the partition log: framing, recovery scan, records, segments,
-//!   snapshots, the group-commit writer, and the storage it runs on.
+//! - [`log`]: the node's log: framing, recovery scan, records, segments,
+//!   snapshots and their compaction, the group-commit writer, and the
+//!   storage it runs on.
 //! - [`actor`]: the ractor actor that owns one SKU's state, drains its queue
 //!   in batches, expires holds on a timer and passivates when idle.
 //! - [`runtime`]: [`Engine`], the in-process entry point: routing to SKU

@@ -1,4 +1,4 @@
-//! The partition log: how commands become durable.
+//! The node's log: how commands become durable.
 //!
 //! Layers, bottom up:
 //! - [`frame`]: the on-disk record framing (magic, version, length,
@@ -7,19 +7,20 @@
 //!   works on byte slices.
 //! - [`record`]: the engine's log record, its only serialized form
 //!   (MessagePack of explicit mirror types, validated on decode).
-//! - [`segments`]: [`segments::PartitionLog`], one partition's numbered
-//!   segment files: batched appends made durable by one write and one
-//!   `fdatasync`, rotation at a size, recovery on open, poisoning on the
-//!   first write or sync error.
-//! - [`snapshot`]: a partition's SKUs in canonical form at a log position;
+//! - [`segments`]: [`segments::SegmentedLog`], the numbered segment files
+//!   of the node's one log (every partition's records, so a group commit
+//!   costs one sync): batched appends made durable by one write and one
+//!   `fdatasync`, rotation at a size, recovery from the newest snapshot and
+//!   the segments after it, poisoning on the first write or sync error.
+//! - [`snapshot`]: every SKU in canonical form at a log position;
 //!   checksummed, written crash-safely (temporary file, sync, rename, sync
 //!   directory), equal states giving equal bytes.
-//! - [`replay`]: [`replay::PartitionState`], what a run of records means:
+//! - [`replay`]: [`replay::ReplayedState`], what a run of records means:
 //!   the one replay shared by recovery and compaction (pure).
 //! - [`writer`]: [`writer::LogWriter`], the group-commit thread: takes the
-//!   appends of many actors, one write and one `fdatasync` per touched
-//!   partition per round, advances the partition's durable watermark, then
-//!   releases the answers; asks for snapshots as closed log accumulates.
+//!   appends of many actors, one write and one `fdatasync` per round,
+//!   advances the durable watermark, then releases the answers; asks for
+//!   snapshots as closed log accumulates.
 //! - [`compactor`]: [`compactor::Compactor`], the background thread that
 //!   replays closed segments onto the newest snapshot, writes the next one
 //!   and removes what it covers.
