@@ -1,0 +1,445 @@
+//! The wire protocol: the messages between clients and nodes (and between
+//! nodes), and how they are framed. This is the public contract; the
+//! engine's types never travel.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of
+//! MessagePack (rmp-serde, fields by name so that fields can be added). A
+//! connection starts with [`Hello`] / [`Welcome`] to agree on the protocol
+//! version; after that every request travels on a stream of its own and is
+//! answered on it.
+//!
+//! Decoding is for untrusted bytes: the length is checked against
+//! [`FRAME_BYTES_MAX`] before anything is read or allocated, nesting is
+//! capped at [`DECODE_DEPTH_MAX`], no wire type is recursive, and every
+//! failure is a [`CodecError`], never a panic.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side sends or accepts. The biggest message (an
+/// order of the most lines, or a partition map of the most members) is a
+/// few kilobytes; the bound keeps a peer from making the other allocate.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024;
+
+/// Deepest nesting the decoder follows. The wire types nest at most five
+/// deep (a response, its result, a list, a line, a quantity); anything
+/// deeper is not a message of ours, and refusing it early keeps a crafted
+/// frame from exhausting the stack through ignored fields.
+pub const DECODE_DEPTH_MAX: usize = 12;
+
+/// Bytes of the length prefix.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// Why bytes are not a message.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("frame of {length} bytes exceeds the limit of {limit}")]
+    FrameTooLarge { length: usize, limit: usize },
+    #[error("frame ends early: {expected} bytes declared, {found} present")]
+    Truncated { expected: usize, found: usize },
+    #[error("undecodable message: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("message does not encode: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+/// First message on a connection, from the side that opened it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Versions the sender can speak, newest first.
+    pub versions: Vec<u32>,
+    /// What the sender is, for the logs (`checkout-eu-3`); identity itself
+    /// comes from the TLS certificate.
+    pub agent: String,
+}
+
+/// The answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Welcome {
+    Accepted {
+        version: u32,
+        /// The member that answered.
+        node: u32,
+        map: PartitionMap,
+    },
+    /// No version in common; the connection closes.
+    Refused { supported: Vec<u32> },
+}
+
+/// Which member owns each partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMap {
+    /// Changes whenever membership or ownership does; a client holding an
+    /// older epoch refreshes.
+    pub epoch: u64,
+    pub partition_count: u32,
+    pub members: Vec<Member>,
+}
+
+/// One member of the cluster as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u32,
+    /// Where to reach it over QUIC (`host:port`).
+    pub address: String,
+    /// Whether the answering node currently reaches it.
+    pub up: bool,
+}
+
+/// A request and the time the caller still waits for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Milliseconds the caller will wait from the moment it sent this; the
+    /// server drops the work once they have passed (clocks of client and
+    /// server are never compared).
+    pub timeout_ms: u32,
+    pub body: RequestBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Hold stock for every line of an order, or for none.
+    Reserve {
+        order: String,
+        buyer: String,
+        lines: Vec<WireLine>,
+        ttl_ms: u64,
+    },
+    /// Sell the held units of an order; `fewer` names lines to sell fewer
+    /// units of (the rest of those go back).
+    Commit {
+        order: String,
+        fewer: Vec<(String, u32)>,
+    },
+    /// Give the held units of an order back.
+    Release {
+        order: String,
+    },
+    Availability {
+        sku: String,
+    },
+    PartitionMap,
+    // Admin requests (refused unless the caller has the admin identity).
+    CreateSku {
+        sku: String,
+        initial_units: u64,
+        units_per_buyer_max: Option<u32>,
+        opens_at_ms: u64,
+    },
+    AddStock {
+        sku: String,
+        units: u64,
+    },
+    RemoveStock {
+        sku: String,
+        units: u64,
+    },
+    SetBuyerLimit {
+        sku: String,
+        units_per_buyer_max: Option<u32>,
+    },
+    OpenSale {
+        sku: String,
+        opens_at_ms: u64,
+    },
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLine {
+    pub sku: String,
+    pub quantity: WireQuantity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireQuantity {
+    Exactly(u32),
+    /// As many as available up to `max`, at least `min`.
+    UpTo {
+        max: u32,
+        min: u32,
+    },
+}
+
+/// A SKU's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireStock {
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+}
+
+/// A line of a reservation or settlement, with the SKU's counts after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLineResult {
+    pub sku: String,
+    pub units: u32,
+    pub stock: WireStock,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Reserved {
+        order: String,
+        expires_at_ms: u64,
+        lines: Vec<WireLineResult>,
+    },
+    /// Commit or release done; `replayed` when this answers a retry.
+    Settled {
+        order: String,
+        lines: Vec<WireLineResult>,
+        replayed: bool,
+    },
+    Stock {
+        sku: String,
+        stock: WireStock,
+    },
+    PartitionMap(PartitionMap),
+    Refused(Refusal),
+}
+
+/// Why a request was refused. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    SoldOut {
+        line: u32,
+        sku: String,
+        available: u64,
+    },
+    LimitExceeded {
+        line: u32,
+        sku: String,
+        units_per_buyer_max: u32,
+        already_bought: u32,
+    },
+    NotOpen {
+        line: u32,
+        sku: String,
+        opens_at_ms: u64,
+    },
+    UnknownSku {
+        sku: String,
+    },
+    SkuExists {
+        sku: String,
+    },
+    UnknownReservation,
+    Expired {
+        expired_at_ms: u64,
+    },
+    AlreadyCommitted,
+    AlreadyReleased,
+    IdempotencyConflict,
+    /// Bad input: names the field and the reason.
+    Invalid {
+        field: String,
+        reason: String,
+    },
+    /// Too much in flight; retry after the pause.
+    Busy {
+        retry_after_ms: u64,
+    },
+    /// The partition cannot answer now (its node is down or failed).
+    Unavailable {
+        reason: String,
+    },
+    /// This node does not own the partition; `owner` does.
+    WrongNode {
+        owner: u32,
+    },
+    DeadlineExceeded,
+    /// The caller's identity may not do this.
+    Forbidden,
+}
+
+impl Refusal {
+    /// Whether sending the same request again (with the same order id) is
+    /// safe and may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Busy { .. } | Refusal::Unavailable { .. } | Refusal::WrongNode { .. } | Refusal::DeadlineExceeded
+        )
+    }
+}
+
+/// Appends `message` as one frame to `out`.
+pub fn encode_frame<T: Serialize>(message: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    if let Err(error) = rmp_serde::encode::write_named(out, message) {
+        out.truncate(start);
+        return Err(error.into());
+    }
+    let length = out.len() - start - FRAME_HEADER_BYTES;
+    if length > FRAME_BYTES_MAX {
+        out.truncate(start);
+        return Err(CodecError::FrameTooLarge { length, limit: FRAME_BYTES_MAX });
+    }
+    let prefix = u32::try_from(length).expect("bounded by FRAME_BYTES_MAX");
+    out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&prefix.to_be_bytes());
+    Ok(())
+}
+
+/// The payload length a frame header declares, refused before anything is
+/// read if it is beyond the limit.
+pub fn frame_length(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, CodecError> {
+    let length = u32::from_be_bytes(header) as usize;
+    if length > FRAME_BYTES_MAX {
+        return Err(CodecError::FrameTooLarge { length, limit: FRAME_BYTES_MAX });
+    }
+    Ok(length)
+}
+
+/// Decodes one message from a frame's payload (without its header).
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
+    if payload.len() > FRAME_BYTES_MAX {
+        return Err(CodecError::FrameTooLarge { length: payload.len(), limit: FRAME_BYTES_MAX });
+    }
+    // A cursor over the payload: a declared length beyond the payload fails
+    // at the end of the bytes, never allocating what was declared.
+    let mut deserializer = rmp_serde::Deserializer::new(std::io::Cursor::new(payload));
+    deserializer.set_max_depth(DECODE_DEPTH_MAX);
+    let message = T::deserialize(&mut deserializer)?;
+    let trailing = payload.len() as u64 - deserializer.position();
+    if trailing != 0 {
+        let reason = format!("{trailing} bytes after the message");
+        return Err(CodecError::Decode(rmp_serde::decode::Error::Syntax(reason)));
+    }
+    Ok(message)
+}
+
+/// Decodes one whole frame (header and payload) from `bytes`, which must
+/// hold exactly one frame.
+pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let header: [u8; FRAME_HEADER_BYTES] = bytes
+        .get(..FRAME_HEADER_BYTES)
+        .and_then(|header| header.try_into().ok())
+        .ok_or(CodecError::Truncated { expected: FRAME_HEADER_BYTES, found: bytes.len() })?;
+    let length = frame_length(header)?;
+    let payload = &bytes[FRAME_HEADER_BYTES..];
+    if payload.len() != length {
+        return Err(CodecError::Truncated { expected: length, found: payload.len() });
+    }
+    decode_payload(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reserve() -> Request {
+        Request {
+            timeout_ms: 2_000,
+            body: RequestBody::Reserve {
+                order: "order-1".to_owned(),
+                buyer: "buyer-1".to_owned(),
+                lines: vec![
+                    WireLine { sku: "tv".to_owned(), quantity: WireQuantity::Exactly(1) },
+                    WireLine { sku: "hdmi".to_owned(), quantity: WireQuantity::UpTo { max: 3, min: 1 } },
+                ],
+                ttl_ms: 60_000,
+            },
+        }
+    }
+
+    fn framed<T: Serialize>(message: &T) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        encode_frame(message, &mut bytes).expect("encodes");
+        bytes
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let request = reserve();
+        assert_eq!(decode_frame::<Request>(&framed(&request)).expect("decodes"), request);
+        let response = Response::Refused(Refusal::SoldOut { line: 1, sku: "tv".to_owned(), available: 0 });
+        assert_eq!(decode_frame::<Response>(&framed(&response)).expect("decodes"), response);
+        let welcome = Welcome::Accepted {
+            version: PROTOCOL_VERSION,
+            node: 2,
+            map: PartitionMap {
+                epoch: 1,
+                partition_count: 64,
+                members: vec![Member { id: 1, address: "127.0.0.1:7401".to_owned(), up: true }],
+            },
+        };
+        assert_eq!(decode_frame::<Welcome>(&framed(&welcome)).expect("decodes"), welcome);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_reading_it() {
+        let declared = u32::try_from(FRAME_BYTES_MAX + 1).expect("fits").to_be_bytes();
+        assert!(matches!(frame_length(declared), Err(CodecError::FrameTooLarge { .. })));
+        assert!(matches!(frame_length([0xff; 4]), Err(CodecError::FrameTooLarge { .. })));
+        let huge = Request { timeout_ms: 1, body: RequestBody::Release { order: "x".repeat(FRAME_BYTES_MAX + 1) } };
+        let mut out = vec![7];
+        assert!(matches!(encode_frame(&huge, &mut out), Err(CodecError::FrameTooLarge { .. })));
+        assert_eq!(out, vec![7], "a refused frame leaves nothing behind");
+    }
+
+    #[test]
+    fn truncated_and_padded_frames_are_errors() {
+        let bytes = framed(&reserve());
+        for cut in 0..bytes.len() {
+            assert!(decode_frame::<Request>(&bytes[..cut]).is_err(), "cut at {cut} accepted");
+        }
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert!(decode_frame::<Request>(&padded).is_err());
+        let mut payload = bytes[FRAME_HEADER_BYTES..].to_vec();
+        payload.push(0xc0);
+        assert!(decode_payload::<Request>(&payload).is_err(), "trailing bytes accepted");
+    }
+
+    #[test]
+    fn adversarial_payloads_are_errors_not_panics() {
+        // 100,000 nested one-element arrays.
+        let deep: Vec<u8> = std::iter::repeat_n(0x91, 100_000).chain([0xc0]).collect();
+        assert!(decode_payload::<Request>(&deep).is_err());
+        // A map whose unknown field holds deep nesting (serde skips unknown
+        // fields recursively).
+        let mut ignored = vec![0x82, 0xaa];
+        ignored.extend_from_slice(b"timeout_ms");
+        ignored.push(0x01);
+        ignored.extend_from_slice(&[0xa5, b'e', b'x', b't', b'r', b'a']);
+        ignored.extend(std::iter::repeat_n(0x91, 50_000));
+        ignored.push(0xc0);
+        assert!(decode_payload::<Request>(&ignored).is_err());
+        // Arrays, maps, strings and binaries declaring 4 GiB.
+        for marker in [0xdd, 0xdf, 0xdb, 0xc6] {
+            let huge = [marker, 0xff, 0xff, 0xff, 0xff, 0x01];
+            assert!(decode_payload::<Request>(&huge).is_err());
+            assert!(decode_payload::<Response>(&huge).is_err());
+        }
+        // Right shape, wrong types.
+        let wrong = framed(&(1u8, "two", [3.5f64]));
+        assert!(decode_frame::<Request>(&wrong).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<Request>(&bytes);
+            let _ = decode_payload::<Request>(&bytes);
+            let _ = decode_payload::<Response>(&bytes);
+            let _ = decode_payload::<Hello>(&bytes);
+            let _ = decode_payload::<Welcome>(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_frames_never_panic(position in 0usize..200, value in any::<u8>(), cut in 0usize..200) {
+            let mut bytes = framed(&reserve());
+            let at = position % bytes.len();
+            bytes[at] = value;
+            bytes.truncate(bytes.len() - cut.min(bytes.len()));
+            let _ = decode_frame::<Request>(&bytes);
+        }
+    }
+}
