@@ -109,14 +109,17 @@ pub enum RequestBody {
         ttl_ms: u64,
     },
     /// Sell the held units of an order; `fewer` names lines to sell fewer
-    /// units of (the rest of those go back).
+    /// units of (the rest of those go back). `home_partition` is the one
+    /// the reservation named: its owner coordinates the order.
     Commit {
         order: String,
+        home_partition: u32,
         fewer: Vec<(String, u32)>,
     },
     /// Give the held units of an order back.
     Release {
         order: String,
+        home_partition: u32,
     },
     Availability {
         sku: String,
@@ -182,8 +185,11 @@ pub struct WireLineResult {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
+    /// Every line held. Commit and release go to the owner of
+    /// `home_partition` (the partition of the first line's SKU).
     Reserved {
         order: String,
+        home_partition: u32,
         expires_at_ms: u64,
         lines: Vec<WireLineResult>,
     },
@@ -204,6 +210,7 @@ pub enum Response {
 /// Why a request was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {
+    /// `line` is the index of the order's line that failed.
     SoldOut {
         line: u32,
         sku: String,
@@ -213,12 +220,22 @@ pub enum Refusal {
         line: u32,
         sku: String,
         units_per_buyer_max: u32,
-        already_bought: u32,
+        units_taken: u32,
     },
     NotOpen {
         line: u32,
         sku: String,
         opens_at_ms: u64,
+    },
+    /// The SKU already has as many live holds as it may.
+    HoldLimitReached {
+        line: u32,
+        sku: String,
+    },
+    /// Removing stock: fewer unsold units than asked.
+    NotEnoughUnsoldStock {
+        sku: String,
+        available: u64,
     },
     UnknownSku {
         sku: String,
@@ -312,6 +329,45 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
     Ok(message)
 }
 
+/// Why a message could not be read from or written to a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one frame from `reader` and decodes it. The length is checked
+/// before the payload is read, so a peer cannot make this allocate more
+/// than [`FRAME_BYTES_MAX`].
+pub async fn read_message<T, R>(reader: &mut R) -> Result<T, StreamError>
+where
+    T: DeserializeOwned,
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut header = [0; FRAME_HEADER_BYTES];
+    reader.read_exact(&mut header).await?;
+    let length = frame_length(header)?;
+    let mut payload = vec![0; length];
+    reader.read_exact(&mut payload).await?;
+    Ok(decode_payload(&payload)?)
+}
+
+/// Encodes `message` as one frame and writes it to `writer`.
+pub async fn write_message<T, W>(writer: &mut W, message: &T) -> Result<(), StreamError>
+where
+    T: Serialize,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut bytes = Vec::new();
+    encode_frame(message, &mut bytes)?;
+    writer.write_all(&bytes).await?;
+    Ok(())
+}
+
 /// Decodes one whole frame (header and payload) from `bytes`, which must
 /// hold exactly one frame.
 pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
@@ -376,7 +432,10 @@ mod tests {
         let declared = u32::try_from(FRAME_BYTES_MAX + 1).expect("fits").to_be_bytes();
         assert!(matches!(frame_length(declared), Err(CodecError::FrameTooLarge { .. })));
         assert!(matches!(frame_length([0xff; 4]), Err(CodecError::FrameTooLarge { .. })));
-        let huge = Request { timeout_ms: 1, body: RequestBody::Release { order: "x".repeat(FRAME_BYTES_MAX + 1) } };
+        let huge = Request {
+            timeout_ms: 1,
+            body: RequestBody::Release { order: "x".repeat(FRAME_BYTES_MAX + 1), home_partition: 0 },
+        };
         let mut out = vec![7];
         assert!(matches!(encode_frame(&huge, &mut out), Err(CodecError::FrameTooLarge { .. })));
         assert_eq!(out, vec![7], "a refused frame leaves nothing behind");

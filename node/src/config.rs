@@ -25,7 +25,72 @@ pub struct ClusterFile {
     pub sale: Option<SaleSection>,
     /// Where logs are kept; without it the engine keeps everything in memory.
     pub storage: Option<StorageSection>,
+    /// The nodes of the cluster; without them only the in-process commands
+    /// (`flash-sale`, `crash-load`) run.
+    #[serde(default)]
+    pub members: Vec<MemberSection>,
+    /// Certificates of the cluster, needed once there are members.
+    pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub network: NetworkSection,
 }
+
+/// One node of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSection {
+    /// Stable across restarts and address changes; names the node's
+    /// certificate (`node-<id>`) and its place in partition ownership.
+    pub id: u32,
+    /// QUIC address (`host:port`) clients and other nodes connect to.
+    pub address: String,
+    /// The node's log and snapshots (locked while the node runs).
+    pub data_directory: std::path::PathBuf,
+}
+
+/// Where the certificates live. `flashstock-node dev-certs` creates a
+/// development set: a cluster CA, `node-<id>` for every member, `checkout`
+/// and `admin` client identities.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub directory: std::path::PathBuf,
+}
+
+/// Bounds of the QUIC endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Connections a node keeps open at once; beyond this new ones are
+    /// refused, so a crowd of clients cannot exhaust its memory.
+    pub connections_max: usize,
+    /// Requests (streams) in flight on one connection: QUIC's stream limit,
+    /// so a client that sends more waits for credit instead of queueing on
+    /// the node.
+    pub requests_per_connection_max: u32,
+    /// A connection with no traffic (heartbeats included) for this long is
+    /// closed.
+    pub idle_timeout_ms: u64,
+    /// Longest wait a request may ask for; longer timeouts are cut to it.
+    pub request_timeout_ms_max: u32,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            connections_max: 4_096,
+            requests_per_connection_max: 1_024,
+            idle_timeout_ms: 10_000,
+            request_timeout_ms_max: 30_000,
+        }
+    }
+}
+
+/// Most members a cluster may have: rendezvous hashing costs one hash per
+/// member per lookup.
+const MEMBERS_MAX: usize = 256;
+const CONNECTIONS_MAX: usize = 1_000_000;
+const REQUESTS_PER_CONNECTION_MAX: u32 = 65_536;
 
 /// The durable log.
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +247,7 @@ impl ClusterFile {
         if let Some(sale) = &file.sale {
             sale.validate(&engine)?;
         }
+        file.validate_members()?;
         if let Some(storage) = &file.storage {
             if storage.segment_bytes_max < SEGMENT_BYTES_MIN {
                 bail!("`storage.segment_bytes_max`: at least {SEGMENT_BYTES_MIN} bytes");
@@ -191,6 +257,53 @@ impl ClusterFile {
             }
         }
         Ok(file)
+    }
+
+    fn validate_members(&self) -> anyhow::Result<()> {
+        if self.members.len() > MEMBERS_MAX {
+            bail!("`members`: at most {MEMBERS_MAX}");
+        }
+        for (index, member) in self.members.iter().enumerate() {
+            let earlier = &self.members[..index];
+            if earlier.iter().any(|other| other.id == member.id) {
+                bail!("`members[{index}].id`: {} is used twice", member.id);
+            }
+            if earlier.iter().any(|other| other.address == member.address) {
+                bail!("`members[{index}].address`: {} is used twice", member.address);
+            }
+            if earlier.iter().any(|other| other.data_directory == member.data_directory) {
+                bail!("`members[{index}].data_directory`: shared with another member (each node locks its own)");
+            }
+            if member.address.parse::<std::net::SocketAddr>().is_err() {
+                bail!("`members[{index}].address`: `{}` is not an IP address with a port", member.address);
+            }
+        }
+        if !self.members.is_empty() && self.tls.is_none() {
+            bail!("`tls`: a cluster with members needs its certificates (`[tls] directory = ...`)");
+        }
+        let network = &self.network;
+        if network.connections_max == 0 || network.connections_max > CONNECTIONS_MAX {
+            bail!("`network.connections_max`: between 1 and {CONNECTIONS_MAX}");
+        }
+        if network.requests_per_connection_max == 0 || network.requests_per_connection_max > REQUESTS_PER_CONNECTION_MAX
+        {
+            bail!("`network.requests_per_connection_max`: between 1 and {REQUESTS_PER_CONNECTION_MAX}");
+        }
+        if network.idle_timeout_ms < 100 {
+            bail!("`network.idle_timeout_ms`: at least 100 (heartbeats go every third of it)");
+        }
+        if network.request_timeout_ms_max == 0 {
+            bail!("`network.request_timeout_ms_max`: at least 1");
+        }
+        Ok(())
+    }
+
+    /// The member with `id`, or an error naming the ids there are.
+    pub fn member(&self, id: u32) -> anyhow::Result<&MemberSection> {
+        self.members.iter().find(|member| member.id == id).with_context(|| {
+            let ids: Vec<u32> = self.members.iter().map(|member| member.id).collect();
+            format!("no member with id {id} in `members` (ids: {ids:?})")
+        })
     }
 
     pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
@@ -288,6 +401,25 @@ mod tests {
         let error = parse("[cluster]\nname = \"x\"\npartitions = 4\n[limits]\nhold_ttl_max_ms = 5\n")
             .expect_err("misspelt key");
         assert!(format!("{error:#}").contains("hold_ttl_max_ms"), "{error:#}");
+    }
+
+    #[test]
+    fn members_are_checked() {
+        let member = |id: u32, port: u16| {
+            format!("[[members]]\nid = {id}\naddress = \"127.0.0.1:{port}\"\ndata_directory = \"data/{id}\"\n")
+        };
+        let base = "[cluster]\nname = \"x\"\npartitions = 4\n[tls]\ndirectory = \"certs\"\n";
+        let file = parse(&format!("{base}{}{}", member(1, 7001), member(2, 7002))).expect("valid");
+        assert_eq!(file.member(2).expect("present").address, "127.0.0.1:7002");
+        assert!(format!("{:#}", file.member(9).expect_err("absent")).contains("ids: [1, 2]"));
+        let error = parse(&format!("{base}{}{}", member(1, 7001), member(1, 7002))).expect_err("same id");
+        assert!(format!("{error:#}").contains("members[1].id"), "{error:#}");
+        let error = parse(&format!("{base}{}{}", member(1, 7001), member(2, 7001))).expect_err("same address");
+        assert!(format!("{error:#}").contains("members[1].address"), "{error:#}");
+        let no_tls = format!("[cluster]\nname = \"x\"\npartitions = 4\n{}", member(1, 7001));
+        assert!(format!("{:#}", parse(&no_tls).expect_err("no tls")).contains("`tls`"));
+        let bad = format!("{base}{}", member(1, 7001).replace("127.0.0.1:7001", "localhost"));
+        assert!(format!("{:#}", parse(&bad).expect_err("no port")).contains("members[0].address"));
     }
 
     #[test]

@@ -8,9 +8,13 @@
 //!   acknowledged commit, for the kill -9 tests.
 //! - [`sale`]: the simulated flash sale of the README's first command, with
 //!   its book checks.
-//!
-//! The QUIC endpoint, routing and admin endpoints join with the cluster.
+//! - [`tls`]: development certificates, the rustls configurations of both
+//!   ends (mutual TLS), and the role a peer's certificate names.
+//! - [`server`]: the QUIC endpoint of a member: handshake, one stream per
+//!   request, ownership checks, translation between wire and engine types.
 
 pub mod config;
 pub mod crash_load;
 pub mod sale;
+pub mod server;
+pub mod tls;

@@ -45,6 +45,21 @@ enum Command {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
     },
+    /// Creates a development CA and certificates for every member and for
+    /// the `checkout` and `admin` clients in `[tls] directory`, unless they
+    /// are all there already.
+    DevCerts {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+    },
+    /// Runs member `--id` of the cluster until SIGINT or SIGTERM: recovers
+    /// its log, then serves its partitions over QUIC.
+    Serve {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        id: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +85,22 @@ fn main() -> anyhow::Result<()> {
                 file.cluster.partitions
             );
             Ok(())
+        }
+        Command::DevCerts { config } => {
+            let file = config::ClusterFile::load(&config)?;
+            let tls = file.tls.as_ref().with_context(|| format!("{} has no [tls] section", config.display()))?;
+            let members: Vec<u32> = file.members.iter().map(|member| member.id).collect();
+            if flashstock_node::tls::create_development_certificates(&tls.directory, &members)? {
+                println!("development certificates written to {}", tls.directory.display());
+            } else {
+                println!("{} already holds every certificate", tls.directory.display());
+            }
+            Ok(())
+        }
+        Command::Serve { config, id } => {
+            let file = config::ClusterFile::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(serve(file, id))
         }
         Command::CrashLoad { config, data, acknowledged } => {
             let file = config::ClusterFile::load(&config)?;
@@ -119,4 +150,46 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// One member: recover, serve until asked to stop, then stop in order (no
+/// new connections, requests in flight answered or refused, the log made
+/// durable and the directory released) and exit 0.
+async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
+    let member = file.member(id)?.clone();
+    let storage = file.storage.clone().unwrap_or_else(|| config::StorageSection::at(&member.data_directory));
+    let durability = storage.durability(member.data_directory.clone());
+    let started = std::time::Instant::now();
+    let (engine, report) = Engine::open(file.engine_config()?, Arc::new(SystemClock), durability)
+        .with_context(|| format!("recovering {}", member.data_directory.display()))?;
+    tracing::info!(
+        from_snapshot = report.from_snapshot,
+        records = report.records,
+        skus = report.skus,
+        orders = report.orders,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    let endpoint = flashstock_node::server::endpoint(&file, id)?;
+    let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone())?);
+    // Ready: tests and scripts wait for this line.
+    println!("node {id} serving on {}", endpoint.local_addr()?);
+    let serving = tokio::spawn(flashstock_node::server::serve(endpoint.clone(), node));
+    shutdown_signal().await?;
+    tracing::info!("stopping");
+    endpoint.close(flashstock_node::server::close_code::SHUTTING_DOWN.into(), b"node shutting down");
+    serving.abort();
+    engine.shutdown().await;
+    endpoint.wait_idle().await;
+    println!("node {id} stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
 }

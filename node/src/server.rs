@@ -1,0 +1,427 @@
+//! A member's QUIC endpoint.
+//!
+//! A connection is mutually authenticated (see [`crate::tls`]); its first
+//! stream carries the version handshake ([`Hello`] / [`Welcome`], which
+//! also hands the client the partition map). After that every request
+//! comes on a bidirectional stream of its own and is answered on it, so
+//! requests are pipelined without head-of-line blocking and a slow one
+//! delays nobody. QUIC's stream limit bounds the requests in flight per
+//! connection, and a semaphore bounds the connections.
+//!
+//! Routing: a SKU's partition is the stable hash of its id; a partition's
+//! owner is the rendezvous choice among the members. A node answers for the
+//! partitions it owns and says `WrongNode { owner }` for the rest, which
+//! the client follows (one hop, no forwarding on the node's path). An order
+//! is coordinated by the owner of its first line's SKU (its home
+//! partition); orders whose lines live on several nodes are refused for
+//! now with a reason that says so.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flashstock_client::routing::{owner_of, partition_of};
+use flashstock_client::wire::{
+    self, Hello, Member, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireLineResult,
+    WireQuantity, WireStock, PROTOCOL_VERSION,
+};
+use flashstock_engine::{
+    BuyerId, Engine, EngineError, Line, OrderError, OrderId, OrderRequest, Quantity, ReservedLine, SkuError, SkuId,
+    SkuSettings, StockSnapshot,
+};
+use tokio::sync::Semaphore;
+
+use crate::config::{ClusterFile, NetworkSection};
+use crate::tls::{self, Role};
+
+/// QUIC error codes a node closes connections with.
+pub mod close_code {
+    pub const SHUTTING_DOWN: u32 = 1;
+    pub const UNKNOWN_IDENTITY: u32 = 2;
+    pub const NO_COMMON_VERSION: u32 = 3;
+    pub const BAD_HANDSHAKE: u32 = 4;
+    pub const TOO_MANY_CONNECTIONS: u32 = 5;
+}
+
+/// One member serving its partitions.
+#[derive(Debug)]
+pub struct Node {
+    pub id: u32,
+    pub engine: Engine,
+    members: Vec<u32>,
+    map: PartitionMap,
+    network: NetworkSection,
+}
+
+impl Node {
+    pub fn new(file: &ClusterFile, id: u32, engine: Engine) -> anyhow::Result<Self> {
+        file.member(id)?;
+        let members: Vec<u32> = file.members.iter().map(|member| member.id).collect();
+        let map = PartitionMap {
+            epoch: 1,
+            partition_count: file.cluster.partitions,
+            members: file
+                .members
+                .iter()
+                .map(|member| Member { id: member.id, address: member.address.clone(), up: true })
+                .collect(),
+        };
+        Ok(Self { id, engine, members, map, network: file.network.clone() })
+    }
+
+    fn owner(&self, partition: u32) -> u32 {
+        owner_of(partition, &self.members).expect("a node has at least itself as member")
+    }
+
+    fn partition_of(&self, sku: &str) -> u32 {
+        partition_of(sku, self.map.partition_count)
+    }
+
+    /// `Err(WrongNode)` unless this node owns `partition`.
+    fn check_owned(&self, partition: u32) -> Result<(), Refusal> {
+        let owner = self.owner(partition);
+        if owner == self.id {
+            Ok(())
+        } else {
+            Err(Refusal::WrongNode { owner })
+        }
+    }
+
+    /// Answers one request from a peer with `role`.
+    pub async fn handle(&self, role: Role, body: RequestBody) -> Response {
+        match self.dispatch(role, body).await {
+            Ok(response) => response,
+            Err(refusal) => Response::Refused(refusal),
+        }
+    }
+
+    async fn dispatch(&self, role: Role, body: RequestBody) -> Result<Response, Refusal> {
+        let is_admin_request = matches!(
+            body,
+            RequestBody::CreateSku { .. }
+                | RequestBody::AddStock { .. }
+                | RequestBody::RemoveStock { .. }
+                | RequestBody::SetBuyerLimit { .. }
+                | RequestBody::OpenSale { .. }
+        );
+        if is_admin_request && role != Role::Admin {
+            return Err(Refusal::Forbidden);
+        }
+        match body {
+            RequestBody::PartitionMap => Ok(Response::PartitionMap(self.map.clone())),
+            RequestBody::Reserve { order, buyer, lines, ttl_ms } => self.reserve(order, buyer, lines, ttl_ms).await,
+            RequestBody::Commit { order, home_partition, fewer } => {
+                self.check_home(home_partition)?;
+                let order = order_id(order)?;
+                let fewer = fewer
+                    .into_iter()
+                    .map(|(sku, units)| Ok((sku_id(sku)?, units)))
+                    .collect::<Result<Vec<_>, Refusal>>()?;
+                let settled = self.engine.commit_fewer(&order, &fewer).await.map_err(order_refusal)?;
+                Ok(settled_response(settled))
+            }
+            RequestBody::Release { order, home_partition } => {
+                self.check_home(home_partition)?;
+                let settled = self.engine.release(&order_id(order)?).await.map_err(order_refusal)?;
+                Ok(settled_response(settled))
+            }
+            RequestBody::Availability { sku } => {
+                let sku = self.owned_sku(sku)?;
+                let stock = self.engine.availability(&sku).await.map_err(engine_refusal)?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+            RequestBody::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms } => {
+                let sku = self.owned_sku(sku)?;
+                let settings = SkuSettings { initial_units, units_per_buyer_max, opens_at_ms };
+                let stock = self.engine.create_sku(sku.clone(), settings).await.map_err(engine_refusal)?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+            RequestBody::AddStock { sku, units } => {
+                let sku = self.owned_sku(sku)?;
+                let stock = self.engine.add_stock(&sku, units).await.map_err(engine_refusal)?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+            RequestBody::RemoveStock { sku, units } => {
+                let sku = self.owned_sku(sku)?;
+                let stock = self.engine.remove_stock(&sku, units).await.map_err(engine_refusal)?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+            RequestBody::SetBuyerLimit { sku, units_per_buyer_max } => {
+                let sku = self.owned_sku(sku)?;
+                let stock = self.engine.set_buyer_limit(&sku, units_per_buyer_max).await.map_err(engine_refusal)?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+            RequestBody::OpenSale { sku, opens_at_ms } => {
+                let sku = self.owned_sku(sku)?;
+                let stock = self.engine.open_sale(&sku, opens_at_ms).await.map_err(engine_refusal)?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+        }
+    }
+
+    fn check_home(&self, home_partition: u32) -> Result<(), Refusal> {
+        if home_partition >= self.map.partition_count {
+            return Err(invalid("home_partition", format!("must be below {}", self.map.partition_count)));
+        }
+        self.check_owned(home_partition)
+    }
+
+    fn owned_sku(&self, sku: String) -> Result<SkuId, Refusal> {
+        let sku = sku_id(sku)?;
+        self.check_owned(self.partition_of(sku.as_str()))?;
+        Ok(sku)
+    }
+
+    async fn reserve(
+        &self,
+        order: String,
+        buyer: String,
+        lines: Vec<WireLine>,
+        ttl_ms: u64,
+    ) -> Result<Response, Refusal> {
+        let order = order_id(order)?;
+        let buyer = BuyerId::new(buyer).map_err(|error| invalid("buyer", error.to_string()))?;
+        let Some(first) = lines.first() else { return Err(invalid("lines", "an order needs at least one line")) };
+        let home_partition = self.partition_of(&first.sku);
+        self.check_owned(home_partition)?;
+        let mut engine_lines = Vec::with_capacity(lines.len());
+        for (index, line) in lines.into_iter().enumerate() {
+            let owner = self.owner(self.partition_of(&line.sku));
+            if owner != self.id {
+                let reason = format!(
+                    "line {index} (SKU {}) lives on node {owner}, the first line on node {}: \
+                     orders spanning nodes are not supported yet",
+                    line.sku, self.id
+                );
+                return Err(invalid("lines", reason));
+            }
+            let quantity = match line.quantity {
+                WireQuantity::Exactly(units) => Quantity::Exactly(units),
+                WireQuantity::UpTo { max, min } => Quantity::UpTo { max, min },
+            };
+            engine_lines.push(Line { sku: sku_id(line.sku)?, quantity });
+        }
+        let reservation = self
+            .engine
+            .reserve(OrderRequest { order, buyer, lines: engine_lines, ttl_ms })
+            .await
+            .map_err(order_refusal)?;
+        Ok(Response::Reserved {
+            order: reservation.order.as_str().to_owned(),
+            home_partition,
+            expires_at_ms: reservation.expires_at_ms,
+            lines: reservation.lines.into_iter().map(wire_line).collect(),
+        })
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Refusal {
+    Refusal::Invalid { field: field.to_owned(), reason: reason.into() }
+}
+
+fn sku_id(sku: String) -> Result<SkuId, Refusal> {
+    SkuId::new(sku).map_err(|error| invalid("sku", error.to_string()))
+}
+
+fn order_id(order: String) -> Result<OrderId, Refusal> {
+    OrderId::new(order).map_err(|error| invalid("order", error.to_string()))
+}
+
+fn wire_stock(stock: StockSnapshot) -> WireStock {
+    WireStock { available: stock.available, held: stock.held, sold: stock.sold }
+}
+
+fn wire_line(line: ReservedLine) -> WireLineResult {
+    WireLineResult { sku: line.sku.as_str().to_owned(), units: line.units, stock: wire_stock(line.stock) }
+}
+
+fn settled_response(settlement: flashstock_engine::Settlement) -> Response {
+    Response::Settled {
+        order: settlement.order.as_str().to_owned(),
+        lines: settlement.lines.into_iter().map(wire_line).collect(),
+        replayed: settlement.replayed,
+    }
+}
+
+fn sku_refusal(line: u32, sku: &SkuId, error: SkuError) -> Refusal {
+    let sku_name = sku.as_str().to_owned();
+    match error {
+        SkuError::SoldOut { available } => Refusal::SoldOut { line, sku: sku_name, available },
+        SkuError::LimitExceeded { units_per_buyer_max, units_taken } => {
+            Refusal::LimitExceeded { line, sku: sku_name, units_per_buyer_max, units_taken }
+        }
+        SkuError::NotOpen { opens_at_ms } => Refusal::NotOpen { line, sku: sku_name, opens_at_ms },
+        SkuError::HoldLimitReached { .. } => Refusal::HoldLimitReached { line, sku: sku_name },
+        SkuError::NotEnoughUnsoldStock { available } => Refusal::NotEnoughUnsoldStock { sku: sku_name, available },
+        SkuError::Expired { expired_at_ms } => Refusal::Expired { expired_at_ms },
+        SkuError::AlreadyCommitted => Refusal::AlreadyCommitted,
+        SkuError::AlreadyReleased => Refusal::AlreadyReleased,
+        SkuError::UnknownReservation => Refusal::UnknownReservation,
+        SkuError::IdempotencyConflict => Refusal::IdempotencyConflict,
+        error @ (SkuError::InvalidQuantity { .. } | SkuError::InvalidTtl { .. }) => {
+            invalid(&format!("lines[{line}]"), error.to_string())
+        }
+        error @ SkuError::StockLimitExceeded { .. } => invalid("units", error.to_string()),
+    }
+}
+
+fn engine_refusal(error: EngineError) -> Refusal {
+    match error {
+        EngineError::UnknownSku { sku } => Refusal::UnknownSku { sku: sku.as_str().to_owned() },
+        EngineError::SkuExists { sku } => Refusal::SkuExists { sku: sku.as_str().to_owned() },
+        EngineError::Refused { sku, error, .. } => sku_refusal(0, &sku, error),
+        EngineError::Busy { retry_after_ms } => Refusal::Busy { retry_after_ms },
+        EngineError::Unavailable => Refusal::Unavailable { reason: "the SKU's owner cannot answer now".to_owned() },
+    }
+}
+
+fn order_refusal(error: OrderError) -> Refusal {
+    let line_index = |index: usize| u32::try_from(index).unwrap_or(u32::MAX);
+    match error {
+        OrderError::Line { index, sku, error, .. } => sku_refusal(line_index(index), &sku, error),
+        OrderError::UnknownSku { sku, .. } => Refusal::UnknownSku { sku: sku.as_str().to_owned() },
+        OrderError::IdempotencyConflict => Refusal::IdempotencyConflict,
+        OrderError::UnknownReservation => Refusal::UnknownReservation,
+        OrderError::Expired { expired_at_ms } => Refusal::Expired { expired_at_ms },
+        OrderError::AlreadyCommitted => Refusal::AlreadyCommitted,
+        OrderError::AlreadyReleased => Refusal::AlreadyReleased,
+        OrderError::Busy { retry_after_ms } => Refusal::Busy { retry_after_ms },
+        OrderError::Unavailable => Refusal::Unavailable { reason: "the engine cannot answer now".to_owned() },
+        error @ (OrderError::NoLines
+        | OrderError::TooManyLines { .. }
+        | OrderError::ConflictingLines { .. }
+        | OrderError::MergedQuantityTooLarge { .. }) => invalid("lines", error.to_string()),
+        error @ (OrderError::NotInOrder { .. } | OrderError::InvalidUnits { .. }) => {
+            invalid("fewer", error.to_string())
+        }
+    }
+}
+
+/// QUIC transport settings, each raised or lowered from quinn's defaults
+/// on purpose.
+pub fn transport_config(network: &NetworkSection) -> anyhow::Result<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    // One stream per request: the stream limit is the in-flight limit.
+    transport.max_concurrent_bidi_streams(network.requests_per_connection_max.into());
+    // Nothing travels on unidirectional streams.
+    transport.max_concurrent_uni_streams(0u8.into());
+    // A stream carries one request frame: twice the largest frame is
+    // enough window and bounds what one stream can make the node buffer.
+    let frame_window = u32::try_from(2 * wire::FRAME_BYTES_MAX).expect("small");
+    transport.stream_receive_window(frame_window.into());
+    // The connection's window is what all its streams may have unread: a
+    // typical request is under 256 bytes, so 8 MiB covers every stream in
+    // flight at once without letting one client hold the node's memory.
+    transport.receive_window((8u32 * 1024 * 1024).into());
+    transport.send_window(8 * 1024 * 1024);
+    let idle = Duration::from_millis(network.idle_timeout_ms);
+    transport.max_idle_timeout(Some(idle.try_into().context("`network.idle_timeout_ms` too large")?));
+    // Heartbeats: a connection to a live peer never idles out, and a dead
+    // peer is noticed within the idle timeout.
+    transport.keep_alive_interval(Some(idle / 3));
+    Ok(transport)
+}
+
+/// The member's endpoint, bound to its address, with its certificate.
+pub fn endpoint(file: &ClusterFile, id: u32) -> anyhow::Result<quinn::Endpoint> {
+    let member = file.member(id)?;
+    let tls_directory = &file.tls.as_ref().context("`tls` is missing")?.directory;
+    let roots = tls::load_roots(tls_directory)
+        .context("loading the CA (create development certificates with `flashstock-node dev-certs`)")?;
+    let identity = tls::Identity::load(tls_directory, &format!("node-{id}"))?;
+    let crypto = tls::server_crypto(roots, identity)?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("TLS for QUIC")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(&file.network)?));
+    let address = member.address.parse().context("member address")?;
+    quinn::Endpoint::server(server, address).with_context(|| format!("binding {address}"))
+}
+
+/// Accepts connections until the endpoint is closed.
+pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>) {
+    let connections = Arc::new(Semaphore::new(node.network.connections_max));
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            incoming.refuse();
+            tracing::warn!("refused a connection: connections_max reached");
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection(node, incoming).await {
+                tracing::debug!(%error, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(node: Arc<Node>, incoming: quinn::Incoming) -> anyhow::Result<()> {
+    let connection = incoming.await.context("handshake")?;
+    let role = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().and_then(|certificate| tls::role_of(certificate, &node.members)));
+    let Some(role) = role else {
+        connection.close(close_code::UNKNOWN_IDENTITY.into(), b"certificate names no known identity");
+        anyhow::bail!("refused a peer whose certificate names no known identity");
+    };
+    let span = tracing::debug_span!("connection", peer = %connection.remote_address(), ?role);
+    let _entered = span.enter();
+    let (mut send, mut receive) = connection.accept_bi().await?;
+    let hello: Hello = match wire::read_message(&mut receive).await {
+        Ok(hello) => hello,
+        Err(error) => {
+            connection.close(close_code::BAD_HANDSHAKE.into(), b"expected a hello");
+            anyhow::bail!("bad hello: {error}");
+        }
+    };
+    if !hello.versions.contains(&PROTOCOL_VERSION) {
+        let refused = Welcome::Refused { supported: vec![PROTOCOL_VERSION] };
+        wire::write_message(&mut send, &refused).await?;
+        send.finish()?;
+        // Let the refusal arrive before the close that would discard it
+        // (bounded: a peer that never acknowledges is closed anyway).
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        connection.close(close_code::NO_COMMON_VERSION.into(), b"no common protocol version");
+        anyhow::bail!("no common version with {:?} ({})", hello.versions, hello.agent);
+    }
+    let welcome = Welcome::Accepted { version: PROTOCOL_VERSION, node: node.id, map: node.map.clone() };
+    wire::write_message(&mut send, &welcome).await?;
+    send.finish()?;
+    drop(_entered);
+    loop {
+        let (send, receive) = connection.accept_bi().await?;
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(error) = request(node, role, send, receive).await {
+                tracing::debug!(%error, "request stream failed");
+            }
+        });
+    }
+}
+
+async fn request(
+    node: Arc<Node>,
+    role: Role,
+    mut send: quinn::SendStream,
+    mut receive: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let response = match wire::read_message::<Request, _>(&mut receive).await {
+        Ok(request) => {
+            let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);
+            // Past the deadline the caller has given up: the work is
+            // dropped (the engine puts back an order left half-way).
+            match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), node.handle(role, request.body)).await
+            {
+                Ok(response) => response,
+                Err(_) => Response::Refused(Refusal::DeadlineExceeded),
+            }
+        }
+        Err(wire::StreamError::Codec(error)) => Response::Refused(invalid("request", error.to_string())),
+        Err(error) => return Err(error.into()),
+    };
+    wire::write_message(&mut send, &response).await?;
+    send.finish()?;
+    Ok(())
+}

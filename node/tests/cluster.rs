@@ -1,0 +1,354 @@
+//! Real node processes on loopback, spoken to over QUIC with mutual TLS:
+//! routing to the owner, typed refusals, identities, bad frames, and a
+//! member killed with SIGKILL that comes back with its sales.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashstock_client::routing::{owner_of, partition_of};
+use flashstock_client::wire::{
+    self, Hello, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireQuantity, PROTOCOL_VERSION,
+};
+use flashstock_node::tls;
+
+const PARTITIONS: u32 = 16;
+
+struct Cluster {
+    root: PathBuf,
+    config: PathBuf,
+    addresses: Vec<(u32, SocketAddr)>,
+    nodes: Vec<(u32, Child)>,
+}
+
+/// Loopback ports the OS says are free now. Each test asks for its own, so
+/// tests running in parallel never share one.
+fn free_ports(count: usize) -> Vec<u16> {
+    let sockets: Vec<UdpSocket> = (0..count).map(|_| UdpSocket::bind("127.0.0.1:0").expect("a free port")).collect();
+    sockets.iter().map(|socket| socket.local_addr().expect("bound").port()).collect()
+}
+
+impl Cluster {
+    fn start(name: &str, members: u32) -> Self {
+        let root = std::env::temp_dir().join(format!("flashstock-cluster-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("scratch directory");
+        let ports = free_ports(members as usize);
+        let mut text = format!(
+            "[cluster]\nname = \"{name}\"\npartitions = {PARTITIONS}\n\n[tls]\ndirectory = {:?}\n\n\
+             [network]\nidle_timeout_ms = 3000\n",
+            root.join("certs").display().to_string()
+        );
+        let mut addresses = Vec::new();
+        for (index, port) in ports.iter().enumerate() {
+            let id = index as u32 + 1;
+            let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+            addresses.push((id, address));
+            text.push_str(&format!(
+                "\n[[members]]\nid = {id}\naddress = \"{address}\"\ndata_directory = {:?}\n",
+                root.join(format!("node-{id}")).display().to_string()
+            ));
+        }
+        let config = root.join("cluster.toml");
+        std::fs::write(&config, text).expect("config");
+        let status = Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
+            .args(["dev-certs", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .status()
+            .expect("dev-certs runs");
+        assert!(status.success());
+        let mut cluster = Self { root, config, addresses, nodes: Vec::new() };
+        for id in 1..=members {
+            cluster.start_node(id);
+        }
+        cluster
+    }
+
+    /// Starts member `id` and waits (at most 20 s) until it serves.
+    fn start_node(&mut self, id: u32) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .args(["--id", &id.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("node starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("serving on") {
+                    let _ = sender.send(());
+                }
+            }
+        });
+        receiver.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("node {id} did not start"));
+        self.nodes.push((id, child));
+    }
+
+    fn kill(&mut self, id: u32) {
+        let position = self.nodes.iter().position(|(node, _)| *node == id).expect("running");
+        let (_, mut child) = self.nodes.remove(position);
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+    }
+
+    /// Stops member `id` with SIGTERM and checks it exits cleanly.
+    fn terminate(&mut self, id: u32) {
+        let position = self.nodes.iter().position(|(node, _)| *node == id).expect("running");
+        let (_, mut child) = self.nodes.remove(position);
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+        assert!(status.success());
+        for _ in 0..200 {
+            if let Some(status) = child.try_wait().expect("waits") {
+                assert!(status.success(), "node {id} exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node {id} did not stop within 10 s of SIGTERM");
+    }
+
+    fn address(&self, id: u32) -> SocketAddr {
+        self.addresses.iter().find(|(node, _)| *node == id).expect("member").1
+    }
+
+    fn members(&self) -> Vec<u32> {
+        self.addresses.iter().map(|(id, _)| *id).collect()
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.root.join("certs")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A bare connection to one node as `identity`, after the handshake.
+struct Connection {
+    connection: quinn::Connection,
+    welcome: Welcome,
+    _endpoint: quinn::Endpoint,
+}
+
+async fn connect(certs: &Path, identity: &str, node: u32, address: SocketAddr) -> anyhow::Result<Connection> {
+    connect_speaking(certs, identity, node, address, vec![PROTOCOL_VERSION]).await
+}
+
+async fn connect_speaking(
+    certs: &Path,
+    identity: &str,
+    node: u32,
+    address: SocketAddr,
+    versions: Vec<u32>,
+) -> anyhow::Result<Connection> {
+    let roots = tls::load_roots(certs)?;
+    let crypto = tls::client_crypto(roots, tls::Identity::load(certs, identity)?)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint.connect(address, &tls::node_name(node))?.await?;
+    let (mut send, mut receive) = connection.open_bi().await?;
+    let hello = Hello { versions, agent: "cluster-test".to_owned() };
+    wire::write_message(&mut send, &hello).await?;
+    send.finish()?;
+    let welcome: Welcome = wire::read_message(&mut receive).await?;
+    Ok(Connection { connection, welcome, _endpoint: endpoint })
+}
+
+impl Connection {
+    async fn call(&self, body: RequestBody) -> anyhow::Result<Response> {
+        let (mut send, mut receive) = self.connection.open_bi().await?;
+        wire::write_message(&mut send, &Request { timeout_ms: 5_000, body }).await?;
+        send.finish()?;
+        Ok(wire::read_message(&mut receive).await?)
+    }
+}
+
+/// A SKU whose partition `owner` owns.
+fn sku_owned_by(owner: u32, members: &[u32], skip: usize) -> String {
+    (0..)
+        .map(|index| format!("sku-{index}"))
+        .filter(|sku| owner_of(partition_of(sku, PARTITIONS), members) == Some(owner))
+        .nth(skip)
+        .expect("every member owns some SKU")
+}
+
+fn reserve(order: &str, lines: &[&str]) -> RequestBody {
+    RequestBody::Reserve {
+        order: order.to_owned(),
+        buyer: format!("buyer-{order}"),
+        lines: lines
+            .iter()
+            .map(|sku| WireLine { sku: (*sku).to_owned(), quantity: WireQuantity::Exactly(1) })
+            .collect(),
+        ttl_ms: 60_000,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+#[test]
+fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
+    let mut cluster = Cluster::start("routing", 2);
+    let members = cluster.members();
+    let (mine, theirs) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    let runtime = runtime();
+    runtime.block_on(async {
+        let admin = connect(&cluster.certs(), "admin", 1, cluster.address(1)).await.expect("admin connects");
+        let Welcome::Accepted { node, map, .. } = &admin.welcome else { panic!("{:?}", admin.welcome) };
+        assert_eq!((*node, map.partition_count, map.members.len()), (1, PARTITIONS, 2));
+
+        let create = |sku: &str| RequestBody::CreateSku {
+            sku: sku.to_owned(),
+            initial_units: 3,
+            units_per_buyer_max: None,
+            opens_at_ms: 0,
+        };
+        assert!(matches!(admin.call(create(&mine)).await.expect("answered"), Response::Stock { .. }));
+        assert_eq!(
+            admin.call(create(&theirs)).await.expect("answered"),
+            Response::Refused(Refusal::WrongNode { owner: 2 })
+        );
+        assert!(matches!(
+            admin.call(create(&mine)).await.expect("answered"),
+            Response::Refused(Refusal::SkuExists { .. })
+        ));
+
+        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
+        assert_eq!(
+            checkout.call(create("sku-x")).await.expect("answered"),
+            Response::Refused(Refusal::Forbidden),
+            "checkout clients cannot change stock"
+        );
+        let Response::Reserved { home_partition, lines, .. } =
+            checkout.call(reserve("order-1", &[&mine])).await.expect("answered")
+        else {
+            panic!("not reserved")
+        };
+        assert_eq!(lines[0].stock.held, 1);
+        let settled = checkout
+            .call(RequestBody::Commit { order: "order-1".to_owned(), home_partition, fewer: vec![] })
+            .await
+            .expect("answered");
+        assert!(matches!(&settled, Response::Settled { replayed: false, .. }), "{settled:?}");
+        for index in 2..=3 {
+            let order = format!("order-{index}");
+            let Response::Reserved { home_partition, .. } =
+                checkout.call(reserve(&order, &[&mine])).await.expect("answered")
+            else {
+                panic!("not reserved")
+            };
+            checkout.call(RequestBody::Commit { order, home_partition, fewer: vec![] }).await.expect("answered");
+        }
+        assert!(matches!(
+            checkout.call(reserve("order-4", &[&mine])).await.expect("answered"),
+            Response::Refused(Refusal::SoldOut { line: 0, available: 0, .. })
+        ));
+        assert_eq!(
+            checkout.call(reserve("order-5", &[&theirs])).await.expect("answered"),
+            Response::Refused(Refusal::WrongNode { owner: 2 })
+        );
+        assert!(matches!(
+            checkout.call(reserve("order-6", &[&mine, &theirs])).await.expect("answered"),
+            Response::Refused(Refusal::Invalid { .. })
+        ));
+        assert!(matches!(
+            checkout.call(reserve("", &[&mine])).await.expect("answered"),
+            Response::Refused(Refusal::Invalid { .. })
+        ));
+
+        // A frame that is not a request gets a typed refusal, not a hang.
+        let (mut send, mut receive) = checkout.connection.open_bi().await.expect("stream");
+        tokio::io::AsyncWriteExt::write_all(&mut send, &[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.expect("written");
+        send.finish().expect("finished");
+        let refused: Response = wire::read_message(&mut receive).await.expect("answered");
+        assert!(matches!(refused, Response::Refused(Refusal::Invalid { .. })), "{refused:?}");
+        // So does a frame declaring more than the limit.
+        let (mut send, mut receive) = checkout.connection.open_bi().await.expect("stream");
+        tokio::io::AsyncWriteExt::write_all(&mut send, &[0xff, 0xff, 0xff, 0xff]).await.expect("written");
+        send.finish().expect("finished");
+        let refused: Response = wire::read_message(&mut receive).await.expect("answered");
+        assert!(matches!(refused, Response::Refused(Refusal::Invalid { .. })), "{refused:?}");
+    });
+
+    // SIGKILL, restart: the sales are back and the stock still adds up.
+    cluster.kill(1);
+    cluster.start_node(1);
+    runtime.block_on(async {
+        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("reconnects");
+        match checkout.call(RequestBody::Availability { sku: mine.clone() }).await.expect("answered") {
+            Response::Stock { stock, .. } => assert_eq!((stock.available, stock.held, stock.sold), (0, 0, 3)),
+            other => panic!("{other:?}"),
+        }
+        let replayed = checkout
+            .call(RequestBody::Commit {
+                order: "order-1".to_owned(),
+                home_partition: partition_of(&mine, PARTITIONS),
+                fewer: vec![],
+            })
+            .await
+            .expect("answered");
+        assert!(matches!(replayed, Response::Settled { replayed: true, .. }), "{replayed:?}");
+    });
+    cluster.terminate(1);
+    cluster.terminate(2);
+}
+
+#[test]
+fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
+    let cluster = Cluster::start("identity", 1);
+    // A second CA's "admin": valid certificate, wrong issuer.
+    let stranger = cluster.root.join("stranger");
+    tls::create_development_certificates(&stranger, &[1]).expect("stranger's certificates");
+    let runtime = runtime();
+    runtime.block_on(async {
+        let roots = tls::load_roots(&cluster.certs()).expect("cluster CA");
+        let crypto = tls::client_crypto(roots, tls::Identity::load(&stranger, "admin").expect("loads")).expect("tls");
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).expect("quic tls");
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("endpoint");
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let attempt = async {
+            let connection = endpoint.connect(cluster.address(1), &tls::node_name(1))?.await?;
+            let (mut send, mut receive) = connection.open_bi().await?;
+            let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "stranger".to_owned() };
+            wire::write_message(&mut send, &hello).await?;
+            send.finish()?;
+            let welcome: Welcome = wire::read_message(&mut receive).await?;
+            anyhow::Ok(welcome)
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), attempt).await.expect("answered in time");
+        assert!(outcome.is_err(), "a stranger was welcomed: {outcome:?}");
+
+        // A version the node does not speak is refused with the versions it does.
+        let certs = cluster.certs();
+        let refused = connect_speaking(&certs, "checkout", 1, cluster.address(1), vec![99]).await.expect("answered");
+        assert_eq!(refused.welcome, Welcome::Refused { supported: vec![PROTOCOL_VERSION] });
+
+        let node = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
+        assert!(matches!(node.welcome, Welcome::Accepted { version: PROTOCOL_VERSION, .. }));
+        let (mut send, mut receive) = node.connection.open_bi().await.expect("stream");
+        wire::write_message(&mut send, &Request { timeout_ms: 1_000, body: RequestBody::PartitionMap })
+            .await
+            .expect("written");
+        send.finish().expect("finished");
+        assert!(matches!(
+            wire::read_message::<Response, _>(&mut receive).await.expect("answered"),
+            Response::PartitionMap(_)
+        ));
+    });
+}
