@@ -52,6 +52,13 @@ enum Command {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
     },
+    /// Starts every member of `[[members]]` on this machine (creating
+    /// development certificates if there are none) and keeps them running
+    /// until SIGINT or SIGTERM, which it passes on. For development.
+    Cluster {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+    },
     /// Runs member `--id` of the cluster until SIGINT or SIGTERM: recovers
     /// its log, then serves its partitions over QUIC.
     Serve {
@@ -96,6 +103,17 @@ fn main() -> anyhow::Result<()> {
                 println!("{} already holds every certificate", tls.directory.display());
             }
             Ok(())
+        }
+        Command::Cluster { config } => {
+            let file = config::ClusterFile::load(&config)?;
+            anyhow::ensure!(!file.members.is_empty(), "{} has no [[members]]", config.display());
+            let tls = file.tls.as_ref().with_context(|| format!("{} has no [tls] section", config.display()))?;
+            let members: Vec<u32> = file.members.iter().map(|member| member.id).collect();
+            if flashstock_node::tls::create_development_certificates(&tls.directory, &members)? {
+                println!("development certificates written to {}", tls.directory.display());
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(run_cluster(&config, &members))
         }
         Command::Serve { config, id } => {
             let file = config::ClusterFile::load(&config)?;
@@ -192,4 +210,58 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     Ok(())
+}
+
+/// Runs `serve` for every member as a child process until a signal, then
+/// stops them all with SIGTERM (each flushes its log and exits 0). If a
+/// member dies on its own, the others are stopped too and the exit is an
+/// error.
+async fn run_cluster(config: &std::path::Path, members: &[u32]) -> anyhow::Result<()> {
+    let executable = std::env::current_exe().context("locating this program")?;
+    let mut children = Vec::with_capacity(members.len());
+    for id in members {
+        let child = tokio::process::Command::new(&executable)
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--id", &id.to_string()])
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting member {id}"))?;
+        children.push((*id, child));
+    }
+    println!("cluster of {} members running; Ctrl-C stops it", members.len());
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let died = loop {
+        tokio::select! {
+            received = &mut signal => { received?; break None; }
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+        let exited = children.iter_mut().find_map(|(id, child)| match child.try_wait() {
+            Ok(Some(status)) => Some((*id, status.to_string())),
+            Ok(None) => None,
+            Err(error) => Some((*id, error.to_string())),
+        });
+        if exited.is_some() {
+            break exited;
+        }
+    };
+    for (id, child) in &mut children {
+        if let Some(pid) = child.id() {
+            let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(30), child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => eprintln!("member {id} exited with {status}"),
+            Ok(Err(error)) => eprintln!("member {id}: {error}"),
+            Err(_) => {
+                eprintln!("member {id} did not stop within 30 s; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+    match died {
+        None => Ok(()),
+        Some((id, status)) => anyhow::bail!("member {id} stopped on its own ({status}); the cluster was stopped"),
+    }
 }
