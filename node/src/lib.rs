@@ -10,11 +10,14 @@
 //!   its book checks.
 //! - [`tls`]: development certificates, the rustls configurations of both
 //!   ends (mutual TLS), and the role a peer's certificate names.
+//! - [`peers`]: the long-lived links to the other members, and which of
+//!   them are up.
 //! - [`server`]: the QUIC endpoint of a member: handshake, one stream per
 //!   request, ownership checks, translation between wire and engine types.
 
 pub mod config;
 pub mod crash_load;
+pub mod peers;
 pub mod sale;
 pub mod server;
 pub mod tls;

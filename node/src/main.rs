@@ -189,7 +189,12 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
         "recovered"
     );
     let endpoint = flashstock_node::server::endpoint(&file, id)?;
-    let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone())?);
+    let mut addresses = Vec::with_capacity(file.members.len());
+    for member in &file.members {
+        addresses.push((member.id, member.address.parse().context("member address")?));
+    }
+    let peers = flashstock_node::peers::Peers::start(&endpoint, id, &addresses);
+    let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone(), peers)?);
     // Ready: tests and scripts wait for this line.
     println!("node {id} serving on {}", endpoint.local_addr()?);
     let serving = tokio::spawn(flashstock_node::server::serve(endpoint.clone(), node));

@@ -32,6 +32,7 @@ use flashstock_engine::{
 use tokio::sync::Semaphore;
 
 use crate::config::{ClusterFile, NetworkSection};
+use crate::peers::Peers;
 use crate::tls::{self, Role};
 
 /// QUIC error codes a node closes connections with.
@@ -51,10 +52,11 @@ pub struct Node {
     members: Vec<u32>,
     map: PartitionMap,
     network: NetworkSection,
+    peers: Arc<Peers>,
 }
 
 impl Node {
-    pub fn new(file: &ClusterFile, id: u32, engine: Engine) -> anyhow::Result<Self> {
+    pub fn new(file: &ClusterFile, id: u32, engine: Engine, peers: Arc<Peers>) -> anyhow::Result<Self> {
         file.member(id)?;
         let members: Vec<u32> = file.members.iter().map(|member| member.id).collect();
         let map = PartitionMap {
@@ -66,7 +68,7 @@ impl Node {
                 .map(|member| Member { id: member.id, address: member.address.clone(), up: true })
                 .collect(),
         };
-        Ok(Self { id, engine, members, map, network: file.network.clone() })
+        Ok(Self { id, engine, members, map, network: file.network.clone(), peers })
     }
 
     fn owner(&self, partition: u32) -> u32 {
@@ -77,14 +79,27 @@ impl Node {
         partition_of(sku, self.map.partition_count)
     }
 
-    /// `Err(WrongNode)` unless this node owns `partition`.
+    /// `Ok` if this node owns `partition`; otherwise `WrongNode` naming
+    /// the owner while it is up, and `Unavailable` while it is down (no
+    /// point sending the client to wait on a dead address).
     fn check_owned(&self, partition: u32) -> Result<(), Refusal> {
         let owner = self.owner(partition);
         if owner == self.id {
             Ok(())
-        } else {
+        } else if self.peers.is_up(owner) {
             Err(Refusal::WrongNode { owner })
+        } else {
+            Err(Refusal::Unavailable { reason: format!("node {owner}, owner of partition {partition}, is down") })
         }
+    }
+
+    /// The partition map with each member's state as this node sees it.
+    fn current_map(&self) -> PartitionMap {
+        let mut map = self.map.clone();
+        for member in &mut map.members {
+            member.up = self.peers.is_up(member.id);
+        }
+        map
     }
 
     /// Answers one request from a peer with `role`.
@@ -108,7 +123,7 @@ impl Node {
             return Err(Refusal::Forbidden);
         }
         match body {
-            RequestBody::PartitionMap => Ok(Response::PartitionMap(self.map.clone())),
+            RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
             RequestBody::Reserve { order, buyer, lines, ttl_ms } => self.reserve(order, buyer, lines, ttl_ms).await,
             RequestBody::Commit { order, home_partition, fewer } => {
                 self.check_home(home_partition)?;
@@ -329,12 +344,21 @@ pub fn endpoint(file: &ClusterFile, id: u32) -> anyhow::Result<quinn::Endpoint> 
     let roots = tls::load_roots(tls_directory)
         .context("loading the CA (create development certificates with `flashstock-node dev-certs`)")?;
     let identity = tls::Identity::load(tls_directory, &format!("node-{id}"))?;
-    let crypto = tls::server_crypto(roots, identity)?;
+    let crypto = tls::server_crypto(roots.clone(), identity)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).context("TLS for QUIC")?;
+    let transport = Arc::new(transport_config(&file.network)?);
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(&file.network)?));
+    server.transport_config(transport.clone());
     let address = member.address.parse().context("member address")?;
-    quinn::Endpoint::server(server, address).with_context(|| format!("binding {address}"))
+    let mut endpoint = quinn::Endpoint::server(server, address).with_context(|| format!("binding {address}"))?;
+    // The same socket dials the other members, as this node.
+    let identity = tls::Identity::load(tls_directory, &format!("node-{id}"))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls::client_crypto(roots, identity)?)
+        .context("TLS for QUIC")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport);
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
 }
 
 /// Accepts connections until the endpoint is closed.
@@ -386,7 +410,7 @@ async fn connection(node: Arc<Node>, incoming: quinn::Incoming) -> anyhow::Resul
         connection.close(close_code::NO_COMMON_VERSION.into(), b"no common protocol version");
         anyhow::bail!("no common version with {:?} ({})", hello.versions, hello.agent);
     }
-    let welcome = Welcome::Accepted { version: PROTOCOL_VERSION, node: node.id, map: node.map.clone() };
+    let welcome = Welcome::Accepted { version: PROTOCOL_VERSION, node: node.id, map: node.current_map() };
     wire::write_message(&mut send, &welcome).await?;
     send.finish()?;
     drop(_entered);

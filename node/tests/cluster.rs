@@ -169,6 +169,19 @@ async fn connect_speaking(
 }
 
 impl Connection {
+    /// Waits (at most 15 s) until the node sees every member up.
+    async fn wait_all_up(&self) {
+        for _ in 0..300 {
+            if let Ok(Response::PartitionMap(map)) = self.call(RequestBody::PartitionMap).await {
+                if map.members.iter().all(|member| member.up) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the members never all came up");
+    }
+
     async fn call(&self, body: RequestBody) -> anyhow::Result<Response> {
         let (mut send, mut receive) = self.connection.open_bi().await?;
         wire::write_message(&mut send, &Request { timeout_ms: 5_000, body }).await?;
@@ -212,6 +225,7 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
         let admin = connect(&cluster.certs(), "admin", 1, cluster.address(1)).await.expect("admin connects");
         let Welcome::Accepted { node, map, .. } = &admin.welcome else { panic!("{:?}", admin.welcome) };
         assert_eq!((*node, map.partition_count, map.members.len()), (1, PARTITIONS, 2));
+        admin.wait_all_up().await;
 
         let create = |sku: &str| RequestBody::CreateSku {
             sku: sku.to_owned(),
@@ -307,6 +321,60 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
     });
     cluster.terminate(1);
     cluster.terminate(2);
+}
+
+/// A member that dies is reported down and its partitions answer
+/// `Unavailable` quickly (never a hang); once it is back, clients are sent
+/// to it again.
+#[test]
+fn a_member_that_is_down_is_unavailable_quickly_until_it_returns() {
+    let mut cluster = Cluster::start("liveness", 2);
+    let theirs = sku_owned_by(2, &cluster.members(), 0);
+    let runtime = runtime();
+    let availability = RequestBody::Availability { sku: theirs.clone() };
+    runtime.block_on(async {
+        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
+        checkout.wait_all_up().await;
+        assert_eq!(
+            checkout.call(availability.clone()).await.expect("answered"),
+            Response::Refused(Refusal::WrongNode { owner: 2 })
+        );
+    });
+    cluster.kill(2);
+    runtime.block_on(async {
+        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
+        // Seen as down within the idle timeout (3 s here); every answer meanwhile is immediate.
+        let started = std::time::Instant::now();
+        let mut unavailable = false;
+        for _ in 0..200 {
+            let asked = std::time::Instant::now();
+            let answer = checkout.call(availability.clone()).await.expect("answered");
+            assert!(asked.elapsed() < Duration::from_secs(1), "an answer took {:?}", asked.elapsed());
+            if matches!(answer, Response::Refused(Refusal::Unavailable { .. })) {
+                unavailable = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(unavailable, "node 2 still counted as up after {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(6), "took {:?} to notice", started.elapsed());
+        let Response::PartitionMap(map) = checkout.call(RequestBody::PartitionMap).await.expect("answered") else {
+            panic!("no map")
+        };
+        assert_eq!(
+            map.members.iter().map(|member| (member.id, member.up)).collect::<Vec<_>>(),
+            vec![(1, true), (2, false)]
+        );
+    });
+    cluster.start_node(2);
+    runtime.block_on(async {
+        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
+        checkout.wait_all_up().await;
+        assert_eq!(
+            checkout.call(availability.clone()).await.expect("answered"),
+            Response::Refused(Refusal::WrongNode { owner: 2 })
+        );
+    });
 }
 
 #[test]

@@ -1,0 +1,111 @@
+//! Links to the other members: one long-lived QUIC connection to each,
+//! dialled by this node with its own certificate, kept alive by QUIC's
+//! keep-alive (every third of the idle timeout) and redialled with backoff
+//! when it drops. A link is up from its handshake until the connection
+//! closes, so a member that dies is seen as down within the idle timeout,
+//! and one that comes back is seen as up as soon as it answers.
+//!
+//! What a node does with it: it sends clients to the owner of a partition
+//! only while the owner is up, and answers `Unavailable` at once otherwise,
+//! instead of sending them to wait on a dead address.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashstock_client::wire::{self, Hello, Welcome, PROTOCOL_VERSION};
+
+use crate::tls;
+
+/// Longest pause between two attempts to reach a member that is down;
+/// keeps a restarted member from waiting long to be seen.
+const REDIAL_PAUSE_MS_MAX: u64 = 1_000;
+/// First pause after a failed attempt; doubled up to the maximum.
+const REDIAL_PAUSE_MS_MIN: u64 = 50;
+/// An attempt (QUIC handshake and hello) that takes longer has failed.
+const DIAL_TIMEOUT_MS: u64 = 2_000;
+
+#[derive(Debug)]
+struct Link {
+    id: u32,
+    up: AtomicBool,
+}
+
+/// The state of this node's links to the other members.
+#[derive(Debug)]
+pub struct Peers {
+    own_id: u32,
+    links: Vec<Link>,
+}
+
+impl Peers {
+    /// Starts a task per other member that keeps a link to it, dialling
+    /// out through `endpoint` (which must have a client configuration with
+    /// this node's identity).
+    pub fn start(endpoint: &quinn::Endpoint, own_id: u32, members: &[(u32, std::net::SocketAddr)]) -> Arc<Self> {
+        let links = members
+            .iter()
+            .filter(|(id, _)| *id != own_id)
+            .map(|(id, _)| Link { id: *id, up: AtomicBool::new(false) })
+            .collect();
+        let peers = Arc::new(Self { own_id, links });
+        for (id, address) in members.iter().filter(|(id, _)| *id != own_id) {
+            let (peers, endpoint, id, address) = (peers.clone(), endpoint.clone(), *id, *address);
+            tokio::spawn(async move { peers.keep_link(&endpoint, id, address).await });
+        }
+        peers
+    }
+
+    /// Whether member `id` is reachable now (this node always is).
+    pub fn is_up(&self, id: u32) -> bool {
+        id == self.own_id || self.links.iter().any(|link| link.id == id && link.up.load(Ordering::Acquire))
+    }
+
+    fn set(&self, id: u32, up: bool) {
+        if let Some(link) = self.links.iter().find(|link| link.id == id) {
+            if link.up.swap(up, Ordering::AcqRel) != up {
+                tracing::info!(member = id, up, "peer link changed");
+            }
+        }
+    }
+
+    /// Dials `id` until the endpoint closes; between a drop and the next
+    /// success the member counts as down.
+    async fn keep_link(&self, endpoint: &quinn::Endpoint, id: u32, address: std::net::SocketAddr) {
+        let mut pause_ms = REDIAL_PAUSE_MS_MIN;
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_millis(DIAL_TIMEOUT_MS), dial(endpoint, id, address));
+            match attempt.await {
+                Ok(Ok(connection)) => {
+                    self.set(id, true);
+                    pause_ms = REDIAL_PAUSE_MS_MIN;
+                    let reason = connection.closed().await;
+                    self.set(id, false);
+                    tracing::debug!(member = id, %reason, "peer link closed");
+                }
+                Ok(Err(error)) => {
+                    if matches!(error.downcast_ref(), Some(quinn::ConnectError::EndpointStopping)) {
+                        return;
+                    }
+                    tracing::trace!(member = id, %error, "peer unreachable");
+                }
+                Err(_) => tracing::trace!(member = id, "peer did not answer in time"),
+            }
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            pause_ms = (pause_ms * 2).min(REDIAL_PAUSE_MS_MAX);
+        }
+    }
+}
+
+async fn dial(endpoint: &quinn::Endpoint, id: u32, address: std::net::SocketAddr) -> anyhow::Result<quinn::Connection> {
+    let connection = endpoint.connect(address, &tls::node_name(id))?.await?;
+    let (mut send, mut receive) = connection.open_bi().await?;
+    let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "peer-link".to_owned() };
+    wire::write_message(&mut send, &hello).await?;
+    send.finish()?;
+    match wire::read_message::<Welcome, _>(&mut receive).await? {
+        Welcome::Accepted { node, .. } if node == id => Ok(connection),
+        Welcome::Accepted { node, .. } => anyhow::bail!("expected member {id} at {address}, found {node}"),
+        Welcome::Refused { supported } => anyhow::bail!("member {id} speaks only {supported:?}"),
+    }
+}
