@@ -197,9 +197,15 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone(), peers)?);
     // Ready: tests and scripts wait for this line.
     println!("node {id} serving on {}", endpoint.local_addr()?);
-    let serving = tokio::spawn(flashstock_node::server::serve(endpoint.clone(), node));
+    let serving = tokio::spawn(flashstock_node::server::serve(endpoint.clone(), node.clone()));
     shutdown_signal().await?;
     tracing::info!("stopping");
+    // Requests in flight get their answers (their records are durable once
+    // answered); new ones are refused as Unavailable, which clients retry.
+    let left = node.drain(std::time::Duration::from_secs(5)).await;
+    if left > 0 {
+        tracing::warn!(left, "requests still in flight after 5 s; their callers see the connection close");
+    }
     endpoint.close(flashstock_node::server::close_code::SHUTTING_DOWN.into(), b"node shutting down");
     serving.abort();
     engine.shutdown().await;

@@ -53,6 +53,23 @@ pub struct Node {
     map: PartitionMap,
     network: NetworkSection,
     peers: Arc<Peers>,
+    /// Set when the node begins to stop: new requests are refused.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Requests being worked on, and a wake-up for when none are left.
+    in_flight: std::sync::atomic::AtomicUsize,
+    drained: tokio::sync::Notify,
+}
+
+/// One request in flight; counted until dropped.
+struct InFlight<'a>(&'a Node);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.stopping.load(Ordering::Acquire) {
+            self.0.drained.notify_waiters();
+        }
+    }
 }
 
 impl Node {
@@ -68,7 +85,47 @@ impl Node {
                 .map(|member| Member { id: member.id, address: member.address.clone(), up: true })
                 .collect(),
         };
-        Ok(Self { id, engine, members, map, network: file.network.clone(), peers })
+        Ok(Self {
+            id,
+            engine,
+            members,
+            map,
+            network: file.network.clone(),
+            peers,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            drained: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Begins to stop: from now on new connections and requests are
+    /// refused (`Unavailable`, which clients retry), and this waits until
+    /// the requests in flight are answered or `timeout` has passed. Returns
+    /// how many were still in flight at the end.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        use std::sync::atomic::Ordering;
+        self.stopping.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let drained = self.drained.notified();
+            let left = self.in_flight.load(Ordering::SeqCst);
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return self.in_flight.load(Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Counts a request in, unless the node is stopping. (Sequentially
+    /// consistent with `drain`: either the request sees `stopping`, or
+    /// `drain` sees it counted.)
+    fn admit(&self) -> Option<InFlight<'_>> {
+        use std::sync::atomic::Ordering;
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self);
+        (!self.stopping.load(Ordering::SeqCst)).then_some(guard)
     }
 
     fn owner(&self, partition: u32) -> u32 {
@@ -365,6 +422,10 @@ pub fn endpoint(file: &ClusterFile, id: u32) -> anyhow::Result<quinn::Endpoint> 
 pub async fn serve(endpoint: quinn::Endpoint, node: Arc<Node>) {
     let connections = Arc::new(Semaphore::new(node.network.connections_max));
     while let Some(incoming) = endpoint.accept().await {
+        if node.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             incoming.refuse();
             tracing::warn!("refused a connection: connections_max reached");
@@ -431,6 +492,12 @@ async fn request(
     mut send: quinn::SendStream,
     mut receive: quinn::RecvStream,
 ) -> anyhow::Result<()> {
+    let Some(_in_flight) = node.admit() else {
+        let reason = format!("node {} is shutting down", node.id);
+        wire::write_message(&mut send, &Response::Refused(Refusal::Unavailable { reason })).await?;
+        send.finish()?;
+        return Ok(());
+    };
     let response = match wire::read_message::<Request, _>(&mut receive).await {
         Ok(request) => {
             let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);

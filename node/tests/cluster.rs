@@ -377,6 +377,76 @@ fn a_member_that_is_down_is_unavailable_quickly_until_it_returns() {
     });
 }
 
+/// SIGTERM in the middle of a stream of sales: the node answers what is in
+/// flight, refuses the rest as `Unavailable` (or the connection closes),
+/// exits 0, and after a restart every commit it acknowledged is there.
+#[test]
+fn sigterm_under_load_loses_no_acknowledged_sale() {
+    let mut cluster = Cluster::start("drain", 1);
+    let skus: Vec<String> = (0..4).map(|index| sku_owned_by(1, &cluster.members(), index)).collect();
+    let runtime = runtime();
+    let acknowledged = runtime.block_on(async {
+        let admin = connect(&cluster.certs(), "admin", 1, cluster.address(1)).await.expect("connects");
+        for sku in &skus {
+            let create = RequestBody::CreateSku {
+                sku: sku.clone(),
+                initial_units: 1_000_000,
+                units_per_buyer_max: None,
+                opens_at_ms: 0,
+            };
+            assert!(matches!(admin.call(create).await.expect("answered"), Response::Stock { .. }));
+        }
+        let checkout = Arc::new(connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects"));
+        let buyers: Vec<_> = (0..16)
+            .map(|buyer| {
+                let (checkout, skus) = (checkout.clone(), skus.clone());
+                tokio::spawn(async move {
+                    let mut acknowledged = Vec::new();
+                    for attempt in 0..100_000 {
+                        let order = format!("b{buyer}-{attempt}");
+                        let reserved = match checkout.call(reserve(&order, &[&skus[attempt % skus.len()]])).await {
+                            Ok(Response::Reserved { home_partition, .. }) => home_partition,
+                            Ok(Response::Refused(Refusal::Unavailable { .. })) | Err(_) => break,
+                            Ok(other) => panic!("unexpected answer while stopping: {other:?}"),
+                        };
+                        let commit =
+                            RequestBody::Commit { order: order.clone(), home_partition: reserved, fewer: vec![] };
+                        match checkout.call(commit).await {
+                            Ok(Response::Settled { .. }) => acknowledged.push((order, reserved)),
+                            Ok(Response::Refused(Refusal::Unavailable { .. })) | Err(_) => break,
+                            Ok(other) => panic!("unexpected answer while stopping: {other:?}"),
+                        }
+                    }
+                    acknowledged
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let pid = cluster.nodes[0].1.id();
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill runs");
+        assert!(status.success());
+        let mut acknowledged = Vec::new();
+        for buyer in buyers {
+            let finished = tokio::time::timeout(Duration::from_secs(20), buyer).await.expect("buyers stop");
+            acknowledged.extend(finished.expect("buyer"));
+        }
+        acknowledged
+    });
+    assert!(acknowledged.len() > 10, "the load barely ran: {}", acknowledged.len());
+    let (_, mut child) = cluster.nodes.remove(0);
+    let status = child.wait().expect("reaped");
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    cluster.start_node(1);
+    runtime.block_on(async {
+        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("reconnects");
+        for (order, home_partition) in &acknowledged {
+            let commit = RequestBody::Commit { order: order.clone(), home_partition: *home_partition, fewer: vec![] };
+            let answer = checkout.call(commit).await.expect("answered");
+            assert!(matches!(answer, Response::Settled { replayed: true, .. }), "{order}: {answer:?}");
+        }
+    });
+}
+
 #[test]
 fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
     let cluster = Cluster::start("identity", 1);
