@@ -12,5 +12,14 @@
 //!
 //! This crate depends on nothing of ours (never the engine, never ractor).
 
+mod client;
+mod error;
 pub mod routing;
+pub mod tls;
 pub mod wire;
+
+pub use client::{
+    Client, ClientBuilder, ClusterStatus, LineResult, MemberStatus, Order, OrderLine, Quantity, Reservation,
+    ReservationId, RetryPolicy, Settlement, Stock,
+};
+pub use error::Error;

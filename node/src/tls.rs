@@ -4,7 +4,9 @@
 //! certificate's subject alternative names: `node-<id>.flashstock` for a
 //! member (also the name clients verify when they connect to it),
 //! `checkout.clients.flashstock` for checkout services and
-//! `admin.clients.flashstock` for operators. Both ends of every connection
+//! `admin.clients.flashstock` for operators. Member certificates also name
+//! `member.flashstock`, which clients verify (they reach a seed before they
+//! know its id; the welcome tells it). Both ends of every connection
 //! present a certificate (mutual TLS); a chain that does not lead to the CA
 //! is refused during the handshake, and a valid certificate that names none
 //! of these identities is refused right after it.
@@ -13,10 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 
-/// The ALPN protocol both ends must offer.
-pub const ALPN: &[u8] = b"flashstock/1";
+pub use flashstock_client::tls::{client_crypto, load_roots, node_name, provider, Identity, ALPN};
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,10 +25,6 @@ pub enum Role {
     Node(u32),
     Checkout,
     Admin,
-}
-
-pub fn node_name(id: u32) -> String {
-    format!("node-{id}.flashstock")
 }
 
 pub const CHECKOUT_NAME: &str = "checkout.clients.flashstock";
@@ -43,10 +40,12 @@ pub fn identity_files(directory: &Path, identity: &str) -> (PathBuf, PathBuf) {
 /// whether it wrote anything. The CA's key is not kept: adding a member
 /// means creating the set again.
 pub fn create_development_certificates(directory: &Path, members: &[u32]) -> anyhow::Result<bool> {
-    let mut identities: Vec<(String, String)> =
-        members.iter().map(|id| (format!("node-{id}"), node_name(*id))).collect();
-    identities.push(("checkout".to_owned(), CHECKOUT_NAME.to_owned()));
-    identities.push(("admin".to_owned(), ADMIN_NAME.to_owned()));
+    let mut identities: Vec<(String, Vec<String>)> = members
+        .iter()
+        .map(|id| (format!("node-{id}"), vec![node_name(*id), flashstock_client::tls::MEMBER_NAME.to_owned()]))
+        .collect();
+    identities.push(("checkout".to_owned(), vec![CHECKOUT_NAME.to_owned()]));
+    identities.push(("admin".to_owned(), vec![ADMIN_NAME.to_owned()]));
     let complete = directory.join("ca.pem").exists()
         && identities.iter().all(|(file, _)| {
             let (certificate, key) = identity_files(directory, file);
@@ -64,10 +63,10 @@ pub fn create_development_certificates(directory: &Path, members: &[u32]) -> any
     let ca_certificate = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     write_file(&directory.join("ca.pem"), &ca_certificate.pem(), false)?;
-    for (file, name) in identities {
+    for (file, names) in identities {
         let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(vec![name.clone()])?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let mut params = rcgen::CertificateParams::new(names.clone())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0].clone());
         params.extended_key_usages =
             vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let certificate = params.signed_by(&key, &issuer)?;
@@ -91,47 +90,6 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An identity's certificate chain and key, read from the TLS directory.
-#[derive(Debug)]
-pub struct Identity {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
-}
-
-impl Identity {
-    pub fn load(directory: &Path, identity: &str) -> anyhow::Result<Self> {
-        let (certificate_path, key_path) = identity_files(directory, identity);
-        let chain = read_certificates(&certificate_path)?;
-        let key_text = std::fs::read(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
-        let key = rustls::pki_types::pem::PemObject::from_pem_slice(&key_text)
-            .with_context(|| format!("{}: no private key", key_path.display()))?;
-        Ok(Self { chain, key })
-    }
-}
-
-fn read_certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    use rustls::pki_types::pem::PemObject;
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let chain = CertificateDer::pem_slice_iter(&text)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: unreadable certificate", path.display()))?;
-    anyhow::ensure!(!chain.is_empty(), "{}: no certificate", path.display());
-    Ok(chain)
-}
-
-/// The CA every identity must chain to.
-pub fn load_roots(directory: &Path) -> anyhow::Result<Arc<rustls::RootCertStore>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in read_certificates(&directory.join("ca.pem"))? {
-        roots.add(certificate).context("adding the CA")?;
-    }
-    Ok(Arc::new(roots))
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The node's side: presents `identity`, requires a client certificate
 /// from the CA.
 pub fn server_crypto(roots: Arc<rustls::RootCertStore>, identity: Identity) -> anyhow::Result<rustls::ServerConfig> {
@@ -143,18 +101,6 @@ pub fn server_crypto(roots: Arc<rustls::RootCertStore>, identity: Identity) -> a
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain, identity.key)
         .context("the node's certificate and key")?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(config)
-}
-
-/// A connecting side (client or node): verifies the server against the CA
-/// and presents `identity`.
-pub fn client_crypto(roots: Arc<rustls::RootCertStore>, identity: Identity) -> anyhow::Result<rustls::ClientConfig> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(identity.chain, identity.key)
-        .context("the client's certificate and key")?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
 }

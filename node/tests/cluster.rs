@@ -2,139 +2,21 @@
 //! routing to the owner, typed refusals, identities, bad frames, and a
 //! member killed with SIGKILL that comes back with its sales.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashstock_client::routing::{owner_of, partition_of};
+use flashstock_client::routing::partition_of;
 use flashstock_client::wire::{
     self, Hello, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireQuantity, PROTOCOL_VERSION,
 };
 use flashstock_node::tls;
 
-const PARTITIONS: u32 = 16;
+mod common;
 
-struct Cluster {
-    root: PathBuf,
-    config: PathBuf,
-    addresses: Vec<(u32, SocketAddr)>,
-    nodes: Vec<(u32, Child)>,
-}
-
-/// Loopback ports the OS says are free now. Each test asks for its own, so
-/// tests running in parallel never share one.
-fn free_ports(count: usize) -> Vec<u16> {
-    let sockets: Vec<UdpSocket> = (0..count).map(|_| UdpSocket::bind("127.0.0.1:0").expect("a free port")).collect();
-    sockets.iter().map(|socket| socket.local_addr().expect("bound").port()).collect()
-}
-
-impl Cluster {
-    fn start(name: &str, members: u32) -> Self {
-        let root = std::env::temp_dir().join(format!("flashstock-cluster-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).expect("scratch directory");
-        let ports = free_ports(members as usize);
-        let mut text = format!(
-            "[cluster]\nname = \"{name}\"\npartitions = {PARTITIONS}\n\n[tls]\ndirectory = {:?}\n\n\
-             [network]\nidle_timeout_ms = 3000\n",
-            root.join("certs").display().to_string()
-        );
-        let mut addresses = Vec::new();
-        for (index, port) in ports.iter().enumerate() {
-            let id = index as u32 + 1;
-            let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-            addresses.push((id, address));
-            text.push_str(&format!(
-                "\n[[members]]\nid = {id}\naddress = \"{address}\"\ndata_directory = {:?}\n",
-                root.join(format!("node-{id}")).display().to_string()
-            ));
-        }
-        let config = root.join("cluster.toml");
-        std::fs::write(&config, text).expect("config");
-        let status = Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
-            .args(["dev-certs", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .status()
-            .expect("dev-certs runs");
-        assert!(status.success());
-        let mut cluster = Self { root, config, addresses, nodes: Vec::new() };
-        for id in 1..=members {
-            cluster.start_node(id);
-        }
-        cluster
-    }
-
-    /// Starts member `id` and waits (at most 20 s) until it serves.
-    fn start_node(&mut self, id: u32) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .args(["--id", &id.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("node starts");
-        let stdout = child.stdout.take().expect("piped");
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("serving on") {
-                    let _ = sender.send(());
-                }
-            }
-        });
-        receiver.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("node {id} did not start"));
-        self.nodes.push((id, child));
-    }
-
-    fn kill(&mut self, id: u32) {
-        let position = self.nodes.iter().position(|(node, _)| *node == id).expect("running");
-        let (_, mut child) = self.nodes.remove(position);
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reaped");
-    }
-
-    /// Stops member `id` with SIGTERM and checks it exits cleanly.
-    fn terminate(&mut self, id: u32) {
-        let position = self.nodes.iter().position(|(node, _)| *node == id).expect("running");
-        let (_, mut child) = self.nodes.remove(position);
-        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
-        assert!(status.success());
-        for _ in 0..200 {
-            if let Some(status) = child.try_wait().expect("waits") {
-                assert!(status.success(), "node {id} exited with {status}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("node {id} did not stop within 10 s of SIGTERM");
-    }
-
-    fn address(&self, id: u32) -> SocketAddr {
-        self.addresses.iter().find(|(node, _)| *node == id).expect("member").1
-    }
-
-    fn members(&self) -> Vec<u32> {
-        self.addresses.iter().map(|(id, _)| *id).collect()
-    }
-
-    fn certs(&self) -> PathBuf {
-        self.root.join("certs")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.nodes {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
+use common::{runtime, sku_owned_by, Cluster, PARTITIONS};
 
 /// A bare connection to one node as `identity`, after the handshake.
 struct Connection {
@@ -190,15 +72,6 @@ impl Connection {
     }
 }
 
-/// A SKU whose partition `owner` owns.
-fn sku_owned_by(owner: u32, members: &[u32], skip: usize) -> String {
-    (0..)
-        .map(|index| format!("sku-{index}"))
-        .filter(|sku| owner_of(partition_of(sku, PARTITIONS), members) == Some(owner))
-        .nth(skip)
-        .expect("every member owns some SKU")
-}
-
 fn reserve(order: &str, lines: &[&str]) -> RequestBody {
     RequestBody::Reserve {
         order: order.to_owned(),
@@ -209,10 +82,6 @@ fn reserve(order: &str, lines: &[&str]) -> RequestBody {
             .collect(),
         ttl_ms: 60_000,
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
 #[test]

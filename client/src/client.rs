@@ -1,0 +1,715 @@
+//! [`Client`]: connections to the members, routing, retries.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::routing::{owner_of, partition_of};
+use crate::tls::{self, Identity};
+use crate::wire::{
+    self, Hello, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireLineResult,
+    WireQuantity, WireStock, PROTOCOL_VERSION,
+};
+
+/// How many units a line asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantity {
+    Exactly(u32),
+    /// As many as available up to `max`, but at least `min`.
+    UpTo {
+        max: u32,
+        min: u32,
+    },
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderLine {
+    pub sku: String,
+    pub quantity: Quantity,
+}
+
+/// An order to reserve stock for. Its `id` is the idempotency key: the
+/// same order sent again (by you or by the client's retries) never holds
+/// twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub id: String,
+    pub buyer: String,
+    pub lines: Vec<OrderLine>,
+    /// How long the units stay held without a commit.
+    pub hold_ttl: Duration,
+}
+
+/// A SKU's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stock {
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+}
+
+impl From<WireStock> for Stock {
+    fn from(stock: WireStock) -> Self {
+        Self { available: stock.available, held: stock.held, sold: stock.sold }
+    }
+}
+
+/// A line of a reservation or settlement and its SKU's counts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineResult {
+    pub sku: String,
+    pub units: u32,
+    pub stock: Stock,
+}
+
+impl From<WireLineResult> for LineResult {
+    fn from(line: WireLineResult) -> Self {
+        Self { sku: line.sku, units: line.units, stock: line.stock.into() }
+    }
+}
+
+/// Names a reservation: the order id and the partition whose owner
+/// coordinates it. Its text form (`<partition>:<order id>`) can be stored
+/// and parsed back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReservationId {
+    pub order: String,
+    pub home_partition: u32,
+}
+
+impl std::fmt::Display for ReservationId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}:{}", self.home_partition, self.order)
+    }
+}
+
+impl std::str::FromStr for ReservationId {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        let invalid = || Error::Invalid {
+            field: "reservation id".to_owned(),
+            reason: format!("`{text}` is not <partition>:<order>"),
+        };
+        let (partition, order) = text.split_once(':').ok_or_else(invalid)?;
+        let home_partition = partition.parse().map_err(|_| invalid())?;
+        if order.is_empty() {
+            return Err(invalid());
+        }
+        Ok(Self { order: order.to_owned(), home_partition })
+    }
+}
+
+/// Units held for an order until `expires_at_ms` (cluster time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: ReservationId,
+    pub expires_at_ms: u64,
+    pub lines: Vec<LineResult>,
+}
+
+/// A committed or released reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub order: String,
+    pub lines: Vec<LineResult>,
+    /// True when this answers a retry of a settlement already done.
+    pub replayed: bool,
+}
+
+/// A member as the answering node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: u32,
+    pub address: String,
+    pub up: bool,
+    /// Partitions this member owns.
+    pub partitions: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub partition_count: u32,
+    pub members: Vec<MemberStatus>,
+}
+
+/// Which calls are retried, how often and how far apart. Only calls that
+/// are safe to repeat are retried (every call carries its idempotency key
+/// or is a read), and only on answers that may change: busy, unavailable,
+/// lost connection, timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included.
+    pub attempts_max: u32,
+    /// Pause before the second try; doubled for each later one, with up to
+    /// half of it added at random so that a crowd does not retry in step.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { attempts_max: 8, backoff_initial: Duration::from_millis(20), backoff_max: Duration::from_secs(1) }
+    }
+}
+
+/// Configures a [`Client`].
+#[derive(Debug)]
+pub struct ClientBuilder {
+    seeds: Vec<SocketAddr>,
+    roots: Option<Arc<rustls::RootCertStore>>,
+    identity: Option<Identity>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+    in_flight_max: usize,
+    agent: String,
+    tls_error: Option<Error>,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            seeds: Vec::new(),
+            roots: None,
+            identity: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+            in_flight_max: 1_024,
+            agent: "flashstock-client".to_owned(),
+            tls_error: None,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// A member to learn the cluster from; give several, any one answering
+    /// is enough.
+    pub fn seed(mut self, address: SocketAddr) -> Self {
+        self.seeds.push(address);
+        self
+    }
+
+    /// The cluster CA (`ca.pem`) and this client's identity
+    /// (`<identity>.pem`, `<identity>.key`) from a directory, such as the
+    /// one `flashstock-node dev-certs` writes.
+    pub fn tls_directory(mut self, directory: &Path, identity: &str) -> Self {
+        match (tls::load_roots(directory), Identity::load(directory, identity)) {
+            (Ok(roots), Ok(identity)) => {
+                self.roots = Some(roots);
+                self.identity = Some(identity);
+            }
+            (Err(error), _) | (_, Err(error)) => self.tls_error = Some(Error::Config(error.to_string())),
+        }
+        self
+    }
+
+    /// The cluster CA and this client's certificate and key, as PEM text.
+    pub fn tls_pem(mut self, ca: &[u8], certificate: &[u8], key: &[u8]) -> Self {
+        match (tls::roots_from_pem(ca), Identity::from_pem(certificate, key)) {
+            (Ok(roots), Ok(identity)) => {
+                self.roots = Some(roots);
+                self.identity = Some(identity);
+            }
+            (Err(error), _) | (_, Err(error)) => self.tls_error = Some(Error::Config(error.to_string())),
+        }
+        self
+    }
+
+    /// Longest wait for a connection to a member.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for one answer; the member drops the work after it.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Calls in flight at once across all members; more wait their turn.
+    pub fn in_flight_max(mut self, calls: usize) -> Self {
+        self.in_flight_max = calls;
+        self
+    }
+
+    /// What the client calls itself in the members' logs.
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.agent = agent.into();
+        self
+    }
+
+    /// Connects to the first seed that answers and learns the partition map.
+    pub async fn connect(self) -> Result<Client, Error> {
+        if let Some(error) = self.tls_error {
+            return Err(error);
+        }
+        let (Some(roots), Some(identity)) = (self.roots, self.identity) else {
+            return Err(Error::Config("TLS material is required (tls_directory or tls_pem)".to_owned()));
+        };
+        if self.seeds.is_empty() {
+            return Err(Error::Config("at least one seed address is required".to_owned()));
+        }
+        if self.retry.attempts_max == 0 || self.in_flight_max == 0 {
+            return Err(Error::Config("attempts_max and in_flight_max must be at least 1".to_owned()));
+        }
+        let request_timeout_ms = u32::try_from(self.request_timeout.as_millis())
+            .map_err(|_| Error::Config("request_timeout is too long".to_owned()))?;
+        let crypto = tls::client_crypto(roots, identity).map_err(|error| Error::Config(error.to_string()))?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .map_err(|error| Error::Config(error.to_string()))?;
+        let bind: SocketAddr =
+            if self.seeds[0].is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("a valid wildcard address");
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|error| Error::Connection(format!("opening a socket: {error}")))?;
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let seed_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |elapsed| elapsed.as_nanos() as u64);
+        let inner = Inner {
+            endpoint,
+            seeds: self.seeds,
+            map: RwLock::new(None),
+            connections: Mutex::new(HashMap::new()),
+            in_flight: tokio::sync::Semaphore::new(self.in_flight_max),
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            request_timeout_ms,
+            retry: self.retry,
+            agent: self.agent,
+            jitter: AtomicU64::new(seed_nanos | 1),
+        };
+        let client = Client { inner: Arc::new(inner) };
+        client.refresh_map(None).await?;
+        Ok(client)
+    }
+}
+
+/// A connection pool to the cluster: one long-lived QUIC connection per
+/// member, requests pipelined over it (a stream each). Cheap to clone and
+/// safe to share between tasks; clones share the connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoint: quinn::Endpoint,
+    seeds: Vec<SocketAddr>,
+    map: RwLock<Option<PartitionMap>>,
+    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    in_flight: tokio::sync::Semaphore,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    request_timeout_ms: u32,
+    retry: RetryPolicy,
+    agent: String,
+    /// State of a xorshift generator for backoff jitter.
+    jitter: AtomicU64,
+}
+
+/// Where a request must go.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    Partition(u32),
+    Anyone,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Client {
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Holds stock for every line of `order`, or for none.
+    pub async fn reserve(&self, order: &Order) -> Result<Reservation, Error> {
+        let Some(first) = order.lines.first() else {
+            return Err(Error::Invalid {
+                field: "lines".to_owned(),
+                reason: "an order needs at least one line".to_owned(),
+            });
+        };
+        let ttl_ms = u64::try_from(order.hold_ttl.as_millis()).unwrap_or(u64::MAX);
+        let body = RequestBody::Reserve {
+            order: order.id.clone(),
+            buyer: order.buyer.clone(),
+            lines: order
+                .lines
+                .iter()
+                .map(|line| WireLine {
+                    sku: line.sku.clone(),
+                    quantity: match line.quantity {
+                        Quantity::Exactly(units) => WireQuantity::Exactly(units),
+                        Quantity::UpTo { max, min } => WireQuantity::UpTo { max, min },
+                    },
+                })
+                .collect(),
+            ttl_ms,
+        };
+        let partition = self.partition_of(&first.sku)?;
+        match self.call(Route::Partition(partition), body).await? {
+            Response::Reserved { order, home_partition, expires_at_ms, lines } => Ok(Reservation {
+                id: ReservationId { order, home_partition },
+                expires_at_ms,
+                lines: lines.into_iter().map(LineResult::from).collect(),
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sells every held unit of the reservation.
+    pub async fn commit(&self, reservation: &ReservationId) -> Result<Settlement, Error> {
+        self.commit_fewer(reservation, &[]).await
+    }
+
+    /// Sells `units` of the named SKUs (lines not named sell all their
+    /// units); the rest of each hold goes back to stock.
+    pub async fn commit_fewer(&self, reservation: &ReservationId, fewer: &[(&str, u32)]) -> Result<Settlement, Error> {
+        let body = RequestBody::Commit {
+            order: reservation.order.clone(),
+            home_partition: reservation.home_partition,
+            fewer: fewer.iter().map(|(sku, units)| ((*sku).to_owned(), *units)).collect(),
+        };
+        self.settle(reservation, body).await
+    }
+
+    /// Gives every held unit back to stock.
+    pub async fn release(&self, reservation: &ReservationId) -> Result<Settlement, Error> {
+        let body =
+            RequestBody::Release { order: reservation.order.clone(), home_partition: reservation.home_partition };
+        self.settle(reservation, body).await
+    }
+
+    async fn settle(&self, reservation: &ReservationId, body: RequestBody) -> Result<Settlement, Error> {
+        match self.call(Route::Partition(reservation.home_partition), body).await? {
+            Response::Settled { order, lines, replayed } => {
+                Ok(Settlement { order, lines: lines.into_iter().map(LineResult::from).collect(), replayed })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The SKU's counts as its owner last published them.
+    pub async fn availability(&self, sku: &str) -> Result<Stock, Error> {
+        self.stock_call(sku, RequestBody::Availability { sku: sku.to_owned() }).await
+    }
+
+    /// Admin: creates a SKU with `initial_units`, an optional per-buyer
+    /// limit and the time its sale opens (0: open now).
+    pub async fn create_sku(
+        &self,
+        sku: &str,
+        initial_units: u64,
+        units_per_buyer_max: Option<u32>,
+        opens_at_ms: u64,
+    ) -> Result<Stock, Error> {
+        let body = RequestBody::CreateSku { sku: sku.to_owned(), initial_units, units_per_buyer_max, opens_at_ms };
+        self.stock_call(sku, body).await
+    }
+
+    /// Admin: adds units to a SKU.
+    pub async fn add_stock(&self, sku: &str, units: u64) -> Result<Stock, Error> {
+        self.stock_call(sku, RequestBody::AddStock { sku: sku.to_owned(), units }).await
+    }
+
+    /// Admin: removes unsold, unheld units from a SKU.
+    pub async fn remove_stock(&self, sku: &str, units: u64) -> Result<Stock, Error> {
+        self.stock_call(sku, RequestBody::RemoveStock { sku: sku.to_owned(), units }).await
+    }
+
+    /// Admin: sets (or with `None` lifts) the units one buyer may hold or buy.
+    pub async fn set_buyer_limit(&self, sku: &str, units_per_buyer_max: Option<u32>) -> Result<Stock, Error> {
+        self.stock_call(sku, RequestBody::SetBuyerLimit { sku: sku.to_owned(), units_per_buyer_max }).await
+    }
+
+    /// Admin: the time (cluster milliseconds) a SKU's sale opens.
+    pub async fn open_sale(&self, sku: &str, opens_at_ms: u64) -> Result<Stock, Error> {
+        self.stock_call(sku, RequestBody::OpenSale { sku: sku.to_owned(), opens_at_ms }).await
+    }
+
+    /// Members, whether each is up, and how many partitions each owns.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, Error> {
+        let map = match self.call(Route::Anyone, RequestBody::PartitionMap).await? {
+            Response::PartitionMap(map) => map,
+            other => return Err(unexpected(&other)),
+        };
+        let ids: Vec<u32> = map.members.iter().map(|member| member.id).collect();
+        let owned = |id: u32| {
+            let count = (0..map.partition_count).filter(|partition| owner_of(*partition, &ids) == Some(id)).count();
+            u32::try_from(count).unwrap_or(u32::MAX)
+        };
+        let members = map
+            .members
+            .iter()
+            .map(|member| MemberStatus {
+                id: member.id,
+                address: member.address.clone(),
+                up: member.up,
+                partitions: owned(member.id),
+            })
+            .collect();
+        *self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
+        Ok(ClusterStatus { partition_count: map.partition_count, members })
+    }
+
+    async fn stock_call(&self, sku: &str, body: RequestBody) -> Result<Stock, Error> {
+        match self.call(Route::Partition(self.partition_of(sku)?), body).await? {
+            Response::Stock { stock, .. } => Ok(stock.into()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn partition_of(&self, sku: &str) -> Result<u32, Error> {
+        let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = map.as_ref().map_or(0, |map| map.partition_count);
+        if count == 0 {
+            return Err(Error::Protocol("the cluster reported no partitions".to_owned()));
+        }
+        Ok(partition_of(sku, count))
+    }
+
+    /// The address to send a request to; `None` if no member is known.
+    fn address_for(&self, route: Route, attempt: u32) -> Option<SocketAddr> {
+        let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = map.as_ref()?;
+        let member = match route {
+            Route::Partition(partition) => {
+                let ids: Vec<u32> = map.members.iter().map(|member| member.id).collect();
+                let owner = owner_of(partition, &ids)?;
+                map.members.iter().find(|member| member.id == owner)?
+            }
+            Route::Anyone => {
+                let up: Vec<_> = map.members.iter().filter(|member| member.up).collect();
+                let candidates = if up.is_empty() { map.members.iter().collect() } else { up };
+                candidates.get(attempt as usize % candidates.len().max(1)).copied()?
+            }
+        };
+        member.address.parse().ok()
+    }
+
+    /// Sends `body` where `route` says, retrying by the policy.
+    async fn call(&self, route: Route, body: RequestBody) -> Result<Response, Error> {
+        let _permit =
+            self.inner.in_flight.acquire().await.map_err(|_| Error::Connection("client closed".to_owned()))?;
+        let policy = self.inner.retry;
+        let mut backoff = policy.backoff_initial;
+        let mut last_error = Error::Unavailable { reason: "no member is known".to_owned() };
+        for attempt in 0..policy.attempts_max {
+            if attempt > 0 {
+                tokio::time::sleep(self.jittered(backoff)).await;
+                backoff = (backoff * 2).min(policy.backoff_max);
+            }
+            let Some(address) = self.address_for(route, attempt) else {
+                let _ = self.refresh_map(None).await;
+                continue;
+            };
+            match self.send(address, &body).await {
+                Ok(Response::Refused(refusal)) => match refusal {
+                    Refusal::WrongNode { .. } => {
+                        // Our map is stale: learn the current one and go again now.
+                        let _ = self.refresh_map(Some(address)).await;
+                        backoff = Duration::ZERO.max(policy.backoff_initial / 4);
+                        last_error = refusal.into();
+                    }
+                    Refusal::Busy { retry_after_ms } => {
+                        backoff = backoff.max(Duration::from_millis(retry_after_ms));
+                        last_error = refusal.into();
+                    }
+                    Refusal::Unavailable { .. } | Refusal::DeadlineExceeded => {
+                        let _ = self.refresh_map(None).await;
+                        last_error = refusal.into();
+                    }
+                    other => return Err(other.into()),
+                },
+                Ok(response) => return Ok(response),
+                Err(error @ (Error::Connection(_) | Error::DeadlineExceeded)) => {
+                    self.forget(address);
+                    last_error = error;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// One try: a stream on the member's connection, the request, its answer.
+    async fn send(&self, address: SocketAddr, body: &RequestBody) -> Result<Response, Error> {
+        let connection = self.connection(address).await?;
+        let request = Request { timeout_ms: self.inner.request_timeout_ms, body: body.clone() };
+        let exchange = async {
+            let (mut send, mut receive) =
+                connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
+            wire::write_message(&mut send, &request).await.map_err(stream_error)?;
+            send.finish().map_err(|error| Error::Connection(error.to_string()))?;
+            wire::read_message::<Response, _>(&mut receive).await.map_err(stream_error)
+        };
+        match tokio::time::timeout(self.inner.request_timeout, exchange).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Error::DeadlineExceeded),
+        }
+    }
+
+    /// The live connection to `address`, opened (with the handshake) if
+    /// there is none.
+    async fn connection(&self, address: SocketAddr) -> Result<quinn::Connection, Error> {
+        if let Some(connection) = lock(&self.inner.connections).get(&address) {
+            if connection.close_reason().is_none() {
+                return Ok(connection.clone());
+            }
+        }
+        let (connection, welcome) =
+            tokio::time::timeout(self.inner.connect_timeout, self.handshake(address))
+                .await
+                .map_err(|_| Error::Connection(format!("{address} did not answer within the connect timeout")))??;
+        if let Welcome::Accepted { map, .. } = welcome {
+            self.adopt_map(map);
+        }
+        lock(&self.inner.connections).insert(address, connection.clone());
+        Ok(connection)
+    }
+
+    async fn handshake(&self, address: SocketAddr) -> Result<(quinn::Connection, Welcome), Error> {
+        let connection_error = |error: &dyn std::fmt::Display| Error::Connection(format!("{address}: {error}"));
+        // Every member's certificate names the cluster (`MEMBER_NAME`), so a
+        // seed can be verified before its id is known; the id comes with
+        // the welcome.
+        let connection = self
+            .inner
+            .endpoint
+            .connect(address, tls::MEMBER_NAME)
+            .map_err(|error| connection_error(&error))?
+            .await
+            .map_err(|error| connection_error(&error))?;
+        let welcome = hello(&connection, &self.inner.agent).await?;
+        Ok((connection, welcome))
+    }
+
+    fn adopt_map(&self, map: PartitionMap) {
+        let mut current = self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = Some(map);
+    }
+
+    /// Learns the partition map from `preferred` or any member or seed.
+    async fn refresh_map(&self, preferred: Option<SocketAddr>) -> Result<(), Error> {
+        let mut candidates: Vec<SocketAddr> = preferred.into_iter().collect();
+        if let Some(map) = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            candidates.extend(
+                map.members
+                    .iter()
+                    .filter(|member| member.up)
+                    .filter_map(|member| member.address.parse::<SocketAddr>().ok()),
+            );
+        }
+        candidates.extend(self.inner.seeds.iter().copied());
+        let mut last = Error::Unavailable { reason: "no seed answered".to_owned() };
+        for address in candidates {
+            let outcome = async {
+                let connection = self.connection(address).await?;
+                let (mut send, mut receive) =
+                    connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
+                let request = Request { timeout_ms: self.inner.request_timeout_ms, body: RequestBody::PartitionMap };
+                wire::write_message(&mut send, &request).await.map_err(stream_error)?;
+                send.finish().map_err(|error| Error::Connection(error.to_string()))?;
+                wire::read_message::<Response, _>(&mut receive).await.map_err(stream_error)
+            };
+            match tokio::time::timeout(self.inner.request_timeout, outcome).await {
+                Ok(Ok(Response::PartitionMap(map))) => {
+                    self.adopt_map(map);
+                    return Ok(());
+                }
+                Ok(Ok(other)) => last = unexpected(&other),
+                Ok(Err(error)) => {
+                    self.forget(address);
+                    last = error;
+                }
+                Err(_) => last = Error::DeadlineExceeded,
+            }
+        }
+        Err(last)
+    }
+
+    fn forget(&self, address: SocketAddr) {
+        lock(&self.inner.connections).remove(&address);
+    }
+
+    fn jittered(&self, pause: Duration) -> Duration {
+        let mut state = self.inner.jitter.load(Ordering::Relaxed);
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        self.inner.jitter.store(state, Ordering::Relaxed);
+        let extra_ms = (pause.as_millis() as u64 / 2).max(1);
+        pause + Duration::from_millis(state % extra_ms)
+    }
+}
+
+async fn hello(connection: &quinn::Connection, agent: &str) -> Result<Welcome, Error> {
+    let (mut send, mut receive) = connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
+    let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: agent.to_owned() };
+    wire::write_message(&mut send, &hello).await.map_err(stream_error)?;
+    send.finish().map_err(|error| Error::Connection(error.to_string()))?;
+    match wire::read_message::<Welcome, _>(&mut receive).await.map_err(stream_error)? {
+        welcome @ Welcome::Accepted { .. } => Ok(welcome),
+        Welcome::Refused { supported } => Err(Error::Protocol(format!(
+            "the member speaks protocol versions {supported:?}, this client {PROTOCOL_VERSION}"
+        ))),
+    }
+}
+
+fn stream_error(error: wire::StreamError) -> Error {
+    match error {
+        wire::StreamError::Io(error) => Error::Connection(error.to_string()),
+        wire::StreamError::Codec(error) => Error::Protocol(error.to_string()),
+    }
+}
+
+fn unexpected(response: &Response) -> Error {
+    Error::Protocol(format!("unexpected answer {response:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservation_ids_round_trip_through_text() {
+        let id = ReservationId { order: "order:with:colons".to_owned(), home_partition: 17 };
+        assert_eq!(id.to_string(), "17:order:with:colons");
+        assert_eq!(id.to_string().parse::<ReservationId>().expect("parses"), id);
+        for bad in ["", "17", "x:order", "17:", ":order"] {
+            assert!(bad.parse::<ReservationId>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn only_transient_errors_are_retryable() {
+        assert!(Error::Busy { retry_after_ms: 1 }.is_retryable());
+        assert!(Error::Connection("reset".to_owned()).is_retryable());
+        assert!(!Error::SoldOut { line: 0, sku: "tv".to_owned(), available: 0 }.is_retryable());
+        assert!(!Error::IdempotencyConflict.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_builder_without_tls_or_seeds_is_a_configuration_error() {
+        let missing_tls = Client::builder().seed("127.0.0.1:1".parse().expect("address")).connect().await;
+        assert!(matches!(missing_tls, Err(Error::Config(_))));
+        let missing_files = Client::builder().tls_directory(Path::new("/nonexistent"), "checkout").connect().await;
+        assert!(matches!(missing_files, Err(Error::Config(_))));
+    }
+}

@@ -1,0 +1,136 @@
+//! The client crate against real member processes: it routes to owners by
+//! itself, retries safely with the same idempotency key, follows a member
+//! that restarts, and turns every refusal into a typed error.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{runtime, sku_owned_by, Cluster};
+use flashstock_client::{Client, Error, Order, OrderLine, Quantity, RetryPolicy};
+
+async fn client(cluster: &Cluster, identity: &str) -> Client {
+    Client::builder()
+        .seed(cluster.address(1))
+        .seed(cluster.address(2))
+        .tls_directory(&cluster.certs(), identity)
+        .request_timeout(Duration::from_secs(3))
+        .retry(RetryPolicy {
+            attempts_max: 40,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(250),
+        })
+        .connect()
+        .await
+        .expect("the client connects")
+}
+
+fn order(id: &str, sku: &str, units: u32) -> Order {
+    Order {
+        id: id.to_owned(),
+        buyer: format!("buyer-of-{id}"),
+        lines: vec![OrderLine { sku: sku.to_owned(), quantity: Quantity::Exactly(units) }],
+        hold_ttl: Duration::from_secs(60),
+    }
+}
+
+/// Waits (bounded) until every member reports every other one up.
+async fn wait_all_up(client: &Client) {
+    for _ in 0..300 {
+        if client.cluster_status().await.is_ok_and(|status| status.members.iter().all(|member| member.up)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the members never all came up");
+}
+
+#[test]
+fn a_checkout_flow_across_two_members() {
+    let cluster = Cluster::start("client-flow", 2);
+    let members = cluster.members();
+    let (on_one, on_two) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    runtime().block_on(async {
+        let admin = client(&cluster, "admin").await;
+        wait_all_up(&admin).await;
+        let status = admin.cluster_status().await.expect("status");
+        assert_eq!(status.members.iter().map(|member| member.partitions).sum::<u32>(), status.partition_count);
+        // Admin requests go to each SKU's owner without the caller knowing it.
+        admin.create_sku(&on_one, 2, Some(1), 0).await.expect("created on node 1");
+        admin.create_sku(&on_two, 5, None, 0).await.expect("created on node 2");
+        assert!(matches!(admin.create_sku(&on_two, 5, None, 0).await, Err(Error::SkuExists { .. })));
+
+        let checkout = client(&cluster, "checkout").await;
+        assert_eq!(checkout.create_sku("another", 1, None, 0).await, Err(Error::Forbidden));
+
+        let held = checkout.reserve(&order("a", &on_two, 2)).await.expect("held");
+        assert_eq!(held.lines[0].stock.held, 2);
+        // The same order again is the same reservation, not a second hold.
+        let again = checkout.reserve(&order("a", &on_two, 2)).await.expect("same reservation");
+        assert_eq!(again.id, held.id);
+        assert_eq!(checkout.availability(&on_two).await.expect("counts").held, 2);
+        assert_eq!(checkout.reserve(&order("a", &on_two, 3)).await, Err(Error::IdempotencyConflict));
+
+        let sold = checkout.commit(&held.id).await.expect("committed");
+        assert_eq!((sold.lines[0].units, sold.replayed), (2, false));
+        assert!(checkout.commit(&held.id).await.expect("replayed").replayed);
+        assert_eq!(checkout.release(&held.id).await, Err(Error::AlreadyCommitted));
+
+        let cancelled = checkout.reserve(&order("b", &on_two, 1)).await.expect("held");
+        checkout.release(&cancelled.id).await.expect("released");
+        assert_eq!(checkout.availability(&on_two).await.expect("counts").available, 3);
+
+        // Typed refusals.
+        match checkout.reserve(&order("c", &on_two, 4)).await {
+            Err(Error::SoldOut { line: 0, sku, available: 3 }) => assert_eq!(sku, on_two),
+            other => panic!("{other:?}"),
+        }
+        checkout.reserve(&order("d", &on_one, 1)).await.expect("held");
+        assert!(matches!(
+            checkout.reserve(&Order { buyer: "buyer-of-d".to_owned(), ..order("e", &on_one, 1) }).await,
+            Err(Error::LimitExceeded { units_per_buyer_max: 1, .. })
+        ));
+        assert!(matches!(checkout.availability("no-such-sku").await, Err(Error::UnknownSku { .. })));
+        assert!(matches!(checkout.reserve(&order("", &on_one, 1)).await, Err(Error::Invalid { .. })));
+        let unknown =
+            flashstock_client::ReservationId { order: "never".to_owned(), home_partition: held.id.home_partition };
+        assert_eq!(checkout.commit(&unknown).await, Err(Error::UnknownReservation));
+        let short = Order { hold_ttl: Duration::from_millis(1_000), ..order("f", &on_one, 1) };
+        let short = checkout.reserve(&Order { buyer: "buyer-f".to_owned(), ..short }).await.expect("held");
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        assert!(matches!(checkout.commit(&short.id).await, Err(Error::Expired { .. })));
+    });
+}
+
+/// A member restarts under the client: calls for its partitions are
+/// retried (same idempotency key) until it is back, the reservation made
+/// before the crash is found, and nothing is held twice.
+#[test]
+fn retries_survive_a_member_restart_without_holding_twice() {
+    let mut cluster = Cluster::start("client-restart", 2);
+    let on_two = sku_owned_by(2, &cluster.members(), 0);
+    let runtime = runtime();
+    let (checkout, held) = runtime.block_on(async {
+        let admin = client(&cluster, "admin").await;
+        wait_all_up(&admin).await;
+        admin.create_sku(&on_two, 10, None, 0).await.expect("created");
+        let checkout = client(&cluster, "checkout").await;
+        let held = checkout.reserve(&order("kept", &on_two, 3)).await.expect("held");
+        (checkout, held)
+    });
+    cluster.kill(2);
+    // Restart node 2 a moment later, while the client is already retrying.
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.start_node(2);
+        cluster
+    });
+    runtime.block_on(async {
+        let again = checkout.reserve(&order("kept", &on_two, 3)).await.expect("the retried reserve succeeds");
+        assert_eq!(again.id, held.id);
+        let counts = checkout.availability(&on_two).await.expect("counts");
+        assert_eq!((counts.available, counts.held, counts.sold), (7, 3, 0), "held once, not twice");
+        checkout.commit(&held.id).await.expect("committed after the restart");
+    });
+    let _cluster = restart.join().expect("restarted");
+}
