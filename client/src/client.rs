@@ -283,6 +283,7 @@ impl ClientBuilder {
             seeds: self.seeds,
             map: RwLock::new(None),
             connections: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
             in_flight: tokio::sync::Semaphore::new(self.in_flight_max),
             connect_timeout: self.connect_timeout,
             request_timeout: self.request_timeout,
@@ -311,6 +312,8 @@ struct Inner {
     seeds: Vec<SocketAddr>,
     map: RwLock<Option<PartitionMap>>,
     connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Held while a connection to the member is being opened.
+    opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     in_flight: tokio::sync::Semaphore,
     connect_timeout: Duration,
     request_timeout: Duration,
@@ -475,6 +478,14 @@ impl Client {
         }
     }
 
+    /// The member that owns `sku`'s partition, by the current map.
+    pub fn owner_of(&self, sku: &str) -> Option<u32> {
+        let partition = self.partition_of(sku).ok()?;
+        let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ids: Vec<u32> = map.as_ref()?.members.iter().map(|member| member.id).collect();
+        owner_of(partition, &ids)
+    }
+
     fn partition_of(&self, sku: &str) -> Result<u32, Error> {
         let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = map.as_ref().map_or(0, |map| map.partition_count);
@@ -568,6 +579,15 @@ impl Client {
     /// The live connection to `address`, opened (with the handshake) if
     /// there is none.
     async fn connection(&self, address: SocketAddr) -> Result<quinn::Connection, Error> {
+        if let Some(connection) = lock(&self.inner.connections).get(&address) {
+            if connection.close_reason().is_none() {
+                return Ok(connection.clone());
+            }
+        }
+        // One handshake per member at a time: the calls that find no
+        // connection wait for the first one's instead of each opening one.
+        let opening = lock(&self.inner.opening).entry(address).or_default().clone();
+        let _opening = opening.lock().await;
         if let Some(connection) = lock(&self.inner.connections).get(&address) {
             if connection.close_reason().is_none() {
                 return Ok(connection.clone());

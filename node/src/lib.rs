@@ -7,7 +7,11 @@
 //! - [`crash_load`]: a load that runs until killed and records every
 //!   acknowledged commit, for the kill -9 tests.
 //! - [`sale`]: the simulated flash sale of the README's first command, with
-//!   its book checks.
+//!   its book checks, run against a [`shop::Shop`].
+//! - [`shop`]: the shop a sale runs against: the engine in process, or the
+//!   cluster through the client crate.
+//! - [`local_cluster`]: members as child processes, for the `cluster`
+//!   command and the demo.
 //! - [`tls`]: development certificates, the rustls configurations of both
 //!   ends (mutual TLS), and the role a peer's certificate names.
 //! - [`peers`]: the long-lived links to the other members, and which of
@@ -17,7 +21,9 @@
 
 pub mod config;
 pub mod crash_load;
+pub mod local_cluster;
 pub mod peers;
 pub mod sale;
 pub mod server;
+pub mod shop;
 pub mod tls;

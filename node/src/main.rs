@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flashstock_engine::{Engine, SystemClock};
+use flashstock_node::local_cluster::LocalCluster;
 use flashstock_node::{config, sale};
 
 #[derive(Debug, Parser)]
@@ -21,13 +22,22 @@ struct Arguments {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs the simulated flash sale of `[sale]` and checks the books.
+    /// Runs the simulated flash sale of `[sale]` and checks the books. With
+    /// `[[members]]` it starts the local cluster (from empty data
+    /// directories), sells through the client crate over QUIC, and stops
+    /// the cluster at the end.
     FlashSale {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
         /// Overrides `sale.buyers`.
         #[arg(long)]
         buyers: Option<u64>,
+        /// Runs the sale on one engine in this process, even with members.
+        #[arg(long)]
+        in_process: bool,
+        /// Leaves the cluster running after the sale, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
     },
     /// Runs a reserve-and-commit load on a durable engine in `--data` until
     /// killed (at most 30 s), appending each acknowledged commit's order id
@@ -113,7 +123,23 @@ fn main() -> anyhow::Result<()> {
                 println!("development certificates written to {}", tls.directory.display());
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(run_cluster(&config, &members))
+            runtime.block_on(async {
+                let mut cluster = LocalCluster::start(&config, &members).await?;
+                println!("cluster of {} members running; Ctrl-C stops it", members.len());
+                let signal = shutdown_signal();
+                tokio::pin!(signal);
+                let died = tokio::select! {
+                    received = &mut signal => { received?; None }
+                    died = cluster.first_exit() => Some(died),
+                };
+                cluster.stop().await;
+                match died {
+                    None => Ok(()),
+                    Some((id, status)) => {
+                        anyhow::bail!("member {id} stopped on its own ({status}); the cluster was stopped")
+                    }
+                }
+            })
         }
         Command::Serve { config, id } => {
             let file = config::ClusterFile::load(&config)?;
@@ -140,34 +166,97 @@ fn main() -> anyhow::Result<()> {
                 outcome
             })
         }
-        Command::FlashSale { config, buyers } => {
+        Command::FlashSale { config, buyers, in_process, keep_running } => {
             let file = config::ClusterFile::load(&config)?;
             let mut sale = file.sale.clone().with_context(|| format!("{} has no [sale] section", config.display()))?;
             if let Some(buyers) = buyers {
                 sale.buyers = buyers;
             }
-            let engine_config = file.engine_config()?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(async {
-                let engine = match &file.storage {
-                    None => Engine::new(engine_config, Arc::new(SystemClock))?,
-                    Some(storage) => {
-                        // The simulated sale owns this directory and starts it empty.
-                        let data_directory = storage.data_directory.join("simulated-sale");
-                        if data_directory.exists() {
-                            std::fs::remove_dir_all(&data_directory)
-                                .with_context(|| format!("emptying {}", data_directory.display()))?;
-                        }
-                        println!("durable: logs in {}", data_directory.display());
-                        Engine::open(engine_config, Arc::new(SystemClock), storage.durability(data_directory))?.0
-                    }
-                };
-                let outcome = sale::run(engine.clone(), &file.cluster.name, sale).await;
-                engine.shutdown().await;
-                outcome
-            })
+            if in_process || file.members.is_empty() {
+                runtime.block_on(sale_in_process(&file, sale))
+            } else {
+                runtime.block_on(sale_on_cluster(&config, &file, sale, keep_running))
+            }
         }
     }
+}
+
+async fn sale_in_process(file: &config::ClusterFile, sale: config::SaleSection) -> anyhow::Result<()> {
+    let engine_config = file.engine_config()?;
+    let engine = match &file.storage {
+        None => Engine::new(engine_config, Arc::new(SystemClock))?,
+        Some(storage) => {
+            // The simulated sale owns this directory and starts it empty.
+            let data_directory = storage.data_directory.join("simulated-sale");
+            if data_directory.exists() {
+                std::fs::remove_dir_all(&data_directory)
+                    .with_context(|| format!("emptying {}", data_directory.display()))?;
+            }
+            println!("durable: logs in {}", data_directory.display());
+            Engine::open(engine_config, Arc::new(SystemClock), storage.durability(data_directory))?.0
+        }
+    };
+    println!("in process: one engine, no network");
+    let outcome = sale::run(Arc::new(engine.clone()), &file.cluster.name, sale).await;
+    engine.shutdown().await;
+    outcome
+}
+
+/// The demo: a fresh local cluster, the sale through the client crate, the
+/// books read back from the cluster, a clean stop.
+async fn sale_on_cluster(
+    config_path: &std::path::Path,
+    file: &config::ClusterFile,
+    sale: config::SaleSection,
+    keep_running: bool,
+) -> anyhow::Result<()> {
+    let tls = file.tls.as_ref().context("a cluster needs [tls]")?;
+    let members: Vec<u32> = file.members.iter().map(|member| member.id).collect();
+    if flashstock_node::tls::create_development_certificates(&tls.directory, &members)? {
+        println!("development certificates written to {}", tls.directory.display());
+    }
+    // The demo owns the members' data and starts it empty.
+    for member in &file.members {
+        if member.data_directory.exists() {
+            std::fs::remove_dir_all(&member.data_directory)
+                .with_context(|| format!("emptying {}", member.data_directory.display()))?;
+        }
+    }
+    let mut cluster = LocalCluster::start(config_path, &members).await?;
+    println!("cluster: {} members on {}", members.len(), addresses(file));
+    let outcome = async {
+        let connect = |identity: &str| {
+            let mut builder = flashstock_client::Client::builder()
+                .tls_directory(&tls.directory, identity)
+                .in_flight_max(sale.concurrency.max(1))
+                .agent(format!("flash-sale-{identity}"));
+            for member in &file.members {
+                if let Ok(address) = member.address.parse() {
+                    builder = builder.seed(address);
+                }
+            }
+            builder.connect()
+        };
+        let shop =
+            flashstock_node::shop::ClusterShop { admin: connect("admin").await?, checkout: connect("checkout").await? };
+        sale::run(Arc::new(shop), &file.cluster.name, sale).await
+    }
+    .await;
+    if keep_running && outcome.is_ok() {
+        println!(
+            "the cluster keeps running; connect with the client crate (seeds {}, certificates in {}); Ctrl-C stops it",
+            addresses(file),
+            tls.directory.display()
+        );
+        shutdown_signal().await?;
+    }
+    cluster.stop().await;
+    outcome
+}
+
+fn addresses(file: &config::ClusterFile) -> String {
+    file.members.iter().map(|member| member.address.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// One member: recover, serve until asked to stop, then stop in order (no
@@ -221,58 +310,4 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     Ok(())
-}
-
-/// Runs `serve` for every member as a child process until a signal, then
-/// stops them all with SIGTERM (each flushes its log and exits 0). If a
-/// member dies on its own, the others are stopped too and the exit is an
-/// error.
-async fn run_cluster(config: &std::path::Path, members: &[u32]) -> anyhow::Result<()> {
-    let executable = std::env::current_exe().context("locating this program")?;
-    let mut children = Vec::with_capacity(members.len());
-    for id in members {
-        let child = tokio::process::Command::new(&executable)
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--id", &id.to_string()])
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting member {id}"))?;
-        children.push((*id, child));
-    }
-    println!("cluster of {} members running; Ctrl-C stops it", members.len());
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-    let died = loop {
-        tokio::select! {
-            received = &mut signal => { received?; break None; }
-            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-        }
-        let exited = children.iter_mut().find_map(|(id, child)| match child.try_wait() {
-            Ok(Some(status)) => Some((*id, status.to_string())),
-            Ok(None) => None,
-            Err(error) => Some((*id, error.to_string())),
-        });
-        if exited.is_some() {
-            break exited;
-        }
-    };
-    for (id, child) in &mut children {
-        if let Some(pid) = child.id() {
-            let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
-        }
-        match tokio::time::timeout(std::time::Duration::from_secs(30), child.wait()).await {
-            Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => eprintln!("member {id} exited with {status}"),
-            Ok(Err(error)) => eprintln!("member {id}: {error}"),
-            Err(_) => {
-                eprintln!("member {id} did not stop within 30 s; killing it");
-                let _ = child.kill().await;
-            }
-        }
-    }
-    match died {
-        None => Ok(()),
-        Some((id, status)) => anyhow::bail!("member {id} stopped on its own ({status}); the cluster was stopped"),
-    }
 }

@@ -4,19 +4,21 @@
 //! of a few hot SKUs; the rest pick among many cold SKUs on a Zipf curve. A
 //! buyer who gets a hold pays (commit), cancels (release) or walks away (the
 //! hold expires). Every choice comes from a seeded generator, so two runs make
-//! the same sale. At the end the books are checked: units sold equal units
-//! committed, nothing is oversold, and every abandoned hold came back.
+//! the same sale. At the end the books are checked, read back from the
+//! shop: units sold equal units committed, nothing is oversold, and every
+//! abandoned hold came back.
+//!
+//! The sale runs against a [`Shop`]: the engine in process, or the cluster
+//! through the client crate (see [`crate::shop`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
-use flashstock_engine::{
-    BuyerId, Engine, Line, OrderError, OrderId, OrderRequest, Quantity, SkuError, SkuId, SkuSettings, StockSnapshot,
-};
+use anyhow::{ensure, Context};
 
 use crate::config::SaleSection;
+use crate::shop::{Counts, ReserveOutcome, SaleLine, SaleOrder, Shop};
 
 /// SplitMix64: tiny, seedable, and good enough to pick SKUs and behaviours.
 #[derive(Debug)]
@@ -66,12 +68,12 @@ impl Zipf {
     }
 }
 
-fn hot_sku(index: u64) -> SkuId {
-    SkuId::new(format!("hot-{index}")).expect("generated ids are valid")
+fn hot_sku(index: u64) -> String {
+    format!("hot-{index}")
 }
 
-fn cold_sku(index: usize) -> SkuId {
-    SkuId::new(format!("cold-{index}")).expect("generated ids are valid")
+fn cold_sku(index: usize) -> String {
+    format!("cold-{index}")
 }
 
 /// What one buyer task saw.
@@ -112,36 +114,36 @@ impl Tally {
 /// retries a few times and then shows "try again"; so do we.
 const BUSY_ATTEMPTS_MAX: u32 = 50;
 
-struct Sale {
-    engine: Engine,
+struct Sale<S> {
+    shop: Arc<S>,
     sale: SaleSection,
     zipf: Zipf,
     next_buyer: AtomicU64,
 }
 
-impl Sale {
-    fn order_for(&self, buyer: u64) -> OrderRequest {
+impl<S: Shop> Sale<S> {
+    fn order_for(&self, buyer: u64) -> SaleOrder {
         let mut choices = Choices(self.sale.seed ^ buyer.wrapping_mul(0xa076_1d64_78bd_642f));
         let mut lines = Vec::with_capacity(2);
         let units = 1 + choices.below(u64::from(self.sale.units_per_buyer_max)) as u32;
         if choices.below(100) < u64::from(self.sale.hot_demand_percent) {
-            lines.push(Line {
-                sku: hot_sku(choices.below(u64::from(self.sale.hot_skus))),
-                quantity: Quantity::Exactly(units),
-            });
+            lines.push(SaleLine { sku: hot_sku(choices.below(u64::from(self.sale.hot_skus))), units });
         } else {
-            lines.push(Line { sku: cold_sku(self.zipf.sample(&mut choices)), quantity: Quantity::Exactly(units) });
+            lines.push(SaleLine { sku: cold_sku(self.zipf.sample(&mut choices)), units });
         }
-        // A quarter of buyers add an accessory from the cold catalogue.
+        // A quarter of buyers add an accessory from the cold catalogue (one
+        // the shop can sell in the same order).
         if self.sale.cold_skus > 0 && choices.below(4) == 0 {
-            lines.push(Line { sku: cold_sku(self.zipf.sample(&mut choices)), quantity: Quantity::Exactly(1) });
+            let accessory = cold_sku(self.zipf.sample(&mut choices));
+            if accessory != lines[0].sku && self.shop.colocated(&lines[0].sku, &accessory) {
+                lines.push(SaleLine { sku: accessory, units: 1 });
+            }
         }
-        OrderRequest {
-            order: OrderId::new(format!("order-{buyer}")).expect("generated ids are valid"),
+        SaleOrder {
+            order: format!("order-{buyer}"),
             // One buyer in four places a second order right after their first,
             // so per-buyer limits bite.
-            buyer: BuyerId::new(format!("buyer-{}", if buyer % 4 == 3 { buyer - 1 } else { buyer }))
-                .expect("generated ids are valid"),
+            buyer: format!("buyer-{}", if buyer % 4 == 3 { buyer - 1 } else { buyer }),
             lines,
             ttl_ms: self.sale.hold_ttl_ms,
         }
@@ -154,38 +156,38 @@ impl Sale {
             if buyer >= self.sale.buyers {
                 return Ok(tally);
             }
-            let request = self.order_for(buyer);
-            let order = request.order.clone();
+            let order = self.order_for(buyer);
             let mut reservation = None;
             let mut answered = false;
             for _ in 0..BUSY_ATTEMPTS_MAX {
                 let started = Instant::now();
-                let answer = self.engine.reserve(request.clone()).await;
+                let answer = self.shop.reserve(&order).await.with_context(|| format!("buyer {buyer}: reserve"))?;
                 let latency_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
                 match &answer {
-                    Ok(_) => tally.held_latencies_us.push(latency_us),
-                    Err(OrderError::Busy { .. }) => {}
-                    Err(_) => tally.refused_latencies_us.push(latency_us),
+                    ReserveOutcome::Held(_) => tally.held_latencies_us.push(latency_us),
+                    ReserveOutcome::Busy { .. } => {}
+                    ReserveOutcome::SoldOut | ReserveOutcome::LimitExceeded => {
+                        tally.refused_latencies_us.push(latency_us);
+                    }
                 }
-                answered = !matches!(answer, Err(OrderError::Busy { .. }));
+                answered = !matches!(answer, ReserveOutcome::Busy { .. });
                 match answer {
-                    Ok(held) => {
+                    ReserveOutcome::Held(held) => {
                         reservation = Some(held);
                         break;
                     }
-                    Err(OrderError::Busy { retry_after_ms }) => {
+                    ReserveOutcome::Busy { retry_after_ms } => {
                         tally.busy_retries += 1;
                         tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
                     }
-                    Err(OrderError::Line { error: SkuError::SoldOut { .. }, .. }) => {
+                    ReserveOutcome::SoldOut => {
                         tally.sold_out += 1;
                         break;
                     }
-                    Err(OrderError::Line { error: SkuError::LimitExceeded { .. }, .. }) => {
+                    ReserveOutcome::LimitExceeded => {
                         tally.limited += 1;
                         break;
                     }
-                    Err(other) => bail!("buyer {buyer}: unexpected answer to reserve: {other}"),
                 }
             }
             let Some(reservation) = reservation else {
@@ -197,16 +199,15 @@ impl Sale {
             tally.held += 1;
             let roll = Choices(self.sale.seed.rotate_left(17) ^ buyer).below(100);
             if roll < u64::from(self.sale.pay_percent) {
-                let settled = self.engine.commit(&order).await.with_context(|| format!("buyer {buyer}: commit"))?;
+                let units = self.shop.commit(&reservation).await.with_context(|| format!("buyer {buyer}: commit"))?;
                 tally.paid += 1;
-                tally.units_committed += settled.lines.iter().map(|line| u64::from(line.units)).sum::<u64>();
+                tally.units_committed += units;
             } else if roll < u64::from(self.sale.pay_percent + self.sale.cancel_percent) {
-                self.engine.release(&order).await.with_context(|| format!("buyer {buyer}: release"))?;
+                self.shop.release(&reservation).await.with_context(|| format!("buyer {buyer}: release"))?;
                 tally.cancelled += 1;
             } else {
                 tally.abandoned += 1;
             }
-            debug_assert_eq!(reservation.order, order);
         }
     }
 }
@@ -219,32 +220,30 @@ fn percentile_ms(sorted_us: &[u32], percentile: f64) -> f64 {
     f64::from(sorted_us[rank]) / 1000.0
 }
 
-/// Runs the sale on `engine` and prints the report. Fails if the books do
+/// Runs the sale on `shop` and prints the report. Fails if the books do
 /// not balance.
-pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Result<()> {
-    let hot_settings = SkuSettings {
-        initial_units: sale.hot_units,
-        units_per_buyer_max: Some(sale.units_per_buyer_max),
-        opens_at_ms: 0,
-    };
-    let cold_settings = SkuSettings { initial_units: sale.cold_units, ..SkuSettings::default() };
-    let initial: Vec<(SkuId, SkuSettings)> = (0..u64::from(sale.hot_skus))
-        .map(|index| (hot_sku(index), hot_settings))
-        .chain((0..sale.cold_skus as usize).map(|index| (cold_sku(index), cold_settings)))
+pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow::Result<()> {
+    let initial: Vec<(String, u64, Option<u32>)> = (0..u64::from(sale.hot_skus))
+        .map(|index| (hot_sku(index), sale.hot_units, Some(sale.units_per_buyer_max)))
+        .chain((0..sale.cold_skus as usize).map(|index| (cold_sku(index), sale.cold_units, None)))
         .collect();
-    // Created concurrently, so that a durable engine logs them in a few
-    // group commits rather than one fdatasync each.
+    // Created concurrently (bounded), so that a durable engine logs them in
+    // a few group commits rather than one fdatasync each.
+    let creating = Arc::new(tokio::sync::Semaphore::new(256));
     let creations: Vec<_> = initial
         .iter()
-        .map(|(sku, settings)| {
-            let (engine, sku, settings) = (engine.clone(), sku.clone(), *settings);
-            tokio::spawn(async move { engine.create_sku(sku, settings).await })
+        .map(|(sku, units, limit)| {
+            let (shop, sku, units, limit, creating) = (shop.clone(), sku.clone(), *units, *limit, creating.clone());
+            tokio::spawn(async move {
+                let _permit = creating.acquire().await.context("creation limiter closed")?;
+                shop.create(&sku, units, limit).await.with_context(|| format!("creating {sku}"))
+            })
         })
         .collect();
     for creation in creations {
         creation.await.context("creating a SKU panicked")??;
     }
-    let initial: Vec<(SkuId, u64)> = initial.into_iter().map(|(sku, settings)| (sku, settings.initial_units)).collect();
+    let initial: Vec<(String, u64)> = initial.into_iter().map(|(sku, units, _)| (sku, units)).collect();
     println!(
         "flash sale `{name}`: {} buyers, {} in flight, {} hot SKUs x {} units, {} cold SKUs x {} units (Zipf {})",
         sale.buyers,
@@ -257,7 +256,7 @@ pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Resul
     );
 
     let shared = Arc::new(Sale {
-        engine: engine.clone(),
+        shop: shop.clone(),
         zipf: Zipf::new(sale.cold_skus, sale.zipf_exponent),
         sale: sale.clone(),
         next_buyer: AtomicU64::new(0),
@@ -277,7 +276,7 @@ pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Resul
     loop {
         books.clear();
         for (sku, units) in &initial {
-            books.push((sku.clone(), *units, engine.availability(sku).await?));
+            books.push((sku.clone(), *units, shop.availability(sku).await?));
         }
         let held: u64 = books.iter().map(|(_, _, stock)| stock.held).sum();
         if held == 0 || wait_started.elapsed() > expiry_wait {
@@ -321,8 +320,7 @@ pub async fn run(engine: Engine, name: &str, sale: SaleSection) -> anyhow::Resul
         tally.units_committed
     );
     ensure!(held == 0, "{held} units still held {} s after the last hold should have expired", expiry_wait.as_secs());
-    let sold_out_skus =
-        books.iter().filter(|(_, _, stock): &&(SkuId, u64, StockSnapshot)| stock.available == 0).count();
+    let sold_out_skus = books.iter().filter(|(_, _, stock): &&(String, u64, Counts)| stock.available == 0).count();
     println!(
         "  books balance: {sold} units sold = {} units committed by buyers; no SKU oversold; every abandoned hold expired; {sold_out_skus} SKUs sold out",
         tally.units_committed

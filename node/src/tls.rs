@@ -35,6 +35,9 @@ pub fn identity_files(directory: &Path, identity: &str) -> (PathBuf, PathBuf) {
     (directory.join(format!("{identity}.pem")), directory.join(format!("{identity}.key")))
 }
 
+/// Version of the development set's layout (names in the certificates).
+const DEVELOPMENT_LAYOUT: &str = "2";
+
 /// Creates a development CA and certificates for `members`, `checkout` and
 /// `admin` in `directory`, unless every file is already there. Returns
 /// whether it wrote anything. The CA's key is not kept: adding a member
@@ -46,7 +49,11 @@ pub fn create_development_certificates(directory: &Path, members: &[u32]) -> any
         .collect();
     identities.push(("checkout".to_owned(), vec![CHECKOUT_NAME.to_owned()]));
     identities.push(("admin".to_owned(), vec![ADMIN_NAME.to_owned()]));
-    let complete = directory.join("ca.pem").exists()
+    // The layout's version: a set written by an older layout (other names
+    // in the certificates) is replaced.
+    let layout = directory.join("LAYOUT");
+    let complete = std::fs::read_to_string(&layout).is_ok_and(|text| text.trim() == DEVELOPMENT_LAYOUT)
+        && directory.join("ca.pem").exists()
         && identities.iter().all(|(file, _)| {
             let (certificate, key) = identity_files(directory, file);
             certificate.exists() && key.exists()
@@ -74,6 +81,7 @@ pub fn create_development_certificates(directory: &Path, members: &[u32]) -> any
         write_file(&certificate_path, &certificate.pem(), false)?;
         write_file(&key_path, &key.serialize_pem(), true)?;
     }
+    write_file(&layout, DEVELOPMENT_LAYOUT, false)?;
     Ok(true)
 }
 

@@ -42,7 +42,7 @@ async fn every_paying_buyer_gets_stock_until_it_is_gone() {
     let file = ClusterFile::parse(SALE).expect("valid config");
     let engine = Engine::new(file.engine_config().expect("valid"), Arc::new(SystemClock)).expect("engine");
     let sale = file.sale.clone().expect("has a sale");
-    flashstock_node::sale::run(engine.clone(), "in-process", sale).await.expect("books balance");
+    flashstock_node::sale::run(std::sync::Arc::new(engine.clone()), "in-process", sale).await.expect("books balance");
     // 1800 buyers want 300 hot units and everyone pays: both hot SKUs sell out.
     for hot in ["hot-0", "hot-1"] {
         let stock = engine.availability(&SkuId::new(hot).expect("id")).await.expect("exists");
