@@ -69,6 +69,14 @@ enum Command {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
     },
+    /// Operator commands against a running cluster, as the `admin`
+    /// identity of `[tls] directory`.
+    Admin {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Runs member `--id` of the cluster until SIGINT or SIGTERM: recovers
     /// its log, then serves its partitions over QUIC.
     Serve {
@@ -77,6 +85,61 @@ enum Command {
         #[arg(long)]
         id: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminAction {
+    /// Creates one SKU.
+    CreateSku {
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        units: u64,
+        /// Units one buyer may hold or buy.
+        #[arg(long)]
+        buyer_limit: Option<u32>,
+        /// When the sale opens (cluster milliseconds since the epoch; 0: now).
+        #[arg(long, default_value_t = 0)]
+        opens_at_ms: u64,
+    },
+    /// Creates the SKUs of a CSV file: `sku,units[,buyer_limit[,opens_at_ms]]`
+    /// per line (a header line starting with `sku` is skipped).
+    CreateSkus {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    AddStock {
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        units: u64,
+    },
+    RemoveStock {
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        units: u64,
+    },
+    /// Sets the per-buyer limit (without `--units`, lifts it).
+    SetBuyerLimit {
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        units: Option<u32>,
+    },
+    OpenSale {
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        at_ms: u64,
+    },
+    /// Available, held and sold units of a SKU.
+    Availability {
+        #[arg(long)]
+        sku: String,
+    },
+    /// Members, whether each is up, and the partitions each owns.
+    Status,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -140,6 +203,11 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
             })
+        }
+        Command::Admin { config, action } => {
+            let file = config::ClusterFile::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(admin(&file, action))
         }
         Command::Serve { config, id } => {
             let file = config::ClusterFile::load(&config)?;
@@ -308,6 +376,67 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     tokio::select! {
         interrupted = tokio::signal::ctrl_c() => interrupted?,
         _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Result<()> {
+    let tls = file.tls.as_ref().context("the configuration has no [tls] section")?;
+    anyhow::ensure!(!file.members.is_empty(), "the configuration has no [[members]]");
+    let mut builder =
+        flashstock_client::Client::builder().tls_directory(&tls.directory, "admin").agent("flashstock-admin");
+    for member in &file.members {
+        builder = builder.seed(member.address.parse().context("member address")?);
+    }
+    let client = builder.connect().await.context("connecting to the cluster")?;
+    let show = |sku: &str, stock: flashstock_client::Stock| {
+        println!("{sku}: {} available, {} held, {} sold", stock.available, stock.held, stock.sold);
+    };
+    match action {
+        AdminAction::CreateSku { sku, units, buyer_limit, opens_at_ms } => {
+            show(&sku, client.create_sku(&sku, units, buyer_limit, opens_at_ms).await?);
+        }
+        AdminAction::CreateSkus { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut created = 0;
+            for (number, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || (number == 0 && line.starts_with("sku")) {
+                    continue;
+                }
+                let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+                let at = |what: &str| format!("{}:{}: {what}", file.display(), number + 1);
+                anyhow::ensure!((2..=4).contains(&fields.len()), at("expected sku,units[,buyer_limit[,opens_at_ms]]"));
+                let units = fields[1].parse().with_context(|| at("units is not a number"))?;
+                let limit = match fields.get(2) {
+                    Some(limit) if !limit.is_empty() => Some(limit.parse().with_context(|| at("bad buyer_limit"))?),
+                    _ => None,
+                };
+                let opens_at_ms = match fields.get(3) {
+                    Some(at_ms) if !at_ms.is_empty() => at_ms.parse().with_context(|| at("bad opens_at_ms"))?,
+                    _ => 0,
+                };
+                client
+                    .create_sku(fields[0], units, limit, opens_at_ms)
+                    .await
+                    .with_context(|| at(&format!("creating {}", fields[0])))?;
+                created += 1;
+            }
+            println!("created {created} SKUs");
+        }
+        AdminAction::AddStock { sku, units } => show(&sku, client.add_stock(&sku, units).await?),
+        AdminAction::RemoveStock { sku, units } => show(&sku, client.remove_stock(&sku, units).await?),
+        AdminAction::SetBuyerLimit { sku, units } => show(&sku, client.set_buyer_limit(&sku, units).await?),
+        AdminAction::OpenSale { sku, at_ms } => show(&sku, client.open_sale(&sku, at_ms).await?),
+        AdminAction::Availability { sku } => show(&sku, client.availability(&sku).await?),
+        AdminAction::Status => {
+            let status = client.cluster_status().await?;
+            println!("{} partitions", status.partition_count);
+            for member in status.members {
+                let state = if member.up { "up" } else { "DOWN" };
+                println!("  node {} at {}: {state}, {} partitions", member.id, member.address, member.partitions);
+            }
+        }
     }
     Ok(())
 }

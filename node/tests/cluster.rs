@@ -359,3 +359,41 @@ fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
         ));
     });
 }
+
+/// The operator's commands: errors print the reason and exit non-zero.
+#[test]
+fn the_admin_commands_change_and_show_stock() {
+    let cluster = Cluster::start("admin-cli", 2);
+    let admin = |arguments: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
+            .args(["admin", "--config"])
+            .arg(&cluster.config)
+            .args(arguments)
+            .output()
+            .expect("admin runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let csv = cluster.root.join("skus.csv");
+    std::fs::write(&csv, "sku,units,buyer_limit\nmug,40,2\nposter,7,\n").expect("csv");
+    let (ok, stdout, stderr) = admin(&["create-skus", "--file", csv.to_str().expect("utf-8 path")]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("created 2 SKUs"), "{stdout}");
+    let (ok, stdout, _) = admin(&["add-stock", "--sku", "poster", "--units", "3"]);
+    assert!(ok && stdout.contains("poster: 10 available, 0 held, 0 sold"), "{stdout}");
+    let (ok, stdout, _) = admin(&["availability", "--sku", "mug"]);
+    assert!(ok && stdout.contains("mug: 40 available"), "{stdout}");
+    let (ok, stdout, _) = admin(&["status"]);
+    assert!(ok && stdout.contains("16 partitions") && stdout.contains("node 2 at"), "{stdout}");
+
+    let (ok, _, stderr) = admin(&["availability", "--sku", "nothing-here"]);
+    assert!(!ok && stderr.contains("no SKU nothing-here"), "{stderr}");
+    let (ok, _, stderr) = admin(&["remove-stock", "--sku", "mug", "--units", "41"]);
+    assert!(!ok && stderr.contains("40"), "{stderr}");
+    std::fs::write(&csv, "sku,units\nlamp,many\n").expect("csv");
+    let (ok, _, stderr) = admin(&["create-skus", "--file", csv.to_str().expect("utf-8 path")]);
+    assert!(!ok && stderr.contains("skus.csv:2"), "{stderr}");
+}
