@@ -293,9 +293,10 @@ pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow
         [("holds placed", &tally.held_latencies_us), ("refused (sold out, limit)", &tally.refused_latencies_us)]
     {
         println!(
-            "  reserve latency, {kind}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} answers)",
+            "  reserve latency, {kind}: p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, max {:.3} ms ({} answers)",
             percentile_ms(latencies, 0.50),
             percentile_ms(latencies, 0.99),
+            percentile_ms(latencies, 0.999),
             percentile_ms(latencies, 1.0),
             latencies.len(),
         );
