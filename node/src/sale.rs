@@ -119,6 +119,10 @@ struct Sale<S> {
     sale: SaleSection,
     zipf: Zipf,
     next_buyer: AtomicU64,
+    /// Requests answered so far (reserve, commit, release), for progress.
+    requests: AtomicU64,
+    /// Set when every buyer was served; ends the progress display.
+    done: std::sync::atomic::AtomicBool,
 }
 
 impl<S: Shop> Sale<S> {
@@ -163,6 +167,7 @@ impl<S: Shop> Sale<S> {
                 let started = Instant::now();
                 let answer = self.shop.reserve(&order).await.with_context(|| format!("buyer {buyer}: reserve"))?;
                 let latency_us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 match &answer {
                     ReserveOutcome::Held(_) => tally.held_latencies_us.push(latency_us),
                     ReserveOutcome::Busy { .. } => {}
@@ -200,15 +205,52 @@ impl<S: Shop> Sale<S> {
             let roll = Choices(self.sale.seed.rotate_left(17) ^ buyer).below(100);
             if roll < u64::from(self.sale.pay_percent) {
                 let units = self.shop.commit(&reservation).await.with_context(|| format!("buyer {buyer}: commit"))?;
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 tally.paid += 1;
                 tally.units_committed += units;
             } else if roll < u64::from(self.sale.pay_percent + self.sale.cancel_percent) {
                 self.shop.release(&reservation).await.with_context(|| format!("buyer {buyer}: release"))?;
+                self.requests.fetch_add(1, Ordering::Relaxed);
                 tally.cancelled += 1;
             } else {
                 tally.abandoned += 1;
             }
         }
+    }
+}
+
+/// Live progress on the terminal (nothing when output is not a terminal):
+/// buyers served, requests per second, and sold / held / available of each
+/// hot SKU, refreshed twice a second.
+async fn show_progress<S: Shop>(sale: Arc<Sale<S>>) {
+    let bar = indicatif::ProgressBar::new(sale.sale.buyers);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("  {bar:30} {pos}/{len} buyers  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (mut last_requests, mut last_at) = (0u64, Instant::now());
+    loop {
+        for _ in 0..10 {
+            if sale.done.load(Ordering::Relaxed) {
+                bar.finish_and_clear();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let requests = sale.requests.load(Ordering::Relaxed);
+        let rate = (requests - last_requests) as f64 / last_at.elapsed().as_secs_f64().max(1e-3);
+        (last_requests, last_at) = (requests, Instant::now());
+        let mut message = format!("{rate:.0} req/s");
+        for index in 0..u64::from(sale.sale.hot_skus.min(4)) {
+            if let Ok(counts) = sale.shop.availability(&hot_sku(index)).await {
+                message.push_str(&format!(
+                    " | hot-{index}: {} sold {} held {} left",
+                    counts.sold, counts.held, counts.available
+                ));
+            }
+        }
+        bar.set_position(sale.next_buyer.load(Ordering::Relaxed).min(sale.sale.buyers));
+        bar.set_message(message);
     }
 }
 
@@ -260,14 +302,19 @@ pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow
         zipf: Zipf::new(sale.cold_skus, sale.zipf_exponent),
         sale: sale.clone(),
         next_buyer: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        done: std::sync::atomic::AtomicBool::new(false),
     });
     let started = Instant::now();
+    let progress = tokio::spawn(show_progress(shared.clone()));
     let tasks: Vec<_> = (0..sale.concurrency).map(|_| tokio::spawn(shared.clone().buyer_task())).collect();
     let mut tally = Tally::default();
     for task in tasks {
         tally.merge(task.await.context("buyer task panicked")??);
     }
     let elapsed = started.elapsed();
+    shared.done.store(true, Ordering::Relaxed);
+    progress.await.context("the progress display panicked")?;
 
     // Abandoned holds come back by themselves when their TTL runs out.
     let expiry_wait = Duration::from_millis(sale.hold_ttl_ms) + Duration::from_secs(5);
