@@ -292,7 +292,7 @@ impl ClientBuilder {
             agent: self.agent,
             jitter: AtomicU64::new(seed_nanos | 1),
         };
-        let client = Client { inner: Arc::new(inner) };
+        let client = Client { inner: Arc::new(inner), deadline: self.request_timeout };
         client.refresh_map(None).await?;
         Ok(client)
     }
@@ -304,6 +304,8 @@ impl ClientBuilder {
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// How long each call of this handle waits for an answer.
+    deadline: Duration,
 }
 
 #[derive(Debug)]
@@ -338,6 +340,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Client {
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
+    }
+
+    /// A handle on the same connections whose calls each wait at most
+    /// `timeout` (the member drops the work after it too): for a checkout
+    /// step with a deadline of its own.
+    pub fn with_request_timeout(&self, timeout: Duration) -> Client {
+        Client { inner: self.inner.clone(), deadline: timeout }
     }
 
     /// Holds stock for every line of `order`, or for none.
@@ -562,7 +571,8 @@ impl Client {
     /// One try: a stream on the member's connection, the request, its answer.
     async fn send(&self, address: SocketAddr, body: &RequestBody) -> Result<Response, Error> {
         let connection = self.connection(address).await?;
-        let request = Request { timeout_ms: self.inner.request_timeout_ms, body: body.clone() };
+        let timeout_ms = u32::try_from(self.deadline.as_millis()).unwrap_or(u32::MAX);
+        let request = Request { timeout_ms, body: body.clone() };
         let exchange = async {
             let (mut send, mut receive) =
                 connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
@@ -570,7 +580,7 @@ impl Client {
             send.finish().map_err(|error| Error::Connection(error.to_string()))?;
             wire::read_message::<Response, _>(&mut receive).await.map_err(stream_error)
         };
-        match tokio::time::timeout(self.inner.request_timeout, exchange).await {
+        match tokio::time::timeout(self.deadline, exchange).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Error::DeadlineExceeded),
         }

@@ -499,6 +499,8 @@ async fn request(
         return Ok(());
     };
     let response = match wire::read_message::<Request, _>(&mut receive).await {
+        // No time left: the caller has given up before the work could begin.
+        Ok(request) if request.timeout_ms == 0 => Response::Refused(Refusal::DeadlineExceeded),
         Ok(request) => {
             let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);
             // Past the deadline the caller has given up: the work is

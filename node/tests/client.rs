@@ -95,6 +95,23 @@ fn a_checkout_flow_across_two_members() {
         let unknown =
             flashstock_client::ReservationId { order: "never".to_owned(), home_partition: held.id.home_partition };
         assert_eq!(checkout.commit(&unknown).await, Err(Error::UnknownReservation));
+        // A deadline too short for any answer is a typed error, after the retries.
+        let impatient = Client::builder()
+            .seed(cluster.address(1))
+            .tls_directory(&cluster.certs(), "checkout")
+            .retry(RetryPolicy { attempts_max: 1, ..RetryPolicy::default() })
+            .connect()
+            .await
+            .expect("connects");
+        let held_before = checkout.availability(&on_two).await.expect("counts").held;
+        let hurried = impatient.with_request_timeout(Duration::from_micros(1));
+        assert_eq!(hurried.reserve(&order("hurried", &on_two, 1)).await, Err(Error::DeadlineExceeded));
+        // The work may or may not have happened; the same order again (with
+        // time to answer) is held exactly once.
+        impatient.reserve(&order("hurried", &on_two, 1)).await.expect("held");
+        impatient.reserve(&order("hurried", &on_two, 1)).await.expect("still the same hold");
+        assert_eq!(checkout.availability(&on_two).await.expect("counts").held, held_before + 1);
+
         let short = Order { hold_ttl: Duration::from_millis(1_000), ..order("f", &on_one, 1) };
         let short = checkout.reserve(&Order { buyer: "buyer-f".to_owned(), ..short }).await.expect("held");
         tokio::time::sleep(Duration::from_millis(1_300)).await;
