@@ -199,34 +199,28 @@ impl Node {
             }
             RequestBody::Availability { sku } => {
                 let sku = self.owned_sku(sku)?;
-                let stock = self.engine.availability(&sku).await.map_err(engine_refusal)?;
-                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+                stock_response(&sku, self.engine.availability(&sku).await)
             }
             RequestBody::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms } => {
                 let sku = self.owned_sku(sku)?;
                 let settings = SkuSettings { initial_units, units_per_buyer_max, opens_at_ms };
-                let stock = self.engine.create_sku(sku.clone(), settings).await.map_err(engine_refusal)?;
-                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+                stock_response(&sku, self.engine.create_sku(sku.clone(), settings).await)
             }
             RequestBody::AddStock { sku, units } => {
                 let sku = self.owned_sku(sku)?;
-                let stock = self.engine.add_stock(&sku, units).await.map_err(engine_refusal)?;
-                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+                stock_response(&sku, self.engine.add_stock(&sku, units).await)
             }
             RequestBody::RemoveStock { sku, units } => {
                 let sku = self.owned_sku(sku)?;
-                let stock = self.engine.remove_stock(&sku, units).await.map_err(engine_refusal)?;
-                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+                stock_response(&sku, self.engine.remove_stock(&sku, units).await)
             }
             RequestBody::SetBuyerLimit { sku, units_per_buyer_max } => {
                 let sku = self.owned_sku(sku)?;
-                let stock = self.engine.set_buyer_limit(&sku, units_per_buyer_max).await.map_err(engine_refusal)?;
-                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+                stock_response(&sku, self.engine.set_buyer_limit(&sku, units_per_buyer_max).await)
             }
             RequestBody::OpenSale { sku, opens_at_ms } => {
                 let sku = self.owned_sku(sku)?;
-                let stock = self.engine.open_sale(&sku, opens_at_ms).await.map_err(engine_refusal)?;
-                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+                stock_response(&sku, self.engine.open_sale(&sku, opens_at_ms).await)
             }
         }
     }
@@ -297,6 +291,12 @@ fn sku_id(sku: String) -> Result<SkuId, Refusal> {
 
 fn order_id(order: String) -> Result<OrderId, Refusal> {
     OrderId::new(order).map_err(|error| invalid("order", error.to_string()))
+}
+
+/// The answer to a SKU-level request: the SKU's counts, or the refusal.
+fn stock_response(sku: &SkuId, outcome: Result<StockSnapshot, EngineError>) -> Result<Response, Refusal> {
+    let stock = outcome.map_err(engine_refusal)?;
+    Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
 }
 
 fn wire_stock(stock: StockSnapshot) -> WireStock {

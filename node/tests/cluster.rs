@@ -192,6 +192,16 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
     cluster.terminate(2);
 }
 
+/// With every member up, node 1 sends `request` (for node 2's SKU) to node 2.
+async fn sent_to_the_owner(cluster: &Cluster, request: &RequestBody) {
+    let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
+    checkout.wait_all_up().await;
+    assert_eq!(
+        checkout.call(request.clone()).await.expect("answered"),
+        Response::Refused(Refusal::WrongNode { owner: 2 })
+    );
+}
+
 /// A member that dies is reported down and its partitions answer
 /// `Unavailable` quickly (never a hang); once it is back, clients are sent
 /// to it again.
@@ -201,14 +211,7 @@ fn a_member_that_is_down_is_unavailable_quickly_until_it_returns() {
     let theirs = sku_owned_by(2, &cluster.members(), 0);
     let runtime = runtime();
     let availability = RequestBody::Availability { sku: theirs.clone() };
-    runtime.block_on(async {
-        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
-        checkout.wait_all_up().await;
-        assert_eq!(
-            checkout.call(availability.clone()).await.expect("answered"),
-            Response::Refused(Refusal::WrongNode { owner: 2 })
-        );
-    });
+    runtime.block_on(sent_to_the_owner(&cluster, &availability));
     cluster.kill(2);
     runtime.block_on(async {
         let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
@@ -236,14 +239,7 @@ fn a_member_that_is_down_is_unavailable_quickly_until_it_returns() {
         );
     });
     cluster.start_node(2);
-    runtime.block_on(async {
-        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
-        checkout.wait_all_up().await;
-        assert_eq!(
-            checkout.call(availability.clone()).await.expect("answered"),
-            Response::Refused(Refusal::WrongNode { owner: 2 })
-        );
-    });
+    runtime.block_on(sent_to_the_owner(&cluster, &availability));
 }
 
 /// SIGTERM in the middle of a stream of sales: the node answers what is in
