@@ -151,3 +151,88 @@ fn retries_survive_a_member_restart_without_holding_twice() {
     });
     let _cluster = restart.join().expect("restarted");
 }
+
+/// A rolling restart under load: each member in turn gets SIGTERM and is
+/// started again while buyers keep buying through the client. The client
+/// retries what the restarting member cannot answer; afterwards every
+/// acknowledged sale is there and every SKU adds up.
+#[test]
+fn a_rolling_restart_under_load_loses_no_acknowledged_sale() {
+    const UNITS: u64 = 100_000;
+    let mut cluster = Cluster::start("client-rolling", 3);
+    let members = cluster.members();
+    let skus: Vec<String> =
+        members.iter().flat_map(|id| (0..2).map(|index| sku_owned_by(*id, &members, index))).collect();
+    let runtime = runtime();
+    let checkout = runtime.block_on(async {
+        let admin = client(&cluster, "admin").await;
+        wait_all_up(&admin).await;
+        for sku in &skus {
+            admin.create_sku(sku, UNITS, None, 0).await.expect("created");
+        }
+        client(&cluster, "checkout").await
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let buyers: Vec<_> = (0..8)
+        .map(|buyer| {
+            let (checkout, skus, stop) = (checkout.clone(), skus.clone(), stop.clone());
+            runtime.spawn(async move {
+                let mut acknowledged = Vec::new();
+                for attempt in 0..1_000_000usize {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let sku = &skus[(buyer + attempt) % skus.len()];
+                    let held = match checkout.reserve(&order(&format!("r{buyer}-{attempt}"), sku, 1)).await {
+                        Ok(held) => held,
+                        // Retries ran out while a member was down: the buyer tries again later.
+                        Err(error) if error.is_retryable() => continue,
+                        Err(other) => panic!("unexpected refusal: {other}"),
+                    };
+                    // A commit is retried until it is answered: the buyer has paid.
+                    for _ in 0..100 {
+                        match checkout.commit(&held.id).await {
+                            Ok(_) => {
+                                acknowledged.push(held.id.clone());
+                                break;
+                            }
+                            Err(error) if error.is_retryable() => continue,
+                            Err(other) => panic!("unexpected refusal of a commit: {other}"),
+                        }
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    for id in members.clone() {
+        std::thread::sleep(Duration::from_millis(400));
+        cluster.terminate(id);
+        cluster.start_node(id);
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged: Vec<_> = runtime.block_on(async {
+        let mut all = Vec::new();
+        for buyer in buyers {
+            let finished = tokio::time::timeout(Duration::from_secs(60), buyer).await.expect("buyers stop");
+            all.extend(finished.expect("buyer"));
+        }
+        all
+    });
+    assert!(acknowledged.len() > 50, "the load barely ran: {}", acknowledged.len());
+    eprintln!("{} sales acknowledged across the rolling restart", acknowledged.len());
+    runtime.block_on(async {
+        let mut sold = 0;
+        for sku in &skus {
+            let counts = checkout.availability(sku).await.expect("counts");
+            assert_eq!(counts.available + counts.held + counts.sold, UNITS, "{sku}: {counts:?}");
+            sold += counts.sold;
+        }
+        assert!(sold >= acknowledged.len() as u64, "{sold} sold, {} acknowledged", acknowledged.len());
+        for id in &acknowledged {
+            let replayed = checkout.commit(id).await.unwrap_or_else(|error| panic!("{id}: {error}"));
+            assert!(replayed.replayed, "{id} was not committed before");
+        }
+    });
+}
