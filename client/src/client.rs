@@ -130,6 +130,8 @@ pub struct MemberStatus {
     pub up: bool,
     /// Partitions this member owns.
     pub partitions: u32,
+    /// SKUs and their summed counts on this member, if it answered.
+    pub totals: Option<(u64, Stock)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -466,17 +468,26 @@ impl Client {
             let count = (0..map.partition_count).filter(|partition| owner_of(*partition, &ids) == Some(id)).count();
             u32::try_from(count).unwrap_or(u32::MAX)
         };
-        let members = map
-            .members
-            .iter()
-            .map(|member| MemberStatus {
+        *self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
+        let mut members = Vec::with_capacity(map.members.len());
+        for member in &map.members {
+            let totals = match member.address.parse::<SocketAddr>() {
+                // Asked directly even if the answering member sees it down:
+                // this client's own connection is what counts for it.
+                Ok(address) => match self.send(address, &RequestBody::NodeStatus).await {
+                    Ok(Response::NodeStatus { skus, stock, .. }) => Some((skus, stock.into())),
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            members.push(MemberStatus {
                 id: member.id,
                 address: member.address.clone(),
                 up: member.up,
                 partitions: owned(member.id),
-            })
-            .collect();
-        *self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
+                totals,
+            });
+        }
         Ok(ClusterStatus { partition_count: map.partition_count, members })
     }
 

@@ -125,6 +125,8 @@ pub enum RequestBody {
         sku: String,
     },
     PartitionMap,
+    /// The answering member's own totals over the partitions it owns.
+    NodeStatus,
     // Admin requests (refused unless the caller has the admin identity).
     CreateSku {
         sku: String,
@@ -204,6 +206,12 @@ pub enum Response {
         stock: WireStock,
     },
     PartitionMap(PartitionMap),
+    NodeStatus {
+        node: u32,
+        skus: u64,
+        /// Summed over the member's SKUs, as their owners last published.
+        stock: WireStock,
+    },
     Refused(Refusal),
 }
 

@@ -268,6 +268,15 @@ pub struct Durability {
     pub writer: WriterConfig,
 }
 
+/// Counts summed over many SKUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StockTotals {
+    pub skus: u64,
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+}
+
 /// Counts of what a durable engine's log has done since it opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
@@ -692,6 +701,29 @@ impl Engine {
     /// has come: exact, at the cost of a trip through the actor.
     pub async fn availability_now(&self, sku: &SkuId) -> Result<StockSnapshot, EngineError> {
         self.admin(sku, SkuCommand::Query).await
+    }
+
+    /// The counts of every SKU in the partitions `owned` says, summed, as
+    /// the actors last published them (a read of each SKU's snapshot; no
+    /// actor is woken). For status pages: a SKU being written at this
+    /// instant is counted as of its previous publish.
+    pub fn totals(&self, owned: impl Fn(u32) -> bool) -> StockTotals {
+        let mut totals = StockTotals::default();
+        for (index, partition) in self.inner.partitions.iter().enumerate() {
+            if !owned(index as u32) {
+                continue;
+            }
+            let skus = partition.skus.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for slot in skus.values() {
+                totals.skus += 1;
+                if let Some(reading) = slot.snapshot.read() {
+                    totals.available += reading.stock.available;
+                    totals.held += reading.stock.held;
+                    totals.sold += reading.stock.sold;
+                }
+            }
+        }
+        totals
     }
 
     /// How many SKU actors are running now (the rest are passivated).

@@ -434,7 +434,17 @@ async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Resul
             println!("{} partitions", status.partition_count);
             for member in status.members {
                 let state = if member.up { "up" } else { "DOWN" };
-                println!("  node {} at {}: {state}, {} partitions", member.id, member.address, member.partitions);
+                let totals = match member.totals {
+                    Some((skus, stock)) => format!(
+                        ", {skus} SKUs: {} available, {} held, {} sold",
+                        stock.available, stock.held, stock.sold
+                    ),
+                    None => String::new(),
+                };
+                println!(
+                    "  node {} at {}: {state}, {} partitions{totals}",
+                    member.id, member.address, member.partitions
+                );
             }
         }
     }

@@ -181,6 +181,11 @@ impl Node {
         }
         match body {
             RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
+            RequestBody::NodeStatus => {
+                let totals = self.engine.totals(|partition| self.owner(partition) == self.id);
+                let stock = WireStock { available: totals.available, held: totals.held, sold: totals.sold };
+                Ok(Response::NodeStatus { node: self.id, skus: totals.skus, stock })
+            }
             RequestBody::Reserve { order, buyer, lines, ttl_ms } => self.reserve(order, buyer, lines, ttl_ms).await,
             RequestBody::Commit { order, home_partition, fewer } => {
                 self.check_home(home_partition)?;

@@ -384,6 +384,12 @@ fn the_admin_commands_change_and_show_stock() {
     assert!(ok && stdout.contains("mug: 40 available"), "{stdout}");
     let (ok, stdout, _) = admin(&["status"]);
     assert!(ok && stdout.contains("16 partitions") && stdout.contains("node 2 at"), "{stdout}");
+    let totals: Vec<&str> = stdout.lines().filter(|line| line.contains("SKUs:")).collect();
+    assert_eq!(totals.len(), 2, "{stdout}");
+    // mug (40) and poster (10) live somewhere: the members' totals add up to 50 units.
+    let available: u64 =
+        totals.iter().filter_map(|line| line.split("SKUs: ").nth(1)?.split(' ').next()?.parse::<u64>().ok()).sum();
+    assert_eq!(available, 50, "{stdout}");
 
     let (ok, _, stderr) = admin(&["availability", "--sku", "nothing-here"]);
     assert!(!ok && stderr.contains("no SKU nothing-here"), "{stderr}");
