@@ -29,6 +29,20 @@ pub fn load_sku(index: u64) -> SkuId {
     SkuId::new(format!("load-{index}")).expect("generated ids are valid")
 }
 
+/// Cuts a line the previous run was killed in the middle of writing (its
+/// commit was acknowledged, but a prefix of its id names another order).
+fn drop_partial_last_line(path: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read(path) else { return Ok(()) };
+    if text.is_empty() || text.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = text.iter().rposition(|byte| *byte == b'\n').map_or(0, |position| position + 1);
+    let file =
+        std::fs::OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    file.set_len(keep as u64).with_context(|| format!("cutting the partial line of {}", path.display()))?;
+    Ok(())
+}
+
 /// Runs the load on `engine` until killed or bounded out; appends each
 /// acknowledged commit's order id to `acknowledged`.
 pub async fn run(engine: Engine, acknowledged: PathBuf) -> anyhow::Result<()> {
@@ -39,6 +53,7 @@ pub async fn run(engine: Engine, acknowledged: PathBuf) -> anyhow::Result<()> {
             Err(error) => return Err(error).context("creating the load's SKUs"),
         }
     }
+    drop_partial_last_line(&acknowledged)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -73,8 +88,12 @@ pub async fn run(engine: Engine, acknowledged: PathBuf) -> anyhow::Result<()> {
                         Err(error) => anyhow::bail!("reserve {order}: {error}"),
                     }
                     engine.commit(&order).await.with_context(|| format!("commit {order}"))?;
+                    // One write per line: `writeln!` may write the id and the
+                    // newline separately, and a kill between them would glue
+                    // this id to the next run's first one.
+                    let line = format!("{order}\n");
                     let mut file = file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    writeln!(file, "{order}").context("recording an acknowledged commit")?;
+                    file.write_all(line.as_bytes()).context("recording an acknowledged commit")?;
                 }
             })
         })
@@ -83,4 +102,23 @@ pub async fn run(engine: Engine, acknowledged: PathBuf) -> anyhow::Result<()> {
         task.await.context("a buyer task panicked")??;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_cut_by_a_kill_is_dropped_and_whole_lines_kept() {
+        let path = std::env::temp_dir().join(format!("flashstock-acknowledged-{}", std::process::id()));
+        std::fs::write(&path, "run1-1\nrun1-2\nrun1-3").expect("written");
+        drop_partial_last_line(&path).expect("repaired");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "run1-1\nrun1-2\n");
+        drop_partial_last_line(&path).expect("nothing to do");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "run1-1\nrun1-2\n");
+        std::fs::write(&path, "run1-").expect("written");
+        drop_partial_last_line(&path).expect("repaired");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "");
+        std::fs::remove_file(&path).expect("cleanup");
+    }
 }
