@@ -201,20 +201,23 @@ impl ClientBuilder {
     /// The cluster CA (`ca.pem`) and this client's identity
     /// (`<identity>.pem`, `<identity>.key`) from a directory, such as the
     /// one `flashstock-node dev-certs` writes.
-    pub fn tls_directory(mut self, directory: &Path, identity: &str) -> Self {
-        match (tls::load_roots(directory), Identity::load(directory, identity)) {
-            (Ok(roots), Ok(identity)) => {
-                self.roots = Some(roots);
-                self.identity = Some(identity);
-            }
-            (Err(error), _) | (_, Err(error)) => self.tls_error = Some(Error::Config(error.to_string())),
-        }
-        self
+    pub fn tls_directory(self, directory: &Path, identity: &str) -> Self {
+        self.tls_material(tls::load_roots(directory), Identity::load(directory, identity))
     }
 
     /// The cluster CA and this client's certificate and key, as PEM text.
-    pub fn tls_pem(mut self, ca: &[u8], certificate: &[u8], key: &[u8]) -> Self {
-        match (tls::roots_from_pem(ca), Identity::from_pem(certificate, key)) {
+    pub fn tls_pem(self, ca: &[u8], certificate: &[u8], key: &[u8]) -> Self {
+        self.tls_material(tls::roots_from_pem(ca), Identity::from_pem(certificate, key))
+    }
+
+    /// Keeps the material, or the first reason it is unusable for
+    /// [`Self::connect`] to report.
+    fn tls_material(
+        mut self,
+        roots: Result<Arc<rustls::RootCertStore>, tls::TlsError>,
+        identity: Result<Identity, tls::TlsError>,
+    ) -> Self {
+        match (roots, identity) {
             (Ok(roots), Ok(identity)) => {
                 self.roots = Some(roots);
                 self.identity = Some(identity);
@@ -551,23 +554,24 @@ impl Client {
                 continue;
             };
             match self.send(address, &body).await {
-                Ok(Response::Refused(refusal)) => match refusal {
-                    Refusal::WrongNode { .. } => {
-                        // Our map is stale: learn the current one and go again now.
-                        let _ = self.refresh_map(Some(address)).await;
-                        backoff = Duration::ZERO.max(policy.backoff_initial / 4);
-                        last_error = refusal.into();
+                // The wire decides what may be retried; here only how.
+                Ok(Response::Refused(refusal)) if !refusal.is_retryable() => return Err(refusal.into()),
+                Ok(Response::Refused(refusal)) => {
+                    match refusal {
+                        // Our map is stale: learn the current one and go again soon.
+                        Refusal::WrongNode { .. } => {
+                            let _ = self.refresh_map(Some(address)).await;
+                            backoff = policy.backoff_initial / 4;
+                        }
+                        Refusal::Busy { retry_after_ms } => {
+                            backoff = backoff.max(Duration::from_millis(retry_after_ms));
+                        }
+                        _ => {
+                            let _ = self.refresh_map(None).await;
+                        }
                     }
-                    Refusal::Busy { retry_after_ms } => {
-                        backoff = backoff.max(Duration::from_millis(retry_after_ms));
-                        last_error = refusal.into();
-                    }
-                    Refusal::Unavailable { .. } | Refusal::DeadlineExceeded => {
-                        let _ = self.refresh_map(None).await;
-                        last_error = refusal.into();
-                    }
-                    other => return Err(other.into()),
-                },
+                    last_error = refusal.into();
+                }
                 Ok(response) => return Ok(response),
                 Err(error @ (Error::Connection(_) | Error::DeadlineExceeded)) => {
                     self.forget(address);

@@ -374,6 +374,7 @@ impl Engine {
         let directory = durability.data_directory.join("log");
         let (log, recovered) = SegmentedLog::open(durability.storage.clone(), &directory, durability.log)?;
         let rules = ReplayRules { partition_count: config.partition_count, limits: config.limits.clone() };
+        let (records, from_snapshot) = (recovered.records.len(), recovered.snapshot.is_some());
         let mut state = match recovered.snapshot {
             Some(snapshot) => {
                 let sequence = snapshot.last_sequence;
@@ -382,23 +383,22 @@ impl Engine {
             }
             None => ReplayedState::empty(rules.clone()),
         };
-        let report = RecoveryReport {
-            skus: 0,
-            orders: 0,
-            records: recovered.records.len(),
-            from_snapshot: state.last_sequence > 0,
-            torn_tail: recovered.torn_tail,
-        };
         for (sequence, record) in recovered.records {
             state.apply(sequence, record).map_err(|reason| OpenError::Replay { sequence, reason })?;
         }
-        // A snapshot is a queue's worth of requests: one waiting is enough,
-        // the next request covers more.
+        // One request waiting is enough: a later one covers everything an
+        // earlier one would have.
         let compactor = Compactor::start(durability.storage.clone(), directory, rules, 1).map_err(OpenError::Writer)?;
         let writer =
             LogWriter::start(log, durability.writer, Some(compactor), Some(lock)).map_err(OpenError::Writer)?;
         let engine = Self::build(config, clock, Some(writer));
-        let mut report = RecoveryReport { skus: state.skus.len(), ..report };
+        let mut report = RecoveryReport {
+            skus: state.skus.len(),
+            orders: 0,
+            records,
+            from_snapshot,
+            torn_tail: recovered.torn_tail,
+        };
         for (sku, sku_state) in state.skus {
             engine.insert_slot(sku, sku_state);
         }
