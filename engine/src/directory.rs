@@ -19,6 +19,9 @@ pub(crate) enum OrderPhase {
     /// Lines are being held right now.
     Reserving,
     Held,
+    /// Every line is prepared for a transaction coordinated elsewhere (on
+    /// another member): the lines wait for that coordinator's decision.
+    Prepared,
     /// A commit or release is being applied to the lines.
     Settling,
     Committed,
@@ -119,12 +122,14 @@ impl OrderDirectory {
 /// Restores an order that was mid-way (reserving or settling) when the
 /// future working on it was dropped, so that a retry can finish it: a
 /// reserve is forgotten (its placed holds are found again by the retry, or
-/// expire), a settle goes back to held (settling lines is idempotent).
+/// expire), a settle goes back to where it started (`resting`; settling
+/// lines is idempotent).
 #[derive(Debug)]
 pub(crate) struct InterruptedOrder<'a> {
     pub(crate) directory: &'a Mutex<OrderDirectory>,
     pub(crate) order: &'a OrderId,
     pub(crate) arrival: u64,
+    pub(crate) resting: OrderPhase,
     pub(crate) finished: bool,
 }
 
@@ -147,8 +152,12 @@ impl Drop for InterruptedOrder<'_> {
             OrderPhase::Reserving => {
                 orders.records.remove(self.order);
             }
-            OrderPhase::Settling => record.phase = OrderPhase::Held,
-            OrderPhase::Held | OrderPhase::Committed | OrderPhase::Released | OrderPhase::Expired => {}
+            OrderPhase::Settling => record.phase = self.resting,
+            OrderPhase::Held
+            | OrderPhase::Prepared
+            | OrderPhase::Committed
+            | OrderPhase::Released
+            | OrderPhase::Expired => {}
         }
         tracing::debug!(order = %self.order, "an order's caller stopped waiting mid-way; a retry will finish it");
     }

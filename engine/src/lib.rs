@@ -36,6 +36,7 @@ pub mod order;
 pub mod partition;
 pub mod runtime;
 pub mod sku;
+mod transaction;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use ids::{BuyerId, InvalidId, OrderId, SkuId};

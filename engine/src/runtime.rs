@@ -27,7 +27,7 @@ use crate::directory::{InterruptedOrder, OrderContent, OrderDirectory, OrderPhas
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
 use crate::log::compactor::Compactor;
-use crate::log::record::{EncodedRecord, LogRecord};
+use crate::log::record::{EncodedRecord, LogRecord, OpenTransaction, TransactionLine};
 use crate::log::replay::{ReplayRules, ReplayedState};
 use crate::log::segments::{LogConfig, LogError, SegmentedLog, TornTail};
 use crate::log::storage::Storage;
@@ -66,10 +66,6 @@ pub struct EngineConfig {
     /// An actor with no live holds that saw no request for this long stops
     /// and leaves its state parked in the partition.
     pub actor_idle_ms: u64,
-    /// A multi-line order is committed only if every line's hold outlives
-    /// the decision by at least this long, so no line can expire while the
-    /// lines are being committed.
-    pub commit_grace_ms: u64,
     /// Orders remembered per partition for idempotent retries; the oldest
     /// settled ones are forgotten first.
     pub orders_per_partition_max: usize,
@@ -86,7 +82,6 @@ impl Default for EngineConfig {
             in_flight_per_partition_max: 16_384,
             batch_max: 256,
             actor_idle_ms: 30_000,
-            commit_grace_ms: 500,
             orders_per_partition_max: 1_000_000,
             busy_retry_after_ms: 5,
         }
@@ -116,11 +111,6 @@ impl EngineConfig {
                 self.batch_max == 0 || self.batch_max > self.in_flight_per_sku_max,
                 "batch_max",
                 "must be between 1 and in_flight_per_sku_max (a batch never holds more)",
-            ),
-            (
-                self.commit_grace_ms >= self.limits.hold_ttl_ms_min,
-                "commit_grace_ms",
-                "must be below hold_ttl_ms_min, or no multi-line order could ever commit",
             ),
             (self.orders_per_partition_max == 0, "orders_per_partition_max", "must be at least 1"),
         ];
@@ -255,6 +245,8 @@ struct Inner {
     /// The writer thread's handle, taken by [`Engine::shutdown`] (the thread
     /// itself holds the data directory's lock until it is done).
     writer: Mutex<Option<LogWriter>>,
+    /// Transactions recovery left open for lines on other members.
+    recovered_transactions: Mutex<Vec<(OrderId, OpenTransaction)>>,
 }
 
 /// Where and how a durable engine keeps its log.
@@ -302,6 +294,9 @@ pub struct RecoveryReport {
     pub from_snapshot: bool,
     /// A torn last write that was cut off.
     pub torn_tail: Option<TornTail>,
+    /// Transactions the log left open, finished on this engine's lines
+    /// (the rest: [`Engine::take_recovered_transactions`]).
+    pub transactions: usize,
 }
 
 /// Why a durable engine could not open.
@@ -348,7 +343,15 @@ impl Engine {
             .collect();
         let log = writer.as_ref().map(LogWriter::submitter);
         let log_failed = Arc::new(AtomicBool::new(false));
-        let inner = Inner { config: Arc::new(config), log_failed, clock, partitions, log, writer: Mutex::new(writer) };
+        let inner = Inner {
+            config: Arc::new(config),
+            log_failed,
+            clock,
+            partitions,
+            log,
+            writer: Mutex::new(writer),
+            recovered_transactions: Mutex::new(Vec::new()),
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -370,7 +373,7 @@ impl Engine {
                 "must be at least segment_bytes_max (snapshots cover whole closed segments)",
             ),
         ])?;
-        let lock = durability.storage.lock_dir(&durability.data_directory).map_err(OpenError::Locked)?;
+        let directory_lock = durability.storage.lock_dir(&durability.data_directory).map_err(OpenError::Locked)?;
         let directory = durability.data_directory.join("log");
         let (log, recovered) = SegmentedLog::open(durability.storage.clone(), &directory, durability.log)?;
         let rules = ReplayRules { partition_count: config.partition_count, limits: config.limits.clone() };
@@ -386,18 +389,36 @@ impl Engine {
         for (sequence, record) in recovered.records {
             state.apply(sequence, record).map_err(|reason| OpenError::Replay { sequence, reason })?;
         }
+        let transactions_open = state.transactions.len();
+        let (finishing, elsewhere) = state.finish_transactions(clock.now_ms());
         // One request waiting is enough: a later one covers everything an
         // earlier one would have.
         let compactor = Compactor::start(durability.storage.clone(), directory, rules, 1).map_err(OpenError::Writer)?;
-        let writer =
-            LogWriter::start(log, durability.writer, Some(compactor), Some(lock)).map_err(OpenError::Writer)?;
+        let writer = LogWriter::start(log, durability.writer, Some(compactor), Some(directory_lock))
+            .map_err(OpenError::Writer)?;
+        // What finishing the open transactions did is durable before the
+        // first request is served.
+        if !finishing.is_empty() {
+            let (sender, receiver) = std::sync::mpsc::channel();
+            let append = Append {
+                records: finishing.iter().map(EncodedRecord::from).collect(),
+                on_durable: Box::new(move |outcome| {
+                    let _ = sender.send(outcome.map_err(|failure| failure.cause.to_string()));
+                }),
+            };
+            writer.submit(append).map_err(|_| OpenError::Writer(std::io::Error::other("the log writer stopped")))?;
+            let outcome = receiver.recv().unwrap_or_else(|_| Err("the log writer stopped".to_owned()));
+            outcome.map_err(|cause| OpenError::Writer(std::io::Error::other(cause)))?;
+        }
         let engine = Self::build(config, clock, Some(writer));
+        *lock(&engine.inner.recovered_transactions) = elsewhere;
         let mut report = RecoveryReport {
             skus: state.skus.len(),
             orders: 0,
             records,
             from_snapshot,
             torn_tail: recovered.torn_tail,
+            transactions: transactions_open,
         };
         for (sku, sku_state) in state.skus {
             engine.insert_slot(sku, sku_state);
@@ -460,7 +481,12 @@ impl Engine {
             let committed = ended(|ending| matches!(ending, EndingImage::Committed { .. }));
             let released = ended(|ending| matches!(ending, EndingImage::Released));
             let live = lines.iter().filter(|(_, reservation)| reservation.ending.is_none()).count();
-            let (phase, settled_units): (OrderPhase, Option<Vec<u32>>) = if live > 0 {
+            let prepared = lines.iter().any(|(_, reservation)| reservation.prepared);
+            let (phase, settled_units): (OrderPhase, Option<Vec<u32>>) = if prepared {
+                // Prepared for a coordinator elsewhere (this engine's own
+                // transactions were finished before this rebuild).
+                (OrderPhase::Prepared, None)
+            } else if live > 0 {
                 (OrderPhase::Held, None)
             } else if committed > 0 {
                 let units = lines
@@ -518,6 +544,20 @@ impl Engine {
         &self.inner.partitions[(hash % u64::from(self.inner.config.partition_count)) as usize]
     }
 
+    /// The directory of the partition that owns `order`.
+    pub(crate) fn order_directory(&self, order: &OrderId) -> &Mutex<OrderDirectory> {
+        &self.order_partition(order).orders
+    }
+
+    pub(crate) fn recovered_transactions(&self) -> &Mutex<Vec<(OrderId, OpenTransaction)>> {
+        &self.inner.recovered_transactions
+    }
+
+    /// Whether this engine holds `sku`.
+    pub fn has_sku(&self, sku: &SkuId) -> bool {
+        self.slot(sku).is_ok()
+    }
+
     fn slot(&self, sku: &SkuId) -> Result<Arc<SkuSlot>, EngineError> {
         let skus = self.partition(sku).skus.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         skus.get(sku).cloned().ok_or_else(|| EngineError::UnknownSku { sku: sku.clone() })
@@ -541,27 +581,7 @@ impl Engine {
             }
             // Submitted before the SKU is visible, so the creation precedes
             // every record of a command on it in the log.
-            let durable = match &self.inner.log {
-                Some(log) => {
-                    let (sender, receiver) = oneshot::channel();
-                    let failed = self.inner.log_failed.clone();
-                    let append = Append {
-                        records: vec![EncodedRecord::from(&LogRecord::CreateSku { sku: sku.clone(), settings })],
-                        on_durable: Box::new(move |outcome| {
-                            if outcome.is_err() {
-                                failed.store(true, Ordering::Release);
-                            }
-                            let _ = sender.send(outcome.is_ok());
-                        }),
-                    };
-                    if log.submit(append).is_err() {
-                        self.inner.log_failed.store(true, Ordering::Release);
-                        return Err(EngineError::Unavailable);
-                    }
-                    Some(receiver)
-                }
-                None => None,
-            };
+            let durable = self.submit_record(&LogRecord::CreateSku { sku: sku.clone(), settings })?;
             skus.insert(sku.clone(), self.new_slot(sku, partition_index, state));
             durable
         };
@@ -571,6 +591,32 @@ impl Engine {
             }
         }
         Ok(stock)
+    }
+
+    /// Queues a record of the engine's own (not a SKU command's) behind
+    /// everything already queued; the receiver says whether it became
+    /// durable. `None` for an in-memory engine.
+    pub(crate) fn submit_record(&self, record: &LogRecord) -> Result<Option<oneshot::Receiver<bool>>, EngineError> {
+        let Some(log) = &self.inner.log else { return Ok(None) };
+        if self.inner.log_failed.load(Ordering::Acquire) {
+            return Err(EngineError::Unavailable);
+        }
+        let (sender, receiver) = oneshot::channel();
+        let failed = self.inner.log_failed.clone();
+        let append = Append {
+            records: vec![EncodedRecord::from(record)],
+            on_durable: Box::new(move |outcome| {
+                if outcome.is_err() {
+                    failed.store(true, Ordering::Release);
+                }
+                let _ = sender.send(outcome.is_ok());
+            }),
+        };
+        if log.submit(append).is_err() {
+            self.inner.log_failed.store(true, Ordering::Release);
+            return Err(EngineError::Unavailable);
+        }
+        Ok(Some(receiver))
     }
 
     fn new_slot(&self, sku: SkuId, partition_index: u32, state: SkuState) -> Arc<SkuSlot> {
@@ -680,7 +726,8 @@ impl Engine {
         let record = orders.records.get(order)?;
         let expired_at_ms = record.reservation.as_ref().map_or(0, |reservation| reservation.expires_at_ms);
         Some(match record.phase {
-            OrderPhase::Reserving | OrderPhase::Settling => OrderStatus::InProgress,
+            // Prepared: waiting for a coordinator elsewhere to decide.
+            OrderPhase::Reserving | OrderPhase::Settling | OrderPhase::Prepared => OrderStatus::InProgress,
             // The directory learns of an expiry only when someone settles;
             // the clock says it already.
             OrderPhase::Held if self.inner.clock.now_ms() >= expired_at_ms => OrderStatus::Expired { expired_at_ms },
@@ -797,7 +844,8 @@ impl Engine {
             orders.records.insert(order.clone(), record);
             (order, buyer, ttl_ms, plan, arrival)
         };
-        let interrupted = InterruptedOrder { directory, order: &order, arrival, finished: false };
+        let interrupted =
+            InterruptedOrder { directory, order: &order, arrival, resting: OrderPhase::Held, finished: false };
         let outcome = self.hold_all(&order, &buyer, ttl_ms, &plan).await;
         interrupted.finish();
         let mut orders = lock(directory);
@@ -914,7 +962,7 @@ impl Engine {
 
     /// Undoes one line's hold. If that keeps failing the hold still ends by
     /// its TTL, so stock is never lost, only delayed.
-    async fn abort_line(&self, order: &OrderId, slot: &Arc<SkuSlot>) {
+    pub(crate) async fn abort_line(&self, order: &OrderId, slot: &Arc<SkuSlot>) {
         let answer = match self.enqueue_patiently(slot, SkuCommand::Abort { order: order.clone() }).await {
             Ok(answer) => answer.await.ok(),
             Err(_) => None,
@@ -950,11 +998,11 @@ impl Engine {
             }
         }
         let directory = &self.order_partition(order).orders;
-        let (expires_at_ms, plan, proceed, arrival) = {
+        let (plan, resting, arrival) = {
             let mut orders = lock(directory);
             let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
             match (record.phase, committing) {
-                (OrderPhase::Held, _) => {}
+                (OrderPhase::Held | OrderPhase::Prepared, _) => {}
                 (OrderPhase::Committed, true) | (OrderPhase::Released, false) => {
                     let mut settlement = record.settlement.clone().expect("a settled order has its settlement");
                     settlement.replayed = true;
@@ -985,51 +1033,54 @@ impl Engine {
                     }
                 }
             }
-
-            let expires_at_ms = record.reservation.as_ref().expect("a held order has its reservation").expires_at_ms;
-            // The decision. A single line is decided by its SKU atomically;
-            // several lines must all outlive the time it takes to commit them.
-            let now_ms = self.inner.clock.now_ms();
-            let proceed = !committing
-                || record.plan.lines.len() == 1
-                || now_ms.saturating_add(self.inner.config.commit_grace_ms) < expires_at_ms;
-            record.phase = if proceed { OrderPhase::Settling } else { OrderPhase::Expired };
-            (expires_at_ms, record.plan.clone(), proceed, record.arrival)
+            let resting = record.phase;
+            record.phase = OrderPhase::Settling;
+            (record.plan.clone(), resting, record.arrival)
         };
-        let interrupted = InterruptedOrder { directory, order, arrival, finished: !proceed };
-        if !proceed {
-            // Decided: expired. Give every line back now rather than at TTL.
-            for slot in &plan.slots {
-                self.abort_line(order, slot).await;
-            }
-            return Err(OrderError::Expired { expired_at_ms: expires_at_ms });
+        let fewer_units = |sku: &SkuId| match how {
+            Settle::Commit { fewer } => fewer.iter().find(|(named, _)| named == sku).map(|&(_, units)| units),
+            Settle::Release => None,
+        };
+        // Several lines held here are sold all or none by a transaction,
+        // on its own task so that a caller who stops waiting cannot leave
+        // it half done. (Lines prepared for a coordinator elsewhere follow
+        // that coordinator's decision instead.)
+        if committing && plan.lines.len() > 1 && resting == OrderPhase::Held {
+            let lines = plan
+                .lines
+                .iter()
+                .map(|line| TransactionLine { sku: line.sku.clone(), units: fewer_units(&line.sku) })
+                .collect();
+            let (engine, order) = (self.clone(), order.clone());
+            let task = tokio::spawn(async move { engine.commit_transaction(order, plan, lines).await });
+            return task.await.unwrap_or_else(|failure| std::panic::resume_unwind(failure.into_panic()));
         }
-        let mut pending: Vec<PendingLine> = Vec::with_capacity(plan.lines.len());
-        for (position, (line, slot)) in plan.lines.iter().zip(&plan.slots).enumerate() {
-            let command = match how {
-                Settle::Commit { fewer } => SkuCommand::Commit {
-                    order: order.clone(),
-                    units: fewer.iter().find(|(sku, _)| *sku == line.sku).map(|&(_, units)| units),
-                },
+        let interrupted = InterruptedOrder { directory, order, arrival, resting, finished: false };
+        let answers = self
+            .apply_to_lines(&plan, false, |line| match how {
+                Settle::Commit { .. } => SkuCommand::Commit { order: order.clone(), units: fewer_units(&line.sku) },
                 Settle::Release => SkuCommand::Release { order: order.clone() },
-            };
-            match self.enqueue_patiently(slot, command).await {
-                Ok(answer) => pending.push((position, answer)),
-                Err(error) => {
-                    // Lines are idempotent, so the order goes back to Held
-                    // and a retried settle finishes whatever this one began.
-                    if let Some(record) = lock(directory).records.get_mut(order) {
-                        record.phase = OrderPhase::Held;
-                    }
-                    return Err(error.into_order_error(line.index));
-                }
-            }
-        }
-        let mut settled = Vec::with_capacity(pending.len());
+            })
+            .await;
+        interrupted.finish();
+        self.finish_settle(order, &plan, committing, resting, answers)
+    }
+
+    /// Records how a settle of `order` ended from its lines' answers, and
+    /// answers the caller.
+    pub(crate) fn finish_settle(
+        &self,
+        order: &OrderId,
+        plan: &OrderPlan,
+        committing: bool,
+        resting: OrderPhase,
+        answers: Vec<Result<SkuAnswer, OrderError>>,
+    ) -> Result<Settlement, OrderError> {
+        let mut settled = Vec::with_capacity(answers.len());
         let mut first_error = None;
-        for (position, answer) in pending {
+        for (position, answer) in answers.into_iter().enumerate() {
             let (index, sku) = (plan.lines[position].index, plan.slots[position].sku.clone());
-            match answer.await {
+            match answer {
                 Ok(SkuAnswer {
                     result: Ok(SkuOutcome::Committed { units, .. } | SkuOutcome::Released { units, .. }),
                     stock,
@@ -1040,13 +1091,12 @@ impl Engine {
                     first_error.get_or_insert(OrderError::Line { index, sku, error, stock });
                 }
                 Ok(SkuAnswer { result: Ok(other), .. }) => unreachable!("a settle answered {other:?}"),
-                Err(_) => {
-                    first_error.get_or_insert(OrderError::Unavailable);
+                Err(error) => {
+                    first_error.get_or_insert(error);
                 }
             }
         }
-        interrupted.finish();
-        let mut orders = lock(directory);
+        let mut orders = lock(&self.order_partition(order).orders);
         let record = orders.records.get_mut(order).expect("a settling order stays in the directory");
         let Some(error) = first_error else {
             let settlement = Settlement { order: order.clone(), lines: settled, replayed: false };
@@ -1059,7 +1109,7 @@ impl Engine {
         record.phase = match (&error, plan.lines.len()) {
             (OrderError::Line { error: SkuError::Expired { .. }, .. }, _) => OrderPhase::Expired,
             (OrderError::Line { error: SkuError::InvalidQuantity { .. } | SkuError::IdempotencyConflict, .. }, _) => {
-                OrderPhase::Held
+                resting
             }
             (OrderError::Line { .. }, lines) if lines > 1 && !settled.is_empty() => {
                 tracing::error!(%order, ?error, "a multi-line order settled on some lines only");
@@ -1070,7 +1120,7 @@ impl Engine {
                 }
             }
             // Busy or unavailable: settling again is safe (lines are idempotent).
-            _ => OrderPhase::Held,
+            _ => resting,
         };
         Err(match error {
             OrderError::Line { error: SkuError::Expired { expired_at_ms }, .. } => {
@@ -1078,6 +1128,37 @@ impl Engine {
             }
             other => other,
         })
+    }
+
+    /// Sends `command_for(line)` to every line of `plan` at once and
+    /// collects the answers in line order. `decided` commands (carrying out
+    /// a transaction's decision) wait out `Busy` for as long as it lasts;
+    /// others give up after a bounded wait.
+    pub(crate) async fn apply_to_lines(
+        &self,
+        plan: &OrderPlan,
+        decided: bool,
+        command_for: impl Fn(&MergedLine) -> SkuCommand,
+    ) -> Vec<Result<SkuAnswer, OrderError>> {
+        let mut pending = Vec::with_capacity(plan.lines.len());
+        for (line, slot) in plan.lines.iter().zip(&plan.slots) {
+            let command = command_for(line);
+            let enqueued = loop {
+                match self.enqueue_patiently(slot, command.clone()).await {
+                    Err(EngineError::Busy { .. }) if decided => continue,
+                    other => break other,
+                }
+            };
+            pending.push(enqueued.map_err(|error| error.into_order_error(line.index)));
+        }
+        let mut answers = Vec::with_capacity(pending.len());
+        for enqueued in pending {
+            answers.push(match enqueued {
+                Ok(answer) => answer.await.map_err(|_| OrderError::Unavailable),
+                Err(error) => Err(error),
+            });
+        }
+        answers
     }
 
     /// What the log has done so far; `None` for an in-memory engine.
@@ -1145,6 +1226,5 @@ mod tests {
             field(EngineConfig { in_flight_per_partition_max: 10, ..EngineConfig::default() }),
             Err("in_flight_per_partition_max")
         );
-        assert_eq!(field(EngineConfig { commit_grace_ms: 5_000, ..EngineConfig::default() }), Err("commit_grace_ms"));
     }
 }

@@ -94,6 +94,19 @@ pub enum SkuCommand {
     Abort {
         order: OrderId,
     },
+    /// Makes a live hold *prepared*: it no longer expires by its TTL and
+    /// ends only by `Commit`, `Release` or `Unprepare`. The first phase of a
+    /// commit that spans several SKUs: once every line is prepared, the
+    /// coordinator's decision can be carried out on each line however long
+    /// it takes, even across a crash.
+    Prepare {
+        order: OrderId,
+    },
+    /// Gives a prepared hold its TTL back (a transaction that was not
+    /// decided): it ends by expiry again, at once if its time has passed.
+    Unprepare {
+        order: OrderId,
+    },
     /// Ends every hold whose expiry has come. Issued by the owner's timer.
     Expire,
     /// Changes nothing; answers with the counts.
@@ -127,6 +140,16 @@ pub enum SkuOutcome {
     },
     Aborted {
         units: u32,
+    },
+    Prepared {
+        units: u32,
+        replayed: bool,
+    },
+    /// `expired` when the hold's time had passed, so it ended at once.
+    Unprepared {
+        units: u32,
+        expired: bool,
+        replayed: bool,
     },
     Expired {
         holds: usize,
@@ -188,6 +211,8 @@ struct Hold {
     expires_at_ms: u64,
     /// Makes expiry-index keys unique when two holds expire together.
     number: u64,
+    /// A prepared hold is out of the expiry index: only a decision ends it.
+    prepared: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,8 +252,11 @@ pub struct SkuState {
     /// The newest time seen; time never runs backwards inside a SKU.
     clock_ms: u64,
     reservations: FastMap<OrderId, Record>,
-    /// Live reservations by expiry: exactly the live entries of `reservations`.
+    /// Live reservations by expiry: exactly the live, unprepared entries of
+    /// `reservations`.
     expiry_index: BTreeMap<(u64, u64), OrderId>,
+    /// Live prepared reservations (the live ones not in `expiry_index`).
+    prepared_holds: usize,
     next_hold_number: u64,
     /// Ended reservations, oldest first, with when they ended: the order in
     /// which they are forgotten.
@@ -256,6 +284,7 @@ impl SkuState {
             clock_ms: 0,
             reservations: FastMap::default(),
             expiry_index: BTreeMap::new(),
+            prepared_holds: 0,
             next_hold_number: 0,
             finished_queue: VecDeque::new(),
             buyer_units: FastMap::default(),
@@ -268,12 +297,13 @@ impl SkuState {
         StockSnapshot { available: self.available, held: self.held, sold: self.sold }
     }
 
-    /// Live holds.
+    /// Live holds, prepared or not.
     pub fn hold_count(&self) -> usize {
-        self.expiry_index.len()
+        self.expiry_index.len() + self.prepared_holds
     }
 
-    /// When the earliest live hold expires, if any.
+    /// When the earliest live hold that can expire does, if any (prepared
+    /// holds wait for a decision instead).
     pub fn next_expiry_ms(&self) -> Option<u64> {
         self.expiry_index.keys().next().map(|&(expires_at_ms, _)| expires_at_ms)
     }
@@ -301,7 +331,9 @@ impl SkuState {
             Ok(
                 SkuOutcome::Reserved { replayed, .. }
                 | SkuOutcome::Committed { replayed, .. }
-                | SkuOutcome::Released { replayed, .. },
+                | SkuOutcome::Released { replayed, .. }
+                | SkuOutcome::Prepared { replayed, .. }
+                | SkuOutcome::Unprepared { replayed, .. },
             ) => !replayed,
             Ok(SkuOutcome::Aborted { units }) => *units > 0,
             Ok(SkuOutcome::Expired { .. } | SkuOutcome::Counted) | Err(_) => false,
@@ -332,6 +364,8 @@ impl SkuState {
             SkuCommand::Commit { order, units } => self.commit(order, *units),
             SkuCommand::Release { order } => self.release(order),
             SkuCommand::Abort { order } => self.abort(order),
+            SkuCommand::Prepare { order } => self.prepare(order),
+            SkuCommand::Unprepare { order } => self.unprepare(order),
             SkuCommand::Expire => Ok(SkuOutcome::Expired { holds: expired }),
             SkuCommand::Query => Ok(SkuOutcome::Counted),
         }
@@ -370,7 +404,7 @@ impl SkuState {
             return Err(SkuError::InvalidTtl { ttl_ms: line.ttl_ms, ttl_ms_min, ttl_ms_max });
         }
         let holds_per_sku_max = self.limits.holds_per_sku_max;
-        let live_holds = self.expiry_index.len();
+        let live_holds = self.hold_count();
         let vacant = match self.reservations.entry(line.order.clone()) {
             Entry::Occupied(earlier) => {
                 let hold = &earlier.get().hold;
@@ -426,7 +460,8 @@ impl SkuState {
             }
         }
         self.expiry_index.insert((expires_at_ms, number), line.order.clone());
-        vacant.insert(Record { hold: Hold { line: line.clone(), units, expires_at_ms, number }, ending: None });
+        let hold = Hold { line: line.clone(), units, expires_at_ms, number, prepared: false };
+        vacant.insert(Record { hold, ending: None });
         Ok(SkuOutcome::Reserved { units, expires_at_ms, replayed: false })
     }
 
@@ -473,7 +508,11 @@ impl SkuState {
         match self.reservations.get(order).map(|record| record.ending) {
             Some(None) => {
                 let Record { hold, .. } = self.reservations.remove(order).expect("just found");
-                self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
+                if hold.prepared {
+                    self.prepared_holds -= 1;
+                } else {
+                    self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
+                }
                 self.held -= u64::from(hold.units);
                 self.available += u64::from(hold.units);
                 uncount_buyer(&mut self.buyer_units, &hold.line.buyer, hold.units);
@@ -485,6 +524,41 @@ impl SkuState {
         }
     }
 
+    fn prepare(&mut self, order: &OrderId) -> Result<SkuOutcome, SkuError> {
+        let record = self.reservations.get_mut(order).ok_or(SkuError::UnknownReservation)?;
+        match record.ending {
+            None if record.hold.prepared => Ok(SkuOutcome::Prepared { units: record.hold.units, replayed: true }),
+            None => {
+                record.hold.prepared = true;
+                let (units, key) = (record.hold.units, (record.hold.expires_at_ms, record.hold.number));
+                self.expiry_index.remove(&key).expect("a live unprepared hold is indexed");
+                self.prepared_holds += 1;
+                Ok(SkuOutcome::Prepared { units, replayed: false })
+            }
+            Some(Ending::Committed { .. }) => Err(SkuError::AlreadyCommitted),
+            Some(Ending::Released) => Err(SkuError::AlreadyReleased),
+            Some(Ending::Expired) => Err(SkuError::Expired { expired_at_ms: record.hold.expires_at_ms }),
+        }
+    }
+
+    /// Idempotent in every state: a hold that already ended (or was never
+    /// prepared) has nothing to give back.
+    fn unprepare(&mut self, order: &OrderId) -> Result<SkuOutcome, SkuError> {
+        let record = self.reservations.get_mut(order).ok_or(SkuError::UnknownReservation)?;
+        if record.ending.is_some() || !record.hold.prepared {
+            let expired = matches!(record.ending, Some(Ending::Expired));
+            return Ok(SkuOutcome::Unprepared { units: record.hold.units, expired, replayed: true });
+        }
+        record.hold.prepared = false;
+        let (units, key) = (record.hold.units, (record.hold.expires_at_ms, record.hold.number));
+        self.expiry_index.insert(key, order.clone());
+        self.prepared_holds -= 1;
+        // Its time may have passed while it was prepared: it ends now, as
+        // any due hold does before a command is answered.
+        let expired = self.expire_due() > 0 && matches!(self.reservations[order].ending, Some(Ending::Expired));
+        Ok(SkuOutcome::Unprepared { units, expired, replayed: false })
+    }
+
     /// Ends a live hold and records how: `units_sold` of its units become
     /// sold, the rest go back to stock and to the buyer's allowance. Returns
     /// the units the hold had.
@@ -494,14 +568,20 @@ impl SkuState {
         record.ending = Some(ending);
         let hold = &record.hold;
         assert!(units_sold <= hold.units, "sold more than was held");
-        let indexed = self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
-        let indexed = indexed.expect("live hold missing from the expiry index");
+        if hold.prepared {
+            record.hold.prepared = false;
+            self.prepared_holds -= 1;
+        } else {
+            let indexed = self.expiry_index.remove(&(hold.expires_at_ms, hold.number));
+            assert!(indexed.is_some(), "live hold missing from the expiry index");
+        }
+        let hold = &record.hold;
         let returned = hold.units - units_sold;
         self.held -= u64::from(hold.units);
         self.sold += u64::from(units_sold);
         self.available += u64::from(returned);
         uncount_buyer(&mut self.buyer_units, &hold.line.buyer, returned);
-        self.finished_queue.push_back((self.clock_ms, indexed));
+        self.finished_queue.push_back((self.clock_ms, order.clone()));
         hold.units
     }
 
@@ -545,12 +625,16 @@ impl SkuState {
             "units were created or destroyed"
         );
         debug_assert!(self.sold <= self.units_added, "sold more than was ever added");
-        debug_assert_eq!(self.reservations.len(), self.expiry_index.len() + self.finished_queue.len());
+        debug_assert_eq!(
+            self.reservations.len(),
+            self.expiry_index.len() + self.prepared_holds + self.finished_queue.len()
+        );
         #[cfg(test)]
         {
             let live = self.reservations.values().filter(|record| record.ending.is_none());
-            let held: u64 = live.map(|record| u64::from(record.hold.units)).sum();
+            let held: u64 = live.clone().map(|record| u64::from(record.hold.units)).sum();
             assert_eq!(held, self.held, "held total disagrees with the holds");
+            assert_eq!(live.filter(|record| record.hold.prepared).count(), self.prepared_holds);
             let by_buyer: u64 = self.buyer_units.values().map(|&units| u64::from(units)).sum();
             assert!(by_buyer >= held, "buyer counts lost a hold");
         }
@@ -586,6 +670,8 @@ pub struct ReservationImage {
     pub units: u32,
     pub expires_at_ms: u64,
     pub number: u64,
+    /// A live hold waiting for a decision (never true of an ended one).
+    pub prepared: bool,
     pub ending: Option<EndingImage>,
 }
 
@@ -613,6 +699,7 @@ impl SkuState {
                 units: record.hold.units,
                 expires_at_ms: record.hold.expires_at_ms,
                 number: record.hold.number,
+                prepared: record.hold.prepared,
                 ending: record.ending.map(|ending| match ending {
                     Ending::Committed { units, requested } => EndingImage::Committed { units, requested },
                     Ending::Released => EndingImage::Released,
@@ -651,6 +738,7 @@ impl SkuState {
         }
         let mut reservations = FastMap::default();
         let mut expiry_index = BTreeMap::new();
+        let mut prepared_holds = 0;
         let mut held = 0u64;
         for reservation in image.reservations {
             let ending = reservation.ending.map(|ending| match ending {
@@ -661,9 +749,17 @@ impl SkuState {
             if reservation.number >= image.next_hold_number {
                 return Err(InvalidImage("hold number from the future"));
             }
+            if reservation.prepared && ending.is_some() {
+                return Err(InvalidImage("an ended reservation marked prepared"));
+            }
             if ending.is_none() {
                 held += u64::from(reservation.units);
-                expiry_index.insert((reservation.expires_at_ms, reservation.number), reservation.line.order.clone());
+                if reservation.prepared {
+                    prepared_holds += 1;
+                } else {
+                    let key = (reservation.expires_at_ms, reservation.number);
+                    expiry_index.insert(key, reservation.line.order.clone());
+                }
             }
             let order = reservation.line.order.clone();
             let hold = Hold {
@@ -671,6 +767,7 @@ impl SkuState {
                 units: reservation.units,
                 expires_at_ms: reservation.expires_at_ms,
                 number: reservation.number,
+                prepared: reservation.prepared,
             };
             if reservations.insert(order, Record { hold, ending }).is_some() {
                 return Err(InvalidImage("two reservations for one order"));
@@ -699,6 +796,7 @@ impl SkuState {
             clock_ms: image.clock_ms,
             reservations,
             expiry_index,
+            prepared_holds,
             next_hold_number: image.next_hold_number,
             finished_queue: image.finished_queue.into_iter().collect(),
             buyer_units: image.buyer_units.into_iter().collect(),

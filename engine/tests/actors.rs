@@ -139,12 +139,20 @@ async fn multi_line_commit_after_expiry_releases_every_line() {
         create(&engine, sku(name), 5).await;
     }
     engine.reserve(request("o1", "alice", &[("a", 1), ("b", 1)])).await.expect("held");
-    // Inside the grace period before expiry: refusing is the safe decision.
-    clock.advance_ms(60_000 - 500);
+    clock.advance_ms(60_000);
     assert_eq!(engine.commit(&order("o1")).await, Err(OrderError::Expired { expired_at_ms: 1_060_000 }));
     for name in ["a", "b"] {
         assert_eq!(engine.availability(&sku(name)).await, Ok(stock(5, 0, 0)));
     }
+    // One millisecond before expiry is still in time: the lines are
+    // prepared first, and a prepared hold waits for the decision.
+    let held = engine.reserve(request("o2", "bob", &[("a", 2), ("b", 1)])).await.expect("held");
+    clock.advance_ms(held.expires_at_ms - 1 - 1_060_000);
+    let settled = engine.commit(&order("o2")).await.expect("committed in time");
+    assert_eq!(settled.lines.iter().map(|line| line.units).collect::<Vec<_>>(), vec![2, 1]);
+    clock.advance_ms(10);
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(3, 0, 2)));
+    assert_eq!(engine.availability(&sku("b")).await, Ok(stock(4, 0, 1)));
 }
 
 #[tokio::test]
@@ -223,7 +231,6 @@ async fn admission_answers_busy_beyond_the_bound() {
 fn short_ttl_config() -> EngineConfig {
     EngineConfig {
         limits: Limits { hold_ttl_ms_min: 20, ..Limits::default() },
-        commit_grace_ms: 10,
         actor_idle_ms: 50,
         ..EngineConfig::default()
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use flashstock_engine::log::compactor::replay_log;
+use flashstock_engine::log::record::TransactionLine;
 use flashstock_engine::log::replay::ReplayRules;
 use flashstock_engine::log::segments::LogConfig;
 use flashstock_engine::log::storage::{MemoryStorage, UnsyncedFate};
@@ -397,4 +398,119 @@ async fn a_crash_during_a_sale_keeps_every_answer_given_before_it() {
         assert!(after.iter().map(|counts| counts.sold).sum::<u64>() >= sold_at_least, "run {run}");
         recovered.shutdown().await;
     }
+}
+
+fn transaction_lines(skus: &[&str]) -> Vec<TransactionLine> {
+    skus.iter().map(|sku| TransactionLine { sku: SkuId::new(*sku).expect("valid id"), units: None }).collect()
+}
+
+/// A multi-line commit cut off by a crash is finished by recovery: decided
+/// means every line sold, undecided means every prepared line gets its TTL
+/// back (and expires if its time passed while the node was down). Never
+/// some lines sold and others not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_finishes_a_transaction_the_crash_cut_off() {
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (engine, _) = open(&storage, &clock);
+    for index in 0..2 {
+        engine
+            .create_sku(sku(index), SkuSettings { initial_units: 10, ..SkuSettings::default() })
+            .await
+            .expect("created");
+    }
+    let decided = engine.reserve(request("decided", &[(0, 2), (1, 3)])).await.expect("held");
+    let undecided = engine.reserve(request("undecided", &[(0, 1), (1, 1)])).await.expect("held");
+    let early = engine.reserve(request("early", &[(0, 1), (1, 1)])).await.expect("held");
+    for (order, decide) in [(&decided.order, true), (&undecided.order, false)] {
+        engine.begin_transaction(order, transaction_lines(&["sku-0", "sku-1"])).await.expect("begun");
+        engine.prepare(order).await.expect("prepared");
+        if decide {
+            engine.decide_transaction(order).await.expect("decided");
+        }
+    }
+    // Begun, and the crash came before any line was prepared.
+    engine.begin_transaction(&early.order, transaction_lines(&["sku-0", "sku-1"])).await.expect("begun");
+    engine.shutdown().await;
+    drop(engine);
+    storage.crash(UnsyncedFate::Lost);
+
+    // The node stays down past every hold's TTL.
+    clock.advance_ms(120_000);
+    let (engine, report) = open(&storage, &clock);
+    assert_eq!(report.transactions, 3);
+    assert!(engine.take_recovered_transactions().is_empty(), "every line is on this engine");
+    assert!(
+        matches!(engine.order_status(&decided.order), Some(OrderStatus::Committed(settlement)) if settlement.lines.iter().map(|line| line.units).sum::<u32>() == 5),
+        "{:?}",
+        engine.order_status(&decided.order)
+    );
+    assert!(matches!(engine.order_status(&undecided.order), Some(OrderStatus::Expired { .. })));
+    assert!(matches!(engine.order_status(&early.order), Some(OrderStatus::Expired { .. })));
+    assert!(engine.commit(&decided.order).await.expect("the decision's answer").replayed);
+    assert!(matches!(engine.commit(&undecided.order).await, Err(OrderError::Expired { .. })));
+    let after = counts(&engine, 2).await;
+    assert_eq!(
+        after,
+        vec![StockSnapshot { available: 8, held: 0, sold: 2 }, StockSnapshot { available: 7, held: 0, sold: 3 }]
+    );
+    engine.shutdown().await;
+    drop(engine);
+
+    // What recovery did is durable: the next start finds nothing open.
+    let (engine, report) = open(&storage, &clock);
+    assert_eq!(report.transactions, 0);
+    assert_eq!(counts(&engine, 2).await, after);
+    engine.shutdown().await;
+}
+
+/// A coordinator's transaction with lines on other members: recovery does
+/// this engine's lines and hands the rest to the caller, which ends the
+/// transaction once it has carried them out; an undecided one before its
+/// TTL gives the order back as held, and a new commit then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_elsewhere_are_handed_to_the_caller_and_held_orders_commit_again() {
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (engine, _) = open(&storage, &clock);
+    for index in 0..2 {
+        engine
+            .create_sku(sku(index), SkuSettings { initial_units: 10, ..SkuSettings::default() })
+            .await
+            .expect("created");
+    }
+    let spanning = engine.reserve(request("spanning", &[(0, 2)])).await.expect("held");
+    let retried = engine.reserve(request("retried", &[(0, 1), (1, 1)])).await.expect("held");
+    engine.begin_transaction(&spanning.order, transaction_lines(&["sku-0", "remote-sku"])).await.expect("begun");
+    engine.prepare(&spanning.order).await.expect("prepared");
+    engine.decide_transaction(&spanning.order).await.expect("decided");
+    engine.begin_transaction(&retried.order, transaction_lines(&["sku-0", "sku-1"])).await.expect("begun");
+    engine.prepare(&retried.order).await.expect("prepared");
+    engine.shutdown().await;
+    drop(engine);
+    storage.crash(UnsyncedFate::Lost);
+
+    clock.advance_ms(1_000);
+    let (engine, report) = open(&storage, &clock);
+    assert_eq!(report.transactions, 2);
+    let open_elsewhere = engine.take_recovered_transactions();
+    assert_eq!(open_elsewhere.len(), 1);
+    assert_eq!(open_elsewhere[0].0, spanning.order);
+    assert!(open_elsewhere[0].1.committed);
+    assert!(matches!(engine.order_status(&spanning.order), Some(OrderStatus::Committed(_))));
+    // The undecided one is held again, with its TTL, and commits anew.
+    assert!(matches!(engine.order_status(&retried.order), Some(OrderStatus::Held(_))));
+    engine.commit(&retried.order).await.expect("a new transaction commits it");
+    engine.end_transaction(&spanning.order).await.expect("ended");
+    engine.shutdown().await;
+    drop(engine);
+
+    let (engine, report) = open(&storage, &clock);
+    assert_eq!(report.transactions, 0);
+    assert!(engine.take_recovered_transactions().is_empty());
+    assert_eq!(
+        counts(&engine, 2).await,
+        vec![StockSnapshot { available: 7, held: 0, sold: 3 }, StockSnapshot { available: 9, held: 0, sold: 1 }]
+    );
+    engine.shutdown().await;
 }

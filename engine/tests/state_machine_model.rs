@@ -1,5 +1,5 @@
-//! Property test: random command sequences, including expiry at random times
-//! and clocks that step backwards, applied to `SkuState` and to a small,
+//! Property test: random command sequences, including expiry at random times,
+//! clocks that step backwards and prepared holds, applied to `SkuState` and to a small,
 //! obviously-correct reference model. Every answer and every count must
 //! agree, and the conservation law must hold after every step.
 
@@ -34,6 +34,8 @@ enum Step {
     Commit { order: u8, units: Option<u32> },
     Release { order: u8 },
     Abort { order: u8 },
+    Prepare { order: u8 },
+    Unprepare { order: u8 },
     Expire,
     Query,
 }
@@ -56,7 +58,9 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(order, buyer, quantity, ttl_ms)| Step::Reserve { order, buyer, quantity, ttl_ms }),
         3 => (order.clone(), proptest::option::of(0..7u32)).prop_map(|(order, units)| Step::Commit { order, units }),
         2 => order.clone().prop_map(|order| Step::Release { order }),
-        1 => order.prop_map(|order| Step::Abort { order }),
+        1 => order.clone().prop_map(|order| Step::Abort { order }),
+        2 => order.clone().prop_map(|order| Step::Prepare { order }),
+        1 => order.prop_map(|order| Step::Unprepare { order }),
         1 => Just(Step::Expire),
         1 => Just(Step::Query),
     ]
@@ -84,6 +88,8 @@ struct ModelHold {
     units: u32,
     expires_at_ms: u64,
     fate: Fate,
+    /// Waiting for a decision: does not expire while set.
+    prepared: bool,
 }
 
 /// Counts units by scanning reservations instead of keeping running totals.
@@ -136,7 +142,7 @@ impl Model {
         let clock = self.clock_ms;
         let mut expired = 0;
         for hold in &mut self.holds {
-            if hold.fate == Fate::Live && hold.expires_at_ms <= clock {
+            if hold.fate == Fate::Live && !hold.prepared && hold.expires_at_ms <= clock {
                 hold.fate = Fate::Expired;
                 expired += 1;
             }
@@ -219,7 +225,17 @@ impl Model {
                     return Err(SkuError::SoldOut { available: self.available() });
                 }
                 let expires_at_ms = clock + ttl_ms;
-                self.holds.push(ModelHold { order, buyer, quantity, ttl_ms, units, expires_at_ms, fate: Fate::Live });
+                let fate = Fate::Live;
+                self.holds.push(ModelHold {
+                    order,
+                    buyer,
+                    quantity,
+                    ttl_ms,
+                    units,
+                    expires_at_ms,
+                    fate,
+                    prepared: false,
+                });
                 Ok(SkuOutcome::Reserved { units, expires_at_ms, replayed: false })
             }
             Step::Commit { order, units: requested } => {
@@ -265,6 +281,32 @@ impl Model {
                 }
                 _ => Ok(SkuOutcome::Aborted { units: 0 }),
             },
+            Step::Prepare { order } => {
+                let Some(hold) = self.find(order) else { return Err(SkuError::UnknownReservation) };
+                match hold.fate {
+                    Fate::Live => {
+                        let replayed = hold.prepared;
+                        hold.prepared = true;
+                        Ok(SkuOutcome::Prepared { units: hold.units, replayed })
+                    }
+                    Fate::Committed { .. } => Err(SkuError::AlreadyCommitted),
+                    Fate::Released => Err(SkuError::AlreadyReleased),
+                    Fate::Expired => Err(SkuError::Expired { expired_at_ms: hold.expires_at_ms }),
+                }
+            }
+            Step::Unprepare { order } => {
+                let Some(hold) = self.find(order) else { return Err(SkuError::UnknownReservation) };
+                if hold.fate != Fate::Live || !hold.prepared {
+                    let expired = hold.fate == Fate::Expired;
+                    return Ok(SkuOutcome::Unprepared { units: hold.units, expired, replayed: true });
+                }
+                hold.prepared = false;
+                let expired = hold.expires_at_ms <= clock;
+                if expired {
+                    hold.fate = Fate::Expired;
+                }
+                Ok(SkuOutcome::Unprepared { units: hold.units, expired, replayed: false })
+            }
             Step::Expire => Ok(SkuOutcome::Expired { holds: expired }),
             Step::Query => Ok(SkuOutcome::Counted),
         }
@@ -287,6 +329,8 @@ fn command(step: &Step) -> SkuCommand {
         Step::Commit { order: o, units } => SkuCommand::Commit { order: order(o), units },
         Step::Release { order: o } => SkuCommand::Release { order: order(o) },
         Step::Abort { order: o } => SkuCommand::Abort { order: order(o) },
+        Step::Prepare { order: o } => SkuCommand::Prepare { order: order(o) },
+        Step::Unprepare { order: o } => SkuCommand::Unprepare { order: order(o) },
         Step::Expire => SkuCommand::Expire,
         Step::Query => SkuCommand::Query,
     }

@@ -157,7 +157,6 @@ pub struct EngineSection {
     pub in_flight_per_partition_max: usize,
     pub batch_max: usize,
     pub actor_idle_ms: u64,
-    pub commit_grace_ms: u64,
     pub orders_per_partition_max: usize,
     pub busy_retry_after_ms: u64,
 }
@@ -170,7 +169,6 @@ impl Default for EngineSection {
             in_flight_per_partition_max: defaults.in_flight_per_partition_max,
             batch_max: defaults.batch_max,
             actor_idle_ms: defaults.actor_idle_ms,
-            commit_grace_ms: defaults.commit_grace_ms,
             orders_per_partition_max: defaults.orders_per_partition_max,
             busy_retry_after_ms: defaults.busy_retry_after_ms,
         }
@@ -324,7 +322,6 @@ impl ClusterFile {
             in_flight_per_partition_max: engine.in_flight_per_partition_max,
             batch_max: engine.batch_max,
             actor_idle_ms: engine.actor_idle_ms,
-            commit_grace_ms: engine.commit_grace_ms,
             orders_per_partition_max: engine.orders_per_partition_max,
             busy_retry_after_ms: engine.busy_retry_after_ms,
         };

@@ -26,7 +26,6 @@ partitions = 8
 hold_ttl_ms_min = 100
 
 [engine]
-commit_grace_ms = 50
 
 [sale]
 hot_skus = 1

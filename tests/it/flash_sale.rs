@@ -16,7 +16,6 @@ partitions = 4
 hold_ttl_ms_min = 100
 
 [engine]
-commit_grace_ms = 50
 in_flight_per_sku_max = 64
 batch_max = 64
 in_flight_per_partition_max = 256

@@ -14,6 +14,23 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{BuyerId, InvalidId, OrderId, SkuId};
 use crate::sku::{Quantity, ReserveLine, SkuCommand, SkuSettings};
 
+/// One line of a transaction: which SKU, and how many of its held units to
+/// sell (all of them when `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionLine {
+    pub sku: SkuId,
+    pub units: Option<u32>,
+}
+
+/// A transaction the log has begun and not ended: what recovery must
+/// finish (commit every line if `committed`, else give the prepared lines
+/// their TTL back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenTransaction {
+    pub lines: Vec<TransactionLine>,
+    pub committed: bool,
+}
+
 /// One durable fact about a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRecord {
@@ -27,6 +44,26 @@ pub enum LogRecord {
         sku: SkuId,
         now_ms: u64,
         command: SkuCommand,
+    },
+    /// A commit of `order` over several lines began: its lines are about to
+    /// be prepared. Written before any prepare, so a prepared hold of a
+    /// transaction coordinated here always has this record before it (a
+    /// restart that finds no decision gives the holds their TTL back). A
+    /// new `TransactionBegun` for an order replaces an undecided one (a
+    /// retried commit). Belongs to the partition of the order id.
+    TransactionBegun {
+        order: OrderId,
+        lines: Vec<TransactionLine>,
+    },
+    /// The commit is decided: every line is to be committed, however long
+    /// it takes. Written after every line is prepared and before any is
+    /// committed.
+    TransactionCommitted {
+        order: OrderId,
+    },
+    /// Every line of the transaction has its outcome; it is forgotten.
+    TransactionEnded {
+        order: OrderId,
     },
 }
 
@@ -45,6 +82,9 @@ pub enum RecordError {
 enum WireRecord {
     CreateSku { sku: String, initial_units: u64, units_per_buyer_max: Option<u32>, opens_at_ms: u64 },
     Apply { sku: String, now_ms: u64, command: WireCommand },
+    TransactionBegun { order: String, lines: Vec<(String, Option<u32>)> },
+    TransactionCommitted { order: String },
+    TransactionEnded { order: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +98,8 @@ enum WireCommand {
     Release { order: String },
     Abort { order: String },
     Expire,
+    Prepare { order: String },
+    Unprepare { order: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -100,6 +142,14 @@ impl LogRecord {
             LogRecord::Apply { sku, now_ms, command } => {
                 WireRecord::Apply { sku: sku.as_str().to_owned(), now_ms: *now_ms, command: wire_command(command) }
             }
+            LogRecord::TransactionBegun { order, lines } => WireRecord::TransactionBegun {
+                order: order.as_str().to_owned(),
+                lines: lines.iter().map(|line| (line.sku.as_str().to_owned(), line.units)).collect(),
+            },
+            LogRecord::TransactionCommitted { order } => {
+                WireRecord::TransactionCommitted { order: order.as_str().to_owned() }
+            }
+            LogRecord::TransactionEnded { order } => WireRecord::TransactionEnded { order: order.as_str().to_owned() },
         };
         rmp_serde::to_vec(&wire).expect("records always encode")
     }
@@ -113,6 +163,17 @@ impl LogRecord {
             WireRecord::Apply { sku, now_ms, command } => {
                 LogRecord::Apply { sku: SkuId::new(sku)?, now_ms, command: engine_command(command)? }
             }
+            WireRecord::TransactionBegun { order, lines } => LogRecord::TransactionBegun {
+                order: OrderId::new(order)?,
+                lines: lines
+                    .into_iter()
+                    .map(|(sku, units)| Ok(TransactionLine { sku: SkuId::new(sku)?, units }))
+                    .collect::<Result<_, InvalidId>>()?,
+            },
+            WireRecord::TransactionCommitted { order } => {
+                LogRecord::TransactionCommitted { order: OrderId::new(order)? }
+            }
+            WireRecord::TransactionEnded { order } => LogRecord::TransactionEnded { order: OrderId::new(order)? },
         })
     }
 }
@@ -138,6 +199,8 @@ fn wire_command(command: &SkuCommand) -> WireCommand {
         SkuCommand::Release { order } => WireCommand::Release { order: order.as_str().to_owned() },
         SkuCommand::Abort { order } => WireCommand::Abort { order: order.as_str().to_owned() },
         SkuCommand::Expire => WireCommand::Expire,
+        SkuCommand::Prepare { order } => WireCommand::Prepare { order: order.as_str().to_owned() },
+        SkuCommand::Unprepare { order } => WireCommand::Unprepare { order: order.as_str().to_owned() },
         SkuCommand::Query => panic!("read-only commands are never logged"),
     }
 }
@@ -161,6 +224,8 @@ fn engine_command(command: WireCommand) -> Result<SkuCommand, RecordError> {
         WireCommand::Release { order } => SkuCommand::Release { order: OrderId::new(order)? },
         WireCommand::Abort { order } => SkuCommand::Abort { order: OrderId::new(order)? },
         WireCommand::Expire => SkuCommand::Expire,
+        WireCommand::Prepare { order } => SkuCommand::Prepare { order: OrderId::new(order)? },
+        WireCommand::Unprepare { order } => SkuCommand::Unprepare { order: OrderId::new(order)? },
     })
 }
 
@@ -197,6 +262,22 @@ mod tests {
             order_id().prop_map(|order| SkuCommand::Release { order }),
             order_id().prop_map(|order| SkuCommand::Abort { order }),
             Just(SkuCommand::Expire),
+            order_id().prop_map(|order| SkuCommand::Prepare { order }),
+            order_id().prop_map(|order| SkuCommand::Unprepare { order }),
+        ]
+    }
+
+    fn transaction_record() -> impl Strategy<Value = LogRecord> {
+        let lines = proptest::collection::vec((id_text(), any::<Option<u32>>()), 0..5).prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|(sku, units)| TransactionLine { sku: SkuId::new(sku).expect("valid"), units })
+                .collect::<Vec<_>>()
+        });
+        prop_oneof![
+            (order_id(), lines).prop_map(|(order, lines)| LogRecord::TransactionBegun { order, lines }),
+            order_id().prop_map(|order| LogRecord::TransactionCommitted { order }),
+            order_id().prop_map(|order| LogRecord::TransactionEnded { order }),
         ]
     }
 
@@ -204,6 +285,11 @@ mod tests {
         #[test]
         fn every_record_round_trips(sku in id_text(), now_ms in any::<u64>(), command in command()) {
             let record = LogRecord::Apply { sku: SkuId::new(sku).expect("valid"), now_ms, command };
+            prop_assert_eq!(LogRecord::decode(&record.encode()).expect("decodes"), record);
+        }
+
+        #[test]
+        fn every_transaction_record_round_trips(record in transaction_record()) {
             prop_assert_eq!(LogRecord::decode(&record.encode()).expect("decodes"), record);
         }
 

@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::ids::SkuId;
+use crate::ids::{OrderId, SkuId};
 use crate::limits::Limits;
-use crate::log::record::LogRecord;
+use crate::log::record::{LogRecord, OpenTransaction};
 use crate::log::snapshot::Snapshot;
-use crate::sku::SkuState;
+use crate::sku::{SkuCommand, SkuState};
 
 /// How a log's records are to be read back: with the limits and the
 /// partition count of the engine that wrote them.
@@ -25,6 +25,8 @@ pub struct ReplayedState {
     rules: ReplayRules,
     /// Sorted, so that snapshots come out canonical.
     pub skus: BTreeMap<SkuId, SkuState>,
+    /// Transactions begun and not ended, by order.
+    pub transactions: BTreeMap<OrderId, OpenTransaction>,
     /// Sequence number of the last record applied (0 before any).
     pub last_sequence: u64,
 }
@@ -32,7 +34,7 @@ pub struct ReplayedState {
 impl ReplayedState {
     /// The state an empty log describes.
     pub fn empty(rules: ReplayRules) -> Self {
-        Self { rules, skus: BTreeMap::new(), last_sequence: 0 }
+        Self { rules, skus: BTreeMap::new(), transactions: BTreeMap::new(), last_sequence: 0 }
     }
 
     /// The state `snapshot` describes; a snapshot taken with another
@@ -52,6 +54,7 @@ impl ReplayedState {
                 .map_err(|error| format!("SKU {sku}: {error}"))?;
             state.skus.insert(sku, restored);
         }
+        state.transactions = snapshot.transactions.into_iter().collect();
         Ok(state)
     }
 
@@ -78,9 +81,66 @@ impl ReplayedState {
                 // replay only needs the state it left.
                 state.apply(now_ms, &command);
             }
+            LogRecord::TransactionBegun { order, lines } => {
+                // A retried commit begins again; only a decided transaction
+                // can never be begun anew.
+                if self.transactions.get(&order).is_some_and(|open| open.committed) {
+                    return Err(format!("order {order}: a committed transaction began again"));
+                }
+                self.transactions.insert(order, OpenTransaction { lines, committed: false });
+            }
+            LogRecord::TransactionCommitted { order } => {
+                let open =
+                    self.transactions.get_mut(&order).ok_or_else(|| format!("order {order}: decided, never begun"))?;
+                open.committed = true;
+            }
+            LogRecord::TransactionEnded { order } => {
+                self.transactions.remove(&order).ok_or_else(|| format!("order {order}: ended, never begun"))?;
+            }
         }
         self.last_sequence = sequence;
         Ok(())
+    }
+
+    /// Finishes, at `now_ms`, the transactions the log left open, on the
+    /// lines whose SKUs are here: a decided one commits them, an undecided
+    /// one gives their prepared holds their TTL back. Returns the records
+    /// that make this durable (to be appended before serving) and the
+    /// transactions that also have lines elsewhere, which stay open for the
+    /// caller to finish there.
+    pub fn finish_transactions(&mut self, now_ms: u64) -> (Vec<LogRecord>, Vec<(OrderId, OpenTransaction)>) {
+        let mut records = Vec::new();
+        let mut elsewhere = Vec::new();
+        for (order, open) in std::mem::take(&mut self.transactions) {
+            let mut all_here = true;
+            for line in &open.lines {
+                let Some(state) = self.skus.get_mut(&line.sku) else {
+                    all_here = false;
+                    continue;
+                };
+                let command = if open.committed {
+                    SkuCommand::Commit { order: order.clone(), units: line.units }
+                } else {
+                    SkuCommand::Unprepare { order: order.clone() }
+                };
+                let (answer, recorded) = state.apply_recording(now_ms, &command);
+                if let Err(error) = answer.result {
+                    // An undecided line that never got a hold, or a decided
+                    // one already ended, has nothing left to do.
+                    tracing::debug!(%order, sku = %line.sku, %error, "a recovered transaction's line was already done");
+                }
+                if let Some(command) = recorded {
+                    records.push(LogRecord::Apply { sku: line.sku.clone(), now_ms, command });
+                }
+            }
+            if all_here {
+                records.push(LogRecord::TransactionEnded { order });
+            } else {
+                self.transactions.insert(order.clone(), open.clone());
+                elsewhere.push((order, open));
+            }
+        }
+        (records, elsewhere)
     }
 
     /// The canonical snapshot of this state.
@@ -89,6 +149,7 @@ impl ReplayedState {
             last_sequence: self.last_sequence,
             partition_count: self.rules.partition_count,
             skus: self.skus.iter().map(|(sku, state)| (sku.clone(), state.image())).collect(),
+            transactions: self.transactions.iter().map(|(order, open)| (order.clone(), open.clone())).collect(),
         }
     }
 }
@@ -96,7 +157,7 @@ impl ReplayedState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sku::{SkuCommand, SkuSettings};
+    use crate::sku::SkuSettings;
 
     fn rules(partition_count: u32) -> ReplayRules {
         ReplayRules { partition_count, limits: Limits::default() }

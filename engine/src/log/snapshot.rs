@@ -17,11 +17,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{BuyerId, InvalidId, OrderId, SkuId};
+use crate::log::record::{OpenTransaction, TransactionLine};
 use crate::log::storage::Storage;
 use crate::sku::{EndingImage, Quantity, ReservationImage, ReserveLine, SkuImage};
 
 const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"FSSN");
-const SNAPSHOT_VERSION: u8 = 1;
+/// Version 2 added open transactions; version 1 files are still read.
+const SNAPSHOT_VERSION: u8 = 2;
 const SNAPSHOT_HEADER_BYTES: usize = 24;
 /// Largest snapshot accepted: a partition's SKUs with up to a million holds
 /// each fit well below; the bound stops a corrupt length from making
@@ -37,6 +39,8 @@ pub struct Snapshot {
     pub partition_count: u32,
     /// Sorted by SKU id.
     pub skus: Vec<(SkuId, SkuImage)>,
+    /// Transactions begun and not ended, sorted by order id.
+    pub transactions: Vec<(OrderId, OpenTransaction)>,
 }
 
 /// Why a snapshot cannot be used.
@@ -58,6 +62,16 @@ struct WireSnapshot {
     last_sequence: u64,
     partition_count: u32,
     skus: Vec<(String, WireSku)>,
+    /// Absent from version 1 files, which predate transactions.
+    #[serde(default)]
+    transactions: Vec<WireTransaction>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireTransaction {
+    order: String,
+    lines: Vec<(String, Option<u32>)>,
+    committed: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,7 +96,7 @@ struct WireReservation {
     units: u32,
     expires_at_ms: u64,
     number: u64,
-    /// 0 live, 1 committed, 2 released, 3 expired.
+    /// 0 live, 1 committed, 2 released, 3 expired, 4 live and prepared.
     ending: u8,
     committed_units: u32,
     requested_units: Option<u32>,
@@ -95,6 +109,15 @@ impl Snapshot {
             last_sequence: self.last_sequence,
             partition_count: self.partition_count,
             skus: self.skus.iter().map(|(sku, image)| (sku.as_str().to_owned(), wire_sku(image))).collect(),
+            transactions: self
+                .transactions
+                .iter()
+                .map(|(order, open)| WireTransaction {
+                    order: order.as_str().to_owned(),
+                    lines: open.lines.iter().map(|line| (line.sku.as_str().to_owned(), line.units)).collect(),
+                    committed: open.committed,
+                })
+                .collect(),
         };
         let payload = rmp_serde::to_vec(&wire).expect("snapshots always encode");
         let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + payload.len());
@@ -117,7 +140,7 @@ impl Snapshot {
         if word(0) != SNAPSHOT_MAGIC {
             return Err("not a snapshot (bad magic)".to_owned());
         }
-        if bytes[4] != SNAPSHOT_VERSION {
+        if !(1..=SNAPSHOT_VERSION).contains(&bytes[4]) {
             return Err(format!("unknown snapshot version {}", bytes[4]));
         }
         if bytes[5..8] != [0; 3] || bytes[20..24] != [0; 4] {
@@ -140,7 +163,21 @@ impl Snapshot {
         if !skus.windows(2).all(|pair| pair[0].0 < pair[1].0) {
             return Err("SKUs out of order or repeated".to_owned());
         }
-        Ok(Self { last_sequence: wire.last_sequence, partition_count: wire.partition_count, skus })
+        let mut transactions = Vec::with_capacity(wire.transactions.len());
+        for open in wire.transactions {
+            let order = OrderId::new(open.order).map_err(|error| error.to_string())?;
+            let lines = open
+                .lines
+                .into_iter()
+                .map(|(sku, units)| Ok(TransactionLine { sku: SkuId::new(sku)?, units }))
+                .collect::<Result<_, InvalidId>>()
+                .map_err(|error| error.to_string())?;
+            transactions.push((order, OpenTransaction { lines, committed: open.committed }));
+        }
+        if !transactions.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+            return Err("transactions out of order or repeated".to_owned());
+        }
+        Ok(Self { last_sequence: wire.last_sequence, partition_count: wire.partition_count, skus, transactions })
     }
 }
 
@@ -156,6 +193,7 @@ fn wire_sku(image: &SkuImage) -> WireSku {
             .iter()
             .map(|reservation| {
                 let (ending, committed_units, requested_units) = match reservation.ending {
+                    None if reservation.prepared => (4, 0, None),
                     None => (0, 0, None),
                     Some(EndingImage::Committed { units, requested }) => (1, units, requested),
                     Some(EndingImage::Released) => (2, 0, None),
@@ -198,7 +236,7 @@ fn engine_sku(wire: WireSku) -> Result<SkuImage, ImageError> {
     for reservation in wire.reservations {
         let (max, min, exact) = reservation.quantity;
         let ending = match reservation.ending {
-            0 => None,
+            0 | 4 => None,
             1 => Some(EndingImage::Committed {
                 units: reservation.committed_units,
                 requested: reservation.requested_units,
@@ -217,6 +255,7 @@ fn engine_sku(wire: WireSku) -> Result<SkuImage, ImageError> {
             units: reservation.units,
             expires_at_ms: reservation.expires_at_ms,
             number: reservation.number,
+            prepared: reservation.ending == 4,
             ending,
         });
     }
@@ -311,7 +350,7 @@ mod tests {
         .expect("valid");
         for index in 0..20u64 {
             let order = OrderId::new(format!("order-{}", (index * 7 + seed) % 13)).expect("id");
-            let command = match index % 4 {
+            let command = match index % 5 {
                 0 | 1 => SkuCommand::Reserve(ReserveLine {
                     order,
                     buyer: BuyerId::new(format!("buyer-{}", index % 5)).expect("id"),
@@ -319,7 +358,8 @@ mod tests {
                     ttl_ms: 5_000,
                 }),
                 2 => SkuCommand::Commit { order, units: None },
-                _ => SkuCommand::Release { order },
+                3 => SkuCommand::Release { order },
+                _ => SkuCommand::Prepare { order },
             };
             state.apply(1_000 + index * 700, &command);
         }
@@ -330,7 +370,12 @@ mod tests {
         let mut skus: Vec<(SkuId, SkuImage)> =
             states.iter().map(|(sku, state)| (SkuId::new(sku).expect("id"), state.image())).collect();
         skus.sort_by(|a, b| a.0.cmp(&b.0));
-        Snapshot { last_sequence, partition_count: 4, skus }
+        let lines = vec![
+            TransactionLine { sku: SkuId::new("a").expect("id"), units: None },
+            TransactionLine { sku: SkuId::new("b").expect("id"), units: Some(1) },
+        ];
+        let transactions = vec![(OrderId::new("order-1").expect("id"), OpenTransaction { lines, committed: true })];
+        Snapshot { last_sequence, partition_count: 4, skus, transactions }
     }
 
     #[test]
