@@ -132,6 +132,9 @@ pub struct MemberStatus {
     pub partitions: u32,
     /// SKUs and their summed counts on this member, if it answered.
     pub totals: Option<(u64, Stock)>,
+    /// The other members this one sees down, if it answered (orders that
+    /// span members need every link up).
+    pub sees_down: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,21 +477,23 @@ impl Client {
         *self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
         let mut members = Vec::with_capacity(map.members.len());
         for member in &map.members {
-            let totals = match member.address.parse::<SocketAddr>() {
+            let report = match member.address.parse::<SocketAddr>() {
                 // Asked directly even if the answering member sees it down:
                 // this client's own connection is what counts for it.
                 Ok(address) => match self.send(address, &RequestBody::NodeStatus).await {
-                    Ok(Response::NodeStatus { skus, stock, .. }) => Some((skus, stock.into())),
+                    Ok(Response::NodeStatus { skus, stock, sees_down, .. }) => Some(((skus, stock.into()), sees_down)),
                     _ => None,
                 },
                 Err(_) => None,
             };
+            let (totals, sees_down) = report.map_or((None, None), |(totals, down)| (Some(totals), Some(down)));
             members.push(MemberStatus {
                 id: member.id,
                 address: member.address.clone(),
                 up: member.up,
                 partitions: owned(member.id),
                 totals,
+                sees_down,
             });
         }
         Ok(ClusterStatus { partition_count: map.partition_count, members })

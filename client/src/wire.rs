@@ -150,6 +150,28 @@ pub enum RequestBody {
         sku: String,
         opens_at_ms: u64,
     },
+    // Between members (refused unless the caller is a member): the
+    // coordinator of an order whose lines live on several members drives
+    // the part of it held on this member, named by the part's own home
+    // partition (the partition of its first SKU).
+    /// Stop the part's holds from expiring until the coordinator decides;
+    /// answered with `Reserved`.
+    Prepare {
+        order: String,
+        home_partition: u32,
+    },
+    /// Give the part's prepared holds their TTL back (nothing was decided);
+    /// answered with `Done`.
+    Unprepare {
+        order: String,
+        home_partition: u32,
+    },
+    /// Undo the part's holds and forget the order here, because another
+    /// part of it could not be held; answered with `Done`.
+    Abandon {
+        order: String,
+        home_partition: u32,
+    },
 }
 
 /// One line of an order.
@@ -211,7 +233,11 @@ pub enum Response {
         skus: u64,
         /// Summed over the member's SKUs, as their owners last published.
         stock: WireStock,
+        /// Members this one's links say are down now.
+        sees_down: Vec<u32>,
     },
+    /// A request between members that has no other answer succeeded.
+    Done,
     Refused(Refusal),
 }
 

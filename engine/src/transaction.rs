@@ -240,4 +240,31 @@ impl Engine {
     pub fn take_recovered_transactions(&self) -> Vec<(OrderId, OpenTransaction)> {
         std::mem::take(&mut *lock(self.recovered_transactions()))
     }
+
+    /// Undoes every hold of `order` and forgets it, as if its reserve had
+    /// been refused: for a coordinator whose order could not be held on
+    /// another member, so that the whole order may be tried again with the
+    /// same id. Idempotent; a prepared or settled order is not abandoned.
+    pub async fn abandon(&self, order: &OrderId) -> Result<(), OrderError> {
+        let directory = self.order_directory(order);
+        let plan = {
+            let mut orders = lock(directory);
+            let Some(record) = orders.records.get_mut(order) else { return Ok(()) };
+            match record.phase {
+                OrderPhase::Held | OrderPhase::Expired => {}
+                OrderPhase::Prepared | OrderPhase::Reserving | OrderPhase::Settling => {
+                    return Err(OrderError::Busy { retry_after_ms: 1 })
+                }
+                OrderPhase::Committed => return Err(OrderError::AlreadyCommitted),
+                OrderPhase::Released => return Err(OrderError::AlreadyReleased),
+            }
+            record.phase = OrderPhase::Settling;
+            record.plan.clone()
+        };
+        for slot in &plan.slots {
+            self.abort_line(order, slot).await;
+        }
+        lock(directory).records.remove(order);
+        Ok(())
+    }
 }

@@ -73,6 +73,10 @@ pub struct NetworkSection {
     pub idle_timeout_ms: u64,
     /// Longest wait a request may ask for; longer timeouts are cut to it.
     pub request_timeout_ms_max: u32,
+    /// Orders whose lines live on several members that one member
+    /// coordinates at once (held, or being committed); more are refused
+    /// `Busy`. Each keeps a transaction record in the log until it ends.
+    pub spanning_orders_max: usize,
 }
 
 impl Default for NetworkSection {
@@ -82,6 +86,7 @@ impl Default for NetworkSection {
             requests_per_connection_max: 1_024,
             idle_timeout_ms: 10_000,
             request_timeout_ms_max: 30_000,
+            spanning_orders_max: 100_000,
         }
     }
 }
@@ -91,6 +96,9 @@ impl Default for NetworkSection {
 const MEMBERS_MAX: usize = 256;
 const CONNECTIONS_MAX: usize = 1_000_000;
 const REQUESTS_PER_CONNECTION_MAX: u32 = 65_536;
+/// Each spanning order costs memory here and a record in every snapshot
+/// until it ends; ten million is beyond any sale's concurrent orders.
+const SPANNING_ORDERS_MAX: usize = 10_000_000;
 
 /// The durable log.
 #[derive(Debug, Clone, Deserialize)]
@@ -292,6 +300,9 @@ impl ClusterFile {
         }
         if network.request_timeout_ms_max == 0 {
             bail!("`network.request_timeout_ms_max`: at least 1");
+        }
+        if network.spanning_orders_max == 0 || network.spanning_orders_max > SPANNING_ORDERS_MAX {
+            bail!("`network.spanning_orders_max`: between 1 and {SPANNING_ORDERS_MAX}");
         }
         Ok(())
     }

@@ -18,6 +18,8 @@
 //!   them are up.
 //! - [`server`]: the QUIC endpoint of a member: handshake, one stream per
 //!   request, ownership checks, translation between wire and engine types.
+//! - [`spanning`]: orders whose lines live on several members: the home
+//!   member coordinates, with a two-phase commit over the peer links.
 
 pub mod config;
 pub mod crash_load;
@@ -26,4 +28,5 @@ pub mod peers;
 pub mod sale;
 pub mod server;
 pub mod shop;
+pub mod spanning;
 pub mod tls;

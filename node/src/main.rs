@@ -308,6 +308,18 @@ async fn sale_on_cluster(
         };
         let shop =
             flashstock_node::shop::ClusterShop { admin: connect("admin").await?, checkout: connect("checkout").await? };
+        // Orders spanning members need the members' links to each other:
+        // the sale opens once every member sees every other up (or after 10 s).
+        for _ in 0..200 {
+            let status = shop.admin.cluster_status().await;
+            let linked = |member: &flashstock_client::MemberStatus| {
+                member.up && member.sees_down.as_ref().is_some_and(Vec::is_empty)
+            };
+            if status.is_ok_and(|status| status.members.iter().all(linked)) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         sale::run(Arc::new(shop), &file.cluster.name, sale).await
     }
     .await;
@@ -342,6 +354,7 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
         records = report.records,
         skus = report.skus,
         orders = report.orders,
+        transactions = report.transactions,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"
     );
@@ -352,6 +365,10 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     }
     let peers = flashstock_node::peers::Peers::start(&endpoint, id, &addresses);
     let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone(), peers)?);
+    // Transactions the log left open with parts on other members are
+    // carried on as soon as those members answer.
+    node.coordinator.recover(engine.take_recovered_transactions());
+    node.coordinator.start_sweep();
     // Ready: tests and scripts wait for this line.
     println!("node {id} serving on {}", endpoint.local_addr()?);
     let serving = tokio::spawn(flashstock_node::server::serve(endpoint.clone(), node.clone()));
@@ -363,6 +380,7 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!(left, "requests still in flight after 5 s; their callers see the connection close");
     }
+    node.coordinator.stop();
     endpoint.close(flashstock_node::server::close_code::SHUTTING_DOWN.into(), b"node shutting down");
     serving.abort();
     engine.shutdown().await;
@@ -441,8 +459,12 @@ async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Resul
                     ),
                     None => String::new(),
                 };
+                let links = match member.sees_down.as_deref() {
+                    Some([]) | None => String::new(),
+                    Some(down) => format!(", sees {down:?} down"),
+                };
                 println!(
-                    "  node {} at {}: {state}, {} partitions{totals}",
+                    "  node {} at {}: {state}, {} partitions{totals}{links}",
                     member.id, member.address, member.partitions
                 );
             }

@@ -7,13 +7,15 @@
 //!
 //! What a node does with it: it sends clients to the owner of a partition
 //! only while the owner is up, and answers `Unavailable` at once otherwise,
-//! instead of sending them to wait on a dead address.
+//! instead of sending them to wait on a dead address; and a coordinator of
+//! an order spanning members sends the other parts' requests over it
+//! ([`Peers::call`]), a stream per request as clients do.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashstock_client::wire::{self, Hello, Welcome, PROTOCOL_VERSION};
+use flashstock_client::wire::{self, Hello, Request, RequestBody, Response, Welcome, PROTOCOL_VERSION};
 
 use crate::tls;
 
@@ -29,6 +31,19 @@ const DIAL_TIMEOUT_MS: u64 = 2_000;
 struct Link {
     id: u32,
     up: AtomicBool,
+    /// The connection while the link is up.
+    connection: std::sync::Mutex<Option<quinn::Connection>>,
+}
+
+/// Why a request to another member got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("member {0} is down")]
+    Down(u32),
+    #[error("member {0} did not answer in time")]
+    TimedOut(u32),
+    #[error("member {member}: {reason}")]
+    Broken { member: u32, reason: String },
 }
 
 /// The state of this node's links to the other members.
@@ -46,7 +61,7 @@ impl Peers {
         let links = members
             .iter()
             .filter(|(id, _)| *id != own_id)
-            .map(|(id, _)| Link { id: *id, up: AtomicBool::new(false) })
+            .map(|(id, _)| Link { id: *id, up: AtomicBool::new(false), connection: std::sync::Mutex::new(None) })
             .collect();
         let peers = Arc::new(Self { own_id, links });
         for (id, address) in members.iter().filter(|(id, _)| *id != own_id) {
@@ -56,9 +71,43 @@ impl Peers {
         peers
     }
 
+    /// The other members whose links are down now.
+    pub fn down(&self) -> Vec<u32> {
+        self.links.iter().filter(|link| !link.up.load(Ordering::Acquire)).map(|link| link.id).collect()
+    }
+
     /// Whether member `id` is reachable now (this node always is).
     pub fn is_up(&self, id: u32) -> bool {
         id == self.own_id || self.links.iter().any(|link| link.id == id && link.up.load(Ordering::Acquire))
+    }
+
+    /// Sends `body` to member `id` and waits at most `timeout` for its
+    /// answer (the member drops the work at the same deadline).
+    pub async fn call(&self, id: u32, body: RequestBody, timeout: Duration) -> Result<Response, CallError> {
+        let connection = self
+            .links
+            .iter()
+            .find(|link| link.id == id)
+            .and_then(|link| link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            .ok_or(CallError::Down(id))?;
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let exchange = async {
+            let (mut send, mut receive) = connection.open_bi().await?;
+            wire::write_message(&mut send, &Request { timeout_ms, body }).await?;
+            send.finish()?;
+            anyhow::Ok(wire::read_message::<Response, _>(&mut receive).await?)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(CallError::Broken { member: id, reason: error.to_string() }),
+            Err(_) => Err(CallError::TimedOut(id)),
+        }
+    }
+
+    fn set_connection(&self, id: u32, connection: Option<quinn::Connection>) {
+        if let Some(link) = self.links.iter().find(|link| link.id == id) {
+            *link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
+        }
     }
 
     fn set(&self, id: u32, up: bool) {
@@ -77,10 +126,12 @@ impl Peers {
             let attempt = tokio::time::timeout(Duration::from_millis(DIAL_TIMEOUT_MS), dial(endpoint, id, address));
             match attempt.await {
                 Ok(Ok(connection)) => {
+                    self.set_connection(id, Some(connection.clone()));
                     self.set(id, true);
                     pause_ms = REDIAL_PAUSE_MS_MIN;
                     let reason = connection.closed().await;
                     self.set(id, false);
+                    self.set_connection(id, None);
                     tracing::debug!(member = id, %reason, "peer link closed");
                 }
                 Ok(Err(error)) => {

@@ -135,11 +135,11 @@ impl<S: Shop> Sale<S> {
         } else {
             lines.push(SaleLine { sku: cold_sku(self.zipf.sample(&mut choices)), units });
         }
-        // A quarter of buyers add an accessory from the cold catalogue (one
-        // the shop can sell in the same order).
+        // A quarter of buyers add an accessory from the cold catalogue; in a
+        // cluster it usually lives on another member than the first line.
         if self.sale.cold_skus > 0 && choices.below(4) == 0 {
             let accessory = cold_sku(self.zipf.sample(&mut choices));
-            if accessory != lines[0].sku && self.shop.colocated(&lines[0].sku, &accessory) {
+            if accessory != lines[0].sku {
                 lines.push(SaleLine { sku: accessory, units: 1 });
             }
         }

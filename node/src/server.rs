@@ -33,6 +33,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{ClusterFile, NetworkSection};
 use crate::peers::Peers;
+use crate::spanning::{Coordinator, Failpoint};
 use crate::tls::{self, Role};
 
 /// QUIC error codes a node closes connections with.
@@ -53,6 +54,8 @@ pub struct Node {
     map: PartitionMap,
     network: NetworkSection,
     peers: Arc<Peers>,
+    /// Orders whose lines live on several members, coordinated here.
+    pub coordinator: Arc<Coordinator>,
     /// Set when the node begins to stop: new requests are refused.
     stopping: std::sync::atomic::AtomicBool,
     /// Requests being worked on, and a wake-up for when none are left.
@@ -85,6 +88,15 @@ impl Node {
                 .map(|member| Member { id: member.id, address: member.address.clone(), up: true })
                 .collect(),
         };
+        let coordinator = Coordinator::new(
+            id,
+            members.clone(),
+            file.cluster.partitions,
+            engine.clone(),
+            peers.clone(),
+            file.network.spanning_orders_max,
+            Failpoint::from_environment(),
+        );
         Ok(Self {
             id,
             engine,
@@ -92,6 +104,7 @@ impl Node {
             map,
             network: file.network.clone(),
             peers,
+            coordinator,
             stopping: std::sync::atomic::AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
@@ -179,14 +192,24 @@ impl Node {
         if is_admin_request && role != Role::Admin {
             return Err(Refusal::Forbidden);
         }
+        let is_member_request =
+            matches!(body, RequestBody::Prepare { .. } | RequestBody::Unprepare { .. } | RequestBody::Abandon { .. });
+        if is_member_request && !matches!(role, Role::Node(_)) {
+            return Err(Refusal::Forbidden);
+        }
         match body {
             RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
             RequestBody::NodeStatus => {
                 let totals = self.engine.totals(|partition| self.owner(partition) == self.id);
                 let stock = WireStock { available: totals.available, held: totals.held, sold: totals.sold };
-                Ok(Response::NodeStatus { node: self.id, skus: totals.skus, stock })
+                Ok(Response::NodeStatus { node: self.id, skus: totals.skus, stock, sees_down: self.peers.down() })
             }
-            RequestBody::Reserve { order, buyer, lines, ttl_ms } => self.reserve(order, buyer, lines, ttl_ms).await,
+            RequestBody::Reserve { order, buyer, lines, ttl_ms } => {
+                // A member sends only the part it found this member owns:
+                // it is never coordinated again from here.
+                let may_span = !matches!(role, Role::Node(_));
+                self.reserve(order, buyer, lines, ttl_ms, may_span).await
+            }
             RequestBody::Commit { order, home_partition, fewer } => {
                 self.check_home(home_partition)?;
                 let order = order_id(order)?;
@@ -194,13 +217,42 @@ impl Node {
                     .into_iter()
                     .map(|(sku, units)| Ok((sku_id(sku)?, units)))
                     .collect::<Result<Vec<_>, Refusal>>()?;
+                if self.coordinator.knows(&order) {
+                    return self.coordinator.commit(order, fewer).await;
+                }
                 let settled = self.engine.commit_fewer(&order, &fewer).await.map_err(order_refusal)?;
                 Ok(settled_response(settled))
             }
             RequestBody::Release { order, home_partition } => {
                 self.check_home(home_partition)?;
-                let settled = self.engine.release(&order_id(order)?).await.map_err(order_refusal)?;
+                let order = order_id(order)?;
+                if self.coordinator.knows(&order) {
+                    return self.coordinator.release(order).await;
+                }
+                let settled = self.engine.release(&order).await.map_err(order_refusal)?;
                 Ok(settled_response(settled))
+            }
+            RequestBody::Prepare { order, home_partition } => {
+                self.check_home(home_partition)?;
+                let reservation = self.engine.prepare(&order_id(order)?).await.map_err(order_refusal)?;
+                Ok(Response::Reserved {
+                    order: reservation.order.as_str().to_owned(),
+                    home_partition,
+                    expires_at_ms: reservation.expires_at_ms,
+                    lines: reservation.lines.iter().map(wire_line).collect(),
+                })
+            }
+            RequestBody::Unprepare { order, home_partition } => {
+                self.check_home(home_partition)?;
+                match self.engine.unprepare(&order_id(order)?).await {
+                    Ok(()) | Err(OrderError::UnknownReservation) => Ok(Response::Done),
+                    Err(error) => Err(order_refusal(error)),
+                }
+            }
+            RequestBody::Abandon { order, home_partition } => {
+                self.check_home(home_partition)?;
+                self.engine.abandon(&order_id(order)?).await.map_err(order_refusal)?;
+                Ok(Response::Done)
             }
             RequestBody::Availability { sku } => {
                 let sku = self.owned_sku(sku)?;
@@ -249,23 +301,26 @@ impl Node {
         buyer: String,
         lines: Vec<WireLine>,
         ttl_ms: u64,
+        may_span: bool,
     ) -> Result<Response, Refusal> {
         let order = order_id(order)?;
         let buyer = BuyerId::new(buyer).map_err(|error| invalid("buyer", error.to_string()))?;
         let Some(first) = lines.first() else { return Err(invalid("lines", "an order needs at least one line")) };
         let home_partition = self.partition_of(&first.sku);
         self.check_owned(home_partition)?;
-        let mut engine_lines = Vec::with_capacity(lines.len());
-        for (index, line) in lines.into_iter().enumerate() {
-            let owner = self.owner(self.partition_of(&line.sku));
-            if owner != self.id {
-                let reason = format!(
-                    "line {index} (SKU {}) lives on node {owner}, the first line on node {}: \
-                     orders spanning nodes are not supported yet",
-                    line.sku, self.id
-                );
-                return Err(invalid("lines", reason));
+        let spans = lines.iter().any(|line| self.owner(self.partition_of(&line.sku)) != self.id);
+        if spans {
+            if !may_span {
+                return Err(invalid("lines", "a part sent by a member must be owned wholly by this member"));
             }
+            if lines.len() > self.engine.config().limits.lines_per_order_max {
+                let limit = self.engine.config().limits.lines_per_order_max;
+                return Err(invalid("lines", format!("an order may have at most {limit} lines")));
+            }
+            return self.coordinator.reserve(order, buyer, lines, ttl_ms).await;
+        }
+        let mut engine_lines = Vec::with_capacity(lines.len());
+        for line in lines {
             let quantity = match line.quantity {
                 WireQuantity::Exactly(units) => Quantity::Exactly(units),
                 WireQuantity::UpTo { max, min } => Quantity::UpTo { max, min },
@@ -281,7 +336,7 @@ impl Node {
             order: reservation.order.as_str().to_owned(),
             home_partition,
             expires_at_ms: reservation.expires_at_ms,
-            lines: reservation.lines.into_iter().map(wire_line).collect(),
+            lines: reservation.lines.iter().map(wire_line).collect(),
         })
     }
 }
@@ -308,14 +363,14 @@ fn wire_stock(stock: StockSnapshot) -> WireStock {
     WireStock { available: stock.available, held: stock.held, sold: stock.sold }
 }
 
-fn wire_line(line: ReservedLine) -> WireLineResult {
+pub(crate) fn wire_line(line: &ReservedLine) -> WireLineResult {
     WireLineResult { sku: line.sku.as_str().to_owned(), units: line.units, stock: wire_stock(line.stock) }
 }
 
 fn settled_response(settlement: flashstock_engine::Settlement) -> Response {
     Response::Settled {
         order: settlement.order.as_str().to_owned(),
-        lines: settlement.lines.into_iter().map(wire_line).collect(),
+        lines: settlement.lines.iter().map(wire_line).collect(),
         replayed: settlement.replayed,
     }
 }
@@ -352,7 +407,7 @@ fn engine_refusal(error: EngineError) -> Refusal {
     }
 }
 
-fn order_refusal(error: OrderError) -> Refusal {
+pub(crate) fn order_refusal(error: OrderError) -> Refusal {
     let line_index = |index: usize| u32::try_from(index).unwrap_or(u32::MAX);
     match error {
         OrderError::Line { index, sku, error, .. } => sku_refusal(line_index(index), &sku, error),

@@ -66,8 +66,6 @@ pub trait Shop: Send + Sync + 'static {
     fn commit(&self, token: &str) -> impl Future<Output = anyhow::Result<u64>> + Send;
     fn release(&self, token: &str) -> impl Future<Output = anyhow::Result<()>> + Send;
     fn availability(&self, sku: &str) -> impl Future<Output = anyhow::Result<Counts>> + Send;
-    /// Whether one order may hold both SKUs.
-    fn colocated(&self, first: &str, second: &str) -> bool;
 }
 
 impl Shop for Engine {
@@ -110,10 +108,6 @@ impl Shop for Engine {
     async fn availability(&self, sku: &str) -> anyhow::Result<Counts> {
         let stock = Engine::availability(self, &SkuId::new(sku)?).await?;
         Ok(Counts { available: stock.available, held: stock.held, sold: stock.sold })
-    }
-
-    fn colocated(&self, _first: &str, _second: &str) -> bool {
-        true
     }
 }
 
@@ -165,10 +159,5 @@ impl Shop for ClusterShop {
     async fn availability(&self, sku: &str) -> anyhow::Result<Counts> {
         let stock = self.checkout.availability(sku).await?;
         Ok(Counts { available: stock.available, held: stock.held, sold: stock.sold })
-    }
-
-    fn colocated(&self, first: &str, second: &str) -> bool {
-        // Orders spanning members are not supported yet.
-        self.checkout.owner_of(first) == self.checkout.owner_of(second)
     }
 }

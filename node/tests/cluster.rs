@@ -146,9 +146,11 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
             checkout.call(reserve("order-5", &[&theirs])).await.expect("answered"),
             Response::Refused(Refusal::WrongNode { owner: 2 })
         );
+        // An order spanning both members is coordinated here: its first
+        // line (sold out) refuses it whole.
         assert!(matches!(
             checkout.call(reserve("order-6", &[&mine, &theirs])).await.expect("answered"),
-            Response::Refused(Refusal::Invalid { .. })
+            Response::Refused(Refusal::SoldOut { line: 0, .. })
         ));
         assert!(matches!(
             checkout.call(reserve("", &[&mine])).await.expect("answered"),

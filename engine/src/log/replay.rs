@@ -82,20 +82,21 @@ impl ReplayedState {
                 state.apply(now_ms, &command);
             }
             LogRecord::TransactionBegun { order, lines } => {
-                // A retried commit begins again; only a decided transaction
-                // can never be begun anew.
-                if self.transactions.get(&order).is_some_and(|open| open.committed) {
-                    return Err(format!("order {order}: a committed transaction began again"));
+                // A retried commit begins again and replaces an undecided
+                // transaction; a decision is final, so a decided one stays.
+                if !self.transactions.get(&order).is_some_and(|open| open.committed) {
+                    self.transactions.insert(order, OpenTransaction { lines, committed: false });
                 }
-                self.transactions.insert(order, OpenTransaction { lines, committed: false });
             }
             LogRecord::TransactionCommitted { order } => {
                 let open =
                     self.transactions.get_mut(&order).ok_or_else(|| format!("order {order}: decided, never begun"))?;
                 open.committed = true;
             }
+            // Ending is idempotent: a coordinator may end a transaction
+            // again when a retry finds it already carried out.
             LogRecord::TransactionEnded { order } => {
-                self.transactions.remove(&order).ok_or_else(|| format!("order {order}: ended, never begun"))?;
+                self.transactions.remove(&order);
             }
         }
         self.last_sequence = sequence;

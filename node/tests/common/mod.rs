@@ -67,10 +67,16 @@ impl Cluster {
 
     /// Starts member `id` and waits (at most 20 s) until it serves.
     pub fn start_node(&mut self, id: u32) {
+        self.start_node_with(id, &[]);
+    }
+
+    /// Starts member `id` with extra environment variables (failpoints).
+    pub fn start_node_with(&mut self, id: u32, environment: &[(&str, &str)]) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
             .args(["serve", "--config"])
             .arg(&self.config)
             .args(["--id", &id.to_string()])
+            .envs(environment.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("node starts");
@@ -108,6 +114,20 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("node {id} did not stop within 10 s of SIGTERM");
+    }
+
+    /// Waits (at most 10 s) for member `id` to exit by itself, and says
+    /// whether it failed.
+    pub fn wait_exit(&mut self, id: u32) -> std::process::ExitStatus {
+        let position = self.nodes.iter().position(|(node, _)| *node == id).expect("running");
+        for _ in 0..200 {
+            if let Some(status) = self.nodes[position].1.try_wait().expect("waits") {
+                self.nodes.remove(position);
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("node {id} did not exit within 10 s");
     }
 
     pub fn address(&self, id: u32) -> SocketAddr {

@@ -1,0 +1,183 @@
+//! Orders whose lines live on several members, against real member
+//! processes: all or nothing on reserve, commit and release, and a
+//! coordinator that dies in the middle of a commit (a failpoint aborts the
+//! process) finishes the order after its restart: every line sold, or every
+//! line back, never some of each.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{runtime, sku_owned_by, Cluster};
+use flashstock_client::{Client, Error, Order, OrderLine, Quantity, RetryPolicy, Stock};
+
+async fn client(cluster: &Cluster, identity: &str, attempts_max: u32) -> Client {
+    Client::builder()
+        .seed(cluster.address(1))
+        .seed(cluster.address(2))
+        .tls_directory(&cluster.certs(), identity)
+        .request_timeout(Duration::from_secs(3))
+        .retry(RetryPolicy {
+            attempts_max,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(250),
+        })
+        .connect()
+        .await
+        .expect("the client connects")
+}
+
+fn order(id: &str, lines: &[(&str, u32)]) -> Order {
+    Order {
+        id: id.to_owned(),
+        buyer: format!("buyer-of-{id}"),
+        lines: lines
+            .iter()
+            .map(|(sku, units)| OrderLine { sku: (*sku).to_owned(), quantity: Quantity::Exactly(*units) })
+            .collect(),
+        hold_ttl: Duration::from_secs(60),
+    }
+}
+
+/// Waits (bounded) until every member reports every other one up.
+async fn wait_all_up(client: &Client) {
+    for _ in 0..300 {
+        if client.cluster_status().await.is_ok_and(|status| status.members.iter().all(|member| member.up)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the members never all came up");
+}
+
+fn counts(stock: Stock) -> (u64, u64, u64) {
+    (stock.available, stock.held, stock.sold)
+}
+
+#[test]
+fn an_order_across_members_is_all_or_nothing() {
+    let cluster = Cluster::start("spanning-flow", 2);
+    let members = cluster.members();
+    let (a, b, c) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0), sku_owned_by(2, &members, 1));
+    runtime().block_on(async {
+        let admin = client(&cluster, "admin", 40).await;
+        wait_all_up(&admin).await;
+        admin.create_sku(&a, 5, None, 0).await.expect("created");
+        admin.create_sku(&b, 5, None, 0).await.expect("created");
+        admin.create_sku(&c, 1, None, 0).await.expect("created");
+        let checkout = client(&cluster, "checkout", 40).await;
+
+        let held = checkout.reserve(&order("o1", &[(&a, 2), (&b, 3)])).await.expect("held on both members");
+        assert_eq!(
+            held.lines.iter().map(|line| (line.sku.as_str(), line.units)).collect::<Vec<_>>(),
+            [(a.as_str(), 2), (b.as_str(), 3)]
+        );
+        assert_eq!(counts(checkout.availability(&b).await.expect("counts")), (2, 3, 0));
+        let again = checkout.reserve(&order("o1", &[(&a, 2), (&b, 3)])).await.expect("the same reservation");
+        assert_eq!(again.id, held.id);
+        assert_eq!(counts(checkout.availability(&b).await.expect("counts")), (2, 3, 0), "held once");
+        let sold = checkout.commit(&held.id).await.expect("committed");
+        assert_eq!(sold.lines.iter().map(|line| line.units).sum::<u32>(), 5);
+        assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (3, 0, 2));
+        assert_eq!(counts(checkout.availability(&b).await.expect("counts")), (2, 0, 3));
+        assert!(checkout.commit(&held.id).await.expect("the first answer again").replayed);
+        assert_eq!(checkout.release(&held.id).await, Err(Error::AlreadyCommitted));
+
+        // One part refused: nothing stays held, the refusal names the line
+        // of the whole order, and the id may be used again.
+        match checkout.reserve(&order("o2", &[(&a, 1), (&c, 2)])).await {
+            Err(Error::SoldOut { line: 1, sku, available: 1 }) => assert_eq!(sku, c),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (3, 0, 2), "the held part was undone");
+        let retried = checkout.reserve(&order("o2", &[(&a, 1), (&c, 1)])).await.expect("held");
+        let released = checkout.release(&retried.id).await.expect("released on both members");
+        assert_eq!(released.lines.len(), 2);
+        assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (3, 0, 2));
+        assert_eq!(counts(checkout.availability(&c).await.expect("counts")), (1, 0, 0));
+
+        // Coordinated by member 2 this time (its SKU comes first), with fewer units on one line.
+        let held = checkout.reserve(&order("o3", &[(&b, 2), (&a, 2)])).await.expect("held");
+        let sold = checkout.commit_fewer(&held.id, &[(a.as_str(), 1)]).await.expect("committed");
+        assert_eq!(sold.lines.iter().map(|line| line.units).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (2, 0, 3));
+        assert_eq!(counts(checkout.availability(&b).await.expect("counts")), (0, 0, 5));
+
+        // Too late: the order expired as a whole.
+        let short = Order { hold_ttl: Duration::from_millis(1_000), ..order("o4", &[(&a, 1), (&c, 1)]) };
+        let short = checkout.reserve(&short).await.expect("held");
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        assert!(matches!(checkout.commit(&short.id).await, Err(Error::Expired { .. })));
+        assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (2, 0, 3));
+        assert_eq!(counts(checkout.availability(&c).await.expect("counts")), (1, 0, 0));
+    });
+}
+
+type Counts = (u64, u64, u64);
+
+/// Kills the coordinator at `failpoint` during the commit of an order with
+/// a line on each member, restarts it, and returns the two SKUs' counts
+/// once the line on the other member has settled one way or the other,
+/// and again after the client retried its commit.
+fn commit_interrupted_at(name: &str, failpoint: &str) -> [(Counts, Counts); 2] {
+    let mut cluster = Cluster::start(name, 2);
+    let members = cluster.members();
+    let (a, b) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    let runtime = runtime();
+    cluster.terminate(1);
+    cluster.start_node_with(1, &[("FLASHSTOCK_FAILPOINT", failpoint)]);
+    let held = runtime.block_on(async {
+        let admin = client(&cluster, "admin", 40).await;
+        wait_all_up(&admin).await;
+        admin.create_sku(&a, 5, None, 0).await.expect("created");
+        admin.create_sku(&b, 5, None, 0).await.expect("created");
+        let checkout = client(&cluster, "checkout", 2).await;
+        let held = checkout.reserve(&order("split-me", &[(&a, 2), (&b, 3)])).await.expect("held");
+        let interrupted = checkout.commit(&held.id).await;
+        assert!(matches!(interrupted, Err(ref error) if error.is_retryable()), "{interrupted:?}");
+        // Member 2 still holds its line (prepared: it does not expire).
+        assert_eq!(counts(checkout.availability(&b).await.expect("counts")).1, 3);
+        held
+    });
+    assert!(!cluster.wait_exit(1).success(), "the failpoint stopped member 1 dead");
+    cluster.start_node(1);
+    let checkout = runtime.block_on(client(&cluster, "checkout", 40));
+    let (on_a, on_b) = runtime.block_on(async {
+        wait_all_up(&checkout).await;
+        // The other member's line settles once the coordinator is back.
+        for _ in 0..200 {
+            let on_b = counts(checkout.availability(&b).await.expect("counts"));
+            let on_a = counts(checkout.availability(&a).await.expect("counts"));
+            if on_b.2 == 3 || on_a.2 == 0 {
+                return (on_a, on_b);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the order never settled after the coordinator came back");
+    });
+    // Whatever the crash left, the client's retried commit finishes it.
+    let settled = runtime.block_on(checkout.commit(&held.id)).expect("the commit completes");
+    assert_eq!(settled.lines.iter().map(|line| line.units).sum::<u32>(), 5);
+    let after = runtime.block_on(async {
+        let on_a = counts(checkout.availability(&a).await.expect("counts"));
+        (on_a, counts(checkout.availability(&b).await.expect("counts")))
+    });
+    [(on_a, on_b), after]
+}
+
+#[test]
+fn a_coordinator_killed_between_line_commits_sells_every_line_after_restart() {
+    let [recovered, retried] = commit_interrupted_at("spanning-between", "between-commits");
+    // Decided before the crash: both lines sold, by recovery alone.
+    assert_eq!(recovered, ((3, 0, 2), (2, 0, 3)));
+    assert_eq!(retried, recovered, "the retried commit only answers");
+}
+
+#[test]
+fn a_coordinator_killed_before_deciding_leaves_every_line_held() {
+    let [recovered, retried] = commit_interrupted_at("spanning-before", "before-decision");
+    // Not decided: nothing sold anywhere, both lines held again (with
+    // their TTL), and the client's retried commit sold them together.
+    assert_eq!(recovered, ((3, 2, 0), (2, 3, 0)));
+    assert_eq!(retried, ((3, 0, 2), (2, 0, 3)));
+}
