@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{ClusterFile, NetworkSection};
 use crate::peers::Peers;
-use crate::spanning::{Coordinator, Failpoint};
+use crate::spanning::{Coordinator, Failpoint, PART_ORDER_PREFIX};
 use crate::tls::{self, Role};
 
 /// QUIC error codes a node closes connections with.
@@ -194,8 +194,16 @@ impl Node {
         }
         let is_member_request =
             matches!(body, RequestBody::Prepare { .. } | RequestBody::Unprepare { .. } | RequestBody::Abandon { .. });
-        if is_member_request && !matches!(role, Role::Node(_)) {
-            return Err(Refusal::Forbidden);
+        if !matches!(role, Role::Node(_)) {
+            if is_member_request {
+                return Err(Refusal::Forbidden);
+            }
+            if let RequestBody::Reserve { order, .. }
+            | RequestBody::Commit { order, .. }
+            | RequestBody::Release { order, .. } = &body
+            {
+                check_client_order_id(order)?;
+            }
         }
         match body {
             RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
@@ -347,6 +355,19 @@ fn invalid(field: &str, reason: impl Into<String>) -> Refusal {
 
 fn sku_id(sku: String) -> Result<SkuId, Refusal> {
     SkuId::new(sku).map_err(|error| invalid("sku", error.to_string()))
+}
+
+/// Ids that clients may use: the engine's rules, minus the prefix of the
+/// cluster's own part ids and one byte of length that the prefix takes.
+fn check_client_order_id(order: &str) -> Result<(), Refusal> {
+    if order.starts_with(PART_ORDER_PREFIX) {
+        return Err(invalid("order", format!("ids beginning with `{PART_ORDER_PREFIX}` are reserved for the cluster")));
+    }
+    let limit = flashstock_engine::ids::ID_BYTES_MAX - PART_ORDER_PREFIX.len_utf8();
+    if order.len() > limit {
+        return Err(invalid("order", format!("order id is {} bytes long; the limit is {limit}", order.len())));
+    }
+    Ok(())
 }
 
 fn order_id(order: String) -> Result<OrderId, Refusal> {

@@ -300,7 +300,7 @@ impl Coordinator {
             let indices: Vec<usize> =
                 (0..lines.len()).filter(|&index| self.owner(&lines[index].sku) == part.member).collect();
             let body = RequestBody::Reserve {
-                order: order.as_str().to_owned(),
+                order: part_order(&order),
                 buyer: buyer.as_str().to_owned(),
                 lines: indices.iter().map(|&index| lines[index].clone()).collect(),
                 ttl_ms,
@@ -361,8 +361,7 @@ impl Coordinator {
                     tracing::warn!(%order, %error, "could not abandon the local part; it expires by its TTL");
                 }
                 for part in held_parts {
-                    let body =
-                        RequestBody::Abandon { order: order.as_str().to_owned(), home_partition: part.home_partition };
+                    let body = RequestBody::Abandon { order: part_order(&order), home_partition: part.home_partition };
                     if let PartAnswer::Refused(refusal) = self.call(part.member, body).await {
                         tracing::warn!(%order, member = part.member, ?refusal, "could not abandon a part; it expires by its TTL");
                     }
@@ -410,8 +409,7 @@ impl Coordinator {
         let mut refusal = self.engine.prepare(&order).await.err().map(crate::server::order_refusal);
         if refusal.is_none() {
             for part in &spanning.remote {
-                let body =
-                    RequestBody::Prepare { order: order.as_str().to_owned(), home_partition: part.home_partition };
+                let body = RequestBody::Prepare { order: part_order(&order), home_partition: part.home_partition };
                 match self.call(part.member, body).await {
                     PartAnswer::Ok(Response::Reserved { .. }) => {}
                     PartAnswer::Ok(other) => refusal = Some(unexpected(part.member, &other)),
@@ -463,7 +461,7 @@ impl Coordinator {
         let mut replayed = local.replayed;
         for part in &spanning.remote {
             let body = RequestBody::Commit {
-                order: order.as_str().to_owned(),
+                order: part_order(&order),
                 home_partition: part.home_partition,
                 fewer: fewer
                     .iter()
@@ -505,7 +503,7 @@ impl Coordinator {
             tracing::warn!(%order, %error, "could not give the local part its TTL back");
         }
         for part in &spanning.remote {
-            let (order_text, home_partition) = (order.as_str().to_owned(), part.home_partition);
+            let (order_text, home_partition) = (part_order(&order), part.home_partition);
             let body = if expired {
                 RequestBody::Release { order: order_text, home_partition }
             } else {
@@ -542,7 +540,7 @@ impl Coordinator {
         let local = self.engine.release(&order).await.map_err(crate::server::order_refusal)?;
         let mut lines: Vec<WireLineResult> = local.lines.iter().map(crate::server::wire_line).collect();
         for part in &spanning.remote {
-            let body = RequestBody::Release { order: order.as_str().to_owned(), home_partition: part.home_partition };
+            let body = RequestBody::Release { order: part_order(&order), home_partition: part.home_partition };
             match self.call_until_done(part.member, body).await {
                 Some(Response::Settled { lines: part_lines, .. }) => lines.extend(part_lines),
                 Some(other) => return Err(unexpected(part.member, &other)),
@@ -587,10 +585,8 @@ impl Coordinator {
                     }
                 } else {
                     for part in &spanning.remote {
-                        let body = RequestBody::Unprepare {
-                            order: order.as_str().to_owned(),
-                            home_partition: part.home_partition,
-                        };
+                        let body =
+                            RequestBody::Unprepare { order: part_order(&order), home_partition: part.home_partition };
                         coordinator.call_until_done(part.member, body).await;
                     }
                     tracing::info!(%order, "an undecided transaction's parts have their TTL back");
@@ -644,6 +640,18 @@ impl Coordinator {
         self.lock_orders().len()
     }
 }
+
+/// The id under which a member holds its part of `order`: the reserved
+/// prefix keeps checkout clients from settling a part on its own (which
+/// would split the order) and keeps parts apart from the member's own
+/// orders of the same id.
+pub fn part_order(order: &OrderId) -> String {
+    format!("{PART_ORDER_PREFIX}{order}")
+}
+
+/// Order ids beginning with this are the cluster's own (parts of spanning
+/// orders); clients may not use them.
+pub const PART_ORDER_PREFIX: char = '~';
 
 fn sku_id(sku: &str) -> Result<SkuId, Refusal> {
     SkuId::new(sku).map_err(|error| Refusal::Invalid { field: "sku".to_owned(), reason: error.to_string() })

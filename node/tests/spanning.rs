@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{runtime, sku_owned_by, Cluster};
-use flashstock_client::{Client, Error, Order, OrderLine, Quantity, RetryPolicy, Stock};
+use flashstock_client::{Client, Error, Order, OrderLine, Quantity, ReservationId, RetryPolicy, Stock};
 
 async fn client(cluster: &Cluster, identity: &str, attempts_max: u32) -> Client {
     Client::builder()
@@ -102,6 +102,20 @@ fn an_order_across_members_is_all_or_nothing() {
         assert_eq!(sold.lines.iter().map(|line| line.units).collect::<Vec<_>>(), [2, 1]);
         assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (2, 0, 3));
         assert_eq!(counts(checkout.availability(&b).await.expect("counts")), (0, 0, 5));
+
+        // A part cannot be settled on its own: its member knows it under a
+        // cluster-only id, which clients may not use.
+        let held = checkout.reserve(&order("o5", &[(&a, 1), (&b, 1)])).await;
+        assert!(matches!(held, Err(Error::SoldOut { line: 1, .. })), "b is sold out: {held:?}");
+        let held = checkout.reserve(&order("o5", &[(&a, 1), (&c, 1)])).await.expect("held");
+        let part_home = flashstock_client::routing::partition_of(&c, common::PARTITIONS);
+        for order_id in ["o5", "~o5"] {
+            let part = ReservationId { order: order_id.to_owned(), home_partition: part_home };
+            let refused = checkout.commit(&part).await;
+            assert!(matches!(refused, Err(Error::UnknownReservation | Error::Invalid { .. })), "{refused:?}");
+        }
+        assert_eq!(counts(checkout.availability(&c).await.expect("counts")), (0, 1, 0), "still held, not sold");
+        checkout.release(&held.id).await.expect("released");
 
         // Too late: the order expired as a whole.
         let short = Order { hold_ttl: Duration::from_millis(1_000), ..order("o4", &[(&a, 1), (&c, 1)]) };
