@@ -461,7 +461,7 @@ impl Coordinator {
         let mut replayed = local.replayed;
         for part in &spanning.remote {
             let body = RequestBody::Commit {
-                order: part_order(&order),
+                order: part_order(order),
                 home_partition: part.home_partition,
                 fewer: fewer
                     .iter()
@@ -503,7 +503,7 @@ impl Coordinator {
             tracing::warn!(%order, %error, "could not give the local part its TTL back");
         }
         for part in &spanning.remote {
-            let (order_text, home_partition) = (part_order(&order), part.home_partition);
+            let (order_text, home_partition) = (part_order(order), part.home_partition);
             let body = if expired {
                 RequestBody::Release { order: order_text, home_partition }
             } else {
