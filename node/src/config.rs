@@ -46,6 +46,10 @@ pub struct MemberSection {
     pub address: String,
     /// The node's log and snapshots (locked while the node runs).
     pub data_directory: std::path::PathBuf,
+    /// Plain-HTTP address (`host:port`) of the node's `/metrics`,
+    /// `/health` and `/status`; none when absent.
+    #[serde(default)]
+    pub metrics_address: Option<String>,
 }
 
 /// Where the certificates live. `flashstock-node dev-certs` creates a
@@ -282,6 +286,14 @@ impl ClusterFile {
             }
             if member.address.parse::<std::net::SocketAddr>().is_err() {
                 bail!("`members[{index}].address`: `{}` is not an IP address with a port", member.address);
+            }
+            if let Some(metrics_address) = &member.metrics_address {
+                if metrics_address.parse::<std::net::SocketAddr>().is_err() {
+                    bail!("`members[{index}].metrics_address`: `{metrics_address}` is not an IP address with a port");
+                }
+                if earlier.iter().any(|other| other.metrics_address.as_ref() == Some(metrics_address)) {
+                    bail!("`members[{index}].metrics_address`: {metrics_address} is used twice");
+                }
             }
         }
         if !self.members.is_empty() && self.tls.is_none() {

@@ -12,6 +12,8 @@
 //!   cluster through the client crate.
 //! - [`local_cluster`]: members as child processes, for the `cluster`
 //!   command and the demo.
+//! - [`operations`]: a member's metrics (Prometheus), health and status
+//!   over HTTP on its `metrics_address`.
 //! - [`tls`]: development certificates, the rustls configurations of both
 //!   ends (mutual TLS), and the role a peer's certificate names.
 //! - [`peers`]: the long-lived links to the other members, and which of
@@ -24,6 +26,7 @@
 pub mod config;
 pub mod crash_load;
 pub mod local_cluster;
+pub mod operations;
 pub mod peers;
 pub mod sale;
 pub mod server;

@@ -22,16 +22,19 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `serve` for each of `members` with `config` and waits until
     /// every one says it serves. The members' output goes to this
-    /// process's.
-    pub async fn start(config: &Path, members: &[u32]) -> anyhow::Result<Self> {
+    /// process's; `quiet` members log only warnings (unless `RUST_LOG`
+    /// says otherwise), so that the demo's own report stays readable.
+    pub async fn start(config: &Path, members: &[u32], quiet: bool) -> anyhow::Result<Self> {
         let executable = std::env::current_exe().context("locating this program")?;
         let mut cluster = Self { children: Vec::with_capacity(members.len()) };
         let (ready_sender, mut ready) = tokio::sync::mpsc::channel::<u32>(members.len().max(1));
         for id in members {
-            let mut child = tokio::process::Command::new(&executable)
-                .args(["serve", "--config"])
-                .arg(config)
-                .args(["--id", &id.to_string()])
+            let mut command = tokio::process::Command::new(&executable);
+            command.args(["serve", "--config"]).arg(config).args(["--id", &id.to_string()]);
+            if quiet && std::env::var_os("RUST_LOG").is_none() {
+                command.env("RUST_LOG", "warn");
+            }
+            let mut child = command
                 .stdout(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()

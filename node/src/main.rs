@@ -1,8 +1,11 @@
-//! `flashstock-node`: runs the inventory engine from `cluster.toml`.
+//! `flashstock-node`: runs the inventory engine from `cluster.toml`: a
+//! member (`serve`), a local cluster (`cluster`), the simulated flash sale
+//! of the README (`flash-sale`), development certificates (`dev-certs`),
+//! operator commands (`admin ...`) and checks (`check-config`).
 //!
-//! Today it runs the simulated flash sale on an in-process engine
-//! (`flash-sale`) and checks a configuration (`check-config`); serving a
-//! cluster member over QUIC comes with the cluster.
+//! Logs go to stderr through `tracing`: `RUST_LOG` filters them (default
+//! `warn`, `info` for `serve`), `--log-format json` writes one JSON object
+//! per line for log shippers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,8 +19,17 @@ use flashstock_node::{config, sale};
 #[derive(Debug, Parser)]
 #[command(name = "flashstock-node", version, about = "Flash-sale inventory engine node")]
 struct Arguments {
+    /// `text` for people (colours on a terminal), `json` for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,12 +162,20 @@ fn main() -> anyhow::Result<()> {
         default_hook(info);
         std::process::abort();
     }));
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let arguments = Arguments::parse();
+    // A member reports what it recovers and its peers' comings and goings.
+    let default_level = if matches!(arguments.command, Command::Serve { .. }) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match arguments.log_format {
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            logs.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+    }
 
-    match Arguments::parse().command {
+    match arguments.command {
         Command::CheckConfig { config } => {
             let file = config::ClusterFile::load(&config)?;
             println!(
@@ -187,7 +207,7 @@ fn main() -> anyhow::Result<()> {
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
-                let mut cluster = LocalCluster::start(&config, &members).await?;
+                let mut cluster = LocalCluster::start(&config, &members, false).await?;
                 println!("cluster of {} members running; Ctrl-C stops it", members.len());
                 let signal = shutdown_signal();
                 tokio::pin!(signal);
@@ -291,8 +311,16 @@ async fn sale_on_cluster(
                 .with_context(|| format!("emptying {}", member.data_directory.display()))?;
         }
     }
-    let mut cluster = LocalCluster::start(config_path, &members).await?;
+    let mut cluster = LocalCluster::start(config_path, &members, true).await?;
     println!("cluster: {} members on {}", members.len(), addresses(file));
+    let metrics: Vec<String> = file
+        .members
+        .iter()
+        .filter_map(|member| Some(format!("http://{}/metrics", member.metrics_address.as_ref()?)))
+        .collect();
+    if !metrics.is_empty() {
+        println!("metrics while it runs: curl {}", metrics.join(" "));
+    }
     let outcome = async {
         let connect = |identity: &str| {
             let mut builder = flashstock_client::Client::builder()
@@ -346,6 +374,15 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     let member = file.member(id)?.clone();
     let storage = file.storage.clone().unwrap_or_else(|| config::StorageSection::at(&member.data_directory));
     let durability = storage.durability(member.data_directory.clone());
+    // The operations endpoint answers from the start: `/health` says
+    // `recovering` until the member serves.
+    let operations = flashstock_node::operations::Operations::install()?;
+    if let Some(address) = &member.metrics_address {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics address {address}"))?;
+        tokio::spawn(operations.clone().serve(listener));
+    }
     let started = std::time::Instant::now();
     let (engine, report) = Engine::open(file.engine_config()?, Arc::new(SystemClock), durability)
         .with_context(|| format!("recovering {}", member.data_directory.display()))?;
@@ -369,11 +406,13 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     // carried on as soon as those members answer.
     node.coordinator.recover(engine.take_recovered_transactions());
     node.coordinator.start_sweep();
+    operations.ready(node.clone());
     // Ready: tests and scripts wait for this line.
     println!("node {id} serving on {}", endpoint.local_addr()?);
     let serving = tokio::spawn(flashstock_node::server::serve(endpoint.clone(), node.clone()));
     shutdown_signal().await?;
     tracing::info!("stopping");
+    operations.stopping();
     // Requests in flight get their answers (their records are durable once
     // answered); new ones are refused as Unavailable, which clients retry.
     let left = node.drain(std::time::Duration::from_secs(5)).await;

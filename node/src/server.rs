@@ -141,6 +141,28 @@ impl Node {
         (!self.stopping.load(Ordering::SeqCst)).then_some(guard)
     }
 
+    /// Requests being worked on now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn member_ids(&self) -> Vec<u32> {
+        self.members.clone()
+    }
+
+    /// Whether this node's link to `member` is up (itself always is).
+    pub fn peer_is_up(&self, member: u32) -> bool {
+        self.peers.is_up(member)
+    }
+
+    pub fn owns(&self, partition: u32) -> bool {
+        self.owner(partition) == self.id
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.map.partition_count
+    }
+
     fn owner(&self, partition: u32) -> u32 {
         owner_of(partition, &self.members).expect("a node has at least itself as member")
     }
@@ -346,6 +368,63 @@ impl Node {
             expires_at_ms: reservation.expires_at_ms,
             lines: reservation.lines.iter().map(wire_line).collect(),
         })
+    }
+}
+
+/// A request's kind, as metrics and spans name it.
+fn request_kind(body: &RequestBody) -> &'static str {
+    match body {
+        RequestBody::Reserve { .. } => "reserve",
+        RequestBody::Commit { .. } => "commit",
+        RequestBody::Release { .. } => "release",
+        RequestBody::Availability { .. } => "availability",
+        RequestBody::PartitionMap => "partition_map",
+        RequestBody::NodeStatus => "node_status",
+        RequestBody::CreateSku { .. } => "create_sku",
+        RequestBody::AddStock { .. } => "add_stock",
+        RequestBody::RemoveStock { .. } => "remove_stock",
+        RequestBody::SetBuyerLimit { .. } => "set_buyer_limit",
+        RequestBody::OpenSale { .. } => "open_sale",
+        RequestBody::Prepare { .. } => "prepare",
+        RequestBody::Unprepare { .. } => "unprepare",
+        RequestBody::Abandon { .. } => "abandon",
+    }
+}
+
+fn request_order(body: &RequestBody) -> Option<&str> {
+    match body {
+        RequestBody::Reserve { order, .. }
+        | RequestBody::Commit { order, .. }
+        | RequestBody::Release { order, .. }
+        | RequestBody::Prepare { order, .. }
+        | RequestBody::Unprepare { order, .. }
+        | RequestBody::Abandon { order, .. } => Some(order),
+        _ => None,
+    }
+}
+
+/// A response's outcome, as metrics name it: `ok` or the refusal.
+fn outcome(response: &Response) -> &'static str {
+    let Response::Refused(refusal) = response else { return "ok" };
+    match refusal {
+        Refusal::SoldOut { .. } => "sold_out",
+        Refusal::LimitExceeded { .. } => "limit_exceeded",
+        Refusal::NotOpen { .. } => "not_open",
+        Refusal::HoldLimitReached { .. } => "hold_limit_reached",
+        Refusal::NotEnoughUnsoldStock { .. } => "not_enough_unsold_stock",
+        Refusal::UnknownSku { .. } => "unknown_sku",
+        Refusal::SkuExists { .. } => "sku_exists",
+        Refusal::UnknownReservation => "unknown_reservation",
+        Refusal::Expired { .. } => "expired",
+        Refusal::AlreadyCommitted => "already_committed",
+        Refusal::AlreadyReleased => "already_released",
+        Refusal::IdempotencyConflict => "idempotency_conflict",
+        Refusal::Invalid { .. } => "invalid",
+        Refusal::Busy { .. } => "busy",
+        Refusal::Unavailable { .. } => "unavailable",
+        Refusal::WrongNode { .. } => "wrong_node",
+        Refusal::DeadlineExceeded => "deadline_exceeded",
+        Refusal::Forbidden => "forbidden",
     }
 }
 
@@ -579,22 +658,36 @@ async fn request(
         send.finish()?;
         return Ok(());
     };
-    let response = match wire::read_message::<Request, _>(&mut receive).await {
+    let started = std::time::Instant::now();
+    let (kind, response) = match wire::read_message::<Request, _>(&mut receive).await {
         // No time left: the caller has given up before the work could begin.
-        Ok(request) if request.timeout_ms == 0 => Response::Refused(Refusal::DeadlineExceeded),
+        Ok(request) if request.timeout_ms == 0 => {
+            (request_kind(&request.body), Response::Refused(Refusal::DeadlineExceeded))
+        }
         Ok(request) => {
+            let kind = request_kind(&request.body);
+            // One span per request, named by the order it concerns, so that
+            // an order can be followed from the client to its owner (and,
+            // for spanning orders, to the members holding its parts).
+            let span = tracing::info_span!("request", kind, order = tracing::field::Empty);
+            if let Some(order) = request_order(&request.body) {
+                span.record("order", order);
+            }
             let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);
             // Past the deadline the caller has given up: the work is
             // dropped (the engine puts back an order left half-way).
-            match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), node.handle(role, request.body)).await
-            {
-                Ok(response) => response,
-                Err(_) => Response::Refused(Refusal::DeadlineExceeded),
+            let work = tracing::Instrument::instrument(node.handle(role, request.body), span);
+            match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), work).await {
+                Ok(response) => (kind, response),
+                Err(_) => (kind, Response::Refused(Refusal::DeadlineExceeded)),
             }
         }
-        Err(wire::StreamError::Codec(error)) => Response::Refused(invalid("request", error.to_string())),
+        Err(wire::StreamError::Codec(error)) => {
+            ("undecodable", Response::Refused(invalid("request", error.to_string())))
+        }
         Err(error) => return Err(error.into()),
     };
+    crate::operations::record_request(kind, outcome(&response), started.elapsed());
     wire::write_message(&mut send, &response).await?;
     send.finish()?;
     Ok(())

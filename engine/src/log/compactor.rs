@@ -34,6 +34,10 @@ pub struct CompactorStats {
     pub snapshots: AtomicU64,
     pub segments_removed: AtomicU64,
     pub failures: AtomicU64,
+    /// When the last snapshot was written (milliseconds since the Unix
+    /// epoch; 0 before the first). For operators' "snapshot age": the
+    /// compactor is an edge of the engine and may read the wall clock.
+    pub last_snapshot_unix_ms: AtomicU64,
 }
 
 /// What one snapshot did.
@@ -108,6 +112,8 @@ fn run(storage: &dyn Storage, directory: &Path, receiver: &Receiver<u64>, rules:
         match take_snapshot(storage, directory, through, rules) {
             Ok(Some(done)) => {
                 stats.snapshots.fetch_add(1, Relaxed);
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                stats.last_snapshot_unix_ms.store(u64::try_from(now.as_millis()).unwrap_or(u64::MAX), Relaxed);
                 stats.segments_removed.fetch_add(done.segments_removed as u64, Relaxed);
                 tracing::debug!(records = done.records_replayed, segments = done.segments_removed, "snapshot taken");
             }

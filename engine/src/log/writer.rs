@@ -81,6 +81,8 @@ pub struct WriterStats {
     pub rounds: std::sync::atomic::AtomicU64,
     pub syncs: std::sync::atomic::AtomicU64,
     pub records: std::sync::atomic::AtomicU64,
+    /// Payload bytes of the records appended (frames add 24 bytes each).
+    pub bytes: std::sync::atomic::AtomicU64,
 }
 
 /// A handle that queues appends for the writer; cheap to clone. The writer
@@ -246,14 +248,16 @@ fn write_round(
         tracing::error!(%error, "the log failed; nothing more is acknowledged");
         Arc::<str>::from(error.to_string())
     };
-    let mut records = 0;
+    let (mut records, mut bytes) = (0, 0);
     for append in round {
         for record in &append.records {
             log.append_encoded(record).map_err(fail)?;
+            bytes += record.as_bytes().len() as u64;
         }
         records += append.records.len() as u64;
     }
     stats.records.fetch_add(records, Relaxed);
+    stats.bytes.fetch_add(bytes, Relaxed);
     if records > 0 {
         stats.syncs.fetch_add(1, Relaxed);
     }

@@ -18,6 +18,8 @@ pub struct Cluster {
     pub root: PathBuf,
     pub config: PathBuf,
     pub addresses: Vec<(u32, SocketAddr)>,
+    /// Each member's `/metrics`, `/health` and `/status` address.
+    pub metrics_addresses: Vec<(u32, SocketAddr)>,
     pub nodes: Vec<(u32, Child)>,
 }
 
@@ -34,18 +36,22 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("scratch directory");
         let ports = free_ports(members as usize);
+        let metrics_ports = free_tcp_ports(members as usize);
         let mut text = format!(
             "[cluster]\nname = \"{name}\"\npartitions = {PARTITIONS}\n\n[tls]\ndirectory = {:?}\n\n\
              [network]\nidle_timeout_ms = 3000\n",
             root.join("certs").display().to_string()
         );
-        let mut addresses = Vec::new();
-        for (index, port) in ports.iter().enumerate() {
+        let (mut addresses, mut metrics_addresses) = (Vec::new(), Vec::new());
+        for (index, (port, metrics_port)) in ports.iter().zip(&metrics_ports).enumerate() {
             let id = index as u32 + 1;
             let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+            let metrics_address: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("address");
             addresses.push((id, address));
+            metrics_addresses.push((id, metrics_address));
             text.push_str(&format!(
-                "\n[[members]]\nid = {id}\naddress = \"{address}\"\ndata_directory = {:?}\n",
+                "\n[[members]]\nid = {id}\naddress = \"{address}\"\nmetrics_address = \"{metrics_address}\"\n\
+                 data_directory = {:?}\n",
                 root.join(format!("node-{id}")).display().to_string()
             ));
         }
@@ -58,7 +64,7 @@ impl Cluster {
             .status()
             .expect("dev-certs runs");
         assert!(status.success());
-        let mut cluster = Self { root, config, addresses, nodes: Vec::new() };
+        let mut cluster = Self { root, config, addresses, metrics_addresses, nodes: Vec::new() };
         for id in 1..=members {
             cluster.start_node(id);
         }
@@ -76,6 +82,8 @@ impl Cluster {
             .args(["serve", "--config"])
             .arg(&self.config)
             .args(["--id", &id.to_string()])
+            // Members log at info by default; tests want only trouble.
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .envs(environment.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
@@ -130,6 +138,21 @@ impl Cluster {
         panic!("node {id} did not exit within 10 s");
     }
 
+    /// `GET path` on member `id`'s operations address: the status code and
+    /// the body (bounded: 5 s, whatever arrived by then).
+    pub fn http_get(&self, id: u32, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let address = self.metrics_addresses.iter().find(|(node, _)| *node == id).expect("member").1;
+        let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).expect("connects");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").expect("request written");
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        let code = answer.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+        let body = answer.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_owned());
+        (code, body)
+    }
+
     pub fn address(&self, id: u32) -> SocketAddr {
         self.addresses.iter().find(|(node, _)| *node == id).expect("member").1
     }
@@ -160,6 +183,13 @@ pub fn sku_owned_by(owner: u32, members: &[u32], skip: usize) -> String {
         .filter(|sku| owner_of(partition_of(sku, PARTITIONS), members) == Some(owner))
         .nth(skip)
         .expect("every member owns some SKU")
+}
+
+/// TCP loopback ports the OS says are free now.
+pub fn free_tcp_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
+    listeners.iter().map(|listener| listener.local_addr().expect("bound").port()).collect()
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {

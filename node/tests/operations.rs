@@ -1,0 +1,133 @@
+//! What an operator sees of real members: Prometheus metrics that move
+//! with the requests, a health check, a status page, and JSON logs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{runtime, sku_owned_by, Cluster};
+use flashstock_client::{Client, Order, OrderLine, Quantity, RetryPolicy};
+
+async fn client(cluster: &Cluster, identity: &str) -> Client {
+    Client::builder()
+        .seed(cluster.address(1))
+        .tls_directory(&cluster.certs(), identity)
+        .request_timeout(Duration::from_secs(3))
+        .retry(RetryPolicy {
+            attempts_max: 40,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(250),
+        })
+        .connect()
+        .await
+        .expect("the client connects")
+}
+
+/// The value of the first sample line of `metrics` that starts with `name`
+/// and contains every one of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn metrics_health_and_status_follow_the_sale() {
+    let cluster = Cluster::start("operations", 2);
+    let members = cluster.members();
+    let (on_one, on_two) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    assert_eq!(cluster.http_get(1, "/health"), (200, "ready\n".to_owned()));
+    let (code, _) = cluster.http_get(1, "/nowhere");
+    assert_eq!(code, 404);
+
+    runtime().block_on(async {
+        let admin = client(&cluster, "admin").await;
+        admin.create_sku(&on_one, 10, None, 0).await.expect("created");
+        admin.create_sku(&on_two, 10, None, 0).await.expect("created");
+        let checkout = client(&cluster, "checkout").await;
+        for index in 0..3 {
+            let order = Order {
+                id: format!("order-{index}"),
+                buyer: format!("buyer-{index}"),
+                lines: vec![OrderLine { sku: on_one.clone(), quantity: Quantity::Exactly(2) }],
+                hold_ttl: Duration::from_secs(60),
+            };
+            let held = checkout.reserve(&order).await.expect("held");
+            checkout.commit(&held.id).await.expect("sold");
+        }
+        // One more, spanning both members, left held.
+        let spanning = Order {
+            id: "spanning".to_owned(),
+            buyer: "buyer-spanning".to_owned(),
+            lines: vec![
+                OrderLine { sku: on_one.clone(), quantity: Quantity::Exactly(1) },
+                OrderLine { sku: on_two.clone(), quantity: Quantity::Exactly(1) },
+            ],
+            hold_ttl: Duration::from_secs(60),
+        };
+        checkout.reserve(&spanning).await.expect("held on both");
+    });
+
+    let (code, metrics) = cluster.http_get(1, "/metrics");
+    assert_eq!(code, 200);
+    assert!(sample(&metrics, "flashstock_requests_total", &["kind=\"commit\"", "outcome=\"ok\""]) >= Some(3.0));
+    assert!(sample(&metrics, "flashstock_request_seconds_count", &["kind=\"reserve\""]) >= Some(4.0), "{metrics}");
+    assert_eq!(sample(&metrics, "flashstock_peer_up", &["member=\"2\""]), Some(1.0));
+    assert!(sample(&metrics, "flashstock_log_fsyncs_total", &[]) > Some(0.0));
+    assert_eq!(sample(&metrics, "flashstock_spanning_orders_open", &[]), Some(1.0));
+    let sold: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("flashstock_partition_units") && line.contains("state=\"sold\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(sold, 6.0, "three orders of two units sold on member 1");
+    // Member 2 answered the coordinator's reserve of its part.
+    let (_, metrics_two) = cluster.http_get(2, "/metrics");
+    assert_eq!(sample(&metrics_two, "flashstock_requests_total", &["kind=\"reserve\"", "outcome=\"ok\""]), Some(1.0));
+
+    let (code, status) = cluster.http_get(1, "/status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    assert_eq!(status["node"], 1);
+    assert_eq!(status["sold"], 6);
+    assert_eq!(status["held"], 1);
+    assert_eq!(status["hottest_skus"][0]["sku"], on_one.as_str());
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn a_member_logs_json_lines_when_asked() {
+    use std::io::BufRead;
+    let mut cluster = Cluster::start("json-logs", 1);
+    cluster.terminate(1);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cluster.config)
+        .args(["--id", "1"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("piped");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let mut recovered = None;
+    while let Ok(line) = receiver.recv_timeout(Duration::from_secs(20)) {
+        let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        if entry["fields"]["message"] == "recovered" {
+            recovered = Some(entry);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let recovered = recovered.expect("the member logged its recovery");
+    assert_eq!(recovered["level"], "INFO");
+    assert_eq!(recovered["fields"]["records"], 0);
+}
