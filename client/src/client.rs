@@ -135,6 +135,8 @@ pub struct MemberStatus {
     /// The other members this one sees down, if it answered (orders that
     /// span members need every link up).
     pub sees_down: Option<Vec<u32>>,
+    /// Its busiest SKUs (most units held plus sold), busiest first.
+    pub hottest_skus: Vec<(String, Stock)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -481,12 +483,18 @@ impl Client {
                 // Asked directly even if the answering member sees it down:
                 // this client's own connection is what counts for it.
                 Ok(address) => match self.send(address, &RequestBody::NodeStatus).await {
-                    Ok(Response::NodeStatus { skus, stock, sees_down, .. }) => Some(((skus, stock.into()), sees_down)),
+                    Ok(Response::NodeStatus { skus, stock, sees_down, hottest_skus, .. }) => {
+                        let hottest = hottest_skus.into_iter().map(|(sku, stock)| (sku, stock.into())).collect();
+                        Some(((skus, stock.into()), sees_down, hottest))
+                    }
                     _ => None,
                 },
                 Err(_) => None,
             };
-            let (totals, sees_down) = report.map_or((None, None), |(totals, down)| (Some(totals), Some(down)));
+            let (totals, sees_down, hottest_skus) = match report {
+                Some((totals, down, hottest)) => (Some(totals), Some(down), hottest),
+                None => (None, None, Vec::new()),
+            };
             members.push(MemberStatus {
                 id: member.id,
                 address: member.address.clone(),
@@ -494,6 +502,7 @@ impl Client {
                 partitions: owned(member.id),
                 totals,
                 sees_down,
+                hottest_skus,
             });
         }
         Ok(ClusterStatus { partition_count: map.partition_count, members })
@@ -544,6 +553,13 @@ impl Client {
 
     /// Sends `body` where `route` says, retrying by the policy.
     async fn call(&self, route: Route, body: RequestBody) -> Result<Response, Error> {
+        // The same fields as the member's span for the request, so that one
+        // order can be followed from here to its owner in the logs.
+        let span = tracing::debug_span!("flashstock_call", kind = body.kind(), order = body.order());
+        tracing::Instrument::instrument(self.call_with_retries(route, body), span).await
+    }
+
+    async fn call_with_retries(&self, route: Route, body: RequestBody) -> Result<Response, Error> {
         let _permit =
             self.inner.in_flight.acquire().await.map_err(|_| Error::Connection("client closed".to_owned()))?;
         let policy = self.inner.retry;
@@ -562,6 +578,7 @@ impl Client {
                 // The wire decides what may be retried; here only how.
                 Ok(Response::Refused(refusal)) if !refusal.is_retryable() => return Err(refusal.into()),
                 Ok(Response::Refused(refusal)) => {
+                    tracing::debug!(attempt, %address, refusal = refusal.name(), "retrying");
                     match refusal {
                         // Our map is stale: learn the current one and go again soon.
                         Refusal::WrongNode { .. } => {
@@ -579,6 +596,7 @@ impl Client {
                 }
                 Ok(response) => return Ok(response),
                 Err(error @ (Error::Connection(_) | Error::DeadlineExceeded)) => {
+                    tracing::debug!(attempt, %address, %error, "retrying");
                     self.forget(address);
                     last_error = error;
                 }

@@ -174,6 +174,42 @@ pub enum RequestBody {
     },
 }
 
+impl RequestBody {
+    /// The request's kind, as metrics and log spans name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Reserve { .. } => "reserve",
+            Self::Commit { .. } => "commit",
+            Self::Release { .. } => "release",
+            Self::Availability { .. } => "availability",
+            Self::PartitionMap => "partition_map",
+            Self::NodeStatus => "node_status",
+            Self::CreateSku { .. } => "create_sku",
+            Self::AddStock { .. } => "add_stock",
+            Self::RemoveStock { .. } => "remove_stock",
+            Self::SetBuyerLimit { .. } => "set_buyer_limit",
+            Self::OpenSale { .. } => "open_sale",
+            Self::Prepare { .. } => "prepare",
+            Self::Unprepare { .. } => "unprepare",
+            Self::Abandon { .. } => "abandon",
+        }
+    }
+
+    /// The order the request concerns, if any (log spans carry it, so an
+    /// order can be followed from the client to every member it touches).
+    pub fn order(&self) -> Option<&str> {
+        match self {
+            Self::Reserve { order, .. }
+            | Self::Commit { order, .. }
+            | Self::Release { order, .. }
+            | Self::Prepare { order, .. }
+            | Self::Unprepare { order, .. }
+            | Self::Abandon { order, .. } => Some(order),
+            _ => None,
+        }
+    }
+}
+
 /// One line of an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireLine {
@@ -235,11 +271,17 @@ pub enum Response {
         stock: WireStock,
         /// Members this one's links say are down now.
         sees_down: Vec<u32>,
+        /// Its busiest SKUs (most units held plus sold), busiest first;
+        /// at most [`HOTTEST_SKUS_MAX`].
+        hottest_skus: Vec<(String, WireStock)>,
     },
     /// A request between members that has no other answer succeeded.
     Done,
     Refused(Refusal),
 }
+
+/// SKUs a member lists in its status.
+pub const HOTTEST_SKUS_MAX: usize = 10;
 
 /// Why a request was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +349,29 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The refusal's name, as metrics and logs give it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::SoldOut { .. } => "sold_out",
+            Self::LimitExceeded { .. } => "limit_exceeded",
+            Self::NotOpen { .. } => "not_open",
+            Self::HoldLimitReached { .. } => "hold_limit_reached",
+            Self::NotEnoughUnsoldStock { .. } => "not_enough_unsold_stock",
+            Self::UnknownSku { .. } => "unknown_sku",
+            Self::SkuExists { .. } => "sku_exists",
+            Self::UnknownReservation => "unknown_reservation",
+            Self::Expired { .. } => "expired",
+            Self::AlreadyCommitted => "already_committed",
+            Self::AlreadyReleased => "already_released",
+            Self::IdempotencyConflict => "idempotency_conflict",
+            Self::Invalid { .. } => "invalid",
+            Self::Busy { .. } => "busy",
+            Self::Unavailable { .. } => "unavailable",
+            Self::WrongNode { .. } => "wrong_node",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Forbidden => "forbidden",
+        }
+    }
     /// Whether sending the same request again (with the same order id) is
     /// safe and may succeed.
     pub fn is_retryable(&self) -> bool {

@@ -506,6 +506,9 @@ async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Resul
                     "  node {} at {}: {state}, {} partitions{totals}{links}",
                     member.id, member.address, member.partitions
                 );
+                for (sku, stock) in member.hottest_skus.iter().take(5) {
+                    println!("    {sku}: {} available, {} held, {} sold", stock.available, stock.held, stock.sold);
+                }
             }
         }
     }

@@ -232,7 +232,19 @@ impl Node {
             RequestBody::NodeStatus => {
                 let totals = self.engine.totals(|partition| self.owner(partition) == self.id);
                 let stock = WireStock { available: totals.available, held: totals.held, sold: totals.sold };
-                Ok(Response::NodeStatus { node: self.id, skus: totals.skus, stock, sees_down: self.peers.down() })
+                let hottest_skus = self
+                    .engine
+                    .hottest_skus(wire::HOTTEST_SKUS_MAX, |partition| self.owner(partition) == self.id)
+                    .into_iter()
+                    .map(|(sku, stock)| (sku.as_str().to_owned(), wire_stock(stock)))
+                    .collect();
+                Ok(Response::NodeStatus {
+                    node: self.id,
+                    skus: totals.skus,
+                    stock,
+                    sees_down: self.peers.down(),
+                    hottest_skus,
+                })
             }
             RequestBody::Reserve { order, buyer, lines, ttl_ms } => {
                 // A member sends only the part it found this member owns:
@@ -368,63 +380,6 @@ impl Node {
             expires_at_ms: reservation.expires_at_ms,
             lines: reservation.lines.iter().map(wire_line).collect(),
         })
-    }
-}
-
-/// A request's kind, as metrics and spans name it.
-fn request_kind(body: &RequestBody) -> &'static str {
-    match body {
-        RequestBody::Reserve { .. } => "reserve",
-        RequestBody::Commit { .. } => "commit",
-        RequestBody::Release { .. } => "release",
-        RequestBody::Availability { .. } => "availability",
-        RequestBody::PartitionMap => "partition_map",
-        RequestBody::NodeStatus => "node_status",
-        RequestBody::CreateSku { .. } => "create_sku",
-        RequestBody::AddStock { .. } => "add_stock",
-        RequestBody::RemoveStock { .. } => "remove_stock",
-        RequestBody::SetBuyerLimit { .. } => "set_buyer_limit",
-        RequestBody::OpenSale { .. } => "open_sale",
-        RequestBody::Prepare { .. } => "prepare",
-        RequestBody::Unprepare { .. } => "unprepare",
-        RequestBody::Abandon { .. } => "abandon",
-    }
-}
-
-fn request_order(body: &RequestBody) -> Option<&str> {
-    match body {
-        RequestBody::Reserve { order, .. }
-        | RequestBody::Commit { order, .. }
-        | RequestBody::Release { order, .. }
-        | RequestBody::Prepare { order, .. }
-        | RequestBody::Unprepare { order, .. }
-        | RequestBody::Abandon { order, .. } => Some(order),
-        _ => None,
-    }
-}
-
-/// A response's outcome, as metrics name it: `ok` or the refusal.
-fn outcome(response: &Response) -> &'static str {
-    let Response::Refused(refusal) = response else { return "ok" };
-    match refusal {
-        Refusal::SoldOut { .. } => "sold_out",
-        Refusal::LimitExceeded { .. } => "limit_exceeded",
-        Refusal::NotOpen { .. } => "not_open",
-        Refusal::HoldLimitReached { .. } => "hold_limit_reached",
-        Refusal::NotEnoughUnsoldStock { .. } => "not_enough_unsold_stock",
-        Refusal::UnknownSku { .. } => "unknown_sku",
-        Refusal::SkuExists { .. } => "sku_exists",
-        Refusal::UnknownReservation => "unknown_reservation",
-        Refusal::Expired { .. } => "expired",
-        Refusal::AlreadyCommitted => "already_committed",
-        Refusal::AlreadyReleased => "already_released",
-        Refusal::IdempotencyConflict => "idempotency_conflict",
-        Refusal::Invalid { .. } => "invalid",
-        Refusal::Busy { .. } => "busy",
-        Refusal::Unavailable { .. } => "unavailable",
-        Refusal::WrongNode { .. } => "wrong_node",
-        Refusal::DeadlineExceeded => "deadline_exceeded",
-        Refusal::Forbidden => "forbidden",
     }
 }
 
@@ -661,16 +616,14 @@ async fn request(
     let started = std::time::Instant::now();
     let (kind, response) = match wire::read_message::<Request, _>(&mut receive).await {
         // No time left: the caller has given up before the work could begin.
-        Ok(request) if request.timeout_ms == 0 => {
-            (request_kind(&request.body), Response::Refused(Refusal::DeadlineExceeded))
-        }
+        Ok(request) if request.timeout_ms == 0 => (request.body.kind(), Response::Refused(Refusal::DeadlineExceeded)),
         Ok(request) => {
-            let kind = request_kind(&request.body);
+            let kind = request.body.kind();
             // One span per request, named by the order it concerns, so that
             // an order can be followed from the client to its owner (and,
             // for spanning orders, to the members holding its parts).
             let span = tracing::info_span!("request", kind, order = tracing::field::Empty);
-            if let Some(order) = request_order(&request.body) {
+            if let Some(order) = request.body.order() {
                 span.record("order", order);
             }
             let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);
@@ -687,7 +640,11 @@ async fn request(
         }
         Err(error) => return Err(error.into()),
     };
-    crate::operations::record_request(kind, outcome(&response), started.elapsed());
+    let outcome = match &response {
+        Response::Refused(refusal) => refusal.name(),
+        _ => "ok",
+    };
+    crate::operations::record_request(kind, outcome, started.elapsed());
     wire::write_message(&mut send, &response).await?;
     send.finish()?;
     Ok(())

@@ -86,6 +86,21 @@ fn metrics_health_and_status_follow_the_sale() {
     let (_, metrics_two) = cluster.http_get(2, "/metrics");
     assert_eq!(sample(&metrics_two, "flashstock_requests_total", &["kind=\"reserve\"", "outcome=\"ok\""]), Some(1.0));
 
+    // Every series the Grafana dashboard reads is one the member exports
+    // (the snapshot time appears once a snapshot was taken).
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../dashboards/flashstock.json")).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    for target in panels.iter().flat_map(|panel| panel["targets"].as_array().expect("targets")) {
+        let expression = target["expr"].as_str().expect("an expression");
+        for name in expression.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if name.starts_with("flashstock_") && name != "flashstock_last_snapshot_unix_seconds" {
+                assert!(metrics.contains(name), "the dashboard reads {name}, which no member exports");
+            }
+        }
+    }
+
     let (code, status) = cluster.http_get(1, "/status");
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
