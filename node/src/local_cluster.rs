@@ -26,10 +26,16 @@ impl LocalCluster {
     /// says otherwise), so that the demo's own report stays readable.
     pub async fn start(config: &Path, members: &[u32], quiet: bool) -> anyhow::Result<Self> {
         let executable = std::env::current_exe().context("locating this program")?;
+        Self::start_with(&executable, config, members, quiet).await
+    }
+
+    /// As [`Self::start`], with `executable` as the `flashstock-node` binary
+    /// (for other programs, such as the load benchmark).
+    pub async fn start_with(executable: &Path, config: &Path, members: &[u32], quiet: bool) -> anyhow::Result<Self> {
         let mut cluster = Self { children: Vec::with_capacity(members.len()) };
         let (ready_sender, mut ready) = tokio::sync::mpsc::channel::<u32>(members.len().max(1));
         for id in members {
-            let mut command = tokio::process::Command::new(&executable);
+            let mut command = tokio::process::Command::new(executable);
             command.args(["serve", "--config"]).arg(config).args(["--id", &id.to_string()]);
             if quiet && std::env::var_os("RUST_LOG").is_none() {
                 command.env("RUST_LOG", "warn");
@@ -102,4 +108,21 @@ impl LocalCluster {
         }
         self.children.clear();
     }
+}
+
+/// Waits (at most `timeout`) until every member answers and sees every
+/// other one up: orders that span members need every link. Returns whether
+/// that happened.
+pub async fn wait_until_linked(client: &flashstock_client::Client, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        let linked = |member: &flashstock_client::MemberStatus| {
+            member.up && member.sees_down.as_ref().is_some_and(Vec::is_empty)
+        };
+        if client.cluster_status().await.is_ok_and(|status| status.members.iter().all(linked)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }

@@ -338,15 +338,8 @@ async fn sale_on_cluster(
             flashstock_node::shop::ClusterShop { admin: connect("admin").await?, checkout: connect("checkout").await? };
         // Orders spanning members need the members' links to each other:
         // the sale opens once every member sees every other up (or after 10 s).
-        for _ in 0..200 {
-            let status = shop.admin.cluster_status().await;
-            let linked = |member: &flashstock_client::MemberStatus| {
-                member.up && member.sees_down.as_ref().is_some_and(Vec::is_empty)
-            };
-            if status.is_ok_and(|status| status.members.iter().all(linked)) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if !flashstock_node::local_cluster::wait_until_linked(&shop.admin, std::time::Duration::from_secs(10)).await {
+            println!("some members do not see each other yet; orders spanning them are refused until they do");
         }
         sale::run(Arc::new(shop), &file.cluster.name, sale).await
     }

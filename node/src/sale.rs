@@ -22,10 +22,14 @@ use crate::shop::{Counts, ReserveOutcome, SaleLine, SaleOrder, Shop};
 
 /// SplitMix64: tiny, seedable, and good enough to pick SKUs and behaviours.
 #[derive(Debug)]
-struct Choices(u64);
+pub struct Choices(u64);
 
 impl Choices {
-    fn next_u64(&mut self) -> u64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut mixed = self.0;
         mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -34,23 +38,23 @@ impl Choices {
     }
 
     /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
+    pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn below(&mut self, bound: u64) -> u64 {
+    pub fn below(&mut self, bound: u64) -> u64 {
         self.next_u64() % bound.max(1)
     }
 }
 
 /// Cumulative Zipf weights of ranks `1..=n`, for sampling by binary search.
 #[derive(Debug)]
-struct Zipf {
+pub struct Zipf {
     cumulative: Vec<f64>,
 }
 
 impl Zipf {
-    fn new(count: u32, exponent: f64) -> Self {
+    pub fn new(count: u32, exponent: f64) -> Self {
         let mut total = 0.0;
         let cumulative = (1..=count)
             .map(|rank| {
@@ -61,7 +65,8 @@ impl Zipf {
         Self { cumulative }
     }
 
-    fn sample(&self, choices: &mut Choices) -> usize {
+    /// A rank in `0..count`, rank 0 the most likely.
+    pub fn sample(&self, choices: &mut Choices) -> usize {
         let total = self.cumulative.last().copied().unwrap_or(0.0);
         let target = choices.unit() * total;
         self.cumulative.partition_point(|&weight| weight <= target).min(self.cumulative.len() - 1)
