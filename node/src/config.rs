@@ -234,7 +234,19 @@ pub struct SaleSection {
     pub cancel_percent: u32,
     pub hold_ttl_ms: u64,
     pub seed: u64,
+    /// The sale opens this long after its SKUs are created. Buyers are
+    /// already there: the first of them are refused `NotOpen`, wait for
+    /// the opening and all come at once, as at a real flash sale's start.
+    #[serde(default = "default_opens_after_ms")]
+    pub opens_after_ms: u64,
 }
+
+fn default_opens_after_ms() -> u64 {
+    1_000
+}
+
+/// Longest wait for the opening: the demo should start buying soon.
+const SALE_OPENS_AFTER_MS_MAX: u64 = 60_000;
 
 /// Longest cluster name: it appears in every log line and metric label.
 const CLUSTER_NAME_BYTES_MAX: usize = 64;
@@ -393,6 +405,9 @@ impl SaleSection {
         }
         if self.pay_percent + self.cancel_percent > 100 {
             bail!("`sale.pay_percent` + `sale.cancel_percent`: more than 100");
+        }
+        if self.opens_after_ms > SALE_OPENS_AFTER_MS_MAX {
+            bail!("`sale.opens_after_ms`: at most {SALE_OPENS_AFTER_MS_MAX}");
         }
         if !(limits.hold_ttl_ms_min..=limits.hold_ttl_ms_max).contains(&self.hold_ttl_ms) {
             bail!("`sale.hold_ttl_ms`: outside [`limits.hold_ttl_ms_min`, `limits.hold_ttl_ms_max`]");

@@ -97,6 +97,8 @@ struct Tally {
     gave_up_busy: u64,
     busy_retries: u64,
     units_committed: u64,
+    /// Buyers who came before the opening and waited for it.
+    early: u64,
 }
 
 impl Tally {
@@ -112,7 +114,17 @@ impl Tally {
         self.gave_up_busy += other.gave_up_busy;
         self.busy_retries += other.busy_retries;
         self.units_committed += other.units_committed;
+        self.early += other.early;
     }
+}
+
+/// Longest a buyer waits at the door for the opening (the configured
+/// opening is at most a minute away).
+const MAX_OPENING_WAIT_MS: u64 = 60_000;
+
+fn wall_clock_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Attempts per buyer while the engine answers `Busy`: a real checkout
@@ -175,12 +187,12 @@ impl<S: Shop> Sale<S> {
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 match &answer {
                     ReserveOutcome::Held(_) => tally.held_latencies_us.push(latency_us),
-                    ReserveOutcome::Busy { .. } => {}
+                    ReserveOutcome::Busy { .. } | ReserveOutcome::NotOpen { .. } => {}
                     ReserveOutcome::SoldOut | ReserveOutcome::LimitExceeded => {
                         tally.refused_latencies_us.push(latency_us);
                     }
                 }
-                answered = !matches!(answer, ReserveOutcome::Busy { .. });
+                answered = !matches!(answer, ReserveOutcome::Busy { .. } | ReserveOutcome::NotOpen { .. });
                 match answer {
                     ReserveOutcome::Held(held) => {
                         reservation = Some(held);
@@ -189,6 +201,13 @@ impl<S: Shop> Sale<S> {
                     ReserveOutcome::Busy { retry_after_ms } => {
                         tally.busy_retries += 1;
                         tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
+                    }
+                    ReserveOutcome::NotOpen { opens_at_ms } => {
+                        // Wait at the door: every early buyer comes in at
+                        // the opening, which is the stampede a flash sale is.
+                        tally.early += 1;
+                        let wait_ms = opens_at_ms.saturating_sub(wall_clock_ms()).min(MAX_OPENING_WAIT_MS);
+                        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
                     }
                     ReserveOutcome::SoldOut => {
                         tally.sold_out += 1;
@@ -267,29 +286,45 @@ fn percentile_ms(sorted_us: &[u32], percentile: f64) -> f64 {
     f64::from(sorted_us[rank]) / 1000.0
 }
 
-/// Runs the sale on `shop` and prints the report. Fails if the books do
-/// not balance.
-pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow::Result<()> {
-    let initial: Vec<(String, u64, Option<u32>)> = (0..u64::from(sale.hot_skus))
-        .map(|index| (hot_sku(index), sale.hot_units, Some(sale.units_per_buyer_max)))
-        .chain((0..sale.cold_skus as usize).map(|index| (cold_sku(index), sale.cold_units, None)))
-        .collect();
-    // Created concurrently (bounded), so that a durable engine logs them in
-    // a few group commits rather than one fdatasync each.
+/// Creates `skus` (id, units, per-buyer limit) opening at `opens_at_ms`,
+/// concurrently but bounded, so that a durable engine logs them in a few
+/// group commits rather than one fdatasync each.
+async fn create_all<S: Shop>(
+    shop: &Arc<S>,
+    skus: &[(String, u64, Option<u32>)],
+    opens_at_ms: u64,
+) -> anyhow::Result<()> {
     let creating = Arc::new(tokio::sync::Semaphore::new(256));
-    let creations: Vec<_> = initial
+    let creations: Vec<_> = skus
         .iter()
         .map(|(sku, units, limit)| {
             let (shop, sku, units, limit, creating) = (shop.clone(), sku.clone(), *units, *limit, creating.clone());
             tokio::spawn(async move {
                 let _permit = creating.acquire().await.context("creation limiter closed")?;
-                shop.create(&sku, units, limit).await.with_context(|| format!("creating {sku}"))
+                shop.create(&sku, units, limit, opens_at_ms).await.with_context(|| format!("creating {sku}"))
             })
         })
         .collect();
     for creation in creations {
         creation.await.context("creating a SKU panicked")??;
     }
+    Ok(())
+}
+
+/// Runs the sale on `shop` and prints the report. Fails if the books do
+/// not balance.
+pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow::Result<()> {
+    let hot: Vec<(String, u64, Option<u32>)> = (0..u64::from(sale.hot_skus))
+        .map(|index| (hot_sku(index), sale.hot_units, Some(sale.units_per_buyer_max)))
+        .collect();
+    let cold: Vec<(String, u64, Option<u32>)> =
+        (0..sale.cold_skus as usize).map(|index| (cold_sku(index), sale.cold_units, None)).collect();
+    // The cold catalogue is on sale already; the hot SKUs open
+    // `opens_after_ms` after they are created (once the catalogue is up).
+    create_all(&shop, &cold, 0).await?;
+    let opens_at_ms = wall_clock_ms() + sale.opens_after_ms;
+    create_all(&shop, &hot, opens_at_ms).await?;
+    let initial: Vec<(String, u64, Option<u32>)> = hot.into_iter().chain(cold).collect();
     let initial: Vec<(String, u64)> = initial.into_iter().map(|(sku, units, _)| (sku, units)).collect();
     println!(
         "flash sale `{name}`: {} buyers, {} in flight, {} hot SKUs x {} units, {} cold SKUs x {} units (Zipf {})",
@@ -356,6 +391,10 @@ pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow
     println!(
         "  buyers: {} held stock ({} paid, {} cancelled, {} walked away), {} sold out, {} over their limit, {} gave up on Busy ({} Busy retries)",
         tally.held, tally.paid, tally.cancelled, tally.abandoned, tally.sold_out, tally.limited, tally.gave_up_busy, tally.busy_retries
+    );
+    println!(
+        "  {} buyers came before the hot SKUs opened ({} ms after creation), waited at the door and rushed in at once",
+        tally.early, sale.opens_after_ms
     );
     for (sku, units, stock) in books.iter().take(sale.hot_skus as usize) {
         println!("  {sku}: {} of {units} units sold, {} available, {} held", stock.sold, stock.available, stock.held);

@@ -36,6 +36,10 @@ pub enum ReserveOutcome {
     Busy {
         retry_after_ms: u64,
     },
+    /// Too early: the sale opens at `opens_at_ms` (wall clock).
+    NotOpen {
+        opens_at_ms: u64,
+    },
 }
 
 /// A SKU's counts.
@@ -60,6 +64,7 @@ pub trait Shop: Send + Sync + 'static {
         sku: &str,
         units: u64,
         units_per_buyer_max: Option<u32>,
+        opens_at_ms: u64,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
     fn reserve(&self, order: &SaleOrder) -> impl Future<Output = anyhow::Result<ReserveOutcome>> + Send;
     /// Commits; returns the units sold.
@@ -69,8 +74,14 @@ pub trait Shop: Send + Sync + 'static {
 }
 
 impl Shop for Engine {
-    async fn create(&self, sku: &str, units: u64, units_per_buyer_max: Option<u32>) -> anyhow::Result<()> {
-        let settings = SkuSettings { initial_units: units, units_per_buyer_max, opens_at_ms: 0 };
+    async fn create(
+        &self,
+        sku: &str,
+        units: u64,
+        units_per_buyer_max: Option<u32>,
+        opens_at_ms: u64,
+    ) -> anyhow::Result<()> {
+        let settings = SkuSettings { initial_units: units, units_per_buyer_max, opens_at_ms };
         self.create_sku(SkuId::new(sku)?, settings).await?;
         Ok(())
     }
@@ -91,6 +102,9 @@ impl Shop for Engine {
             Err(OrderError::Busy { retry_after_ms }) => ReserveOutcome::Busy { retry_after_ms },
             Err(OrderError::Line { error: SkuError::SoldOut { .. }, .. }) => ReserveOutcome::SoldOut,
             Err(OrderError::Line { error: SkuError::LimitExceeded { .. }, .. }) => ReserveOutcome::LimitExceeded,
+            Err(OrderError::Line { error: SkuError::NotOpen { opens_at_ms }, .. }) => {
+                ReserveOutcome::NotOpen { opens_at_ms }
+            }
             Err(other) => bail!("unexpected answer to reserve: {other}"),
         })
     }
@@ -120,8 +134,14 @@ pub struct ClusterShop {
 }
 
 impl Shop for ClusterShop {
-    async fn create(&self, sku: &str, units: u64, units_per_buyer_max: Option<u32>) -> anyhow::Result<()> {
-        self.admin.create_sku(sku, units, units_per_buyer_max, 0).await?;
+    async fn create(
+        &self,
+        sku: &str,
+        units: u64,
+        units_per_buyer_max: Option<u32>,
+        opens_at_ms: u64,
+    ) -> anyhow::Result<()> {
+        self.admin.create_sku(sku, units, units_per_buyer_max, opens_at_ms).await?;
         Ok(())
     }
 
@@ -142,6 +162,7 @@ impl Shop for ClusterShop {
             Err(Error::Busy { retry_after_ms }) => ReserveOutcome::Busy { retry_after_ms },
             Err(Error::SoldOut { .. }) => ReserveOutcome::SoldOut,
             Err(Error::LimitExceeded { .. }) => ReserveOutcome::LimitExceeded,
+            Err(Error::NotOpen { opens_at_ms, .. }) => ReserveOutcome::NotOpen { opens_at_ms },
             Err(other) => bail!("unexpected answer to reserve: {other}"),
         })
     }

@@ -34,6 +34,7 @@ pay_percent = 100
 cancel_percent = 0
 hold_ttl_ms = 200
 seed = 11
+opens_after_ms = 200
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
