@@ -195,3 +195,68 @@ fn a_coordinator_killed_before_deciding_leaves_every_line_held() {
     assert_eq!(recovered, ((3, 2, 0), (2, 3, 0)));
     assert_eq!(retried, ((3, 0, 2), (2, 0, 3)));
 }
+
+/// A participant that dies: a spanning order is refused at once while it is
+/// down (nothing held or prepared anywhere), its part survives its restart,
+/// and the order then commits on both members. An order left to expire is
+/// forgotten by the coordinator's sweep.
+#[test]
+fn a_participant_restart_keeps_its_part_and_expired_spanning_orders_are_swept() {
+    let mut cluster = Cluster::start("spanning-participant", 2);
+    let members = cluster.members();
+    let (a, b) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    let runtime = runtime();
+    let (checkout, held) = runtime.block_on(async {
+        let admin = client(&cluster, "admin", 40).await;
+        wait_all_up(&admin).await;
+        admin.create_sku(&a, 5, None, 0).await.expect("created");
+        admin.create_sku(&b, 5, None, 0).await.expect("created");
+        let checkout = client(&cluster, "checkout", 3).await;
+        let held = checkout.reserve(&order("kept", &[(&a, 1), (&b, 2)])).await.expect("held");
+        let short = Order { hold_ttl: Duration::from_millis(1_000), ..order("swept", &[(&a, 1), (&b, 1)]) };
+        checkout.reserve(&short).await.expect("held");
+        (checkout, held)
+    });
+    let open_orders = |cluster: &Cluster| {
+        let (_, status) = cluster.http_get(1, "/status");
+        let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+        status["spanning_orders_open"].as_u64().expect("a count")
+    };
+    assert_eq!(open_orders(&cluster), 2);
+
+    cluster.kill(2);
+    runtime.block_on(async {
+        // Member 1 sees member 2 down within the idle timeout (3 s here).
+        let mut refused = None;
+        for _ in 0..100 {
+            match checkout.commit(&held.id).await {
+                Err(Error::Unavailable { reason }) if reason.contains("down") => {
+                    refused = Some(reason);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        assert!(refused.is_some(), "a commit needing a dead member is refused");
+        let on_a = checkout.availability(&a).await.expect("counts");
+        assert_eq!((on_a.held, on_a.sold), (1, 0), "nothing sold while a part was unreachable");
+    });
+    cluster.start_node(2);
+    runtime.block_on(async {
+        wait_all_up(&checkout).await;
+        let sold = checkout.commit(&held.id).await.expect("committed once the part is back");
+        assert_eq!(sold.lines.iter().map(|line| line.units).sum::<u32>(), 3);
+        assert_eq!(counts(checkout.availability(&b).await.expect("counts")).2, 2);
+    });
+    // The short one expired; the sweep (every second) forgets it, and the
+    // settled one is still remembered for retries.
+    let mut swept = false;
+    for _ in 0..100 {
+        if open_orders(&cluster) == 1 {
+            swept = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(swept, "the expired spanning order was swept");
+}
