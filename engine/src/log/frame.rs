@@ -156,6 +156,12 @@ pub fn scan(bytes: &[u8], first_sequence: u64) -> Scan {
                 expected += 1;
                 offset += length;
             }
+            Err(_) if bytes[offset..].iter().all(|&byte| byte == 0) => {
+                // Zeros to the end: space written ahead of the log (see
+                // `AppendFile::preallocate`), or a write that never reached
+                // the disk over it. Either way the log ends here, cleanly.
+                return Scan { records, valid_bytes: offset, end: ScanEnd::Clean };
+            }
             Err(reason) => {
                 let end = if valid_frame_after(bytes, offset + 1, expected) {
                     ScanEnd::Corrupt { offset, reason: CorruptionReason::DamagedFrame(reason) }
@@ -200,6 +206,29 @@ mod tests {
             scanned.records.iter().map(|(sequence, range)| (*sequence, &bytes[range.clone()])).collect();
         assert_eq!(payloads, vec![(7, &b"first"[..]), (8, &b""[..]), (9, &b"third record"[..])]);
         assert_eq!(scanned.valid_bytes, bytes.len());
+    }
+
+    #[test]
+    fn zeros_to_the_end_are_a_clean_end_but_zeros_before_a_frame_are_not() {
+        let mut bytes = log_of(&[b"one", b"two"], 1);
+        let intact = bytes.len();
+        bytes.resize(intact + 4096, 0);
+        let scanned = scan(&bytes, 1);
+        assert_eq!((scanned.records.len(), scanned.valid_bytes, scanned.end), (2, intact, ScanEnd::Clean));
+        // A frame after the zeros: the zeros hide a record, so they are not
+        // the end of the log.
+        for sequence in [3, 4] {
+            let mut hiding = log_of(&[b"one", b"two"], 1);
+            hiding.resize(intact + 64, 0);
+            encode_frame(sequence, b"later", &mut hiding);
+            assert!(matches!(scan(&hiding, 1).end, ScanEnd::Corrupt { offset, .. } if offset == intact));
+        }
+        // A header that reached the disk without its payload is torn, zeros or not.
+        let mut torn = log_of(&[b"one", b"two", b"three"], 1);
+        let last_payload = torn.len() - 5;
+        torn[last_payload..].fill(0);
+        torn.resize(torn.len() + 100, 0);
+        assert!(matches!(scan(&torn, 1).end, ScanEnd::TornTail { offset, .. } if offset == intact));
     }
 
     #[test]

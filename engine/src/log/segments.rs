@@ -89,9 +89,17 @@ pub struct SegmentedLog {
     durable_sequence: u64,
     /// Bytes of closed segments since the last snapshot was asked for.
     closed_bytes_unsnapshotted: u64,
+    /// How far the active segment is written with zeros ahead of its data.
+    preallocated_through: u64,
     buffer: Vec<u8>,
     poisoned: Option<String>,
 }
+
+/// The active segment is zero-filled this far ahead of its data, so that
+/// group commits overwrite written blocks (a cheaper `fdatasync`, see
+/// `AppendFile::preallocate`). One zero write and sync per 2 MiB of log
+/// (about 8,000 records) costs the writer a few milliseconds.
+const PREALLOCATION_STEP_BYTES: u64 = 2 * 1024 * 1024;
 
 fn segment_name(first_sequence: u64) -> String {
     format!("segment-{first_sequence:020}.log")
@@ -147,6 +155,8 @@ pub(crate) struct SegmentsRead {
     /// A damaged end of the last segment: where it starts, why, and the
     /// segment's length.
     pub(crate) torn_tail: Option<(usize, String, usize)>,
+    /// The last segment's file length (its data and any zeros after it).
+    pub(crate) last_file_bytes: u64,
 }
 
 /// Reads `segments` (consecutive, oldest first), keeping the records after
@@ -165,6 +175,7 @@ pub(crate) fn read_segments(
         next_sequence: segments.first().map_or(after + 1, |segment| segment.first_sequence),
         segment_bytes: Vec::with_capacity(segments.len()),
         torn_tail: None,
+        last_file_bytes: 0,
     };
     if read.next_sequence > after + 1 {
         let file = segments[0].path.clone();
@@ -179,6 +190,7 @@ pub(crate) fn read_segments(
             return Err(corrupt(0, reason));
         }
         let bytes = storage.read(path).map_err(io_error(path, "read"))?;
+        read.last_file_bytes = bytes.len() as u64;
         let scanned = scan(&bytes, segment.first_sequence);
         for (sequence, range) in &scanned.records {
             if *sequence <= after {
@@ -260,6 +272,12 @@ impl SegmentedLog {
             tracing::warn!(file = %path.display(), offset, %reason, "cutting a torn tail off the log");
             storage.truncate(path, *offset as u64).map_err(io_error(path, "truncate"))?;
             torn_tail = Some(TornTail { file: path.clone(), offset: *offset, bytes_cut: length - offset });
+        } else if let (Some(last), Some(&valid)) = (segments.last(), read.segment_bytes.last()) {
+            // Preallocated zeros after the data: cut them, so that appends
+            // go on from the end of the data.
+            if read.last_file_bytes > valid {
+                storage.truncate(&last.path, valid).map_err(io_error(&last.path, "truncate"))?;
+            }
         }
         let (active_first, active_path, active_bytes) = match segments.last() {
             Some(last) => (last.first_sequence, last.path.clone(), read.segment_bytes.last().copied().unwrap_or(0)),
@@ -282,6 +300,7 @@ impl SegmentedLog {
             next_sequence: read.next_sequence,
             durable_sequence: read.next_sequence - 1,
             closed_bytes_unsnapshotted,
+            preallocated_through: 0,
             buffer: Vec::new(),
             poisoned: None,
         };
@@ -312,10 +331,17 @@ impl SegmentedLog {
             return Ok(self.durable_sequence);
         }
         let active_path = self.directory.join(segment_name(self.active_first));
-        let written = self
-            .active
-            .append(&self.buffer)
-            .map_err(io_error(&active_path, "write"))
+        let needed = self.active_bytes + self.buffer.len() as u64;
+        let preallocated = if needed > self.preallocated_through {
+            // Ahead by a step, but not far past the segment's end.
+            let through = (needed + PREALLOCATION_STEP_BYTES).min(needed.max(self.config.segment_bytes_max));
+            self.active.preallocate(through).map_err(io_error(&active_path, "preallocate")).map(|()| through)
+        } else {
+            Ok(self.preallocated_through)
+        };
+        let written = preallocated
+            .map(|through| self.preallocated_through = through)
+            .and_then(|()| self.active.append(&self.buffer).map_err(io_error(&active_path, "write")))
             .and_then(|()| self.active.sync_data().map_err(io_error(&active_path, "fdatasync")));
         if let Err(error) = written {
             self.poisoned = Some(error.to_string());
@@ -359,6 +385,13 @@ impl SegmentedLog {
     }
 
     fn rotate(&mut self) -> Result<(), LogError> {
+        // A closed segment holds exactly its data (readers would skip the
+        // zeros anyway; this gives their space back).
+        if self.preallocated_through > self.active_bytes {
+            let closed = self.directory.join(segment_name(self.active_first));
+            self.storage.truncate(&closed, self.active_bytes).map_err(io_error(&closed, "truncate"))?;
+        }
+        self.preallocated_through = 0;
         let path = self.directory.join(segment_name(self.next_sequence));
         self.active = self.storage.open_append(&path).map_err(io_error(&path, "create"))?;
         self.storage.sync_dir(&self.directory).map_err(io_error(&self.directory, "sync directory"))?;
@@ -404,6 +437,57 @@ mod tests {
 
     fn open(storage: &MemoryStorage, config: LogConfig) -> Result<(SegmentedLog, Recovered), LogError> {
         SegmentedLog::open(Arc::new(storage.clone()), Path::new("/data/log"), config)
+    }
+
+    /// On real files: the active segment runs ahead of its data in zeros,
+    /// closed segments hold exactly their data, and a log dropped without a
+    /// goodbye (as a crash leaves it, zeros and all) reopens with every
+    /// record, no torn tail, and appends going on from the end of the data.
+    #[test]
+    fn preallocated_zeros_are_not_data_and_never_torn() {
+        let directory = std::env::temp_dir().join(format!("flashstock-preallocation-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        let storage: Arc<dyn Storage> = Arc::new(crate::log::storage::FileStorage);
+        let config = LogConfig { segment_bytes_max: 2 * PREALLOCATION_STEP_BYTES, snapshot_log_bytes: u64::MAX };
+        let file_lengths = |directory: &Path| -> Vec<u64> {
+            let mut files: Vec<_> = std::fs::read_dir(directory)
+                .expect("listed")
+                .map(|entry| entry.expect("entry").path())
+                .filter(|path| first_sequence_of(path).is_some())
+                .collect();
+            files.sort();
+            files.iter().map(|path| std::fs::metadata(path).expect("exists").len()).collect()
+        };
+        let mut expected = Vec::new();
+        {
+            let (mut log, recovered) = SegmentedLog::open(storage.clone(), &directory, config).expect("opens");
+            assert!(recovered.records.is_empty());
+            // Rounds of about 40 KiB: segments close every 2 steps.
+            for round in 0..250u64 {
+                for index in 0..1_000 {
+                    let units = round * 1_000 + index + 1;
+                    log.append(&record(units)).expect("appended");
+                    expected.push(units);
+                }
+                log.flush().expect("durable");
+            }
+            let lengths = file_lengths(&directory);
+            assert!(lengths.len() >= 2, "{lengths:?}");
+            let active_data = log.active_bytes;
+            assert!(*lengths.last().expect("active") > active_data, "the active segment runs ahead in zeros");
+            assert!(lengths.iter().rev().skip(1).all(|&length| length >= config.segment_bytes_max));
+            assert!(lengths.iter().rev().skip(1).all(|&length| length < config.segment_bytes_max + 200_000));
+        }
+        let (mut log, recovered) = SegmentedLog::open(storage.clone(), &directory, config).expect("reopens");
+        assert_eq!(units_of(&recovered), expected);
+        assert!(recovered.torn_tail.is_none(), "zeros are not a torn write");
+        assert_eq!(*file_lengths(&directory).last().expect("active"), log.active_bytes, "the zeros were cut");
+        log.append(&record(7)).expect("appended");
+        log.flush().expect("durable");
+        drop(log);
+        let (_log, recovered) = SegmentedLog::open(storage, &directory, config).expect("reopens");
+        assert_eq!(recovered.records.len(), expected.len() + 1);
+        let _ = std::fs::remove_dir_all(&directory);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -18,6 +18,15 @@ pub trait AppendFile: Send + fmt::Debug {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Makes everything appended so far durable (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
+    /// Makes the file at least `length` bytes long, the new bytes written as
+    /// zeros and durable, without moving where appends go: later appends
+    /// overwrite the zeros, so their `fdatasync` has no file size or block
+    /// allocation to record. On this project's VM (ext4) a 4 KiB write +
+    /// `fdatasync` took 0.43 ms growing the file and 0.19 ms over written
+    /// blocks (`dd bs=4k oflag=dsync`, without and with `conv=notrunc`).
+    /// Readers see the zeros; the log's scan takes zeros to the end of a
+    /// file as its clean end.
+    fn preallocate(&mut self, length: u64) -> io::Result<()>;
 }
 
 /// What the log asks of a file system.
@@ -72,16 +81,48 @@ fn already_locked(dir: &Path) -> io::Error {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FileStorage;
 
+/// A real file written at a position of its own (not in append mode, so
+/// that appends can overwrite preallocated zeros).
 #[derive(Debug)]
-struct RealFile(std::fs::File);
+struct RealFile {
+    file: std::fs::File,
+    /// Where the next append goes.
+    position: u64,
+    /// The file's length (data and preallocated zeros).
+    length: u64,
+}
+
+/// Zeros are written in pieces of this size when preallocating.
+const ZEROS_BYTES: usize = 256 * 1024;
 
 impl AppendFile for RealFile {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.0.write_all(bytes)
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(bytes, self.position)?;
+        self.position += bytes.len() as u64;
+        self.length = self.length.max(self.position);
+        Ok(())
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
+    }
+
+    fn preallocate(&mut self, length: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if length <= self.length {
+            return Ok(());
+        }
+        let zeros = vec![0u8; ZEROS_BYTES];
+        let mut at = self.length;
+        while at < length {
+            let piece = usize::try_from(length - at).unwrap_or(usize::MAX).min(ZEROS_BYTES);
+            self.file.write_all_at(&zeros[..piece], at)?;
+            at += piece as u64;
+        }
+        self.file.sync_data()?;
+        self.length = length;
+        Ok(())
     }
 }
 
@@ -107,8 +148,9 @@ impl Storage for FileStorage {
     }
 
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Box::new(RealFile(file)))
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        let length = file.metadata()?.len();
+        Ok(Box::new(RealFile { file, position: length, length }))
     }
 
     fn truncate(&self, path: &Path, length: u64) -> io::Result<()> {
@@ -295,6 +337,13 @@ impl AppendFile for MemoryAppendFile {
 
     fn sync_data(&mut self) -> io::Result<()> {
         self.disk.lock().unwrap_or_else(PoisonError::into_inner).sync_file(self.id)
+    }
+
+    /// Nothing to do: an in-memory file is exactly its data and has no
+    /// metadata to sync, so there is nothing for preallocation to save.
+    /// (The zeros' effect on reading is tested on real files.)
+    fn preallocate(&mut self, _length: u64) -> io::Result<()> {
+        Ok(())
     }
 }
 
