@@ -33,6 +33,21 @@ fn open(storage: &MemoryStorage, clock: &Arc<ManualClock>) -> (Engine, flashstoc
     Engine::open(config(), clock.clone(), durability(storage)).expect("opens")
 }
 
+/// A durable engine on a fresh in-memory disk with `skus` SKUs of `units`
+/// units each (`sku-0`, `sku-1`, ...).
+async fn engine_with_skus(skus: u64, units: u64) -> (MemoryStorage, Arc<ManualClock>, Engine) {
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (engine, _) = open(&storage, &clock);
+    for index in 0..skus {
+        engine
+            .create_sku(sku(index), SkuSettings { initial_units: units, ..SkuSettings::default() })
+            .await
+            .expect("created");
+    }
+    (storage, clock, engine)
+}
+
 fn sku(index: u64) -> SkuId {
     SkuId::new(format!("sku-{index}")).expect("valid id")
 }
@@ -215,15 +230,7 @@ async fn a_second_engine_on_the_same_data_is_refused() {
 /// any order) finds its reservation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_outlive_a_restart() {
-    let storage = MemoryStorage::new();
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let (engine, _) = open(&storage, &clock);
-    for index in 0..3 {
-        engine
-            .create_sku(sku(index), SkuSettings { initial_units: 20, ..SkuSettings::default() })
-            .await
-            .expect("created");
-    }
+    let (storage, clock, engine) = engine_with_skus(3, 20).await;
     let single = engine.reserve(request("single", &[(0, 2)])).await.expect("held");
     let multi = engine.reserve(request("multi", &[(1, 1), (2, 3)])).await.expect("held");
     let paid = engine.reserve(request("paid", &[(0, 1), (1, 1)])).await.expect("held");
@@ -410,15 +417,7 @@ fn transaction_lines(skus: &[&str]) -> Vec<TransactionLine> {
 /// some lines sold and others not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_finishes_a_transaction_the_crash_cut_off() {
-    let storage = MemoryStorage::new();
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let (engine, _) = open(&storage, &clock);
-    for index in 0..2 {
-        engine
-            .create_sku(sku(index), SkuSettings { initial_units: 10, ..SkuSettings::default() })
-            .await
-            .expect("created");
-    }
+    let (storage, clock, engine) = engine_with_skus(2, 10).await;
     let decided = engine.reserve(request("decided", &[(0, 2), (1, 3)])).await.expect("held");
     let undecided = engine.reserve(request("undecided", &[(0, 1), (1, 1)])).await.expect("held");
     let early = engine.reserve(request("early", &[(0, 1), (1, 1)])).await.expect("held");
@@ -470,15 +469,7 @@ async fn recovery_finishes_a_transaction_the_crash_cut_off() {
 /// TTL gives the order back as held, and a new commit then succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_elsewhere_are_handed_to_the_caller_and_held_orders_commit_again() {
-    let storage = MemoryStorage::new();
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let (engine, _) = open(&storage, &clock);
-    for index in 0..2 {
-        engine
-            .create_sku(sku(index), SkuSettings { initial_units: 10, ..SkuSettings::default() })
-            .await
-            .expect("created");
-    }
+    let (storage, clock, engine) = engine_with_skus(2, 10).await;
     let spanning = engine.reserve(request("spanning", &[(0, 2)])).await.expect("held");
     let retried = engine.reserve(request("retried", &[(0, 1), (1, 1)])).await.expect("held");
     engine.begin_transaction(&spanning.order, transaction_lines(&["sku-0", "remote-sku"])).await.expect("begun");

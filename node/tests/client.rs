@@ -6,23 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{runtime, sku_owned_by, Cluster};
+use common::{client_with_retries, runtime, sku_owned_by, wait_all_up, Cluster};
 use flashstock_client::{Client, Error, Order, OrderLine, Quantity, RetryPolicy};
 
 async fn client(cluster: &Cluster, identity: &str) -> Client {
-    Client::builder()
-        .seed(cluster.address(1))
-        .seed(cluster.address(2))
-        .tls_directory(&cluster.certs(), identity)
-        .request_timeout(Duration::from_secs(3))
-        .retry(RetryPolicy {
-            attempts_max: 40,
-            backoff_initial: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(250),
-        })
-        .connect()
-        .await
-        .expect("the client connects")
+    client_with_retries(cluster, identity, 40).await
 }
 
 fn order(id: &str, sku: &str, units: u32) -> Order {
@@ -32,17 +20,6 @@ fn order(id: &str, sku: &str, units: u32) -> Order {
         lines: vec![OrderLine { sku: sku.to_owned(), quantity: Quantity::Exactly(units) }],
         hold_ttl: Duration::from_secs(60),
     }
-}
-
-/// Waits (bounded) until every member reports every other one up.
-async fn wait_all_up(client: &Client) {
-    for _ in 0..300 {
-        if client.cluster_status().await.is_ok_and(|status| status.members.iter().all(|member| member.up)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the members never all came up");
 }
 
 #[test]

@@ -5,22 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{runtime, sku_owned_by, Cluster};
-use flashstock_client::{Client, Order, OrderLine, Quantity, RetryPolicy};
+use common::{client_with_retries, runtime, sku_owned_by, Cluster};
+use flashstock_client::{Client, Order, OrderLine, Quantity};
 
 async fn client(cluster: &Cluster, identity: &str) -> Client {
-    Client::builder()
-        .seed(cluster.address(1))
-        .tls_directory(&cluster.certs(), identity)
-        .request_timeout(Duration::from_secs(3))
-        .retry(RetryPolicy {
-            attempts_max: 40,
-            backoff_initial: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(250),
-        })
-        .connect()
-        .await
-        .expect("the client connects")
+    client_with_retries(cluster, identity, 40).await
 }
 
 /// The value of the first sample line of `metrics` that starts with `name`

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use flashstock_client::routing::{owner_of, partition_of};
+use flashstock_client::{Client, RetryPolicy};
 
 pub const PARTITIONS: u32 = 16;
 
@@ -194,4 +195,35 @@ pub fn free_tcp_ports(count: usize) -> Vec<u16> {
 
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// A client of `cluster` (seeded with members 1 and 2) as `identity`,
+/// retrying up to `attempts_max` times, 20 ms to 250 ms apart.
+pub async fn client_with_retries(cluster: &Cluster, identity: &str, attempts_max: u32) -> Client {
+    let mut builder = Client::builder().seed(cluster.address(1));
+    if cluster.addresses.len() > 1 {
+        builder = builder.seed(cluster.address(2));
+    }
+    builder
+        .tls_directory(&cluster.certs(), identity)
+        .request_timeout(Duration::from_secs(3))
+        .retry(RetryPolicy {
+            attempts_max,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(250),
+        })
+        .connect()
+        .await
+        .expect("the client connects")
+}
+
+/// Waits (bounded) until every member reports every other one up.
+pub async fn wait_all_up(client: &Client) {
+    for _ in 0..300 {
+        if client.cluster_status().await.is_ok_and(|status| status.members.iter().all(|member| member.up)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the members never all came up");
 }
