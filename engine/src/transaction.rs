@@ -147,6 +147,15 @@ impl Engine {
             }
             Err(error) => Some(error),
         });
+        let expired = matches!(refusal, Some(OrderError::Expired { .. }));
+        if expired {
+            // Expired on one line: the order can never be committed, so every
+            // line goes back now (a prepared one would otherwise wait for a
+            // decision that cannot be to commit).
+            for slot in &plan.slots {
+                self.abort_line(order, slot).await;
+            }
+        }
         let mut orders = lock(directory);
         let record = orders.records.get_mut(order).expect("a settling order stays in the directory");
         match refusal {
@@ -155,13 +164,9 @@ impl Engine {
                 Ok(record.reservation.clone().expect("a prepared order has its reservation"))
             }
             Some(error) => {
-                // Lines that did prepare stay prepared until the
-                // coordinator, told of the refusal, releases or unprepares.
-                record.phase = if matches!(error, OrderError::Expired { .. }) {
-                    OrderPhase::Expired
-                } else {
-                    OrderPhase::Prepared
-                };
+                // Otherwise lines that did prepare stay prepared until the
+                // coordinator, told of the refusal, gives them their TTL back.
+                record.phase = if expired { OrderPhase::Expired } else { OrderPhase::Prepared };
                 Err(error)
             }
         }

@@ -465,3 +465,35 @@ async fn dropped_callers_never_wedge_an_order_or_lose_a_sku() {
     assert_eq!(settled.lines[0].stock, stock(3, 0, 2));
     assert_eq!(engine.availability(&sku("a")).await, Ok(stock(3, 0, 2)));
 }
+
+/// The participant side of a transaction coordinated elsewhere: prepared
+/// lines stop expiring until unprepared; an order that expired cannot be
+/// prepared and holds nothing afterwards.
+#[tokio::test]
+async fn prepared_lines_wait_for_a_decision_and_expired_ones_cannot_be_prepared() {
+    let (engine, clock) = manual_engine();
+    for name in ["a", "b"] {
+        create(&engine, sku(name), 5).await;
+    }
+    engine.reserve(request("o1", "alice", &[("a", 1), ("b", 2)])).await.expect("held");
+    engine.prepare(&order("o1")).await.expect("prepared");
+    assert_eq!(engine.prepare(&order("o1")).await.map(|held| held.lines.len()), Ok(2), "idempotent");
+    clock.advance_ms(120_000);
+    assert_eq!(engine.availability_now(&sku("b")).await, Ok(stock(3, 2, 0)), "prepared holds do not expire");
+    assert_eq!(engine.release(&order("o1")).await.map(|released| released.lines.len()), Ok(2));
+    assert_eq!(engine.availability_now(&sku("b")).await, Ok(stock(5, 0, 0)));
+
+    engine.reserve(request("o2", "bob", &[("a", 1), ("b", 1)])).await.expect("held");
+    engine.prepare(&order("o2")).await.expect("prepared");
+    engine.unprepare(&order("o2")).await.expect("unprepared");
+    clock.advance_ms(120_000);
+    assert_eq!(engine.availability_now(&sku("a")).await, Ok(stock(5, 0, 0)), "its TTL ran again");
+
+    engine.reserve(request("o3", "carol", &[("a", 1), ("b", 1)])).await.expect("held");
+    clock.advance_ms(120_000);
+    assert!(matches!(engine.prepare(&order("o3")).await, Err(OrderError::Expired { .. })));
+    for name in ["a", "b"] {
+        assert_eq!(engine.availability_now(&sku(name)).await, Ok(stock(5, 0, 0)));
+    }
+    assert_eq!(engine.abandon(&order("o3")).await, Ok(()));
+}
