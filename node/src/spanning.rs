@@ -327,22 +327,24 @@ impl Coordinator {
         }
         let mut all_lines: Vec<WireLineResult> = local.lines.iter().map(crate::server::wire_line).collect();
         all_lines.extend(remote_lines);
+        // An order already settled (a retried reserve) is answered as it
+        // was; only a held one becomes an open spanning order again.
+        let held = matches!(self.engine.order_status(&order), Some(OrderStatus::Held(_)));
         let begun = match failure {
             Some(_) => None,
-            None => {
+            None if held => {
                 let lines = skus.iter().map(|sku| TransactionLine { sku: sku.clone(), units: None }).collect();
-                // An order already settled (a retried reserve) is answered
-                // as it was; only a held one becomes a spanning order again.
-                match self.engine.order_status(&order) {
-                    Some(OrderStatus::Held(_)) => Some(self.engine.begin_transaction(&order, lines).await),
-                    _ => Some(Ok(())),
-                }
+                Some(self.engine.begin_transaction(&order, lines).await)
             }
+            None => Some(Ok(())),
         };
         match (failure, begun) {
             (None, Some(Ok(()))) => {
                 let remote = self.remote_parts(&skus);
                 let spanning = SpanningOrder::new(skus.clone(), remote);
+                if !held {
+                    spanning.settle();
+                }
                 self.lock_orders().entry(order.clone()).or_insert_with(|| Arc::new(spanning));
                 all_lines.sort_by_key(|line| skus.iter().position(|sku| sku.as_str() == line.sku));
                 Ok(Response::Reserved {
