@@ -113,8 +113,10 @@ impl Engine {
     /// Prepares every line of `order` (held here) for a transaction
     /// coordinated elsewhere: its holds stop expiring and wait for
     /// [`Engine::commit`], [`Engine::release`] or [`Engine::unprepare`].
-    /// Idempotent; answers once every line's prepare is durable. A line that
-    /// cannot be prepared (expired) leaves the others as they were.
+    /// Idempotent; answers once every line's prepare is durable. If a line
+    /// expired, every line goes back to stock at once and the order is
+    /// `Expired`; any other refusal leaves the prepared lines prepared for
+    /// the coordinator to unprepare.
     pub async fn prepare(&self, order: &OrderId) -> Result<Reservation, OrderError> {
         let directory = self.order_directory(order);
         let plan = {
