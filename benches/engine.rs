@@ -15,8 +15,8 @@ use flashstock_engine::log::storage::FileStorage;
 use flashstock_engine::log::writer::WriterConfig;
 use flashstock_engine::sku::ReserveLine;
 use flashstock_engine::{
-    BuyerId, Durability, Engine, EngineConfig, Limits, Line, LogStats, OrderId, OrderRequest, Quantity, SkuCommand,
-    SkuId, SkuSettings, SkuState, SystemClock,
+    BuyerId, Durability, Engine, EngineConfig, Limits, Line, LogStats, OperationId, OrderId, OrderRequest, Quantity,
+    SkuCommand, SkuId, SkuSettings, SkuState, SystemClock,
 };
 
 const IN_FLIGHT: usize = 256;
@@ -133,7 +133,10 @@ fn actors(criterion: &mut Criterion) {
                             .map(|sku| {
                                 let (engine, sku) = (engine.clone(), sku.clone());
                                 let settings = SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() };
-                                tokio::spawn(async move { engine.create_sku(sku, settings).await.expect("created") })
+                                let operation = OperationId::new(format!("create-{sku}")).expect("valid id");
+                                tokio::spawn(async move {
+                                    engine.create_sku(sku, settings, operation).await.expect("created")
+                                })
                             })
                             .collect();
                         for creation in creations {
@@ -145,7 +148,8 @@ fn actors(criterion: &mut Criterion) {
                     total += runtime.block_on(async {
                         // Untimed: start every SKU's actor, as a running sale has them.
                         for sku in skus.iter() {
-                            engine.add_stock(sku, 1).await.expect("warm-up");
+                            let operation = OperationId::new(format!("warm-up-{sku}-run{run}")).expect("valid id");
+                            engine.add_stock(sku, 1, operation).await.expect("warm-up");
                         }
                         let log_before = engine.log_stats();
                         let started = Instant::now();
@@ -215,7 +219,11 @@ fn sold_out_hint(criterion: &mut Criterion) {
     let engine = Engine::new(EngineConfig::default(), Arc::new(SystemClock)).expect("valid config");
     let sku = SkuId::new("gone").expect("valid id");
     runtime
-        .block_on(engine.create_sku(sku.clone(), SkuSettings { initial_units: 0, ..SkuSettings::default() }))
+        .block_on(engine.create_sku(
+            sku.clone(),
+            SkuSettings { initial_units: 0, ..SkuSettings::default() },
+            OperationId::new("create-gone").expect("valid id"),
+        ))
         .expect("created");
     let orders = Arc::new(order_ids("late", REQUESTS_PER_TASK * TASKS));
     let buyer = BuyerId::new("buyer").expect("valid id");

@@ -301,6 +301,12 @@ impl ClientBuilder {
             retry: self.retry,
             agent: self.agent,
             jitter: AtomicU64::new(seed_nanos | 1),
+            operation_tag: {
+                use std::hash::BuildHasher;
+                // std seeds each `RandomState` from the OS's randomness.
+                std::collections::hash_map::RandomState::new().hash_one((seed_nanos, std::process::id()))
+            },
+            operations: AtomicU64::new(0),
         };
         let client = Client { inner: Arc::new(inner), deadline: self.request_timeout };
         client.refresh_map(None).await?;
@@ -334,6 +340,59 @@ struct Inner {
     agent: String,
     /// State of a xorshift generator for backoff jitter.
     jitter: AtomicU64,
+    /// What makes this client's operation ids its own.
+    operation_tag: u64,
+    /// Operation ids handed out so far.
+    operations: AtomicU64,
+}
+
+/// Admin calls that share one operation id (from [`Client::admin`]).
+#[derive(Debug)]
+pub struct Admin<'a> {
+    client: &'a Client,
+    operation: String,
+}
+
+impl Admin<'_> {
+    /// See [`Client::create_sku`].
+    pub async fn create_sku(
+        &self,
+        sku: &str,
+        initial_units: u64,
+        units_per_buyer_max: Option<u32>,
+        opens_at_ms: u64,
+    ) -> Result<Stock, Error> {
+        let operation = self.operation.clone();
+        let body =
+            RequestBody::CreateSku { sku: sku.to_owned(), initial_units, units_per_buyer_max, opens_at_ms, operation };
+        self.client.stock_call(sku, body).await
+    }
+
+    /// See [`Client::add_stock`].
+    pub async fn add_stock(&self, sku: &str, units: u64) -> Result<Stock, Error> {
+        let body = RequestBody::AddStock { sku: sku.to_owned(), units, operation: self.operation.clone() };
+        self.client.stock_call(sku, body).await
+    }
+
+    /// See [`Client::remove_stock`].
+    pub async fn remove_stock(&self, sku: &str, units: u64) -> Result<Stock, Error> {
+        let body = RequestBody::RemoveStock { sku: sku.to_owned(), units, operation: self.operation.clone() };
+        self.client.stock_call(sku, body).await
+    }
+
+    /// See [`Client::set_buyer_limit`].
+    pub async fn set_buyer_limit(&self, sku: &str, units_per_buyer_max: Option<u32>) -> Result<Stock, Error> {
+        let operation = self.operation.clone();
+        self.client
+            .stock_call(sku, RequestBody::SetBuyerLimit { sku: sku.to_owned(), units_per_buyer_max, operation })
+            .await
+    }
+
+    /// See [`Client::open_sale`].
+    pub async fn open_sale(&self, sku: &str, opens_at_ms: u64) -> Result<Stock, Error> {
+        let body = RequestBody::OpenSale { sku: sku.to_owned(), opens_at_ms, operation: self.operation.clone() };
+        self.client.stock_call(sku, body).await
+    }
 }
 
 /// Where a request must go.
@@ -433,7 +492,9 @@ impl Client {
     }
 
     /// Admin: creates a SKU with `initial_units`, an optional per-buyer
-    /// limit and the time its sale opens (0: open now).
+    /// limit and the time its sale opens (0: open now). Like every admin
+    /// call on `Client`, it runs under a fresh operation id kept across its
+    /// retries (see [`Client::admin`]).
     pub async fn create_sku(
         &self,
         sku: &str,
@@ -441,28 +502,44 @@ impl Client {
         units_per_buyer_max: Option<u32>,
         opens_at_ms: u64,
     ) -> Result<Stock, Error> {
-        let body = RequestBody::CreateSku { sku: sku.to_owned(), initial_units, units_per_buyer_max, opens_at_ms };
-        self.stock_call(sku, body).await
+        self.admin(self.new_operation_id()).create_sku(sku, initial_units, units_per_buyer_max, opens_at_ms).await
     }
 
     /// Admin: adds units to a SKU.
     pub async fn add_stock(&self, sku: &str, units: u64) -> Result<Stock, Error> {
-        self.stock_call(sku, RequestBody::AddStock { sku: sku.to_owned(), units }).await
+        self.admin(self.new_operation_id()).add_stock(sku, units).await
     }
 
     /// Admin: removes unsold, unheld units from a SKU.
     pub async fn remove_stock(&self, sku: &str, units: u64) -> Result<Stock, Error> {
-        self.stock_call(sku, RequestBody::RemoveStock { sku: sku.to_owned(), units }).await
+        self.admin(self.new_operation_id()).remove_stock(sku, units).await
     }
 
     /// Admin: sets (or with `None` lifts) the units one buyer may hold or buy.
     pub async fn set_buyer_limit(&self, sku: &str, units_per_buyer_max: Option<u32>) -> Result<Stock, Error> {
-        self.stock_call(sku, RequestBody::SetBuyerLimit { sku: sku.to_owned(), units_per_buyer_max }).await
+        self.admin(self.new_operation_id()).set_buyer_limit(sku, units_per_buyer_max).await
     }
 
     /// Admin: the time (cluster milliseconds) a SKU's sale opens.
     pub async fn open_sale(&self, sku: &str, opens_at_ms: u64) -> Result<Stock, Error> {
-        self.stock_call(sku, RequestBody::OpenSale { sku: sku.to_owned(), opens_at_ms }).await
+        self.admin(self.new_operation_id()).open_sale(sku, opens_at_ms).await
+    }
+
+    /// Admin calls under an operation id of the caller's choosing: the
+    /// member applies the change once and answers any later call with the
+    /// same id (and the same change) with the SKU's counts instead of
+    /// applying it again. For an operator's tool that may be run twice for
+    /// one change (after a timeout, say): give the same id both times.
+    /// Operation ids are remembered per SKU for the idempotency window.
+    pub fn admin(&self, operation: impl Into<String>) -> Admin<'_> {
+        Admin { client: self, operation: operation.into() }
+    }
+
+    /// An operation id no other call makes: 64 random bits (from the
+    /// process's OS-seeded hasher keys), the time and a counter.
+    pub fn new_operation_id(&self) -> String {
+        let number = self.inner.operations.fetch_add(1, Ordering::Relaxed);
+        format!("op-{:016x}-{number}", self.inner.operation_tag)
     }
 
     /// Members, whether each is up, and how many partitions each owns.

@@ -16,8 +16,10 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this crate speaks. Version 2: admin requests carry
+/// an operation id. A member refuses a client of another version at the
+/// handshake with the versions it speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side sends or accepts. The biggest message (an
 /// order of the most lines, or a partition map of the most members) is a
@@ -128,27 +130,35 @@ pub enum RequestBody {
     /// The answering member's own totals over the partitions it owns.
     NodeStatus,
     // Admin requests (refused unless the caller has the admin identity).
+    // Each carries the caller's operation id, kept across the retries of
+    // one call: the SKU applies an operation once and answers a retry with
+    // its counts, so a retried `AddStock` never adds the units twice.
     CreateSku {
         sku: String,
         initial_units: u64,
         units_per_buyer_max: Option<u32>,
         opens_at_ms: u64,
+        operation: String,
     },
     AddStock {
         sku: String,
         units: u64,
+        operation: String,
     },
     RemoveStock {
         sku: String,
         units: u64,
+        operation: String,
     },
     SetBuyerLimit {
         sku: String,
         units_per_buyer_max: Option<u32>,
+        operation: String,
     },
     OpenSale {
         sku: String,
         opens_at_ms: u64,
+        operation: String,
     },
     // Between members (refused unless the caller is a member): the
     // coordinator of an order whose lines live on several members drives

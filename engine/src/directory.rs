@@ -3,14 +3,16 @@
 //!
 //! It makes reserve, commit and release idempotent at the order level,
 //! refuses an order id reused with other content, holds the commit decision
-//! of multi-line orders, and forgets settled orders oldest first (bounded by
-//! count and by the idempotency window).
+//! of multi-line orders, and forgets settled orders once the idempotency
+//! window has passed. It never forgets an order that still holds stock:
+//! when `orders_per_partition_max` orders are remembered and none may be
+//! forgotten yet, a new order is refused (`Busy`) instead.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
-use crate::order::{MergedLine, Reservation, Settlement};
+use crate::order::{MergedLine, OrderError, Reservation, Settlement};
 use crate::runtime::{lock, EngineConfig, SkuSlot};
 use crate::sku::Quantity;
 
@@ -80,42 +82,87 @@ pub(crate) struct OrderRecord {
     pub(crate) settlement: Option<Settlement>,
 }
 
+impl OrderPhase {
+    /// Settled: the order holds no stock and waits for nothing, so it may
+    /// be forgotten once its idempotency window has passed.
+    fn is_settled(self) -> bool {
+        matches!(self, OrderPhase::Committed | OrderPhase::Released | OrderPhase::Expired)
+    }
+}
+
 /// Orders of one partition, for idempotency and for the commit decision.
 #[derive(Debug, Default)]
 pub(crate) struct OrderDirectory {
     pub(crate) records: FastMap<OrderId, OrderRecord>,
-    /// Arrivals with their time and number, oldest first, for forgetting
-    /// the oldest. An order refused and then retried arrives twice; the
-    /// number tells which arrival its record belongs to.
-    pub(crate) arrival: VecDeque<(u64, u64, OrderId)>,
+    /// Every record's arrival, by number (so oldest first), with when it
+    /// arrived: the order in which settled orders are forgotten. Exactly
+    /// one entry per record (`OrderRecord::arrival` names it).
+    arrivals: BTreeMap<u64, (u64, OrderId)>,
     next_arrival: u64,
 }
 
 impl OrderDirectory {
+    /// Forgets the settled orders whose idempotency window has passed. An
+    /// order past its window that is not settled (prepared for a
+    /// coordinator that has not decided, or mid-way) is kept and looked at
+    /// again a window later.
     pub(crate) fn forget_old(&mut self, now_ms: u64, config: &EngineConfig) {
-        while let Some((arrived_ms, arrival, order)) = self.arrival.front() {
-            let too_old = arrived_ms.saturating_add(config.limits.idempotency_window_ms) <= now_ms;
-            let too_many = self.arrival.len() > config.orders_per_partition_max;
-            if !(too_old || too_many) {
+        let window_ms = config.limits.idempotency_window_ms;
+        while let Some(entry) = self.arrivals.first_entry() {
+            let (arrived_ms, order) = entry.get();
+            if arrived_ms.saturating_add(window_ms) > now_ms {
                 break;
             }
-            let record = self.records.get(order).filter(|record| record.arrival == *arrival);
-            if record.is_some_and(|record| matches!(record.phase, OrderPhase::Reserving | OrderPhase::Settling)) {
-                break;
+            let order = order.clone();
+            entry.remove();
+            let record = self.records.get_mut(&order).expect("every arrival has its record");
+            if record.phase.is_settled() {
+                self.records.remove(&order);
+            } else {
+                record.arrival = self.next_arrival;
+                self.next_arrival += 1;
+                self.arrivals.insert(record.arrival, (now_ms, order));
             }
-            if record.is_some() {
-                self.records.remove(order);
-            }
-            self.arrival.pop_front();
         }
+        debug_assert_eq!(self.arrivals.len(), self.records.len());
     }
 
-    /// Records a new order's arrival; returns its number.
-    pub(crate) fn arrive(&mut self, now_ms: u64, order: &OrderId) -> u64 {
+    /// Remembers a new order (`make` builds its record, given its arrival
+    /// number); returns the number. Refused with `Busy` when the directory
+    /// holds `orders_per_partition_max` orders none of which may be
+    /// forgotten yet: forgetting a live order would lose its stock, and
+    /// forgetting a settled one inside its window would answer a retry
+    /// differently.
+    pub(crate) fn admit(
+        &mut self,
+        now_ms: u64,
+        order: &OrderId,
+        config: &EngineConfig,
+        make: impl FnOnce(u64) -> OrderRecord,
+    ) -> Result<u64, OrderError> {
+        self.forget_old(now_ms, config);
+        if self.records.len() >= config.orders_per_partition_max {
+            tracing::warn!(
+                orders = self.records.len(),
+                "the order directory is full of orders it may not forget yet; new orders are refused"
+            );
+            return Err(OrderError::Busy { retry_after_ms: config.busy_retry_after_ms });
+        }
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.arrival.push_back((now_ms, arrival, order.clone()));
-        arrival
+        let record = make(arrival);
+        debug_assert_eq!(record.arrival, arrival);
+        self.arrivals.insert(arrival, (now_ms, order.clone()));
+        let earlier = self.records.insert(order.clone(), record);
+        assert!(earlier.is_none(), "an order admitted twice");
+        Ok(arrival)
+    }
+
+    /// Forgets `order` at once (a refused or abandoned order leaves no trace).
+    pub(crate) fn remove(&mut self, order: &OrderId) {
+        if let Some(record) = self.records.remove(order) {
+            self.arrivals.remove(&record.arrival);
+        }
     }
 }
 
@@ -149,9 +196,7 @@ impl Drop for InterruptedOrder<'_> {
             return;
         };
         match record.phase {
-            OrderPhase::Reserving => {
-                orders.records.remove(self.order);
-            }
+            OrderPhase::Reserving => orders.remove(self.order),
             OrderPhase::Settling => record.phase = self.resting,
             OrderPhase::Held
             | OrderPhase::Prepared

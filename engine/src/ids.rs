@@ -1,6 +1,7 @@
-//! Validated identifiers: a SKU, an order (the idempotency key), a buyer.
+//! Validated identifiers: a SKU, an order (the idempotency key), a buyer,
+//! an admin operation (the idempotency key of admin changes).
 //!
-//! All three arrive from outside as strings. They are checked once, at
+//! All four arrive from outside as strings. They are checked once, at
 //! construction, so the rest of the engine never sees an empty or oversized
 //! id, and cloned cheaply (`Arc<str>`) because the state machine keeps them in
 //! several indexes.
@@ -91,6 +92,15 @@ string_id!(
     /// The buyer an order belongs to; per-buyer limits count against it.
     BuyerId,
     "buyer"
+);
+string_id!(
+    /// The caller's id of one admin change (create a SKU, add or remove
+    /// stock, set a limit or an opening time): the idempotency key of admin
+    /// calls, as the order id is of orders. A caller keeps it across the
+    /// retries of one call, so a retry answers the first result instead of
+    /// changing the stock again.
+    OperationId,
+    "operation"
 );
 
 #[cfg(test)]

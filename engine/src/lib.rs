@@ -39,8 +39,10 @@ pub mod sku;
 mod transaction;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use ids::{BuyerId, InvalidId, OrderId, SkuId};
+pub use ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};
 pub use limits::Limits;
 pub use order::{Line, OrderError, OrderRequest, OrderStatus, Reservation, ReservedLine, Settlement};
 pub use runtime::{Durability, Engine, EngineConfig, EngineError, LogStats, OpenError, RecoveryReport, StockTotals};
-pub use sku::{Quantity, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot};
+pub use sku::{
+    AdminChange, Quantity, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot,
+};

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use crate::actor::{SkuActor, SkuMessage};
 use crate::clock::Clock;
 use crate::directory::{InterruptedOrder, OrderContent, OrderDirectory, OrderPhase, OrderPlan, OrderRecord};
-use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
+use crate::ids::{BuyerId, FastMap, OperationId, OrderId, SkuId};
 use crate::limits::{first_violation, InvalidLimits, Limits};
 use crate::log::compactor::Compactor;
 use crate::log::record::{EncodedRecord, LogRecord, OpenTransaction, TransactionLine};
@@ -37,8 +37,8 @@ use crate::order::{
 };
 use crate::partition::partition_of;
 use crate::sku::{
-    EndingImage, ReservationImage, ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState,
-    StockSnapshot,
+    AdminChange, EndingImage, ReservationImage, ReserveLine, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings,
+    SkuState, StockSnapshot,
 };
 
 /// Most partitions a cluster may have. Each costs a directory, a map and a
@@ -381,7 +381,7 @@ impl Engine {
         let directory_lock = durability.storage.lock_dir(&durability.data_directory).map_err(OpenError::Locked)?;
         let directory = durability.data_directory.join("log");
         let (log, recovered) = SegmentedLog::open(durability.storage.clone(), &directory, durability.log)?;
-        let rules = ReplayRules { partition_count: config.partition_count, limits: config.limits.clone() };
+        let rules = ReplayRules { partition_count: config.partition_count, limits_unrecorded: config.limits.clone() };
         let (records, from_snapshot) = (recovered.records.len(), recovered.snapshot.is_some());
         let mut state = match recovered.snapshot {
             Some(snapshot) => {
@@ -395,7 +395,16 @@ impl Engine {
             state.apply(sequence, record).map_err(|reason| OpenError::Replay { sequence, reason })?;
         }
         let transactions_open = state.transactions.len();
-        let (finishing, elsewhere) = state.finish_transactions(clock.now_ms());
+        // Open transactions are finished under the limits they began with;
+        // today's limits apply from the first new command on.
+        let (mut finishing, elsewhere) = state.finish_transactions(clock.now_ms());
+        if state.limits_recorded() != Some(&config.limits) {
+            if let Some(earlier) = state.limits_recorded() {
+                tracing::info!(?earlier, now = ?config.limits, "the configured limits changed; they apply to new commands");
+            }
+            state.put_in_force(config.limits.clone());
+            finishing.push(LogRecord::RulesInForce { limits: config.limits.clone() });
+        }
         // One request waiting is enough: a later one covers everything an
         // earlier one would have.
         let compactor = Compactor::start(durability.storage.clone(), directory, rules, 1).map_err(OpenError::Writer)?;
@@ -453,6 +462,9 @@ impl Engine {
         }
         let now_ms = self.inner.clock.now_ms();
         let count = orders.len();
+        // Rebuilding is never refused: every order here was remembered
+        // before the restart (under the same bound, or a since lowered one).
+        let unbounded = EngineConfig { orders_per_partition_max: usize::MAX, ..(*self.inner.config).clone() };
         for (order, mut lines) in orders {
             lines.sort_by(|a, b| a.0.sku.cmp(&b.0.sku));
             let first = &lines[0].1.line;
@@ -522,8 +534,7 @@ impl Engine {
             let slots = lines.into_iter().map(|(slot, _)| slot).collect();
             let directory = &self.order_partition(&order).orders;
             let mut directory = lock(directory);
-            let arrival = directory.arrive(now_ms, &order);
-            let record = OrderRecord {
+            let record = |arrival| OrderRecord {
                 content: OrderContent::of(&buyer, ttl_ms, &merged),
                 arrival,
                 plan: Arc::new(OrderPlan { lines: merged, slots }),
@@ -531,7 +542,7 @@ impl Engine {
                 reservation: Some(reservation),
                 settlement,
             };
-            directory.records.insert(order, record);
+            directory.admit(now_ms, &order, &unbounded, record).expect("an unbounded directory admits every order");
         }
         count
     }
@@ -569,9 +580,20 @@ impl Engine {
     }
 
     /// Creates a SKU. No actor starts until the first request for it. A
-    /// durable engine answers once the creation is in the log.
-    pub async fn create_sku(&self, sku: SkuId, settings: SkuSettings) -> Result<StockSnapshot, EngineError> {
-        let state = SkuState::new(settings, self.inner.config.limits.clone())
+    /// durable engine answers once the creation is in the log. A retry of
+    /// the same `operation` (same settings) answers with the SKU's counts;
+    /// any other creation of an existing SKU is `SkuExists`.
+    pub async fn create_sku(
+        &self,
+        sku: SkuId,
+        settings: SkuSettings,
+        operation: OperationId,
+    ) -> Result<StockSnapshot, EngineError> {
+        if self.has_sku(&sku) {
+            return self.recreate(sku, settings, operation).await;
+        }
+        let now_ms = self.inner.clock.now_ms();
+        let state = SkuState::created(now_ms, settings, self.inner.config.limits.clone(), Some(operation.clone()))
             .map_err(|error| EngineError::Refused { sku: sku.clone(), error, stock: StockSnapshot::default() })?;
         let stock = state.stock();
         let partition_index = partition_of(&sku, self.inner.config.partition_count);
@@ -582,20 +604,41 @@ impl Engine {
         let durable = {
             let mut skus = partition.skus.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             if skus.contains_key(&sku) {
-                return Err(EngineError::SkuExists { sku });
+                // Created by a call that raced this one.
+                None
+            } else {
+                // Submitted before the SKU is visible, so the creation
+                // precedes every record of a command on it in the log.
+                let record =
+                    LogRecord::CreateSku { sku: sku.clone(), settings, now_ms, operation: Some(operation.clone()) };
+                let durable = self.submit_record(&record)?;
+                skus.insert(sku.clone(), self.new_slot(sku.clone(), partition_index, state));
+                Some(durable)
             }
-            // Submitted before the SKU is visible, so the creation precedes
-            // every record of a command on it in the log.
-            let durable = self.submit_record(&LogRecord::CreateSku { sku: sku.clone(), settings })?;
-            skus.insert(sku.clone(), self.new_slot(sku, partition_index, state));
-            durable
         };
+        let Some(durable) = durable else { return self.recreate(sku, settings, operation).await };
         if let Some(receiver) = durable {
             if !receiver.await.unwrap_or(false) {
                 return Err(EngineError::Unavailable);
             }
         }
         Ok(stock)
+    }
+
+    /// A creation of a SKU that exists: the SKU answers whether `operation`
+    /// is the one that created it (a retry) or another.
+    async fn recreate(
+        &self,
+        sku: SkuId,
+        settings: SkuSettings,
+        operation: OperationId,
+    ) -> Result<StockSnapshot, EngineError> {
+        match self.change(&sku, operation, AdminChange::Create { settings }).await {
+            Err(EngineError::Refused { error: SkuError::AlreadyCreated | SkuError::IdempotencyConflict, .. }) => {
+                Err(EngineError::SkuExists { sku })
+            }
+            other => other,
+        }
     }
 
     /// Queues a record of the engine's own (not a SKU command's) behind
@@ -694,24 +737,54 @@ impl Engine {
         }
     }
 
-    pub async fn add_stock(&self, sku: &SkuId, units: u64) -> Result<StockSnapshot, EngineError> {
-        self.admin(sku, SkuCommand::AddStock { units }).await
+    /// Applies an admin change to `sku` exactly once per `operation`: a
+    /// retry of the same operation answers with the counts and changes
+    /// nothing; the same operation id with another change is refused
+    /// (`IdempotencyConflict`). Operations are remembered like ended
+    /// reservations (`idempotency_window_ms`, `finished_per_sku_max`).
+    pub async fn change(
+        &self,
+        sku: &SkuId,
+        operation: OperationId,
+        change: AdminChange,
+    ) -> Result<StockSnapshot, EngineError> {
+        self.admin(sku, SkuCommand::Admin { operation: Some(operation), change }).await
     }
 
-    pub async fn remove_stock(&self, sku: &SkuId, units: u64) -> Result<StockSnapshot, EngineError> {
-        self.admin(sku, SkuCommand::RemoveStock { units }).await
+    pub async fn add_stock(
+        &self,
+        sku: &SkuId,
+        units: u64,
+        operation: OperationId,
+    ) -> Result<StockSnapshot, EngineError> {
+        self.change(sku, operation, AdminChange::AddStock { units }).await
+    }
+
+    pub async fn remove_stock(
+        &self,
+        sku: &SkuId,
+        units: u64,
+        operation: OperationId,
+    ) -> Result<StockSnapshot, EngineError> {
+        self.change(sku, operation, AdminChange::RemoveStock { units }).await
     }
 
     pub async fn set_buyer_limit(
         &self,
         sku: &SkuId,
         units_per_buyer_max: Option<u32>,
+        operation: OperationId,
     ) -> Result<StockSnapshot, EngineError> {
-        self.admin(sku, SkuCommand::SetBuyerLimit { units_per_buyer_max }).await
+        self.change(sku, operation, AdminChange::SetBuyerLimit { units_per_buyer_max }).await
     }
 
-    pub async fn open_sale(&self, sku: &SkuId, opens_at_ms: u64) -> Result<StockSnapshot, EngineError> {
-        self.admin(sku, SkuCommand::OpenSale { opens_at_ms }).await
+    pub async fn open_sale(
+        &self,
+        sku: &SkuId,
+        opens_at_ms: u64,
+        operation: OperationId,
+    ) -> Result<StockSnapshot, EngineError> {
+        self.change(sku, operation, AdminChange::OpenSale { opens_at_ms }).await
     }
 
     /// The SKU's counts, from its published snapshot (no trip to the actor
@@ -857,6 +930,9 @@ impl Engine {
         // flash sale end there.
         let (order, buyer, ttl_ms, plan, arrival) = {
             let mut orders = lock(directory);
+            // What is past its window is forgotten before the id is looked
+            // up: a reused id after the window is a new order.
+            orders.forget_old(now_ms, config);
             // A retry is answered from the directory, before the hint: a
             // held order stays held even once its SKU has sold out.
             if let Some(answer) = Self::replay_reserve(&orders, &request, &lines) {
@@ -867,12 +943,10 @@ impl Engine {
                     return Err(sold_out);
                 }
             }
-            orders.forget_old(now_ms, config);
             let (order, buyer, ttl_ms) = (request.order.clone(), request.buyer.clone(), request.ttl_ms);
-            let arrival = orders.arrive(now_ms, &order);
             let content = OrderContent::of(&request.buyer, request.ttl_ms, &lines);
             let plan = Arc::new(OrderPlan { lines, slots });
-            let record = OrderRecord {
+            let record = |arrival| OrderRecord {
                 content,
                 arrival,
                 plan: plan.clone(),
@@ -880,7 +954,7 @@ impl Engine {
                 reservation: None,
                 settlement: None,
             };
-            orders.records.insert(order.clone(), record);
+            let arrival = orders.admit(now_ms, &order, config, record)?;
             (order, buyer, ttl_ms, plan, arrival)
         };
         let interrupted =
@@ -894,9 +968,7 @@ impl Engine {
                 record.phase = OrderPhase::Held;
                 record.reservation = Some(reservation.clone());
             }
-            Err(_) => {
-                orders.records.remove(&order);
-            }
+            Err(_) => orders.remove(&order),
         }
         outcome
     }
@@ -1152,6 +1224,9 @@ impl Engine {
             }
             (OrderError::Line { .. }, lines) if lines > 1 && !settled.is_empty() => {
                 tracing::error!(%order, ?error, "a multi-line order settled on some lines only");
+                // What did settle is the order's settlement from now on: a
+                // settled phase always has one.
+                record.settlement = Some(Settlement { order: order.clone(), lines: settled, replayed: false });
                 if committing {
                     OrderPhase::Committed
                 } else {

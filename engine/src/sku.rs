@@ -13,7 +13,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::ids::{BuyerId, FastMap, OrderId};
+use crate::ids::{BuyerId, FastMap, OperationId, OrderId};
 use crate::limits::Limits;
 pub use flashstock_sync::StockSnapshot;
 
@@ -62,9 +62,12 @@ pub struct ReserveLine {
     pub ttl_ms: u64,
 }
 
-/// Everything that can be asked of one SKU.
+/// A change an operator makes to a SKU. Each is applied at most once per
+/// [`OperationId`]: the SKU remembers the operations it applied (as it
+/// remembers ended reservations), so a retried call answers its first
+/// result instead of adding or removing the units again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SkuCommand {
+pub enum AdminChange {
     AddStock {
         units: u64,
     },
@@ -79,6 +82,23 @@ pub enum SkuCommand {
     /// Reservations before `opens_at_ms` fail with `NotOpen`.
     OpenSale {
         opens_at_ms: u64,
+    },
+    /// The SKU's creation. Applied to a SKU only as a retry of the call
+    /// that created it: it answers `Ok` for the creating operation with the
+    /// same settings and [`SkuError::AlreadyCreated`] for anything else.
+    Create {
+        settings: SkuSettings,
+    },
+}
+
+/// Everything that can be asked of one SKU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkuCommand {
+    /// `operation` is `None` only in records of logs written before admin
+    /// changes carried operation ids; every new change has one.
+    Admin {
+        operation: Option<OperationId>,
+        change: AdminChange,
     },
     Reserve(ReserveLine),
     /// Sells `units` of the hold (all of it when `None`); the rest go back.
@@ -123,7 +143,11 @@ impl SkuCommand {
 /// What a successful command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SkuOutcome {
-    StockChanged,
+    /// An admin change was applied; `replayed` when this answers a retry of
+    /// the same operation (nothing changed this time).
+    StockChanged {
+        replayed: bool,
+    },
     /// `replayed` is true when this answers a retry of an earlier reserve.
     Reserved {
         units: u32,
@@ -186,6 +210,8 @@ pub enum SkuError {
     StockLimitExceeded { stock_units_max: u64 },
     #[error("this SKU already has holds_per_sku_max ({holds_per_sku_max}) live holds")]
     HoldLimitReached { holds_per_sku_max: usize },
+    #[error("the SKU already exists (created by another operation)")]
+    AlreadyCreated,
 }
 
 /// Every answer carries the counts after the command, so a caller never needs
@@ -263,16 +289,35 @@ pub struct SkuState {
     finished_queue: VecDeque<(u64, OrderId)>,
     /// Units held plus sold, per buyer with any.
     buyer_units: FastMap<BuyerId, u32>,
+    /// Admin operations applied, for idempotent retries: what each asked.
+    operations: FastMap<OperationId, AdminChange>,
+    /// The same operations, oldest first, with when they were applied: the
+    /// order in which they are forgotten (by `idempotency_window_ms` and
+    /// `finished_per_sku_max`, as ended reservations are).
+    operations_queue: VecDeque<(u64, OperationId)>,
 }
 
 impl SkuState {
-    /// A new SKU. Fails if the initial stock exceeds the limits.
+    /// A new SKU with no history (its clock at 0). Fails if the initial
+    /// stock exceeds the limits.
     pub fn new(settings: SkuSettings, limits: Limits) -> Result<Self, SkuError> {
+        Self::created(0, settings, limits, None)
+    }
+
+    /// A SKU created at `now_ms` by `operation` (remembered, so that a
+    /// retry of the creating call is answered as such). Fails if the
+    /// initial stock exceeds the limits.
+    pub fn created(
+        now_ms: u64,
+        settings: SkuSettings,
+        limits: Limits,
+        operation: Option<OperationId>,
+    ) -> Result<Self, SkuError> {
         debug_assert_eq!(limits.validate(), Ok(()));
         if settings.initial_units > limits.stock_units_max {
             return Err(SkuError::StockLimitExceeded { stock_units_max: limits.stock_units_max });
         }
-        let state = Self {
+        let mut state = Self {
             limits,
             units_added: settings.initial_units,
             units_removed: 0,
@@ -281,16 +326,37 @@ impl SkuState {
             sold: 0,
             units_per_buyer_max: settings.units_per_buyer_max,
             opens_at_ms: settings.opens_at_ms,
-            clock_ms: 0,
+            clock_ms: now_ms,
             reservations: FastMap::default(),
             expiry_index: BTreeMap::new(),
             prepared_holds: 0,
             next_hold_number: 0,
             finished_queue: VecDeque::new(),
             buyer_units: FastMap::default(),
+            operations: FastMap::default(),
+            operations_queue: VecDeque::new(),
         };
+        if let Some(operation) = operation {
+            state.remember_operation(operation, AdminChange::Create { settings });
+        }
         state.check_invariants();
         Ok(state)
+    }
+
+    /// The limits new commands are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Puts new limits in force. Nothing already held or sold changes;
+    /// from the next command on, requests are checked against `limits` and
+    /// ended reservations and operations are forgotten by its bounds. The
+    /// log records such a change ([`crate::log::record::LogRecord::RulesInForce`])
+    /// so that replay meets each command under the limits it was first
+    /// applied with.
+    pub fn set_limits(&mut self, limits: Limits) {
+        debug_assert_eq!(limits.validate(), Ok(()));
+        self.limits = limits;
     }
 
     pub fn stock(&self) -> StockSnapshot {
@@ -327,9 +393,9 @@ impl SkuState {
         let result = self.dispatch(command, expired);
         self.check_invariants();
         let command_changed = match &result {
-            Ok(SkuOutcome::StockChanged) => true,
             Ok(
-                SkuOutcome::Reserved { replayed, .. }
+                SkuOutcome::StockChanged { replayed }
+                | SkuOutcome::Reserved { replayed, .. }
                 | SkuOutcome::Committed { replayed, .. }
                 | SkuOutcome::Released { replayed, .. }
                 | SkuOutcome::Prepared { replayed, .. }
@@ -350,16 +416,7 @@ impl SkuState {
 
     fn dispatch(&mut self, command: &SkuCommand, expired: usize) -> Result<SkuOutcome, SkuError> {
         match command {
-            SkuCommand::AddStock { units } => self.add_stock(*units),
-            SkuCommand::RemoveStock { units } => self.remove_stock(*units),
-            SkuCommand::SetBuyerLimit { units_per_buyer_max } => {
-                self.units_per_buyer_max = *units_per_buyer_max;
-                Ok(SkuOutcome::StockChanged)
-            }
-            SkuCommand::OpenSale { opens_at_ms } => {
-                self.opens_at_ms = *opens_at_ms;
-                Ok(SkuOutcome::StockChanged)
-            }
+            SkuCommand::Admin { operation, change } => self.admin(operation.as_ref(), change),
             SkuCommand::Reserve(line) => self.reserve(line),
             SkuCommand::Commit { order, units } => self.commit(order, *units),
             SkuCommand::Release { order } => self.release(order),
@@ -371,21 +428,54 @@ impl SkuState {
         }
     }
 
-    fn add_stock(&mut self, units: u64) -> Result<SkuOutcome, SkuError> {
+    /// Applies an admin change once per operation: a retry of an operation
+    /// already applied answers as a replay (and changes nothing), the same
+    /// operation id with another change is a conflict. Refused changes
+    /// leave no trace, so a retry of one is tried afresh.
+    fn admin(&mut self, operation: Option<&OperationId>, change: &AdminChange) -> Result<SkuOutcome, SkuError> {
+        if let Some(first) = operation.and_then(|operation| self.operations.get(operation)) {
+            return if first == change {
+                Ok(SkuOutcome::StockChanged { replayed: true })
+            } else {
+                Err(SkuError::IdempotencyConflict)
+            };
+        }
+        match *change {
+            AdminChange::AddStock { units } => self.add_stock(units)?,
+            AdminChange::RemoveStock { units } => self.remove_stock(units)?,
+            AdminChange::SetBuyerLimit { units_per_buyer_max } => self.units_per_buyer_max = units_per_buyer_max,
+            AdminChange::OpenSale { opens_at_ms } => self.opens_at_ms = opens_at_ms,
+            // The creating operation was answered above; anything else
+            // names a SKU that already exists.
+            AdminChange::Create { .. } => return Err(SkuError::AlreadyCreated),
+        }
+        if let Some(operation) = operation {
+            self.remember_operation(operation.clone(), change.clone());
+        }
+        Ok(SkuOutcome::StockChanged { replayed: false })
+    }
+
+    fn remember_operation(&mut self, operation: OperationId, change: AdminChange) {
+        self.operations_queue.push_back((self.clock_ms, operation.clone()));
+        let earlier = self.operations.insert(operation, change);
+        assert!(earlier.is_none(), "an operation remembered twice");
+    }
+
+    fn add_stock(&mut self, units: u64) -> Result<(), SkuError> {
         if units == 0 {
             return Err(SkuError::InvalidQuantity { detail: "adding 0 units" });
         }
         let stock_units_max = self.limits.stock_units_max;
         let current = self.units_added - self.units_removed;
-        if units > stock_units_max || current + units > stock_units_max {
+        if current.checked_add(units).is_none_or(|stock| stock > stock_units_max) {
             return Err(SkuError::StockLimitExceeded { stock_units_max });
         }
         self.units_added += units;
         self.available += units;
-        Ok(SkuOutcome::StockChanged)
+        Ok(())
     }
 
-    fn remove_stock(&mut self, units: u64) -> Result<SkuOutcome, SkuError> {
+    fn remove_stock(&mut self, units: u64) -> Result<(), SkuError> {
         if units == 0 {
             return Err(SkuError::InvalidQuantity { detail: "removing 0 units" });
         }
@@ -394,7 +484,7 @@ impl SkuState {
         }
         self.units_removed += units;
         self.available -= units;
-        Ok(SkuOutcome::StockChanged)
+        Ok(())
     }
 
     fn reserve(&mut self, line: &ReserveLine) -> Result<SkuOutcome, SkuError> {
@@ -426,10 +516,9 @@ impl SkuState {
             return Err(SkuError::HoldLimitReached { holds_per_sku_max });
         }
         let units_taken = self.buyer_units.get(&line.buyer).copied().unwrap_or(0);
-        let allowance = match self.units_per_buyer_max {
-            Some(limit) => limit.saturating_sub(units_taken),
-            None => u32::MAX,
-        };
+        // Without a limit a buyer's count is still a u32: the allowance is
+        // what keeps it from overflowing.
+        let allowance = self.units_per_buyer_max.unwrap_or(u32::MAX).saturating_sub(units_taken);
         let available = u32::try_from(self.available).unwrap_or(u32::MAX);
         let units = match line.quantity {
             Quantity::Exactly(units) => units,
@@ -453,12 +542,9 @@ impl SkuState {
         self.next_hold_number += 1;
         self.available -= u64::from(units);
         self.held += u64::from(units);
-        match self.buyer_units.get_mut(&line.buyer) {
-            Some(taken) => *taken += units,
-            None => {
-                self.buyer_units.insert(line.buyer.clone(), units);
-            }
-        }
+        // `units <= allowance <= u32::MAX - units_taken`, checked above.
+        let taken = self.buyer_units.entry(line.buyer.clone()).or_insert(0);
+        *taken = taken.checked_add(units).expect("a buyer's units stay within their allowance");
         self.expiry_index.insert((expires_at_ms, number), line.order.clone());
         let hold = Hold { line: line.clone(), units, expires_at_ms, number, prepared: false };
         vacant.insert(Record { hold, ending: None });
@@ -555,7 +641,8 @@ impl SkuState {
         self.prepared_holds -= 1;
         // Its time may have passed while it was prepared: it ends now, as
         // any due hold does before a command is answered.
-        let expired = self.expire_due() > 0 && matches!(self.reservations[order].ending, Some(Ending::Expired));
+        self.expire_due();
+        let expired = self.reservations.get(order).is_some_and(|record| record.ending == Some(Ending::Expired));
         Ok(SkuOutcome::Unprepared { units, expired, replayed: false })
     }
 
@@ -599,36 +686,51 @@ impl SkuState {
         count
     }
 
-    /// Forgets ended reservations past the window or the count; returns how many.
+    /// Forgets ended reservations and applied operations past the window or
+    /// the count; returns how many.
     fn forget_old_finished(&mut self) -> usize {
+        let (window_ms, count_max) = (self.limits.idempotency_window_ms, self.limits.finished_per_sku_max);
+        let expired = |at_ms: u64, clock_ms: u64| at_ms.saturating_add(window_ms) <= clock_ms;
         let mut count = 0;
         while let Some((finished_at_ms, order)) = self.finished_queue.front() {
-            let too_old = finished_at_ms.saturating_add(self.limits.idempotency_window_ms) <= self.clock_ms;
-            if !too_old && self.finished_queue.len() <= self.limits.finished_per_sku_max {
+            if !expired(*finished_at_ms, self.clock_ms) && self.finished_queue.len() <= count_max {
                 break;
             }
             let forgotten = self.reservations.remove(order);
-            debug_assert!(forgotten.is_some_and(|record| record.ending.is_some()), "forgot a live hold");
+            assert!(forgotten.is_some_and(|record| record.ending.is_some()), "forgot a live hold");
             self.finished_queue.pop_front();
+            count += 1;
+        }
+        while let Some((applied_at_ms, operation)) = self.operations_queue.front() {
+            if !expired(*applied_at_ms, self.clock_ms) && self.operations_queue.len() <= count_max {
+                break;
+            }
+            let forgotten = self.operations.remove(operation);
+            assert!(forgotten.is_some(), "the operation queue and map disagree");
+            self.operations_queue.pop_front();
             count += 1;
         }
         count
     }
 
-    /// The conservation law, checked after every command in debug and test
-    /// builds. Test builds also recount the holds (a pair assertion: the
-    /// running totals and the records must agree).
+    /// The conservation law and the index sizes, checked after every
+    /// command in every build: they cost a few additions, and a broken
+    /// count is better as a crash than as oversold stock. Test builds also
+    /// recount the holds (a pair assertion: the running totals and the
+    /// records must agree).
     fn check_invariants(&self) {
-        debug_assert_eq!(
-            self.available + self.held + self.sold,
-            self.units_added - self.units_removed,
+        assert!(self.units_removed <= self.units_added, "removed more than was ever added");
+        assert_eq!(
+            self.available.checked_add(self.held).and_then(|sum| sum.checked_add(self.sold)),
+            Some(self.units_added - self.units_removed),
             "units were created or destroyed"
         );
-        debug_assert!(self.sold <= self.units_added, "sold more than was ever added");
-        debug_assert_eq!(
+        assert_eq!(
             self.reservations.len(),
-            self.expiry_index.len() + self.prepared_holds + self.finished_queue.len()
+            self.expiry_index.len() + self.prepared_holds + self.finished_queue.len(),
+            "a reservation is in no index or in two"
         );
+        assert_eq!(self.operations.len(), self.operations_queue.len(), "operations and their queue differ");
         #[cfg(test)]
         {
             let live = self.reservations.values().filter(|record| record.ending.is_none());
@@ -661,6 +763,9 @@ pub struct SkuImage {
     pub finished_queue: Vec<(u64, OrderId)>,
     /// Units held plus sold per buyer, sorted by buyer.
     pub buyer_units: Vec<(BuyerId, u32)>,
+    /// Admin operations remembered, oldest first: when each was applied,
+    /// its id and what it asked.
+    pub operations: Vec<(u64, OperationId, AdminChange)>,
 }
 
 /// One reservation in a [`SkuImage`].
@@ -724,6 +829,14 @@ impl SkuState {
             reservations,
             finished_queue: self.finished_queue.iter().cloned().collect(),
             buyer_units,
+            operations: self
+                .operations_queue
+                .iter()
+                .map(|(at_ms, operation)| {
+                    let change = self.operations.get(operation).expect("every queued operation is remembered");
+                    (*at_ms, operation.clone(), change.clone())
+                })
+                .collect(),
         }
     }
 
@@ -776,12 +889,32 @@ impl SkuState {
         if held != image.held {
             return Err(InvalidImage("held differs from the live reservations"));
         }
+        let mut live_by_buyer: FastMap<&BuyerId, u64> = FastMap::default();
+        for record in reservations.values().filter(|record| record.ending.is_none()) {
+            *live_by_buyer.entry(&record.hold.line.buyer).or_insert(0) += u64::from(record.hold.units);
+        }
+        let buyer_units: FastMap<BuyerId, u32> = image.buyer_units.into_iter().collect();
+        let counted = |buyer: &BuyerId| buyer_units.get(buyer).map_or(0, |&units| u64::from(units));
+        if live_by_buyer.iter().any(|(buyer, &live)| counted(buyer) < live) {
+            return Err(InvalidImage("a buyer's count is below their held units"));
+        }
+        drop(live_by_buyer);
+        let mut operations = FastMap::default();
+        let mut operations_queue = VecDeque::with_capacity(image.operations.len());
+        for (at_ms, operation, change) in image.operations {
+            if operations.insert(operation.clone(), change).is_some() {
+                return Err(InvalidImage("an operation remembered twice"));
+            }
+            operations_queue.push_back((at_ms, operation));
+        }
         let ended = reservations.values().filter(|record| record.ending.is_some()).count();
         let queued_ended = image
             .finished_queue
             .iter()
             .all(|(_, order)| reservations.get(order).is_some_and(|record| record.ending.is_some()));
-        if ended != image.finished_queue.len() || !queued_ended {
+        let mut queued = FastMap::default();
+        let queued_once = image.finished_queue.iter().all(|(_, order)| queued.insert(order, ()).is_none());
+        if ended != image.finished_queue.len() || !queued_ended || !queued_once {
             return Err(InvalidImage("ended reservations and their queue differ"));
         }
         let state = Self {
@@ -799,7 +932,9 @@ impl SkuState {
             prepared_holds,
             next_hold_number: image.next_hold_number,
             finished_queue: image.finished_queue.into_iter().collect(),
-            buyer_units: image.buyer_units.into_iter().collect(),
+            buyer_units,
+            operations,
+            operations_queue,
         };
         Ok(state)
     }
@@ -885,7 +1020,7 @@ mod tests {
             Err(SkuError::StockLimitExceeded { stock_units_max: 10 })
         ));
         let mut sku = state(8, limits);
-        let answer = sku.apply(0, &SkuCommand::AddStock { units: 3 });
+        let answer = sku.apply(0, &SkuCommand::Admin { operation: None, change: AdminChange::AddStock { units: 3 } });
         assert_eq!(answer.result, Err(SkuError::StockLimitExceeded { stock_units_max: 10 }));
         assert_eq!(answer.stock, StockSnapshot { available: 8, held: 0, sold: 0 });
     }

@@ -271,7 +271,7 @@ impl Engine {
         for slot in &plan.slots {
             self.abort_line(order, slot).await;
         }
-        lock(directory).records.remove(order);
+        lock(directory).remove(order);
         Ok(())
     }
 }

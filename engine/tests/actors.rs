@@ -9,6 +9,13 @@ use flashstock_engine::{
     SkuError, SkuId, SkuSettings, StockSnapshot, SystemClock,
 };
 
+/// A fresh operation id for each admin call (unique within the process).
+fn operation() -> flashstock_engine::OperationId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    flashstock_engine::OperationId::new(format!("operation-{number}")).expect("valid")
+}
+
 fn sku(name: &str) -> SkuId {
     SkuId::new(name).expect("valid id")
 }
@@ -41,7 +48,10 @@ fn stock(available: u64, held: u64, sold: u64) -> StockSnapshot {
 
 /// Creates `sku` with `units` in stock, which must succeed.
 async fn create(engine: &Engine, sku: SkuId, units: u64) {
-    engine.create_sku(sku, SkuSettings { initial_units: units, ..SkuSettings::default() }).await.expect("created");
+    engine
+        .create_sku(sku, SkuSettings { initial_units: units, ..SkuSettings::default() }, operation())
+        .await
+        .expect("created");
 }
 
 /// Polls `condition` every 10 ms for at most `limit`.
@@ -115,7 +125,7 @@ async fn multi_line_orders_are_all_or_nothing() {
     assert_eq!(engine.availability(&sku("a")).await, Ok(stock(5, 0, 0)), "line a was given back");
 
     // A refused order leaves no trace: the same id may try again.
-    engine.add_stock(&sku("b"), 2).await.expect("added");
+    engine.add_stock(&sku("b"), 2, operation()).await.expect("added");
     let held = engine.reserve(request("o1", "alice", &[("a", 2), ("b", 3)])).await.expect("held");
     assert_eq!(held.lines.len(), 2);
 
@@ -171,23 +181,23 @@ async fn admin_errors_are_typed_and_change_nothing() {
     let (engine, clock) = manual_engine();
     create(&engine, sku("a"), 5).await;
     assert!(matches!(
-        engine.create_sku(sku("a"), SkuSettings::default()).await,
+        engine.create_sku(sku("a"), SkuSettings::default(), operation()).await,
         Err(flashstock_engine::EngineError::SkuExists { .. })
     ));
     engine.reserve(request("o1", "alice", &[("a", 4)])).await.expect("held");
-    let refused = engine.remove_stock(&sku("a"), 2).await;
+    let refused = engine.remove_stock(&sku("a"), 2, operation()).await;
     assert!(matches!(
         refused,
         Err(flashstock_engine::EngineError::Refused { error: SkuError::NotEnoughUnsoldStock { available: 1 }, .. })
     ));
-    engine.set_buyer_limit(&sku("a"), Some(1)).await.expect("limit set");
+    engine.set_buyer_limit(&sku("a"), Some(1), operation()).await.expect("limit set");
     engine.release(&order("o1")).await.expect("released");
     let over = engine.reserve(request("o2", "alice", &[("a", 2)])).await;
     assert!(matches!(
         over,
         Err(OrderError::Line { error: SkuError::LimitExceeded { units_per_buyer_max: 1, .. }, .. })
     ));
-    engine.open_sale(&sku("a"), clock.now_ms() + 1_000).await.expect("scheduled");
+    engine.open_sale(&sku("a"), clock.now_ms() + 1_000, operation()).await.expect("scheduled");
     let early = engine.reserve(request("o3", "bob", &[("a", 1)])).await;
     assert!(matches!(early, Err(OrderError::Line { error: SkuError::NotOpen { .. }, .. })));
     assert_eq!(engine.availability(&sku("a")).await, Ok(stock(5, 0, 0)));
@@ -359,16 +369,62 @@ async fn a_refused_then_retried_order_is_remembered_for_the_full_window() {
     let config = EngineConfig { orders_per_partition_max: 1, partition_count: 1, ..EngineConfig::default() };
     let engine = engine_with(config, Arc::new(ManualClock::new(1_000_000)));
     let settings = SkuSettings { initial_units: 5, units_per_buyer_max: Some(0), ..SkuSettings::default() };
-    engine.create_sku(sku("a"), settings).await.expect("created");
+    engine.create_sku(sku("a"), settings, operation()).await.expect("created");
     // Refused by the actor (past the hint), then the same id succeeds.
     let refused = engine.reserve(request("o1", "alice", &[("a", 1)])).await;
     assert!(matches!(refused, Err(OrderError::Line { error: SkuError::LimitExceeded { .. }, .. })));
-    engine.set_buyer_limit(&sku("a"), None).await.expect("limit lifted");
+    engine.set_buyer_limit(&sku("a"), None, operation()).await.expect("limit lifted");
     let held = engine.reserve(request("o1", "alice", &[("a", 1)])).await.expect("held");
-    // Another order arrives; the bound of one order lets the directory forget
-    // only the stale first arrival, never the live record of the retry.
-    engine.reserve(request("o2", "bob", &[("a", 1)])).await.expect("held");
+    // The refusal left no entry, so the bound of one order is taken by o1
+    // alone: another order is refused rather than o1 forgotten.
+    assert_eq!(engine.reserve(request("o2", "bob", &[("a", 1)])).await, Err(OrderError::Busy { retry_after_ms: 5 }));
     assert_eq!(engine.reserve(request("o1", "alice", &[("a", 1)])).await, Ok(held));
+    assert_eq!(engine.availability(&sku("a")).await, Ok(stock(4, 1, 0)), "the refusal changed nothing");
+}
+
+/// The scenario: a partition's worth of refused reserves (ids
+/// chosen to land in one partition) used to push an acknowledged hold out
+/// of the order directory, and its commit then answered
+/// `UnknownReservation`. A refused reserve now leaves no entry, a full
+/// directory refuses new orders (`Busy`) instead of forgetting live ones,
+/// and settled orders are forgotten only once their window has passed.
+#[tokio::test]
+async fn the_order_directory_never_forgets_an_order_that_holds_stock() {
+    let window_ms = 3_600_000;
+    let limits = Limits { idempotency_window_ms: window_ms, ..Limits::default() };
+    let config = EngineConfig { orders_per_partition_max: 3, partition_count: 1, limits, ..EngineConfig::default() };
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let engine = engine_with(config, clock.clone());
+    create(&engine, sku("a"), 10).await;
+    let settings = SkuSettings { initial_units: 5, units_per_buyer_max: Some(0), ..SkuSettings::default() };
+    engine.create_sku(sku("limited"), settings, operation()).await.expect("created");
+    let held = engine.reserve(request("acknowledged", "alice", &[("a", 1)])).await.expect("held");
+    // Refused by the actor (the hint cannot see a buyer limit), many times
+    // the directory's bound.
+    for number in 0..20 {
+        let refused = engine.reserve(request(&format!("greedy-{number}"), "mallory", &[("limited", 1)])).await;
+        assert!(matches!(refused, Err(OrderError::Line { error: SkuError::LimitExceeded { .. }, .. })), "{refused:?}");
+    }
+    assert!(engine.commit(&held.order).await.expect("still known").lines[0].units == 1);
+    // Two live orders and one settled (inside its window): the bound is
+    // reached; a new order is refused, nothing is forgotten.
+    engine.reserve(request("second", "bob", &[("a", 1)])).await.expect("held");
+    engine.release(&order("second")).await.expect("released");
+    engine.reserve(request("third", "carol", &[("a", 1)])).await.expect("held");
+    assert_eq!(
+        engine.reserve(request("fourth", "dave", &[("a", 1)])).await,
+        Err(OrderError::Busy { retry_after_ms: 5 })
+    );
+    assert!(engine.commit(&order("acknowledged")).await.expect("answered from the directory").replayed);
+    assert!(engine.release(&order("second")).await.expect("answered from the directory").replayed);
+    // Past the window the settled orders are forgotten, never the one the
+    // directory still has as held (`third`: its hold expired meanwhile, and
+    // it answers so instead of "unknown").
+    clock.advance_ms(window_ms);
+    engine.reserve(request("fourth", "dave", &[("a", 1)])).await.expect("room made by forgetting settled orders");
+    assert_eq!(engine.commit(&order("acknowledged")).await, Err(OrderError::UnknownReservation), "forgotten");
+    let third = engine.release(&order("third")).await;
+    assert!(matches!(third, Err(OrderError::Expired { .. })), "{third:?}");
 }
 
 /// Buyers with multi-line orders that pay, cancel or walk away, on real time

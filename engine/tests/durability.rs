@@ -9,11 +9,13 @@ use flashstock_engine::log::compactor::replay_log;
 use flashstock_engine::log::record::TransactionLine;
 use flashstock_engine::log::replay::ReplayRules;
 use flashstock_engine::log::segments::LogConfig;
+use flashstock_engine::log::snapshot::Snapshot;
 use flashstock_engine::log::storage::{MemoryStorage, UnsyncedFate};
 use flashstock_engine::log::writer::WriterConfig;
+use flashstock_engine::Clock;
 use flashstock_engine::{
-    BuyerId, Durability, Engine, EngineConfig, EngineError, Line, ManualClock, OrderError, OrderId, OrderRequest,
-    OrderStatus, Quantity, SkuId, SkuSettings, StockSnapshot,
+    BuyerId, Durability, Engine, EngineConfig, EngineError, Limits, Line, ManualClock, OrderError, OrderId,
+    OrderRequest, OrderStatus, Quantity, SkuError, SkuId, SkuSettings, StockSnapshot,
 };
 
 fn durability(storage: &MemoryStorage) -> Durability {
@@ -41,11 +43,18 @@ async fn engine_with_skus(skus: u64, units: u64) -> (MemoryStorage, Arc<ManualCl
     let (engine, _) = open(&storage, &clock);
     for index in 0..skus {
         engine
-            .create_sku(sku(index), SkuSettings { initial_units: units, ..SkuSettings::default() })
+            .create_sku(sku(index), SkuSettings { initial_units: units, ..SkuSettings::default() }, operation())
             .await
             .expect("created");
     }
     (storage, clock, engine)
+}
+
+/// A fresh operation id for each admin call (unique within the process).
+fn operation() -> flashstock_engine::OperationId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    flashstock_engine::OperationId::new(format!("operation-{number}")).expect("valid")
 }
 
 fn sku(index: u64) -> SkuId {
@@ -91,7 +100,7 @@ async fn acknowledged_state_survives_repeated_crashes() {
     assert_eq!(report.records, 0);
     for index in 0..SKUS {
         engine
-            .create_sku(sku(index), SkuSettings { initial_units: 30, ..SkuSettings::default() })
+            .create_sku(sku(index), SkuSettings { initial_units: 30, ..SkuSettings::default() }, operation())
             .await
             .expect("created");
     }
@@ -145,7 +154,10 @@ async fn a_failed_fsync_acknowledges_nothing_more() {
     let storage = MemoryStorage::new();
     let clock = Arc::new(ManualClock::new(1_000_000));
     let (engine, _) = open(&storage, &clock);
-    engine.create_sku(sku(0), SkuSettings { initial_units: 10, ..SkuSettings::default() }).await.expect("created");
+    engine
+        .create_sku(sku(0), SkuSettings { initial_units: 10, ..SkuSettings::default() }, operation())
+        .await
+        .expect("created");
     let held = engine.reserve(request("a", &[(0, 2)])).await.expect("held");
     engine.commit(&held.order).await.expect("committed");
     let acknowledged = counts(&engine, 1).await;
@@ -153,7 +165,7 @@ async fn a_failed_fsync_acknowledges_nothing_more() {
     storage.fail_syncs_after(0);
     assert_eq!(engine.reserve(request("b", &[(0, 1)])).await, Err(OrderError::Unavailable));
     assert_eq!(engine.reserve(request("c", &[(0, 1)])).await, Err(OrderError::Unavailable));
-    assert_eq!(engine.add_stock(&sku(0), 5).await, Err(EngineError::Unavailable));
+    assert_eq!(engine.add_stock(&sku(0), 5, operation()).await, Err(EngineError::Unavailable));
     engine.shutdown().await;
     drop(engine);
 
@@ -165,7 +177,7 @@ async fn a_failed_fsync_acknowledges_nothing_more() {
 
 /// The state a restart would replay to, in canonical snapshot bytes.
 fn replayed(storage: &MemoryStorage) -> Vec<u8> {
-    let rules = ReplayRules { partition_count: config().partition_count, limits: config().limits };
+    let rules = ReplayRules { partition_count: config().partition_count, limits_unrecorded: config().limits };
     replay_log(storage, &PathBuf::from("/data/log"), &rules).expect("replays").snapshot().encode()
 }
 
@@ -179,7 +191,7 @@ async fn replay_is_repeatable_byte_for_byte() {
     let (engine, _) = open(&storage, &clock);
     for index in 0..3 {
         engine
-            .create_sku(sku(index), SkuSettings { initial_units: 400, ..SkuSettings::default() })
+            .create_sku(sku(index), SkuSettings { initial_units: 400, ..SkuSettings::default() }, operation())
             .await
             .expect("created");
     }
@@ -309,7 +321,7 @@ async fn a_crash_during_a_sale_keeps_every_answer_given_before_it() {
         let (engine, _) = open(&storage, &clock);
         for index in 0..SKUS {
             let settings = SkuSettings { initial_units: UNITS, ..SkuSettings::default() };
-            engine.create_sku(sku(index), settings).await.expect("created");
+            engine.create_sku(sku(index), settings, operation()).await.expect("created");
         }
         let acknowledged: Arc<Mutex<Vec<Acknowledged>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -503,5 +515,190 @@ async fn lines_elsewhere_are_handed_to_the_caller_and_held_orders_commit_again()
         counts(&engine, 2).await,
         vec![StockSnapshot { available: 7, held: 0, sold: 3 }, StockSnapshot { available: 9, held: 0, sold: 1 }]
     );
+    engine.shutdown().await;
+}
+
+/// The limits of the sale in `a_changed_limit_applies_to_new_commands_only`:
+/// every logged command sits at the edge of one of them.
+fn edge_limits() -> Limits {
+    Limits {
+        line_units_max: 4,
+        hold_ttl_ms_min: 1_000,
+        hold_ttl_ms_max: 600_000,
+        holds_per_sku_max: 3,
+        finished_per_sku_max: 4,
+        idempotency_window_ms: 2_400_000,
+        stock_units_max: 100,
+        lines_per_order_max: 4,
+    }
+}
+
+fn named(name: &str) -> SkuId {
+    SkuId::new(name).expect("valid id")
+}
+
+fn order_of(order: &str, lines: &[(&str, u32)], ttl_ms: u64) -> OrderRequest {
+    OrderRequest {
+        order: OrderId::new(order).expect("valid id"),
+        buyer: BuyerId::new("buyer").expect("valid id"),
+        lines: lines.iter().map(|&(sku, units)| Line { sku: named(sku), quantity: Quantity::Exactly(units) }).collect(),
+        ttl_ms,
+    }
+}
+
+const EDGE_SKUS: [&str; 4] = ["tv", "phone", "cable", "lamp"];
+
+/// A sale whose every command sits at the edge of a limit of
+/// [`edge_limits`]: replayed under any other limit, some answer would
+/// change (the scenarios: a reserve at the longest TTL, the
+/// shortest TTL, the most units on a line, the most holds on a SKU, a SKU
+/// created at the most stock, an order id reused once its first hold was
+/// forgotten by the window, reservations forgotten by count).
+async fn edge_sale(engine: &Engine, clock: &ManualClock) {
+    for (sku, units) in [("tv", 100), ("phone", 10), ("cable", 20), ("lamp", 10)] {
+        let settings = SkuSettings { initial_units: units, ..SkuSettings::default() };
+        engine.create_sku(named(sku), settings, operation()).await.expect("created");
+    }
+    engine.remove_stock(&named("tv"), 10, operation()).await.expect("removed");
+    engine.add_stock(&named("tv"), 10, operation()).await.expect("added back to the most stock");
+    let long = engine.reserve(order_of("long", &[("tv", 4)], 600_000)).await.expect("longest TTL, most units");
+    engine.commit(&long.order).await.expect("committed");
+    let short = engine.reserve(order_of("short", &[("tv", 1)], 1_000)).await.expect("shortest TTL");
+    engine.commit(&short.order).await.expect("committed");
+    for hold in ["hold-1", "hold-2", "hold-3"] {
+        engine.reserve(order_of(hold, &[("phone", 1)], 600_000)).await.expect("up to the most holds");
+    }
+    for number in 0..6 {
+        let order = format!("cable-{number}");
+        engine.reserve(order_of(&order, &[("cable", 1)], 60_000)).await.expect("held");
+        engine.release(&OrderId::new(&order).expect("valid")).await.expect("released");
+        clock.advance_ms(10);
+    }
+    let spanning = engine.reserve(order_of("pair", &[("tv", 2), ("cable", 2)], 60_000)).await.expect("held");
+    engine.commit_fewer(&spanning.order, &[(named("cable"), 1)]).await.expect("committed");
+    engine.reserve(order_of("reused", &[("lamp", 1)], 60_000)).await.expect("held");
+    engine.release(&OrderId::new("reused").expect("valid")).await.expect("released");
+    clock.advance_ms(2_400_001);
+    let again = engine.reserve(order_of("reused", &[("lamp", 1)], 60_000)).await.expect("a new order, same id");
+    assert!(again.expires_at_ms > clock.now_ms(), "a new hold, not the forgotten one");
+    engine.commit(&again.order).await.expect("committed");
+}
+
+/// Every SKU and open transaction of the log, in canonical bytes, without
+/// the limits or the position (which a restart with other limits changes).
+fn replayed_state_without_limits(storage: &MemoryStorage) -> Vec<u8> {
+    let rules = ReplayRules { partition_count: config().partition_count, limits_unrecorded: Limits::default() };
+    let snapshot = replay_log(storage, &PathBuf::from("/data/log"), &rules).expect("replays").snapshot();
+    Snapshot { last_sequence: 0, limits: None, ..snapshot }.encode()
+}
+
+/// Raises (`true`) or lowers one limit.
+type LimitChange = Box<dyn Fn(&mut Limits, bool)>;
+
+/// A limit changed across a restart applies to new commands only: for each
+/// limit, raised and lowered, the recovered state equals the acknowledged
+/// one byte for byte and every SKU serves the same counts (before the fix,
+/// replay re-ran every command under today's limits: a lowered TTL limit
+/// turned the sale of `long` into nothing, a lowered `stock_units_max`
+/// stopped the engine from opening, a raised window turned `reused`'s new
+/// hold into a retry of the released one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_limit_applies_to_new_commands_only() {
+    let base = edge_limits();
+    let changed: Vec<(&str, LimitChange)> = vec![
+        (
+            "line_units_max",
+            Box::new(|l, up| l.line_units_max = if up { l.line_units_max * 2 } else { l.line_units_max / 2 }),
+        ),
+        (
+            "hold_ttl_ms_min",
+            Box::new(|l, up| l.hold_ttl_ms_min = if up { l.hold_ttl_ms_min * 2 } else { l.hold_ttl_ms_min / 2 }),
+        ),
+        (
+            "hold_ttl_ms_max",
+            Box::new(|l, up| l.hold_ttl_ms_max = if up { l.hold_ttl_ms_max * 2 } else { l.hold_ttl_ms_max / 2 }),
+        ),
+        ("holds_per_sku_max", Box::new(|l, up| l.holds_per_sku_max = if up { l.holds_per_sku_max * 2 } else { 1 })),
+        ("finished_per_sku_max", Box::new(|l, up| l.finished_per_sku_max = if up { 64 } else { 1 })),
+        (
+            "idempotency_window_ms",
+            Box::new(|l, up| l.idempotency_window_ms = if up { 100_000_000 } else { l.hold_ttl_ms_max }),
+        ),
+        (
+            "stock_units_max",
+            Box::new(|l, up| l.stock_units_max = if up { l.stock_units_max * 2 } else { l.stock_units_max / 2 }),
+        ),
+        ("lines_per_order_max", Box::new(|l, up| l.lines_per_order_max = if up { 8 } else { 1 })),
+    ];
+    for (field, change) in &changed {
+        for raised in [true, false] {
+            let case = format!("{field} {}", if raised { "raised" } else { "lowered" });
+            let storage = MemoryStorage::new();
+            let clock = Arc::new(ManualClock::new(1_000_000));
+            let before_config = EngineConfig { limits: base.clone(), ..config() };
+            let (engine, _) = Engine::open(before_config, clock.clone(), durability(&storage)).expect("opens");
+            edge_sale(&engine, &clock).await;
+            let mut served = Vec::new();
+            for sku in EDGE_SKUS {
+                served.push(engine.availability_now(&named(sku)).await.expect("exists"));
+            }
+            engine.shutdown().await;
+            drop(engine);
+            let acknowledged = replayed_state_without_limits(&storage);
+
+            let mut limits = base.clone();
+            change(&mut limits, raised);
+            assert_ne!(limits, base, "{case}: the limit changed");
+            assert_eq!(limits.validate(), Ok(()), "{case}");
+            let after_config = EngineConfig { limits: limits.clone(), ..config() };
+            let opened = Engine::open(after_config.clone(), clock.clone(), durability(&storage));
+            let (engine, _) = opened.unwrap_or_else(|error| panic!("{case}: does not open: {error}"));
+            engine.shutdown().await;
+            drop(engine);
+            assert_eq!(replayed_state_without_limits(&storage), acknowledged, "{case}: the recovered state differs");
+
+            // Opened again under the changed limits (the change was recorded
+            // once), every SKU serves the acknowledged counts. (Commands from
+            // here on are checked against the new limits, and may forget
+            // more or fewer ended reservations: that is the change.)
+            let (engine, report) = Engine::open(after_config, clock.clone(), durability(&storage)).expect("opens");
+            assert_eq!(report.skus, EDGE_SKUS.len(), "{case}");
+            for (sku, expected) in EDGE_SKUS.iter().zip(&served) {
+                let counts = engine.availability_now(&named(sku)).await.expect("exists");
+                assert_eq!(&counts, expected, "{case}: {sku} serves other counts after the restart");
+            }
+            engine.shutdown().await;
+        }
+    }
+}
+
+/// The new limits do apply to new commands after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowered_limits_refuse_new_commands_after_a_restart() {
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (engine, _) =
+        Engine::open(EngineConfig { limits: edge_limits(), ..config() }, clock.clone(), durability(&storage))
+            .expect("opens");
+    edge_sale(&engine, &clock).await;
+    engine.shutdown().await;
+    drop(engine);
+    let strict = Limits { hold_ttl_ms_max: 300_000, stock_units_max: 50, ..edge_limits() };
+    let (engine, _) =
+        Engine::open(EngineConfig { limits: strict, ..config() }, clock.clone(), durability(&storage)).expect("opens");
+    let refused = engine.reserve(order_of("late", &[("lamp", 1)], 600_000)).await;
+    assert!(
+        matches!(refused, Err(OrderError::Line { error: SkuError::InvalidTtl { ttl_ms_max: 300_000, .. }, .. })),
+        "{refused:?}"
+    );
+    let refused = engine.add_stock(&named("lamp"), 41, operation()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(EngineError::Refused { error: SkuError::StockLimitExceeded { stock_units_max: 50 }, .. })
+        ),
+        "{refused:?}"
+    );
+    engine.reserve(order_of("late", &[("lamp", 1)], 300_000)).await.expect("within the new limits");
     engine.shutdown().await;
 }

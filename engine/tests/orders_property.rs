@@ -39,6 +39,13 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// A fresh operation id for each admin call (unique within the process).
+fn operation() -> flashstock_engine::OperationId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    flashstock_engine::OperationId::new(format!("operation-{number}")).expect("valid")
+}
+
 fn sku(index: usize) -> SkuId {
     SkuId::new(format!("sku-{index}")).expect("valid id")
 }
@@ -62,7 +69,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     for (index, units) in given.iter_mut().enumerate() {
         *units = 4;
         engine
-            .create_sku(sku(index), SkuSettings { initial_units: 4, ..SkuSettings::default() })
+            .create_sku(sku(index), SkuSettings { initial_units: 4, ..SkuSettings::default() }, operation())
             .await
             .expect("created");
     }
@@ -140,7 +147,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 }
             }
             Step::Restock { sku: index, units } => {
-                engine.add_stock(&sku(*index), *units).await.expect("restock");
+                engine.add_stock(&sku(*index), *units, operation()).await.expect("restock");
                 given[*index] += units;
             }
             Step::AdvanceMs(ms) => clock.advance_ms(*ms),

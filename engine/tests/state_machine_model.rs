@@ -5,7 +5,8 @@
 
 use flashstock_engine::sku::ReserveLine;
 use flashstock_engine::{
-    BuyerId, Limits, OrderId, Quantity, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot,
+    AdminChange, BuyerId, Limits, OperationId, OrderId, Quantity, SkuCommand, SkuError, SkuOutcome, SkuSettings,
+    SkuState, StockSnapshot,
 };
 use proptest::prelude::*;
 
@@ -26,16 +27,34 @@ fn limits() -> Limits {
 
 #[derive(Debug, Clone)]
 enum Step {
-    AddStock(u64),
-    RemoveStock(u64),
-    SetBuyerLimit(Option<u32>),
-    OpenSale(u64),
-    Reserve { order: u8, buyer: u8, quantity: Quantity, ttl_ms: u64 },
-    Commit { order: u8, units: Option<u32> },
-    Release { order: u8 },
-    Abort { order: u8 },
-    Prepare { order: u8 },
-    Unprepare { order: u8 },
+    /// An admin change under a small operation number (so that retries,
+    /// and the same number with another change, are frequent), or none.
+    Admin {
+        operation: Option<u8>,
+        change: AdminChange,
+    },
+    Reserve {
+        order: u8,
+        buyer: u8,
+        quantity: Quantity,
+        ttl_ms: u64,
+    },
+    Commit {
+        order: u8,
+        units: Option<u32>,
+    },
+    Release {
+        order: u8,
+    },
+    Abort {
+        order: u8,
+    },
+    Prepare {
+        order: u8,
+    },
+    Unprepare {
+        order: u8,
+    },
     Expire,
     Query,
 }
@@ -49,11 +68,15 @@ fn quantity() -> impl Strategy<Value = Quantity> {
 
 fn step() -> impl Strategy<Value = Step> {
     let order = 0..10u8;
+    let admin = |change| {
+        (proptest::option::of(0..4u8), change).prop_map(|(operation, change)| Step::Admin { operation, change })
+    };
     prop_oneof![
-        1 => (0..12u64).prop_map(Step::AddStock),
-        1 => (0..6u64).prop_map(Step::RemoveStock),
-        1 => proptest::option::of(0..6u32).prop_map(Step::SetBuyerLimit),
-        1 => (0..20_000u64).prop_map(Step::OpenSale),
+        1 => admin((0..12u64).prop_map(|units| AdminChange::AddStock { units }).boxed()),
+        1 => admin((0..6u64).prop_map(|units| AdminChange::RemoveStock { units }).boxed()),
+        1 => admin(proptest::option::of(0..6u32).prop_map(|units_per_buyer_max| AdminChange::SetBuyerLimit { units_per_buyer_max }).boxed()),
+        1 => admin((0..20_000u64).prop_map(|opens_at_ms| AdminChange::OpenSale { opens_at_ms }).boxed()),
+        1 => admin(Just(AdminChange::Create { settings: SkuSettings::default() }).boxed()),
         6 => (order.clone(), 0..3u8, quantity(), prop::sample::select(vec![0, 999, 1_000, 3_000, 10_000, 1_000_000, 1_000_001]))
             .prop_map(|(order, buyer, quantity, ttl_ms)| Step::Reserve { order, buyer, quantity, ttl_ms }),
         3 => (order.clone(), proptest::option::of(0..7u32)).prop_map(|(order, units)| Step::Commit { order, units }),
@@ -101,6 +124,9 @@ struct Model {
     opens_at_ms: u64,
     clock_ms: u64,
     holds: Vec<ModelHold>,
+    /// Admin operations applied, by number (never forgotten: the tests'
+    /// clocks stay far inside the idempotency window).
+    operations: Vec<(u8, AdminChange)>,
 }
 
 impl Model {
@@ -148,33 +174,41 @@ impl Model {
             }
         }
         match *step {
-            Step::AddStock(units) => {
-                if units == 0 {
-                    return Err(SkuError::InvalidQuantity { detail: "adding 0 units" });
+            Step::Admin { operation, ref change } => {
+                if let Some((_, first)) = self.operations.iter().find(|(number, _)| Some(*number) == operation) {
+                    return if first == change {
+                        Ok(SkuOutcome::StockChanged { replayed: true })
+                    } else {
+                        Err(SkuError::IdempotencyConflict)
+                    };
                 }
-                if self.added - self.removed + units > 40 {
-                    return Err(SkuError::StockLimitExceeded { stock_units_max: 40 });
+                match *change {
+                    AdminChange::AddStock { units } => {
+                        if units == 0 {
+                            return Err(SkuError::InvalidQuantity { detail: "adding 0 units" });
+                        }
+                        if self.added - self.removed + units > 40 {
+                            return Err(SkuError::StockLimitExceeded { stock_units_max: 40 });
+                        }
+                        self.added += units;
+                    }
+                    AdminChange::RemoveStock { units } => {
+                        if units == 0 {
+                            return Err(SkuError::InvalidQuantity { detail: "removing 0 units" });
+                        }
+                        if units > self.available() {
+                            return Err(SkuError::NotEnoughUnsoldStock { available: self.available() });
+                        }
+                        self.removed += units;
+                    }
+                    AdminChange::SetBuyerLimit { units_per_buyer_max } => self.buyer_limit = units_per_buyer_max,
+                    AdminChange::OpenSale { opens_at_ms } => self.opens_at_ms = opens_at_ms,
+                    AdminChange::Create { .. } => return Err(SkuError::AlreadyCreated),
                 }
-                self.added += units;
-                Ok(SkuOutcome::StockChanged)
-            }
-            Step::RemoveStock(units) => {
-                if units == 0 {
-                    return Err(SkuError::InvalidQuantity { detail: "removing 0 units" });
+                if let Some(number) = operation {
+                    self.operations.push((number, change.clone()));
                 }
-                if units > self.available() {
-                    return Err(SkuError::NotEnoughUnsoldStock { available: self.available() });
-                }
-                self.removed += units;
-                Ok(SkuOutcome::StockChanged)
-            }
-            Step::SetBuyerLimit(limit) => {
-                self.buyer_limit = limit;
-                Ok(SkuOutcome::StockChanged)
-            }
-            Step::OpenSale(at) => {
-                self.opens_at_ms = at;
-                Ok(SkuOutcome::StockChanged)
+                Ok(SkuOutcome::StockChanged { replayed: false })
             }
             Step::Reserve { order, buyer, quantity, ttl_ms } => {
                 let (max, min) = match quantity {
@@ -316,10 +350,10 @@ impl Model {
 fn command(step: &Step) -> SkuCommand {
     let order = |n: u8| OrderId::new(format!("order-{n}")).expect("valid id");
     match *step {
-        Step::AddStock(units) => SkuCommand::AddStock { units },
-        Step::RemoveStock(units) => SkuCommand::RemoveStock { units },
-        Step::SetBuyerLimit(units_per_buyer_max) => SkuCommand::SetBuyerLimit { units_per_buyer_max },
-        Step::OpenSale(opens_at_ms) => SkuCommand::OpenSale { opens_at_ms },
+        Step::Admin { operation, ref change } => SkuCommand::Admin {
+            operation: operation.map(|number| OperationId::new(format!("operation-{number}")).expect("valid id")),
+            change: change.clone(),
+        },
         Step::Reserve { order: o, buyer, quantity, ttl_ms } => SkuCommand::Reserve(ReserveLine {
             order: order(o),
             buyer: BuyerId::new(format!("buyer-{buyer}")).expect("valid id"),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flashstock_engine::{
-    BuyerId, Engine, EngineError, Line, OrderError, OrderId, OrderRequest, Quantity, SkuId, SkuSettings,
+    BuyerId, Engine, EngineError, Line, OperationId, OrderError, OrderId, OrderRequest, Quantity, SkuId, SkuSettings,
 };
 
 /// SKUs the load sells, and the stock each starts with.
@@ -48,7 +48,10 @@ fn drop_partial_last_line(path: &std::path::Path) -> anyhow::Result<()> {
 pub async fn run(engine: Engine, acknowledged: PathBuf) -> anyhow::Result<()> {
     for index in 0..LOAD_SKUS {
         let settings = SkuSettings { initial_units: LOAD_UNITS_PER_SKU, ..SkuSettings::default() };
-        match engine.create_sku(load_sku(index), settings).await {
+        // A restarted load creates its SKUs again under the same
+        // operations: the retry is answered as done.
+        let operation = OperationId::new(format!("create-{}", load_sku(index))).context("operation id")?;
+        match engine.create_sku(load_sku(index), settings, operation).await {
             Ok(_) | Err(EngineError::SkuExists { .. }) => {}
             Err(error) => return Err(error).context("creating the load's SKUs"),
         }

@@ -86,6 +86,12 @@ enum Command {
     Admin {
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
+        /// The change's operation id: the cluster applies an operation once,
+        /// so running the same command again with the same id (after a
+        /// timeout, say) answers the first result instead of changing the
+        /// stock twice. Default: a fresh id. `create-skus` adds `-<line>`.
+        #[arg(long)]
+        operation_id: Option<String>,
         #[command(subcommand)]
         action: AdminAction,
     },
@@ -224,10 +230,10 @@ fn main() -> anyhow::Result<()> {
                 }
             })
         }
-        Command::Admin { config, action } => {
+        Command::Admin { config, operation_id, action } => {
             let file = config::ClusterFile::load(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(admin(&file, action))
+            runtime.block_on(admin(&file, operation_id, action))
         }
         Command::Serve { config, id } => {
             let file = config::ClusterFile::load(&config)?;
@@ -430,7 +436,7 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Result<()> {
+async fn admin(file: &config::ClusterFile, operation_id: Option<String>, action: AdminAction) -> anyhow::Result<()> {
     let tls = file.tls.as_ref().context("the configuration has no [tls] section")?;
     anyhow::ensure!(!file.members.is_empty(), "the configuration has no [[members]]");
     let mut builder =
@@ -439,12 +445,14 @@ async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Resul
         builder = builder.seed(member.address.parse().context("member address")?);
     }
     let client = builder.connect().await.context("connecting to the cluster")?;
+    let operation = operation_id.unwrap_or_else(|| client.new_operation_id());
+    let once = client.admin(operation.clone());
     let show = |sku: &str, stock: flashstock_client::Stock| {
         println!("{sku}: {} available, {} held, {} sold", stock.available, stock.held, stock.sold);
     };
     match action {
         AdminAction::CreateSku { sku, units, buyer_limit, opens_at_ms } => {
-            show(&sku, client.create_sku(&sku, units, buyer_limit, opens_at_ms).await?);
+            show(&sku, once.create_sku(&sku, units, buyer_limit, opens_at_ms).await?);
         }
         AdminAction::CreateSkus { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -467,6 +475,7 @@ async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Resul
                     _ => 0,
                 };
                 client
+                    .admin(format!("{operation}-{}", number + 1))
                     .create_sku(fields[0], units, limit, opens_at_ms)
                     .await
                     .with_context(|| at(&format!("creating {}", fields[0])))?;
@@ -474,10 +483,10 @@ async fn admin(file: &config::ClusterFile, action: AdminAction) -> anyhow::Resul
             }
             println!("created {created} SKUs");
         }
-        AdminAction::AddStock { sku, units } => show(&sku, client.add_stock(&sku, units).await?),
-        AdminAction::RemoveStock { sku, units } => show(&sku, client.remove_stock(&sku, units).await?),
-        AdminAction::SetBuyerLimit { sku, units } => show(&sku, client.set_buyer_limit(&sku, units).await?),
-        AdminAction::OpenSale { sku, at_ms } => show(&sku, client.open_sale(&sku, at_ms).await?),
+        AdminAction::AddStock { sku, units } => show(&sku, once.add_stock(&sku, units).await?),
+        AdminAction::RemoveStock { sku, units } => show(&sku, once.remove_stock(&sku, units).await?),
+        AdminAction::SetBuyerLimit { sku, units } => show(&sku, once.set_buyer_limit(&sku, units).await?),
+        AdminAction::OpenSale { sku, at_ms } => show(&sku, once.open_sale(&sku, at_ms).await?),
         AdminAction::Availability { sku } => show(&sku, client.availability(&sku).await?),
         AdminAction::Status => {
             let status = client.cluster_status().await?;

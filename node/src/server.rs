@@ -26,8 +26,8 @@ use flashstock_client::wire::{
     WireQuantity, WireStock, PROTOCOL_VERSION,
 };
 use flashstock_engine::{
-    BuyerId, Engine, EngineError, Line, OrderError, OrderId, OrderRequest, Quantity, ReservedLine, SkuError, SkuId,
-    SkuSettings, StockSnapshot,
+    BuyerId, Engine, EngineError, Line, OperationId, OrderError, OrderId, OrderRequest, Quantity, ReservedLine,
+    SkuError, SkuId, SkuSettings, StockSnapshot,
 };
 use tokio::sync::Semaphore;
 
@@ -300,26 +300,26 @@ impl Node {
                 let sku = self.owned_sku(sku)?;
                 stock_response(&sku, self.engine.availability(&sku).await)
             }
-            RequestBody::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms } => {
-                let sku = self.owned_sku(sku)?;
+            RequestBody::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms, operation } => {
+                let (sku, operation) = (self.owned_sku(sku)?, operation_id(operation)?);
                 let settings = SkuSettings { initial_units, units_per_buyer_max, opens_at_ms };
-                stock_response(&sku, self.engine.create_sku(sku.clone(), settings).await)
+                stock_response(&sku, self.engine.create_sku(sku.clone(), settings, operation).await)
             }
-            RequestBody::AddStock { sku, units } => {
-                let sku = self.owned_sku(sku)?;
-                stock_response(&sku, self.engine.add_stock(&sku, units).await)
+            RequestBody::AddStock { sku, units, operation } => {
+                let (sku, operation) = (self.owned_sku(sku)?, operation_id(operation)?);
+                stock_response(&sku, self.engine.add_stock(&sku, units, operation).await)
             }
-            RequestBody::RemoveStock { sku, units } => {
-                let sku = self.owned_sku(sku)?;
-                stock_response(&sku, self.engine.remove_stock(&sku, units).await)
+            RequestBody::RemoveStock { sku, units, operation } => {
+                let (sku, operation) = (self.owned_sku(sku)?, operation_id(operation)?);
+                stock_response(&sku, self.engine.remove_stock(&sku, units, operation).await)
             }
-            RequestBody::SetBuyerLimit { sku, units_per_buyer_max } => {
-                let sku = self.owned_sku(sku)?;
-                stock_response(&sku, self.engine.set_buyer_limit(&sku, units_per_buyer_max).await)
+            RequestBody::SetBuyerLimit { sku, units_per_buyer_max, operation } => {
+                let (sku, operation) = (self.owned_sku(sku)?, operation_id(operation)?);
+                stock_response(&sku, self.engine.set_buyer_limit(&sku, units_per_buyer_max, operation).await)
             }
-            RequestBody::OpenSale { sku, opens_at_ms } => {
-                let sku = self.owned_sku(sku)?;
-                stock_response(&sku, self.engine.open_sale(&sku, opens_at_ms).await)
+            RequestBody::OpenSale { sku, opens_at_ms, operation } => {
+                let (sku, operation) = (self.owned_sku(sku)?, operation_id(operation)?);
+                stock_response(&sku, self.engine.open_sale(&sku, opens_at_ms, operation).await)
             }
         }
     }
@@ -408,6 +408,10 @@ fn order_id(order: String) -> Result<OrderId, Refusal> {
     OrderId::new(order).map_err(|error| invalid("order", error.to_string()))
 }
 
+fn operation_id(operation: String) -> Result<OperationId, Refusal> {
+    OperationId::new(operation).map_err(|error| invalid("operation", error.to_string()))
+}
+
 /// The answer to a SKU-level request: the SKU's counts, or the refusal.
 fn stock_response(sku: &SkuId, outcome: Result<StockSnapshot, EngineError>) -> Result<Response, Refusal> {
     let stock = outcome.map_err(engine_refusal)?;
@@ -445,6 +449,7 @@ fn sku_refusal(line: u32, sku: &SkuId, error: SkuError) -> Refusal {
         SkuError::AlreadyReleased => Refusal::AlreadyReleased,
         SkuError::UnknownReservation => Refusal::UnknownReservation,
         SkuError::IdempotencyConflict => Refusal::IdempotencyConflict,
+        SkuError::AlreadyCreated => Refusal::SkuExists { sku: sku_name },
         error @ (SkuError::InvalidQuantity { .. } | SkuError::InvalidTtl { .. }) => {
             invalid(&format!("lines[{line}]"), error.to_string())
         }

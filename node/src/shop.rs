@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::bail;
 use flashstock_client::{Client, Error, Order, OrderLine, Quantity as ClientQuantity, ReservationId};
 use flashstock_engine::{
-    BuyerId, Engine, Line, OrderError, OrderId, OrderRequest, Quantity, SkuError, SkuId, SkuSettings,
+    BuyerId, Engine, Line, OperationId, OrderError, OrderId, OrderRequest, Quantity, SkuError, SkuId, SkuSettings,
 };
 
 /// A line of a simulated order.
@@ -82,7 +82,8 @@ impl Shop for Engine {
         opens_at_ms: u64,
     ) -> anyhow::Result<()> {
         let settings = SkuSettings { initial_units: units, units_per_buyer_max, opens_at_ms };
-        self.create_sku(SkuId::new(sku)?, settings).await?;
+        // The demo creates each SKU once; its name is the operation.
+        self.create_sku(SkuId::new(sku)?, settings, OperationId::new(format!("create-{sku}"))?).await?;
         Ok(())
     }
 

@@ -101,6 +101,7 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
             initial_units: 3,
             units_per_buyer_max: None,
             opens_at_ms: 0,
+            operation: format!("create-{sku}"),
         };
         assert!(matches!(admin.call(create(&mine)).await.expect("answered"), Response::Stock { .. }));
         assert_eq!(
@@ -260,6 +261,7 @@ fn sigterm_under_load_loses_no_acknowledged_sale() {
                 initial_units: 1_000_000,
                 units_per_buyer_max: None,
                 opens_at_ms: 0,
+                operation: format!("create-{sku}"),
             };
             assert!(matches!(admin.call(create).await.expect("answered"), Response::Stock { .. }));
         }

@@ -220,7 +220,7 @@ mod tests {
     use crate::log::storage::{MemoryStorage, UnsyncedFate};
     use crate::sku::{Quantity, ReserveLine, SkuCommand, SkuSettings};
 
-    const RULES: fn() -> ReplayRules = || ReplayRules { partition_count: 1, limits: Limits::default() };
+    const RULES: fn() -> ReplayRules = || ReplayRules { partition_count: 1, limits_unrecorded: Limits::default() };
     const CONFIG: LogConfig = LogConfig { segment_bytes_max: 300, snapshot_log_bytes: 900 };
 
     fn directory() -> PathBuf {
@@ -235,11 +235,11 @@ mod tests {
     /// restocks at advancing times.
     fn history(count: u64) -> Vec<LogRecord> {
         let settings = SkuSettings { initial_units: 1_000, ..SkuSettings::default() };
-        let mut records = vec![LogRecord::CreateSku { sku: sku(), settings }];
+        let mut records = vec![LogRecord::CreateSku { sku: sku(), settings, now_ms: 0, operation: None }];
         for index in 1..count {
             let order = OrderId::new(format!("order-{}", index / 2)).expect("valid");
             let command = match index % 5 {
-                0 => SkuCommand::AddStock { units: 2 },
+                0 => SkuCommand::Admin { operation: None, change: crate::sku::AdminChange::AddStock { units: 2 } },
                 1 | 3 => SkuCommand::Reserve(ReserveLine {
                     order,
                     buyer: BuyerId::new(format!("buyer-{index}")).expect("valid"),

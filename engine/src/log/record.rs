@@ -11,8 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{BuyerId, InvalidId, OrderId, SkuId};
-use crate::sku::{Quantity, ReserveLine, SkuCommand, SkuSettings};
+use crate::ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};
+use crate::limits::{InvalidLimits, Limits};
+use crate::sku::{AdminChange, Quantity, ReserveLine, SkuCommand, SkuSettings};
 
 /// One line of a transaction: which SKU, and how many of its held units to
 /// sell (all of them when `None`).
@@ -34,37 +35,33 @@ pub struct OpenTransaction {
 /// One durable fact about a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRecord {
-    CreateSku {
-        sku: SkuId,
-        settings: SkuSettings,
-    },
+    /// `sku` was created at `now_ms` by `operation` (`None` and 0 in logs
+    /// written before creations carried them).
+    CreateSku { sku: SkuId, settings: SkuSettings, now_ms: u64, operation: Option<OperationId> },
     /// `command` was applied to `sku` at `now_ms` (the owner's time, so that
     /// replay needs no clock).
-    Apply {
-        sku: SkuId,
-        now_ms: u64,
-        command: SkuCommand,
-    },
+    Apply { sku: SkuId, now_ms: u64, command: SkuCommand },
     /// A commit of `order` over several lines began: its lines are about to
     /// be prepared. Written before any prepare, so a prepared hold of a
     /// transaction coordinated here always has this record before it (a
     /// restart that finds no decision gives the holds their TTL back). A
     /// new `TransactionBegun` for an order replaces an undecided one (a
     /// retried commit). Belongs to the partition of the order id.
-    TransactionBegun {
-        order: OrderId,
-        lines: Vec<TransactionLine>,
-    },
+    TransactionBegun { order: OrderId, lines: Vec<TransactionLine> },
     /// The commit is decided: every line is to be committed, however long
     /// it takes. Written after every line is prepared and before any is
     /// committed.
-    TransactionCommitted {
-        order: OrderId,
-    },
+    TransactionCommitted { order: OrderId },
     /// Every line of the transaction has its outcome; it is forgotten.
-    TransactionEnded {
-        order: OrderId,
-    },
+    TransactionEnded { order: OrderId },
+    /// From here on, commands are checked against `limits`. Written when
+    /// an engine opens with limits other than those in force (a changed
+    /// `cluster.toml`, or a log that never named any), before it serves
+    /// anything: every record after it was first applied under these
+    /// limits, every record before it under the earlier ones, so replay
+    /// reaches the acknowledged state whatever the configuration says
+    /// today.
+    RulesInForce { limits: Limits },
 }
 
 /// Why a payload is not a record.
@@ -76,30 +73,138 @@ pub enum RecordError {
     InvalidId(#[from] InvalidId),
     #[error("record holds a read-only command")]
     ReadOnlyCommand,
+    #[error("record holds invalid limits: {0}")]
+    InvalidLimits(#[from] InvalidLimits),
 }
 
+// Fields added after a variant was first written go last and carry
+// `#[serde(default)]`, so that records written before them still decode
+// (a missing trailing field of the compact form reads as its default).
 #[derive(Debug, Serialize, Deserialize)]
 enum WireRecord {
-    CreateSku { sku: String, initial_units: u64, units_per_buyer_max: Option<u32>, opens_at_ms: u64 },
-    Apply { sku: String, now_ms: u64, command: WireCommand },
-    TransactionBegun { order: String, lines: Vec<(String, Option<u32>)> },
-    TransactionCommitted { order: String },
-    TransactionEnded { order: String },
+    CreateSku {
+        sku: String,
+        initial_units: u64,
+        units_per_buyer_max: Option<u32>,
+        opens_at_ms: u64,
+        #[serde(default)]
+        now_ms: u64,
+        #[serde(default)]
+        operation: Option<String>,
+    },
+    Apply {
+        sku: String,
+        now_ms: u64,
+        command: WireCommand,
+    },
+    TransactionBegun {
+        order: String,
+        lines: Vec<(String, Option<u32>)>,
+    },
+    TransactionCommitted {
+        order: String,
+    },
+    TransactionEnded {
+        order: String,
+    },
+    RulesInForce {
+        limits: WireLimits,
+    },
+}
+
+/// [`Limits`], field by field (the `usize` ones as `u64`, so the format
+/// does not depend on the platform).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct WireLimits {
+    line_units_max: u32,
+    hold_ttl_ms_min: u64,
+    hold_ttl_ms_max: u64,
+    holds_per_sku_max: u64,
+    finished_per_sku_max: u64,
+    idempotency_window_ms: u64,
+    stock_units_max: u64,
+    lines_per_order_max: u64,
+}
+
+impl WireLimits {
+    pub(crate) fn of(limits: &Limits) -> Self {
+        Self {
+            line_units_max: limits.line_units_max,
+            hold_ttl_ms_min: limits.hold_ttl_ms_min,
+            hold_ttl_ms_max: limits.hold_ttl_ms_max,
+            holds_per_sku_max: limits.holds_per_sku_max as u64,
+            finished_per_sku_max: limits.finished_per_sku_max as u64,
+            idempotency_window_ms: limits.idempotency_window_ms,
+            stock_units_max: limits.stock_units_max,
+            lines_per_order_max: limits.lines_per_order_max as u64,
+        }
+    }
+
+    /// The limits, if they are ones an engine could have run with.
+    pub(crate) fn limits(self) -> Result<Limits, InvalidLimits> {
+        let size = |value: u64, field: &'static str| {
+            usize::try_from(value).map_err(|_| InvalidLimits { field, reason: "does not fit this platform" })
+        };
+        let limits = Limits {
+            line_units_max: self.line_units_max,
+            hold_ttl_ms_min: self.hold_ttl_ms_min,
+            hold_ttl_ms_max: self.hold_ttl_ms_max,
+            holds_per_sku_max: size(self.holds_per_sku_max, "holds_per_sku_max")?,
+            finished_per_sku_max: size(self.finished_per_sku_max, "finished_per_sku_max")?,
+            idempotency_window_ms: self.idempotency_window_ms,
+            stock_units_max: self.stock_units_max,
+            lines_per_order_max: size(self.lines_per_order_max, "lines_per_order_max")?,
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum WireCommand {
-    AddStock { units: u64 },
-    RemoveStock { units: u64 },
-    SetBuyerLimit { units_per_buyer_max: Option<u32> },
-    OpenSale { opens_at_ms: u64 },
-    Reserve { order: String, buyer: String, quantity: WireQuantity, ttl_ms: u64 },
-    Commit { order: String, units: Option<u32> },
-    Release { order: String },
-    Abort { order: String },
+    AddStock {
+        units: u64,
+        #[serde(default)]
+        operation: Option<String>,
+    },
+    RemoveStock {
+        units: u64,
+        #[serde(default)]
+        operation: Option<String>,
+    },
+    SetBuyerLimit {
+        units_per_buyer_max: Option<u32>,
+        #[serde(default)]
+        operation: Option<String>,
+    },
+    OpenSale {
+        opens_at_ms: u64,
+        #[serde(default)]
+        operation: Option<String>,
+    },
+    Reserve {
+        order: String,
+        buyer: String,
+        quantity: WireQuantity,
+        ttl_ms: u64,
+    },
+    Commit {
+        order: String,
+        units: Option<u32>,
+    },
+    Release {
+        order: String,
+    },
+    Abort {
+        order: String,
+    },
     Expire,
-    Prepare { order: String },
-    Unprepare { order: String },
+    Prepare {
+        order: String,
+    },
+    Unprepare {
+        order: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -133,11 +238,13 @@ impl LogRecord {
     /// On a read-only command: only commands that change state are logged.
     pub fn encode(&self) -> Vec<u8> {
         let wire = match self {
-            LogRecord::CreateSku { sku, settings } => WireRecord::CreateSku {
+            LogRecord::CreateSku { sku, settings, now_ms, operation } => WireRecord::CreateSku {
                 sku: sku.as_str().to_owned(),
                 initial_units: settings.initial_units,
                 units_per_buyer_max: settings.units_per_buyer_max,
                 opens_at_ms: settings.opens_at_ms,
+                now_ms: *now_ms,
+                operation: operation.as_ref().map(|operation| operation.as_str().to_owned()),
             },
             LogRecord::Apply { sku, now_ms, command } => {
                 WireRecord::Apply { sku: sku.as_str().to_owned(), now_ms: *now_ms, command: wire_command(command) }
@@ -150,16 +257,21 @@ impl LogRecord {
                 WireRecord::TransactionCommitted { order: order.as_str().to_owned() }
             }
             LogRecord::TransactionEnded { order } => WireRecord::TransactionEnded { order: order.as_str().to_owned() },
+            LogRecord::RulesInForce { limits } => WireRecord::RulesInForce { limits: WireLimits::of(limits) },
         };
         rmp_serde::to_vec(&wire).expect("records always encode")
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, RecordError> {
         Ok(match rmp_serde::from_slice(payload)? {
-            WireRecord::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms } => LogRecord::CreateSku {
-                sku: SkuId::new(sku)?,
-                settings: SkuSettings { initial_units, units_per_buyer_max, opens_at_ms },
-            },
+            WireRecord::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms, now_ms, operation } => {
+                LogRecord::CreateSku {
+                    sku: SkuId::new(sku)?,
+                    settings: SkuSettings { initial_units, units_per_buyer_max, opens_at_ms },
+                    now_ms,
+                    operation: operation.map(OperationId::new).transpose()?,
+                }
+            }
             WireRecord::Apply { sku, now_ms, command } => {
                 LogRecord::Apply { sku: SkuId::new(sku)?, now_ms, command: engine_command(command)? }
             }
@@ -174,18 +286,23 @@ impl LogRecord {
                 LogRecord::TransactionCommitted { order: OrderId::new(order)? }
             }
             WireRecord::TransactionEnded { order } => LogRecord::TransactionEnded { order: OrderId::new(order)? },
+            WireRecord::RulesInForce { limits } => LogRecord::RulesInForce { limits: limits.limits()? },
         })
     }
 }
 
 fn wire_command(command: &SkuCommand) -> WireCommand {
+    let text = |operation: &Option<OperationId>| operation.as_ref().map(|operation| operation.as_str().to_owned());
     match command {
-        SkuCommand::AddStock { units } => WireCommand::AddStock { units: *units },
-        SkuCommand::RemoveStock { units } => WireCommand::RemoveStock { units: *units },
-        SkuCommand::SetBuyerLimit { units_per_buyer_max } => {
-            WireCommand::SetBuyerLimit { units_per_buyer_max: *units_per_buyer_max }
-        }
-        SkuCommand::OpenSale { opens_at_ms } => WireCommand::OpenSale { opens_at_ms: *opens_at_ms },
+        SkuCommand::Admin { operation, change } => match *change {
+            AdminChange::AddStock { units } => WireCommand::AddStock { units, operation: text(operation) },
+            AdminChange::RemoveStock { units } => WireCommand::RemoveStock { units, operation: text(operation) },
+            AdminChange::SetBuyerLimit { units_per_buyer_max } => {
+                WireCommand::SetBuyerLimit { units_per_buyer_max, operation: text(operation) }
+            }
+            AdminChange::OpenSale { opens_at_ms } => WireCommand::OpenSale { opens_at_ms, operation: text(operation) },
+            AdminChange::Create { .. } => panic!("a creation's retry changes nothing and is never logged"),
+        },
         SkuCommand::Reserve(line) => WireCommand::Reserve {
             order: line.order.as_str().to_owned(),
             buyer: line.buyer.as_str().to_owned(),
@@ -206,11 +323,16 @@ fn wire_command(command: &SkuCommand) -> WireCommand {
 }
 
 fn engine_command(command: WireCommand) -> Result<SkuCommand, RecordError> {
+    let admin = |operation: Option<String>, change: AdminChange| -> Result<SkuCommand, RecordError> {
+        Ok(SkuCommand::Admin { operation: operation.map(OperationId::new).transpose()?, change })
+    };
     Ok(match command {
-        WireCommand::AddStock { units } => SkuCommand::AddStock { units },
-        WireCommand::RemoveStock { units } => SkuCommand::RemoveStock { units },
-        WireCommand::SetBuyerLimit { units_per_buyer_max } => SkuCommand::SetBuyerLimit { units_per_buyer_max },
-        WireCommand::OpenSale { opens_at_ms } => SkuCommand::OpenSale { opens_at_ms },
+        WireCommand::AddStock { units, operation } => admin(operation, AdminChange::AddStock { units })?,
+        WireCommand::RemoveStock { units, operation } => admin(operation, AdminChange::RemoveStock { units })?,
+        WireCommand::SetBuyerLimit { units_per_buyer_max, operation } => {
+            admin(operation, AdminChange::SetBuyerLimit { units_per_buyer_max })?
+        }
+        WireCommand::OpenSale { opens_at_ms, operation } => admin(operation, AdminChange::OpenSale { opens_at_ms })?,
         WireCommand::Reserve { order, buyer, quantity, ttl_ms } => SkuCommand::Reserve(ReserveLine {
             order: OrderId::new(order)?,
             buyer: BuyerId::new(buyer)?,
@@ -242,12 +364,28 @@ mod tests {
         id_text().prop_map(|text| OrderId::new(text).expect("valid"))
     }
 
+    fn operation_id() -> impl Strategy<Value = Option<OperationId>> {
+        proptest::option::of(id_text().prop_map(|text| OperationId::new(text).expect("valid")))
+    }
+
     fn command() -> impl Strategy<Value = SkuCommand> {
         prop_oneof![
-            any::<u64>().prop_map(|units| SkuCommand::AddStock { units }),
-            any::<u64>().prop_map(|units| SkuCommand::RemoveStock { units }),
-            any::<Option<u32>>().prop_map(|units_per_buyer_max| SkuCommand::SetBuyerLimit { units_per_buyer_max }),
-            any::<u64>().prop_map(|opens_at_ms| SkuCommand::OpenSale { opens_at_ms }),
+            (operation_id(), any::<u64>()).prop_map(|(operation, units)| SkuCommand::Admin {
+                operation,
+                change: AdminChange::AddStock { units }
+            }),
+            (operation_id(), any::<u64>()).prop_map(|(operation, units)| SkuCommand::Admin {
+                operation,
+                change: AdminChange::RemoveStock { units }
+            }),
+            (operation_id(), any::<Option<u32>>()).prop_map(|(operation, units_per_buyer_max)| SkuCommand::Admin {
+                operation,
+                change: AdminChange::SetBuyerLimit { units_per_buyer_max }
+            }),
+            (operation_id(), any::<u64>()).prop_map(|(operation, opens_at_ms)| SkuCommand::Admin {
+                operation,
+                change: AdminChange::OpenSale { opens_at_ms }
+            }),
             (order_id(), id_text(), any::<u32>(), any::<Option<u32>>(), any::<u64>()).prop_map(
                 |(order, buyer, max, min, ttl_ms)| {
                     SkuCommand::Reserve(ReserveLine {
@@ -305,11 +443,49 @@ mod tests {
         let record = LogRecord::CreateSku {
             sku: SkuId::new("tv").expect("valid"),
             settings: SkuSettings { initial_units: 5, units_per_buyer_max: Some(2), opens_at_ms: 9 },
+            now_ms: 17,
+            operation: Some(OperationId::new("create-tv").expect("valid")),
         };
         assert_eq!(LogRecord::decode(&record.encode()).expect("decodes"), record);
+        let rules = LogRecord::RulesInForce { limits: Limits { hold_ttl_ms_max: 300_000, ..Limits::default() } };
+        assert_eq!(LogRecord::decode(&rules.encode()).expect("decodes"), rules);
+        let contradictory = WireLimits::of(&Limits { hold_ttl_ms_min: 10, hold_ttl_ms_max: 5, ..Limits::default() });
+        let contradictory = rmp_serde::to_vec(&WireRecord::RulesInForce { limits: contradictory }).expect("encodes");
+        assert!(matches!(LogRecord::decode(&contradictory), Err(RecordError::InvalidLimits(_))));
         let empty_id =
             rmp_serde::to_vec(&WireRecord::Apply { sku: String::new(), now_ms: 0, command: WireCommand::Expire })
                 .expect("encodes");
         assert!(matches!(LogRecord::decode(&empty_id), Err(RecordError::InvalidId(_))));
+    }
+
+    /// Records written before creations and admin changes carried their
+    /// time and operation id still decode, with neither.
+    #[test]
+    fn records_written_before_operation_ids_still_decode() {
+        #[derive(Serialize)]
+        enum OldRecord {
+            CreateSku { sku: String, initial_units: u64, units_per_buyer_max: Option<u32>, opens_at_ms: u64 },
+            Apply { sku: String, now_ms: u64, command: OldCommand },
+        }
+        #[derive(Serialize)]
+        enum OldCommand {
+            AddStock { units: u64 },
+        }
+        let create =
+            OldRecord::CreateSku { sku: "tv".into(), initial_units: 5, units_per_buyer_max: None, opens_at_ms: 0 };
+        let create = LogRecord::decode(&rmp_serde::to_vec(&create).expect("encodes")).expect("decodes");
+        assert_eq!(
+            create,
+            LogRecord::CreateSku {
+                sku: SkuId::new("tv").expect("valid"),
+                settings: SkuSettings { initial_units: 5, ..SkuSettings::default() },
+                now_ms: 0,
+                operation: None,
+            }
+        );
+        let add = OldRecord::Apply { sku: "tv".into(), now_ms: 3, command: OldCommand::AddStock { units: 2 } };
+        let add = LogRecord::decode(&rmp_serde::to_vec(&add).expect("encodes")).expect("decodes");
+        let expected = SkuCommand::Admin { operation: None, change: AdminChange::AddStock { units: 2 } };
+        assert_eq!(add, LogRecord::Apply { sku: SkuId::new("tv").expect("valid"), now_ms: 3, command: expected });
     }
 }

@@ -420,7 +420,7 @@ mod tests {
         LogRecord::Apply {
             sku: SkuId::new("sku").expect("valid"),
             now_ms: units,
-            command: SkuCommand::AddStock { units },
+            command: SkuCommand::Admin { operation: None, change: crate::sku::AdminChange::AddStock { units } },
         }
     }
 
@@ -429,7 +429,10 @@ mod tests {
             .records
             .iter()
             .map(|(_, record)| match record {
-                LogRecord::Apply { command: SkuCommand::AddStock { units }, .. } => *units,
+                LogRecord::Apply {
+                    command: SkuCommand::Admin { change: crate::sku::AdminChange::AddStock { units }, .. },
+                    ..
+                } => *units,
                 other => panic!("unexpected {other:?}"),
             })
             .collect()

@@ -2,9 +2,10 @@
 //! that recovery reads the snapshot and only the log after it.
 //!
 //! File: `snapshot-<last sequence covered, 20 digits>.snap` holding a
-//! 24-byte header (magic `FSSN` 4, format version 1, zero 3, payload length
+//! 24-byte header (magic `FSSN` 4, format version 3, zero 3, payload length
 //! u64 8, CRC32C of the payload 4, zero 4; little-endian) and a MessagePack
-//! payload. The same state
+//! payload: the limits in force, the open transactions and every SKU with
+//! its reservations and remembered admin operations. The same state
 //! always encodes to the same bytes (SKUs sorted by id, each SKU's image
 //! canonical), which lets tests compare replays byte for byte.
 //!
@@ -16,14 +17,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{BuyerId, InvalidId, OrderId, SkuId};
-use crate::log::record::{OpenTransaction, TransactionLine};
+use crate::ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};
+use crate::limits::Limits;
+use crate::log::record::{OpenTransaction, TransactionLine, WireLimits};
 use crate::log::storage::Storage;
-use crate::sku::{EndingImage, Quantity, ReservationImage, ReserveLine, SkuImage};
+use crate::sku::{AdminChange, EndingImage, Quantity, ReservationImage, ReserveLine, SkuImage, SkuSettings};
 
 const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"FSSN");
-/// Version 2 added open transactions; version 1 files are still read.
-const SNAPSHOT_VERSION: u8 = 2;
+/// Version 2 added open transactions, version 3 the limits in force and
+/// each SKU's remembered admin operations; files of every earlier version
+/// are still read (what they lack reads as empty).
+const SNAPSHOT_VERSION: u8 = 3;
 const SNAPSHOT_HEADER_BYTES: usize = 24;
 /// Largest snapshot accepted: a partition's SKUs with up to a million holds
 /// each fit well below; the bound stops a corrupt length from making
@@ -41,6 +45,9 @@ pub struct Snapshot {
     pub skus: Vec<(SkuId, SkuImage)>,
     /// Transactions begun and not ended, sorted by order id.
     pub transactions: Vec<(OrderId, OpenTransaction)>,
+    /// The limits commands after this point were checked against; `None`
+    /// in a snapshot of a log that never named them.
+    pub limits: Option<Limits>,
 }
 
 /// Why a snapshot cannot be used.
@@ -65,6 +72,9 @@ struct WireSnapshot {
     /// Absent from version 1 files, which predate transactions.
     #[serde(default)]
     transactions: Vec<WireTransaction>,
+    /// Absent before version 3.
+    #[serde(default)]
+    limits: Option<WireLimits>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,6 +94,18 @@ struct WireSku {
     reservations: Vec<WireReservation>,
     finished_queue: Vec<(u64, String)>,
     buyer_units: Vec<(String, u32)>,
+    /// Absent before version 3.
+    #[serde(default)]
+    operations: Vec<(u64, String, WireAdminChange)>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireAdminChange {
+    AddStock(u64),
+    RemoveStock(u64),
+    SetBuyerLimit(Option<u32>),
+    OpenSale(u64),
+    Create { initial_units: u64, units_per_buyer_max: Option<u32>, opens_at_ms: u64 },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -118,6 +140,7 @@ impl Snapshot {
                     committed: open.committed,
                 })
                 .collect(),
+            limits: self.limits.as_ref().map(WireLimits::of),
         };
         let payload = rmp_serde::to_vec(&wire).expect("snapshots always encode");
         let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + payload.len());
@@ -177,7 +200,14 @@ impl Snapshot {
         if !transactions.windows(2).all(|pair| pair[0].0 < pair[1].0) {
             return Err("transactions out of order or repeated".to_owned());
         }
-        Ok(Self { last_sequence: wire.last_sequence, partition_count: wire.partition_count, skus, transactions })
+        let limits = wire.limits.map(WireLimits::limits).transpose().map_err(|error| error.to_string())?;
+        Ok(Self {
+            last_sequence: wire.last_sequence,
+            partition_count: wire.partition_count,
+            skus,
+            transactions,
+            limits,
+        })
     }
 }
 
@@ -219,6 +249,26 @@ fn wire_sku(image: &SkuImage) -> WireSku {
             .collect(),
         finished_queue: image.finished_queue.iter().map(|(at, order)| (*at, order.as_str().to_owned())).collect(),
         buyer_units: image.buyer_units.iter().map(|(buyer, units)| (buyer.as_str().to_owned(), *units)).collect(),
+        operations: image
+            .operations
+            .iter()
+            .map(|(at_ms, operation, change)| {
+                let change = match *change {
+                    AdminChange::AddStock { units } => WireAdminChange::AddStock(units),
+                    AdminChange::RemoveStock { units } => WireAdminChange::RemoveStock(units),
+                    AdminChange::SetBuyerLimit { units_per_buyer_max } => {
+                        WireAdminChange::SetBuyerLimit(units_per_buyer_max)
+                    }
+                    AdminChange::OpenSale { opens_at_ms } => WireAdminChange::OpenSale(opens_at_ms),
+                    AdminChange::Create { settings } => WireAdminChange::Create {
+                        initial_units: settings.initial_units,
+                        units_per_buyer_max: settings.units_per_buyer_max,
+                        opens_at_ms: settings.opens_at_ms,
+                    },
+                };
+                (*at_ms, operation.as_str().to_owned(), change)
+            })
+            .collect(),
     }
 }
 
@@ -269,6 +319,24 @@ fn engine_sku(wire: WireSku) -> Result<SkuImage, ImageError> {
         .into_iter()
         .map(|(buyer, units)| Ok((BuyerId::new(buyer)?, units)))
         .collect::<Result<_, InvalidId>>()?;
+    let operations = wire
+        .operations
+        .into_iter()
+        .map(|(at_ms, operation, change)| {
+            let change = match change {
+                WireAdminChange::AddStock(units) => AdminChange::AddStock { units },
+                WireAdminChange::RemoveStock(units) => AdminChange::RemoveStock { units },
+                WireAdminChange::SetBuyerLimit(units_per_buyer_max) => {
+                    AdminChange::SetBuyerLimit { units_per_buyer_max }
+                }
+                WireAdminChange::OpenSale(opens_at_ms) => AdminChange::OpenSale { opens_at_ms },
+                WireAdminChange::Create { initial_units, units_per_buyer_max, opens_at_ms } => {
+                    AdminChange::Create { settings: SkuSettings { initial_units, units_per_buyer_max, opens_at_ms } }
+                }
+            };
+            Ok((at_ms, OperationId::new(operation)?, change))
+        })
+        .collect::<Result<_, InvalidId>>()?;
     Ok(SkuImage {
         units_added,
         units_removed,
@@ -282,6 +350,7 @@ fn engine_sku(wire: WireSku) -> Result<SkuImage, ImageError> {
         reservations,
         finished_queue,
         buyer_units,
+        operations,
     })
 }
 
@@ -375,7 +444,7 @@ mod tests {
             TransactionLine { sku: SkuId::new("b").expect("id"), units: Some(1) },
         ];
         let transactions = vec![(OrderId::new("order-1").expect("id"), OpenTransaction { lines, committed: true })];
-        Snapshot { last_sequence, partition_count: 4, skus, transactions }
+        Snapshot { last_sequence, partition_count: 4, skus, transactions, limits: None }
     }
 
     #[test]

@@ -284,7 +284,11 @@ mod tests {
     const CONFIG: WriterConfig = WriterConfig { round_appends_max: 64 };
 
     fn record(units: u64) -> LogRecord {
-        LogRecord::Apply { sku: SkuId::new("sku").expect("valid"), now_ms: 0, command: SkuCommand::AddStock { units } }
+        LogRecord::Apply {
+            sku: SkuId::new("sku").expect("valid"),
+            now_ms: 0,
+            command: SkuCommand::Admin { operation: None, change: crate::sku::AdminChange::AddStock { units } },
+        }
     }
 
     fn open(storage: &MemoryStorage) -> (SegmentedLog, Vec<u64>) {
@@ -298,7 +302,10 @@ mod tests {
             .records
             .into_iter()
             .map(|(_, record)| match record {
-                LogRecord::Apply { command: SkuCommand::AddStock { units }, .. } => units,
+                LogRecord::Apply {
+                    command: SkuCommand::Admin { change: crate::sku::AdminChange::AddStock { units }, .. },
+                    ..
+                } => units,
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
