@@ -63,6 +63,8 @@ pub enum LogError {
 pub struct TornTail {
     pub file: PathBuf,
     pub offset: usize,
+    /// Bytes of the torn write found, up to its last non-zero byte (the
+    /// preallocated zeros after it are cut too, but are not counted).
     pub bytes_cut: usize,
 }
 
@@ -152,8 +154,8 @@ pub(crate) struct SegmentsRead {
     pub(crate) next_sequence: u64,
     /// Bytes of each segment read, in order.
     pub(crate) segment_bytes: Vec<u64>,
-    /// A damaged end of the last segment: where it starts, why, and the
-    /// segment's length.
+    /// A damaged end of the last segment: where it starts, why, and where
+    /// its last non-zero byte ends.
     pub(crate) torn_tail: Option<(usize, String, usize)>,
     /// The last segment's file length (its data and any zeros after it).
     pub(crate) last_file_bytes: u64,
@@ -206,7 +208,8 @@ pub(crate) fn read_segments(
         match scanned.end {
             ScanEnd::Clean => {}
             ScanEnd::TornTail { offset, reason } if is_last && tail_may_be_torn => {
-                read.torn_tail = Some((offset, reason.to_string(), bytes.len()));
+                let data_end = bytes.iter().rposition(|&byte| byte != 0).map_or(offset, |last| last + 1);
+                read.torn_tail = Some((offset, reason.to_string(), data_end.max(offset)));
             }
             ScanEnd::TornTail { offset, reason } => {
                 return Err(corrupt(offset, format!("damaged frame ({reason}) where the log must be whole")));
@@ -572,7 +575,9 @@ mod tests {
         storage.set_capacity_bytes(40);
         log.append(&record(1)).expect("append");
         log.append(&record(2)).expect("append");
-        assert!(matches!(log.flush(), Err(LogError::Io { operation: "write", .. })));
+        // The batch goes over preallocated zeros, so the zeros are what
+        // no longer fit.
+        assert!(matches!(log.flush(), Err(LogError::Io { operation: "preallocate", .. })));
         assert!(matches!(log.flush(), Err(LogError::Poisoned(_))));
     }
 
