@@ -8,16 +8,24 @@
 //! format.
 //!
 //! Files are `segment-<first sequence, 20 digits>.log` in the log's
-//! directory. Appends are buffered; [`SegmentedLog::flush`] writes the
-//! buffer with one write and one `fdatasync` and returns the highest durable
-//! sequence number. The first failed write or sync poisons the log for good:
-//! an fsync error may have dropped data the kernel still reports as written,
-//! so nothing is acknowledged after one and nothing is retried.
+//! directory. A segment starts with a header, written and synced when it
+//! is created. Appends are buffered as one batch; [`SegmentedLog::flush`]
+//! writes the batch, its header (length and checksum) first, with one write
+//! and one `fdatasync`, and returns the highest durable sequence number. One
+//! write holds exactly one batch, so that recovery can tell the torn last
+//! write (a batch that does not verify, with no batch begun after it) from
+//! damage to durable data (see [`crate::log::frame`]). The first failed
+//! write or sync poisons the log for good: an fsync error may have dropped
+//! data the kernel still reports as written, so nothing is acknowledged
+//! after one and nothing is retried.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::log::frame::{encode_frame, scan, ScanEnd};
+use crate::log::frame::{
+    encode_batch_header, encode_frame, encode_segment_header, scan, ScanEnd, SegmentFormat, BATCH_BODY_BYTES_MAX,
+    BATCH_HEADER_BYTES, FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+};
 use crate::log::record::{EncodedRecord, LogRecord};
 use crate::log::snapshot::{load_newest_snapshot, snapshot_sequence_of, Snapshot, SnapshotError};
 use crate::log::storage::{AppendFile, Storage};
@@ -93,6 +101,8 @@ pub struct SegmentedLog {
     closed_bytes_unsnapshotted: u64,
     /// How far the active segment is written with zeros ahead of its data.
     preallocated_through: u64,
+    /// The next batch: room for its header, then the frames appended since
+    /// the last flush (empty when there are none).
     buffer: Vec<u8>,
     poisoned: Option<String>,
 }
@@ -114,6 +124,23 @@ fn first_sequence_of(path: &Path) -> Option<u64> {
 
 fn io_error<'a>(file: &'a Path, operation: &'static str) -> impl FnOnce(std::io::Error) -> LogError + 'a {
     move |source| LogError::Io { file: file.to_path_buf(), operation, source }
+}
+
+/// Creates the segment that starts at `first_sequence` (or opens it, empty)
+/// and makes its header and name durable before any batch goes into it, so
+/// that damage to the header with anything valid after it is known to be
+/// corruption, and a header torn while being created has nothing after it.
+fn start_segment(
+    storage: &dyn Storage,
+    directory: &Path,
+    first_sequence: u64,
+) -> Result<Box<dyn AppendFile>, LogError> {
+    let path = directory.join(segment_name(first_sequence));
+    let mut file = storage.open_append(&path).map_err(io_error(&path, "create"))?;
+    file.append(&encode_segment_header(first_sequence)).map_err(io_error(&path, "write"))?;
+    file.sync_data().map_err(io_error(&path, "fdatasync"))?;
+    storage.sync_dir(directory).map_err(io_error(directory, "sync directory"))?;
+    Ok(file)
 }
 
 /// A segment file: its first sequence number (from its name) and path.
@@ -159,6 +186,8 @@ pub(crate) struct SegmentsRead {
     pub(crate) torn_tail: Option<(usize, String, usize)>,
     /// The last segment's file length (its data and any zeros after it).
     pub(crate) last_file_bytes: u64,
+    /// How the last segment is written, if anything readable is in it.
+    pub(crate) last_format: Option<SegmentFormat>,
 }
 
 /// Reads `segments` (consecutive, oldest first), keeping the records after
@@ -178,6 +207,7 @@ pub(crate) fn read_segments(
         segment_bytes: Vec::with_capacity(segments.len()),
         torn_tail: None,
         last_file_bytes: 0,
+        last_format: None,
     };
     if read.next_sequence > after + 1 {
         let file = segments[0].path.clone();
@@ -204,6 +234,7 @@ pub(crate) fn read_segments(
         }
         read.next_sequence = segment.first_sequence + scanned.records.len() as u64;
         read.segment_bytes.push(scanned.valid_bytes as u64);
+        read.last_format = scanned.format;
         let is_last = position + 1 == segments.len();
         match scanned.end {
             ScanEnd::Clean => {}
@@ -282,17 +313,27 @@ impl SegmentedLog {
                 storage.truncate(&last.path, valid).map_err(io_error(&last.path, "truncate"))?;
             }
         }
-        let (active_first, active_path, active_bytes) = match segments.last() {
-            Some(last) => (last.first_sequence, last.path.clone(), read.segment_bytes.last().copied().unwrap_or(0)),
-            None => {
-                let path = directory.join(segment_name(read.next_sequence));
-                storage.open_append(&path).map_err(io_error(&path, "create"))?;
-                storage.sync_dir(directory).map_err(io_error(directory, "sync directory"))?;
-                (read.next_sequence, path, 0)
+        let mut closed_bytes_unsnapshotted: u64 = read.segment_bytes.iter().rev().skip(1).sum();
+        // Batches go only into segments that start with a header: a version
+        // 1 segment is closed as it is, and an empty one (never written, or
+        // its header torn) is given its header now.
+        let header_bytes = SEGMENT_HEADER_BYTES as u64;
+        let (active_first, active, active_bytes) = match (segments.last(), read.segment_bytes.last().copied()) {
+            (Some(last), Some(valid)) if valid > 0 && read.last_format == Some(SegmentFormat::Batches) => {
+                let active = storage.open_append(&last.path).map_err(io_error(&last.path, "open"))?;
+                (last.first_sequence, active, valid)
+            }
+            (Some(last), Some(0)) => {
+                (last.first_sequence, start_segment(storage.as_ref(), directory, last.first_sequence)?, header_bytes)
+            }
+            (last, valid) => {
+                if last.is_some() {
+                    tracing::info!("closing a version 1 log segment: new records go to a version 2 one");
+                    closed_bytes_unsnapshotted += valid.unwrap_or(0);
+                }
+                (read.next_sequence, start_segment(storage.as_ref(), directory, read.next_sequence)?, header_bytes)
             }
         };
-        let closed_bytes_unsnapshotted = read.segment_bytes.iter().rev().skip(1).sum();
-        let active = storage.open_append(&active_path).map_err(io_error(&active_path, "open"))?;
         let log = Self {
             storage,
             directory: directory.to_path_buf(),
@@ -319,33 +360,31 @@ impl SegmentedLog {
     /// [`Self::append`] for a record already encoded.
     pub fn append_encoded(&mut self, record: &EncodedRecord) -> Result<u64, LogError> {
         self.check_poisoned()?;
+        let frame_bytes = FRAME_HEADER_BYTES + record.as_bytes().len();
+        if !self.buffer.is_empty() && self.buffer.len() - BATCH_HEADER_BYTES + frame_bytes > BATCH_BODY_BYTES_MAX {
+            // A batch has a bounded length; this one is made durable sooner.
+            self.flush()?;
+        }
+        if self.buffer.is_empty() {
+            self.buffer.resize(BATCH_HEADER_BYTES, 0);
+        }
         let sequence = self.next_sequence;
         encode_frame(sequence, record.as_bytes(), &mut self.buffer);
         self.next_sequence += 1;
         Ok(sequence)
     }
 
-    /// Writes everything buffered with one write and one `fdatasync`, then
-    /// rotates the segment if it is full. Returns the highest durable
-    /// sequence number.
+    /// Writes everything buffered as one batch with one write and one
+    /// `fdatasync`, then rotates the segment if it is full. Returns the
+    /// highest durable sequence number.
     pub fn flush(&mut self) -> Result<u64, LogError> {
         self.check_poisoned()?;
         if self.buffer.is_empty() {
             return Ok(self.durable_sequence);
         }
         let active_path = self.directory.join(segment_name(self.active_first));
-        let needed = self.active_bytes + self.buffer.len() as u64;
-        let preallocated = if needed > self.preallocated_through {
-            // Ahead by a step, but not far past the segment's end.
-            let through = (needed + PREALLOCATION_STEP_BYTES).min(needed.max(self.config.segment_bytes_max));
-            self.active.preallocate(through).map_err(io_error(&active_path, "preallocate")).map(|()| through)
-        } else {
-            Ok(self.preallocated_through)
-        };
-        let written = preallocated
-            .map(|through| self.preallocated_through = through)
-            .and_then(|()| self.active.append(&self.buffer).map_err(io_error(&active_path, "write")))
-            .and_then(|()| self.active.sync_data().map_err(io_error(&active_path, "fdatasync")));
+        let written =
+            self.write_batch().and_then(|()| self.active.sync_data().map_err(io_error(&active_path, "fdatasync")));
         if let Err(error) = written {
             self.poisoned = Some(error.to_string());
             return Err(error);
@@ -360,6 +399,24 @@ impl SegmentedLog {
             }
         }
         Ok(self.durable_sequence)
+    }
+
+    /// Seals the buffered batch with its header and writes it, in one
+    /// write, over zeros preallocated for it; does not sync.
+    fn write_batch(&mut self) -> Result<(), LogError> {
+        let active_path = self.directory.join(segment_name(self.active_first));
+        let needed = self.active_bytes + self.buffer.len() as u64;
+        if needed > self.preallocated_through {
+            // Ahead by a step, but not far past the segment's end.
+            let through = (needed + PREALLOCATION_STEP_BYTES).min(needed.max(self.config.segment_bytes_max));
+            self.active.preallocate(through).map_err(io_error(&active_path, "preallocate"))?;
+            self.preallocated_through = through;
+        }
+        let first_sequence = self.durable_sequence + 1;
+        let record_count = u32::try_from(self.next_sequence - first_sequence).expect("a bounded batch");
+        let header = encode_batch_header(first_sequence, record_count, &self.buffer[BATCH_HEADER_BYTES..]);
+        self.buffer[..BATCH_HEADER_BYTES].copy_from_slice(&header);
+        self.active.append(&self.buffer).map_err(io_error(&active_path, "write"))
     }
 
     /// The highest sequence number known durable.
@@ -395,12 +452,10 @@ impl SegmentedLog {
             self.storage.truncate(&closed, self.active_bytes).map_err(io_error(&closed, "truncate"))?;
         }
         self.preallocated_through = 0;
-        let path = self.directory.join(segment_name(self.next_sequence));
-        self.active = self.storage.open_append(&path).map_err(io_error(&path, "create"))?;
-        self.storage.sync_dir(&self.directory).map_err(io_error(&self.directory, "sync directory"))?;
+        self.active = start_segment(self.storage.as_ref(), &self.directory, self.next_sequence)?;
         self.active_first = self.next_sequence;
         self.closed_bytes_unsnapshotted += self.active_bytes;
-        self.active_bytes = 0;
+        self.active_bytes = SEGMENT_HEADER_BYTES as u64;
         Ok(())
     }
 
@@ -416,7 +471,7 @@ impl SegmentedLog {
 mod tests {
     use super::*;
     use crate::ids::SkuId;
-    use crate::log::storage::{MemoryStorage, UnsyncedFate};
+    use crate::log::storage::{MemoryStorage, UnsyncedFate, PAGE_BYTES};
     use crate::sku::SkuCommand;
 
     fn record(units: u64) -> LogRecord {
@@ -521,13 +576,14 @@ mod tests {
         log.append(&record(3)).expect("append");
         // Power fails during the flush: the write was issued, the sync never
         // finished, and only part of the batch reached the disk.
-        log.active.append(&log.buffer).expect("write");
-        storage.crash(UnsyncedFate::TornAfter { bytes: 30 });
+        log.write_batch().expect("write");
+        // The batch header and the first frame's magic.
+        storage.crash(UnsyncedFate::TornAfter { bytes: BATCH_HEADER_BYTES + 4 });
 
         let (mut log, recovered) = open(&storage, LogConfig::default()).expect("reopens");
         assert_eq!(units_of(&recovered), vec![1]);
         let torn = recovered.torn_tail.expect("reported");
-        assert_eq!(torn.bytes_cut, 30);
+        assert_eq!(torn.bytes_cut, BATCH_HEADER_BYTES + 4);
         log.append(&record(7)).expect("append");
         log.flush().expect("flush after the cut");
         let (_, recovered) = open(&storage, LogConfig::default()).expect("reopens");
@@ -539,16 +595,18 @@ mod tests {
     fn a_flipped_bit_in_the_middle_stops_recovery_naming_file_and_offset() {
         let storage = MemoryStorage::new();
         let (mut log, _) = open(&storage, LogConfig::default()).expect("opens");
+        let mut batch_starts = Vec::new();
         for units in 1..=3 {
+            batch_starts.push(log.active_bytes as usize);
             log.append(&record(units)).expect("append");
+            log.flush().expect("flush");
         }
-        log.flush().expect("flush");
         let file = Path::new("/data/log").join(segment_name(1));
-        storage.flip_bit(&file, 30, 0).expect("flip");
+        storage.flip_bit(&file, batch_starts[1] + 30, 0).expect("flip");
         match open(&storage, LogConfig::default()) {
             Err(LogError::Corrupt { file: reported, offset, .. }) => {
                 assert_eq!(reported, file);
-                assert_eq!(offset, 0, "the first frame holds byte 30");
+                assert_eq!(offset, batch_starts[1], "the second batch holds the flipped bit");
             }
             other => panic!("expected corruption, got {other:?}"),
         }
@@ -628,8 +686,8 @@ mod tests {
             let fate =
                 if next(2) == 0 { UnsyncedFate::Lost } else { UnsyncedFate::TornAfter { bytes: next(200) as usize } };
             // Part of the buffer may be on its way to the disk when power fails.
-            if next(2) == 0 {
-                let _ = log.active.append(&log.buffer);
+            if next(2) == 0 && !log.buffer.is_empty() {
+                let _ = log.write_batch();
             }
             storage.crash(fate);
             let (_, recovered) = open(&storage, config).unwrap_or_else(|error| panic!("run {run}: {error}"));
@@ -637,5 +695,46 @@ mod tests {
             assert!(units.len() >= flushed, "run {run}: lost flushed records: {units:?} vs {flushed}");
             assert_eq!(units[..], appended[..units.len()], "run {run}");
         }
+    }
+
+    /// A data directory written before batches: version 1 segments of bare
+    /// frames, the active one ending in a torn frame and preallocated zeros.
+    /// It opens with every whole record, new records go to a version 2
+    /// segment after it, and the next open reads both.
+    #[test]
+    fn a_version_1_log_is_still_read_and_continued_in_a_version_2_segment() {
+        let storage = MemoryStorage::new();
+        let directory = Path::new("/data/log");
+        let frames_of = |units: std::ops::RangeInclusive<u64>| {
+            let mut bytes = Vec::new();
+            for units in units {
+                encode_frame(units, EncodedRecord::from(&record(units)).as_bytes(), &mut bytes);
+            }
+            bytes
+        };
+        let write_version_1 = |first_sequence: u64, bytes: &[u8]| {
+            let mut file = storage.open_append(&directory.join(segment_name(first_sequence))).expect("create");
+            file.append(bytes).expect("write");
+            file.sync_data().expect("sync");
+        };
+        write_version_1(1, &frames_of(1..=3));
+        let mut active = frames_of(4..=6);
+        active.truncate(active.len() - 3);
+        active.resize(active.len() + PAGE_BYTES, 0);
+        write_version_1(4, &active);
+        storage.sync_dir(directory).expect("sync directory");
+
+        let (mut log, recovered) = open(&storage, LogConfig::default()).expect("opens");
+        assert_eq!(units_of(&recovered), vec![1, 2, 3, 4, 5]);
+        assert_eq!(recovered.torn_tail.map(|torn| torn.file), Some(directory.join(segment_name(4))));
+        assert_eq!(log.append(&record(6)).expect("append"), 6);
+        log.flush().expect("flush");
+        let names: Vec<PathBuf> = [1, 4, 6].iter().map(|&first| directory.join(segment_name(first))).collect();
+        assert_eq!(storage.list(directory).expect("list"), names);
+        assert_eq!(storage.read(&names[1]).expect("read"), frames_of(4..=5), "left as written, cut to its data");
+
+        let (_, recovered) = open(&storage, LogConfig::default()).expect("reopens");
+        assert_eq!(units_of(&recovered), (1..=6).collect::<Vec<_>>());
+        assert!(recovered.torn_tail.is_none());
     }
 }
