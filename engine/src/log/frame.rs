@@ -45,14 +45,24 @@
 //! synced before any batch is written, so anything valid after a damaged
 //! one proves it was once whole.
 //!
+//! What this cannot see: damage to the last synced batch with no header
+//! written after it (the log ended there, or the torn write lost the page
+//! holding its header) is taken for a torn tail and cut, as a damaged last
+//! frame was before batches. Seeing it would take a record of the synced
+//! point that a torn write cannot take with it (a second sync per commit).
+//! A payload crafted to hold a valid batch header errs the other way: a
+//! torn tail is refused as corruption, which stops the node but loses
+//! nothing.
+//!
 //! Version 1 segments (frames one after another, no header, written before
 //! batches existed) are still read, frame by frame, with the rule they were
 //! written under: a damaged frame followed by a valid frame continuing the
 //! sequence is corruption. They are never appended to again: the log starts
 //! a version 2 segment at open. A version 2 segment's bytes start with
 //! "FSSG", never "FSLG", so the first four bytes tell the formats apart (and
-//! a version 1 reader refuses a version 2 segment as corrupt rather than
-//! cutting it).
+//! a version 1 reader refuses a version 2 segment holding records as
+//! corrupt, since valid frames follow its unknown start, rather than cutting
+//! it).
 //!
 //! All integers are little-endian. Lengths are checked against their bound
 //! before anything is read past them, so a corrupt length cannot make

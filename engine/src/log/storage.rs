@@ -261,6 +261,9 @@ impl MemoryFile {
     /// for lost bytes in between) if the range ends past it.
     fn keep(&self, survivor: &mut Vec<u8>, range: Range<usize>) {
         let range = range.start.min(self.current.len())..range.end.min(self.current.len());
+        if range.is_empty() {
+            return;
+        }
         if survivor.len() < range.end {
             survivor.resize(range.end, 0);
         }
@@ -309,7 +312,7 @@ struct Xorshift(u64);
 
 impl Xorshift {
     fn new(seed: u64) -> Self {
-        // Xorshift never leaves zero; mixing keeps nearby seeds apart.
+        // Xorshift never leaves zero, so no seed may map to it.
         Self((seed ^ 0x9e37_79b9_7f4a_7c15).max(1))
     }
 
