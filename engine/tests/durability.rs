@@ -371,8 +371,12 @@ async fn a_crash_during_a_sale_keeps_every_answer_given_before_it() {
         {
             tokio::time::sleep(std::time::Duration::from_micros(200)).await;
         }
-        let fate =
-            if next(2) == 0 { UnsyncedFate::Lost } else { UnsyncedFate::TornAfter { bytes: next(400) as usize } };
+        let fate = match next(3) {
+            0 => UnsyncedFate::Lost,
+            1 => UnsyncedFate::TornAfter { bytes: next(400) as usize },
+            // Pages of the last write reaching the disk in any order.
+            _ => UnsyncedFate::SeededPages { seed: next(u64::MAX) },
+        };
         // Every answer in the list was received before the disk is copied.
         let (disk, answers) = {
             let answers = acknowledged.lock().expect("lock");

@@ -2,9 +2,11 @@
 //!
 //! Layers, bottom up:
 //! - [`frame`]: the on-disk record framing (magic, version, length,
-//!   sequence, CRC32C) and the recovery scan that tells a torn tail, which
-//!   is cut, from corruption in the middle, which stops the node. Pure: it
-//!   works on byte slices.
+//!   sequence, CRC32C), segment headers and one checksummed batch per group
+//!   commit, and the recovery scan that tells a torn tail (the last write,
+//!   whose pages may have reached the disk in any order), which is cut, from
+//!   corruption in the middle, which stops the node. Pure: it works on byte
+//!   slices.
 //! - [`record`]: the engine's log record, its only serialized form
 //!   (MessagePack of explicit mirror types, validated on decode).
 //! - [`segments`]: [`segments::SegmentedLog`], the numbered segment files

@@ -2,13 +2,16 @@
 //!
 //! [`FileStorage`] is the real file system. [`MemoryStorage`] keeps files in
 //! memory and models what a crash does to them: only bytes covered by a
-//! successful `sync_data` survive, a name survives only once its directory
-//! was synced, and a test may keep a torn part of the unsynced bytes, make a
-//! sync fail, make the disk full, or flip a bit in data already on "disk".
+//! successful `sync_data` are sure to survive, a name survives only once its
+//! directory was synced, and a test may keep a torn part of the unsynced
+//! bytes, let each of their pages survive, vanish or tear on its own (as a
+//! page cache writing back in any order does), make a sync fail, make the
+//! disk full, or flip a bit in data already on "disk".
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -183,18 +186,150 @@ impl Storage for FileStorage {
 }
 
 /// What a simulated crash does to bytes that were written but not synced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnsyncedFate {
     /// All of them are lost.
     Lost,
     /// The first `bytes` of them reached the disk (a torn write).
     TornAfter { bytes: usize },
+    /// Each page ([`PAGE_BYTES`], aligned to file offsets) holding unsynced
+    /// bytes gets a fate of its own, drawn from a generator seeded with
+    /// `seed`: the same seed gives the same disk.
+    SeededPages { seed: u64 },
+    /// The pages holding unsynced bytes, in file order (in every file), get
+    /// these fates; pages beyond the list are lost.
+    EachPage(Vec<PageFate>),
 }
+
+/// What a crash does to one page of unsynced bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFate {
+    /// The page reached the disk.
+    Survives,
+    /// The page reads as before the write: the synced bytes, zeros where
+    /// preallocated, nothing past the synced end of the file (zeros, if a
+    /// later page made the file longer).
+    Lost,
+    /// The first `bytes` of the page reached the disk, the rest is as lost.
+    Torn { bytes: usize },
+}
+
+/// The unit in which unsynced writes reach the disk, or not, independently
+/// of each other: the page cache writes back pages of this size, in no
+/// promised order.
+pub const PAGE_BYTES: usize = 4096;
 
 #[derive(Debug, Default)]
 struct MemoryFile {
-    synced: Vec<u8>,
-    unsynced: Vec<u8>,
+    /// What the running process reads.
+    current: Vec<u8>,
+    /// What a crash leaves if none of the unsynced bytes reach the disk.
+    /// Never longer than `current`: writes only grow a file, and cutting
+    /// one syncs it first.
+    durable: Vec<u8>,
+    /// Byte ranges written since the last sync, oldest first.
+    unsynced: Vec<Range<usize>>,
+}
+
+impl MemoryFile {
+    fn write_at(&mut self, position: usize, bytes: &[u8]) {
+        let end = position + bytes.len();
+        if self.current.len() < end {
+            self.current.resize(end, 0);
+        }
+        self.current[position..end].copy_from_slice(bytes);
+        if !bytes.is_empty() {
+            self.unsynced.push(position..end);
+        }
+    }
+
+    fn sync(&mut self) {
+        self.durable.resize(self.current.len(), 0);
+        for range in self.unsynced.drain(..) {
+            self.durable[range.clone()].copy_from_slice(&self.current[range]);
+        }
+    }
+
+    /// The pages holding unsynced bytes, in file order.
+    fn unsynced_pages(&self) -> Vec<usize> {
+        let pages: std::collections::BTreeSet<usize> =
+            self.unsynced.iter().flat_map(|range| range.start / PAGE_BYTES..range.end.div_ceil(PAGE_BYTES)).collect();
+        pages.into_iter().collect()
+    }
+
+    /// Lays `current[range]` over what survives, growing it (with zeros
+    /// for lost bytes in between) if the range ends past it.
+    fn keep(&self, survivor: &mut Vec<u8>, range: Range<usize>) {
+        let range = range.start.min(self.current.len())..range.end.min(self.current.len());
+        if range.is_empty() {
+            return;
+        }
+        if survivor.len() < range.end {
+            survivor.resize(range.end, 0);
+        }
+        survivor[range.clone()].copy_from_slice(&self.current[range]);
+    }
+
+    /// What the file holds after power fails with `fate`; `draw` gives
+    /// seeded pages their fates.
+    fn crash(&mut self, fate: &UnsyncedFate, draw: &mut Xorshift) {
+        let mut survivor = self.durable.clone();
+        match fate {
+            UnsyncedFate::Lost => {}
+            UnsyncedFate::TornAfter { bytes } => {
+                let mut left = *bytes;
+                for range in &self.unsynced {
+                    let kept = left.min(range.len());
+                    self.keep(&mut survivor, range.start..range.start + kept);
+                    left -= kept;
+                }
+            }
+            UnsyncedFate::SeededPages { .. } | UnsyncedFate::EachPage(_) => {
+                for (index, page) in self.unsynced_pages().into_iter().enumerate() {
+                    let page_fate = match fate {
+                        UnsyncedFate::EachPage(fates) => fates.get(index).copied().unwrap_or(PageFate::Lost),
+                        _ => draw.page_fate(),
+                    };
+                    let start = page * PAGE_BYTES;
+                    match page_fate {
+                        PageFate::Survives => self.keep(&mut survivor, start..start + PAGE_BYTES),
+                        PageFate::Lost => {}
+                        PageFate::Torn { bytes } => self.keep(&mut survivor, start..start + bytes.min(PAGE_BYTES)),
+                    }
+                }
+            }
+        }
+        self.current = survivor;
+        self.durable = self.current.clone();
+        self.unsynced.clear();
+    }
+}
+
+/// A small deterministic generator (xorshift64) for seeded crashes: no
+/// randomness but the seed a test passes in.
+#[derive(Debug)]
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn new(seed: u64) -> Self {
+        // Xorshift never leaves zero, so no seed may map to it.
+        Self((seed ^ 0x9e37_79b9_7f4a_7c15).max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn page_fate(&mut self) -> PageFate {
+        match self.next() % 3 {
+            0 => PageFate::Survives,
+            1 => PageFate::Lost,
+            _ => PageFate::Torn { bytes: 1 + (self.next() % (PAGE_BYTES as u64 - 1)) as usize },
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -215,11 +350,19 @@ struct MemoryDisk {
 
 impl MemoryDisk {
     fn used_bytes(&self) -> usize {
-        self.files.values().map(|file| file.synced.len() + file.unsynced.len()).sum()
+        self.files.values().map(|file| file.current.len()).sum()
+    }
+
+    fn room_bytes(&self) -> usize {
+        self.capacity_bytes.map_or(usize::MAX, |capacity| capacity.saturating_sub(self.used_bytes()))
     }
 
     fn file_id(&self, path: &Path) -> io::Result<u64> {
         self.names.get(path).copied().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.display().to_string()))
+    }
+
+    fn file(&mut self, id: u64) -> &mut MemoryFile {
+        self.files.get_mut(&id).expect("open files exist")
     }
 
     fn sync_file(&mut self, id: u64) -> io::Result<()> {
@@ -229,9 +372,7 @@ impl MemoryDisk {
             }
             *left -= 1;
         }
-        let file = self.files.get_mut(&id).expect("open files exist");
-        let unsynced = std::mem::take(&mut file.unsynced);
-        file.synced.extend_from_slice(&unsynced);
+        self.file(id).sync();
         Ok(())
     }
 }
@@ -267,18 +408,21 @@ impl MemoryStorage {
     pub fn flip_bit(&self, path: &Path, offset: usize, bit: u8) -> io::Result<()> {
         let mut disk = self.disk();
         let id = disk.file_id(path)?;
-        let file = disk.files.get_mut(&id).expect("named files exist");
-        let byte = file.synced.get_mut(offset).ok_or_else(|| io::Error::other("offset past the synced data"))?;
-        *byte ^= 1 << (bit % 8);
+        let file = disk.file(id);
+        if offset >= file.durable.len() {
+            return Err(io::Error::other("offset past the synced data"));
+        }
+        file.durable[offset] ^= 1 << (bit % 8);
+        file.current[offset] ^= 1 << (bit % 8);
         Ok(())
     }
 
     /// Simulates power loss: names and bytes that were not synced are lost,
-    /// except that every file keeps the torn part `fate` says. Faults are
-    /// cleared (the machine restarts with a working disk).
+    /// except that every file keeps what `fate` says reached the disk.
+    /// Faults are cleared (the machine restarts with a working disk).
     pub fn crash(&self, fate: UnsyncedFate) {
         let mut disk = self.disk();
-        crash_disk(&mut disk, fate);
+        crash_disk(&mut disk, &fate);
     }
 
     /// The disk as it would be found after power failed right now, as a
@@ -293,25 +437,37 @@ impl MemoryStorage {
             files: disk
                 .files
                 .iter()
-                .map(|(id, file)| (*id, MemoryFile { synced: file.synced.clone(), unsynced: file.unsynced.clone() }))
+                .map(|(id, file)| {
+                    let copied = MemoryFile {
+                        current: file.current.clone(),
+                        durable: file.durable.clone(),
+                        unsynced: file.unsynced.clone(),
+                    };
+                    (*id, copied)
+                })
                 .collect(),
             next_file: disk.next_file,
             ..MemoryDisk::default()
         };
-        crash_disk(&mut copy, fate);
+        crash_disk(&mut copy, &fate);
         MemoryStorage { disk: Arc::new(Mutex::new(copy)) }
     }
 }
 
-fn crash_disk(disk: &mut MemoryDisk, fate: UnsyncedFate) {
+fn crash_disk(disk: &mut MemoryDisk, fate: &UnsyncedFate) {
     disk.names = disk.durable_names.clone();
     let live: std::collections::HashSet<u64> = disk.names.values().copied().collect();
     disk.files.retain(|id, _| live.contains(id));
-    for file in disk.files.values_mut() {
-        let unsynced = std::mem::take(&mut file.unsynced);
-        if let UnsyncedFate::TornAfter { bytes } = fate {
-            file.synced.extend_from_slice(&unsynced[..bytes.min(unsynced.len())]);
-        }
+    let seed = match fate {
+        UnsyncedFate::SeededPages { seed } => *seed,
+        _ => 0,
+    };
+    let mut draw = Xorshift::new(seed);
+    // In order of creation, so that a seed draws the same fates every run.
+    let mut ids: Vec<u64> = disk.files.keys().copied().collect();
+    ids.sort_unstable();
+    for id in ids {
+        disk.file(id).crash(fate, &mut draw);
     }
     disk.syncs_before_failure = None;
     disk.capacity_bytes = None;
@@ -321,14 +477,20 @@ fn crash_disk(disk: &mut MemoryDisk, fate: UnsyncedFate) {
 struct MemoryAppendFile {
     disk: Arc<Mutex<MemoryDisk>>,
     id: u64,
+    /// Where the next append goes: the file's length when opened, so that
+    /// appends overwrite preallocated zeros as they do on real files.
+    position: usize,
 }
 
 impl AppendFile for MemoryAppendFile {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let mut disk = self.disk.lock().unwrap_or_else(PoisonError::into_inner);
-        let room = disk.capacity_bytes.map_or(usize::MAX, |capacity| capacity.saturating_sub(disk.used_bytes()));
+        let length = disk.file(self.id).current.len();
+        // Only bytes past the file's end take room on the disk.
+        let room = disk.room_bytes().saturating_add(length.saturating_sub(self.position));
         let written = bytes.len().min(room);
-        disk.files.get_mut(&self.id).expect("open files exist").unsynced.extend_from_slice(&bytes[..written]);
+        disk.file(self.id).write_at(self.position, &bytes[..written]);
+        self.position += written;
         if written < bytes.len() {
             return Err(io::Error::new(io::ErrorKind::StorageFull, "injected full disk"));
         }
@@ -339,11 +501,21 @@ impl AppendFile for MemoryAppendFile {
         self.disk.lock().unwrap_or_else(PoisonError::into_inner).sync_file(self.id)
     }
 
-    /// Nothing to do: an in-memory file is exactly its data and has no
-    /// metadata to sync, so there is nothing for preallocation to save.
-    /// (The zeros' effect on reading is tested on real files.)
-    fn preallocate(&mut self, _length: u64) -> io::Result<()> {
-        Ok(())
+    /// Writes the zeros and syncs them, as [`FileStorage`] does, so that a
+    /// crash finds them under pages that were lost.
+    fn preallocate(&mut self, length: u64) -> io::Result<()> {
+        let mut disk = self.disk.lock().unwrap_or_else(PoisonError::into_inner);
+        let length = usize::try_from(length).unwrap_or(usize::MAX);
+        let current = disk.file(self.id).current.len();
+        if length <= current {
+            return Ok(());
+        }
+        let zeros = (length - current).min(disk.room_bytes());
+        disk.file(self.id).write_at(current, &vec![0; zeros]);
+        if current + zeros < length {
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "injected full disk"));
+        }
+        disk.sync_file(self.id)
     }
 }
 
@@ -359,7 +531,7 @@ impl Storage for MemoryStorage {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         let disk = self.disk();
         let file = &disk.files[&disk.file_id(path)?];
-        Ok([file.synced.as_slice(), file.unsynced.as_slice()].concat())
+        Ok(file.current.clone())
     }
 
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
@@ -374,15 +546,18 @@ impl Storage for MemoryStorage {
                 id
             }
         };
-        Ok(Box::new(MemoryAppendFile { disk: self.disk.clone(), id }))
+        let position = disk.file(id).current.len();
+        Ok(Box::new(MemoryAppendFile { disk: self.disk.clone(), id, position }))
     }
 
     fn truncate(&self, path: &Path, length: u64) -> io::Result<()> {
         let mut disk = self.disk();
         let id = disk.file_id(path)?;
         disk.sync_file(id)?;
-        let file = disk.files.get_mut(&id).expect("named files exist");
-        file.synced.truncate(usize::try_from(length).unwrap_or(usize::MAX));
+        let file = disk.file(id);
+        let length = usize::try_from(length).unwrap_or(usize::MAX);
+        file.current.truncate(length);
+        file.durable.truncate(length);
         Ok(())
     }
 
@@ -456,6 +631,44 @@ mod tests {
         file.append(b"abcdef").expect("append");
         storage.crash(UnsyncedFate::TornAfter { bytes: 2 });
         assert_eq!(storage.read(&path("a.log")).expect("read"), b"ab");
+    }
+
+    /// The file as a crash with `fate` would leave it.
+    fn crashed(storage: &MemoryStorage, fate: UnsyncedFate) -> Vec<u8> {
+        storage.crashed_copy(fate).read(&path("a.log")).expect("read")
+    }
+
+    #[test]
+    fn each_page_of_an_unsynced_write_survives_vanishes_or_tears_on_its_own() {
+        use PageFate::{Lost, Survives, Torn};
+        const PAGE: usize = PAGE_BYTES;
+        let storage = MemoryStorage::new();
+        let mut file = storage.open_append(&path("a.log")).expect("open");
+        storage.sync_dir(Path::new("/data")).expect("sync dir");
+        file.append(&[1; 100]).expect("append");
+        file.preallocate(3 * PAGE as u64).expect("zeros, synced with what came before");
+        // Over the zeros and one page past them.
+        file.append(&vec![2; 3 * PAGE]).expect("append");
+        assert_eq!(storage.read(&path("a.log")).expect("read").len(), 3 * PAGE + 100);
+
+        let after = crashed(&storage, UnsyncedFate::EachPage(vec![Lost, Survives, Torn { bytes: 10 }, Lost]));
+        assert_eq!(after.len(), 3 * PAGE, "the lost last page was past the synced end");
+        assert_eq!(after[..100], [1; 100], "synced bytes in a lost page are kept");
+        assert!(after[100..PAGE].iter().all(|&byte| byte == 0), "a lost page reads as the zeros under it");
+        assert!(after[PAGE..2 * PAGE + 10].iter().all(|&byte| byte == 2));
+        assert!(after[2 * PAGE + 10..].iter().all(|&byte| byte == 0));
+
+        let after = crashed(&storage, UnsyncedFate::EachPage(vec![Survives, Lost, Lost, Survives]));
+        assert_eq!(after.len(), 3 * PAGE + 100, "a surviving page past the end makes the file longer");
+        assert!(after[100..PAGE].iter().all(|&byte| byte == 2));
+        assert!(after[PAGE..3 * PAGE].iter().all(|&byte| byte == 0));
+        assert!(after[3 * PAGE..].iter().all(|&byte| byte == 2));
+
+        let seeded = |seed| crashed(&storage, UnsyncedFate::SeededPages { seed });
+        assert_eq!(seeded(7), seeded(7), "a seed gives one disk");
+        let disks: std::collections::HashSet<Vec<u8>> = (0..20).map(seeded).collect();
+        assert!(disks.len() > 5, "seeds give different disks");
+        assert_eq!(crashed(&storage, UnsyncedFate::EachPage(Vec::new())), crashed(&storage, UnsyncedFate::Lost));
     }
 
     #[test]
