@@ -787,13 +787,20 @@ impl Engine {
         self.change(sku, operation, AdminChange::OpenSale { opens_at_ms }).await
     }
 
-    /// The SKU's counts, from its published snapshot (no trip to the actor
-    /// unless the snapshot is being rewritten at this instant).
+    /// The SKU's counts, from its published snapshot: no trip to the actor
+    /// unless the snapshot is being rewritten at this instant, or a hold in
+    /// it has expired since it was published (a SKU nobody asked since its
+    /// holds' time came, or one recovered with live holds), so that
+    /// expired holds are never counted as held. After a log failure
+    /// nothing is answered: the published counts may not survive.
     pub async fn availability(&self, sku: &SkuId) -> Result<StockSnapshot, EngineError> {
         let slot = self.slot(sku)?;
+        if self.inner.log_failed.load(Ordering::Acquire) {
+            return Err(EngineError::Unavailable);
+        }
         match slot.snapshot.read() {
-            Some(reading) => Ok(reading.stock),
-            None => self.availability_now(sku).await,
+            Some(reading) if self.inner.clock.now_ms() < reading.next_expiry_ms => Ok(reading.stock),
+            _ => self.availability_now(sku).await,
         }
     }
 
@@ -901,6 +908,11 @@ impl Engine {
     /// it; `None` means "ask the actor". See `StockSnapshotCell` for what
     /// the snapshot promises.
     fn sold_out_from_hint(slot: &SkuSlot, line: &MergedLine, now_ms: u64) -> Option<OrderError> {
+        // After a log failure the published counts may be ahead of what
+        // survives; the actor path answers `Unavailable` instead.
+        if slot.log_failed.load(Ordering::Acquire) {
+            return None;
+        }
         let reading = slot.snapshot.read()?;
         let short = reading.stock.available < u64::from(line.quantity.minimum());
         (short && now_ms < reading.next_expiry_ms).then(|| OrderError::Line {

@@ -553,3 +553,16 @@ async fn prepared_lines_wait_for_a_decision_and_expired_ones_cannot_be_prepared(
     }
     assert_eq!(engine.abandon(&order("o3")).await, Ok(()));
 }
+
+/// A SKU nobody asks after its holds' time came: `availability` does not
+/// count them as held, though no request or timer has republished its
+/// counts.
+#[tokio::test]
+async fn availability_of_a_quiet_sku_never_counts_expired_holds() {
+    let (engine, clock) = manual_engine();
+    create(&engine, sku("quiet"), 5).await;
+    engine.reserve(request("o1", "alice", &[("quiet", 2)])).await.expect("held");
+    assert_eq!(engine.availability(&sku("quiet")).await, Ok(stock(3, 2, 0)));
+    clock.advance_ms(3_600_000);
+    assert_eq!(engine.availability(&sku("quiet")).await, Ok(stock(5, 0, 0)));
+}

@@ -706,3 +706,46 @@ async fn lowered_limits_refuse_new_commands_after_a_restart() {
     engine.reserve(order_of("late", &[("lamp", 1)], 300_000)).await.expect("within the new limits");
     engine.shutdown().await;
 }
+
+/// A hold still live when its engine stops (orderly, or by power loss) is
+/// not counted as held once its TTL has passed after the restart: before
+/// the fix the recovered SKU's published counts showed it held (held 2,
+/// available 3) while a reserve of all 5 units succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn availability_never_counts_an_expired_hold_after_a_restart() {
+    for power_loss in [false, true] {
+        let (storage, clock, engine) = engine_with_skus(1, 5).await;
+        engine.reserve(request("walks-away", &[(0, 2)])).await.expect("held");
+        assert_eq!(engine.availability(&sku(0)).await, Ok(StockSnapshot { available: 3, held: 2, sold: 0 }));
+        engine.shutdown().await;
+        drop(engine);
+        if power_loss {
+            storage.crash(UnsyncedFate::Lost);
+        }
+        clock.advance_ms(60_001);
+        let (engine, _) = open(&storage, &clock);
+        let counts = engine.availability(&sku(0)).await.expect("exists");
+        assert_eq!(counts, StockSnapshot { available: 5, held: 0, sold: 0 }, "power loss: {power_loss}");
+        engine.reserve(request("takes-all", &[(0, 5)])).await.expect("all five are there");
+        engine.shutdown().await;
+    }
+}
+
+/// After a log failure nothing is answered from memory that may not
+/// survive: not the sold-out hint, not the published counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_log_failure_neither_the_hint_nor_the_counts_answer() {
+    let (storage, _clock, engine) = engine_with_skus(1, 1).await;
+    let held = engine.reserve(request("last", &[(0, 1)])).await.expect("held");
+    storage.fail_syncs_after(0);
+    // The sale of the last unit is applied in memory and published, and
+    // never becomes durable: after a restart the unit is held again.
+    assert_eq!(engine.commit(&held.order).await, Err(OrderError::Unavailable), "the failing write");
+    assert_eq!(
+        engine.reserve(request("b", &[(0, 1)])).await,
+        Err(OrderError::Unavailable),
+        "not SoldOut from the hint"
+    );
+    assert_eq!(engine.availability(&sku(0)).await, Err(EngineError::Unavailable));
+    engine.shutdown().await;
+}
