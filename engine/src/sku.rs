@@ -1024,4 +1024,50 @@ mod tests {
         assert_eq!(answer.result, Err(SkuError::StockLimitExceeded { stock_units_max: 10 }));
         assert_eq!(answer.stock, StockSnapshot { available: 8, held: 0, sold: 0 });
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Counts near their types' limits: one buyer without a limit
+        /// taking lines of up to `u32::MAX` units from stock near
+        /// `stock_units_max`, then settling them. Every command answers (an
+        /// overflowing buyer count used to wrap, and the release after it
+        /// aborted the process on an assertion) and the books balance.
+        #[test]
+        fn counts_near_the_type_limits_never_overflow(
+            steps in proptest::collection::vec((0..5u8, 0..4u8, proptest::prelude::any::<u32>()), 1..60),
+        ) {
+            let limits = Limits {
+                line_units_max: u32::MAX,
+                stock_units_max: u64::MAX / 4,
+                ..Limits::default()
+            };
+            let mut sku = state(u64::MAX / 4 - 1, limits);
+            let buyer = BuyerId::new("whale").expect("id");
+            for (number, (kind, order, units)) in steps.into_iter().enumerate() {
+                let order = OrderId::new(format!("o{order}")).expect("id");
+                let units = units.max(1);
+                let command = match kind {
+                    0 => SkuCommand::Reserve(ReserveLine {
+                        order: OrderId::new(format!("o{number}")).expect("id"),
+                        buyer: buyer.clone(),
+                        quantity: if units % 2 == 0 { Quantity::Exactly(units) } else { Quantity::UpTo { max: u32::MAX, min: 1 } },
+                        ttl_ms: 10_000,
+                    }),
+                    1 => SkuCommand::Commit { order, units: None },
+                    2 => SkuCommand::Release { order },
+                    3 => SkuCommand::Admin { operation: None, change: AdminChange::AddStock { units: u64::MAX - u64::from(units) } },
+                    _ => SkuCommand::Admin { operation: None, change: AdminChange::RemoveStock { units: u64::from(units) } },
+                };
+                let answer = sku.apply(number as u64, &command);
+                let stock = answer.stock;
+                proptest::prop_assert_eq!(
+                    stock.available.checked_add(stock.held).and_then(|sum| sum.checked_add(stock.sold)),
+                    Some(sku.units_added - sku.units_removed)
+                );
+                let taken = sku.buyer_units.get(&buyer).copied().unwrap_or(0);
+                proptest::prop_assert!(u64::from(taken) <= stock.held + stock.sold, "{taken} taken, {stock:?}");
+            }
+        }
+    }
 }

@@ -749,3 +749,58 @@ async fn after_a_log_failure_neither_the_hint_nor_the_counts_answer() {
     assert_eq!(engine.availability(&sku(0)).await, Err(EngineError::Unavailable));
     engine.shutdown().await;
 }
+
+/// A multi-line settle that ended on some lines only (here: a log in which
+/// one line of an order was committed and the other is still held, as a
+/// crash between two line settles used to leave it) is recorded with the
+/// lines that did settle. Before the fix the order was marked released
+/// with no settlement, and the next `order_status` (which the node's sweep
+/// calls every second) hit an `expect` and aborted the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_that_ended_on_some_lines_only_has_a_settlement() {
+    use flashstock_engine::log::record::LogRecord;
+    use flashstock_engine::log::segments::SegmentedLog;
+    use flashstock_engine::sku::ReserveLine;
+    use flashstock_engine::SkuCommand;
+    let storage = MemoryStorage::new();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    {
+        let (mut log, _) =
+            SegmentedLog::open(Arc::new(storage.clone()), &PathBuf::from("/data/log"), durability(&storage).log)
+                .expect("opens");
+        let order = OrderId::new("split").expect("valid");
+        let mut records = Vec::new();
+        for index in 0..2 {
+            let settings = SkuSettings { initial_units: 5, ..SkuSettings::default() };
+            records.push(LogRecord::CreateSku { sku: sku(index), settings, now_ms: 1_000_000, operation: None });
+            let line = ReserveLine {
+                order: order.clone(),
+                buyer: BuyerId::new("buyer").expect("valid"),
+                quantity: Quantity::Exactly(1),
+                ttl_ms: 60_000,
+            };
+            records.push(LogRecord::Apply { sku: sku(index), now_ms: 1_000_000, command: SkuCommand::Reserve(line) });
+        }
+        let commit = SkuCommand::Commit { order: order.clone(), units: None };
+        records.push(LogRecord::Apply { sku: sku(0), now_ms: 1_000_001, command: commit });
+        for record in &records {
+            log.append(record).expect("appends");
+        }
+        log.flush().expect("durable");
+    }
+    let (engine, _) = open(&storage, &clock);
+    let order = OrderId::new("split").expect("valid");
+    let refused = engine.release(&order).await;
+    assert!(matches!(refused, Err(OrderError::Line { error: SkuError::AlreadyCommitted, .. })), "{refused:?}");
+    match engine.order_status(&order) {
+        Some(OrderStatus::Released(settlement)) => {
+            assert_eq!(settlement.lines.iter().map(|line| line.sku.clone()).collect::<Vec<_>>(), vec![sku(1)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        counts(&engine, 2).await,
+        vec![StockSnapshot { available: 4, held: 0, sold: 1 }, StockSnapshot { available: 5, held: 0, sold: 0 }]
+    );
+    engine.shutdown().await;
+}
