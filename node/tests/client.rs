@@ -213,3 +213,86 @@ fn a_rolling_restart_under_load_loses_no_acknowledged_sale() {
         }
     });
 }
+
+/// The scenario: `add_stock(sku, 2)` sent while the owner was
+/// paused for 2.5 s was retried by the client after its 1 s timeout, both
+/// copies were applied when the owner resumed, 4 units were added, and the
+/// member then sold units the warehouse never had. The client now keeps one
+/// operation id across the retries of a call, and the owner applies an
+/// operation once.
+#[test]
+fn an_admin_change_retried_across_a_paused_owner_is_applied_once() {
+    let cluster = Cluster::start("client-admin-paused", 1);
+    let sku = sku_owned_by(1, &cluster.members(), 0);
+    let runtime = runtime();
+    let admin = runtime.block_on(async {
+        let admin = Client::builder()
+            .seed(cluster.address(1))
+            .tls_directory(&cluster.certs(), "admin")
+            .request_timeout(Duration::from_secs(1))
+            .retry(RetryPolicy {
+                attempts_max: 20,
+                backoff_initial: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(250),
+            })
+            .connect()
+            .await
+            .expect("the client connects");
+        admin.create_sku(&sku, 5, None, 0).await.expect("created");
+        admin
+    });
+    cluster.signal(1, "STOP");
+    let adding = {
+        let (admin, sku) = (admin.clone(), sku.clone());
+        runtime.spawn(async move { admin.add_stock(&sku, 2).await })
+    };
+    std::thread::sleep(Duration::from_millis(2_500));
+    cluster.signal(1, "CONT");
+    runtime.block_on(async {
+        let added = adding.await.expect("the call ends").expect("added");
+        assert_eq!(added.available, 7, "{added:?}");
+        // Whatever copies of the retried call were still in flight are
+        // answered by now, and none added anything.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let counts = admin.availability(&sku).await.expect("counts");
+        assert_eq!((counts.available, counts.held, counts.sold), (7, 0, 0), "added once, not per retry");
+        let checkout = client(&cluster, "checkout").await;
+        for buyer in 0..7 {
+            checkout.reserve(&order(&format!("buyer-{buyer}"), &sku, 1)).await.expect("in stock");
+        }
+        let oversold = checkout.reserve(&order("one-too-many", &sku, 1)).await;
+        assert!(matches!(oversold, Err(Error::SoldOut { .. })), "{oversold:?}");
+    });
+}
+
+/// An operation id given by the caller is remembered by the owner across a
+/// kill -9 and restart: the same change again is answered as done and
+/// changes nothing; the same id with another change is refused.
+#[test]
+fn an_admin_operation_is_remembered_across_an_owner_restart() {
+    let mut cluster = Cluster::start("client-admin-restart", 1);
+    let sku = sku_owned_by(1, &cluster.members(), 0);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let admin = client(&cluster, "admin").await;
+        admin.admin("create-it").create_sku(&sku, 5, None, 0).await.expect("created");
+        admin.admin("restock-1").add_stock(&sku, 2).await.expect("added");
+        admin.admin("clearance-1").remove_stock(&sku, 3).await.expect("removed");
+    });
+    cluster.kill(1);
+    cluster.start_node(1);
+    runtime.block_on(async {
+        let admin = client(&cluster, "admin").await;
+        let again = admin.admin("create-it").create_sku(&sku, 5, None, 0).await.expect("the creation's retry");
+        assert_eq!(again.available, 4);
+        let other = admin.admin("create-again").create_sku(&sku, 5, None, 0).await;
+        assert!(matches!(other, Err(Error::SkuExists { .. })), "{other:?}");
+        assert_eq!(admin.admin("restock-1").add_stock(&sku, 2).await.expect("a retry").available, 4);
+        assert_eq!(admin.admin("clearance-1").remove_stock(&sku, 3).await.expect("a retry").available, 4);
+        let conflict = admin.admin("restock-1").add_stock(&sku, 3).await;
+        assert!(matches!(conflict, Err(Error::IdempotencyConflict)), "{conflict:?}");
+        let counts = admin.availability(&sku).await.expect("counts");
+        assert_eq!((counts.available, counts.held, counts.sold), (4, 0, 0), "5 + 2 - 3, each once");
+        assert_eq!(admin.admin("restock-2").add_stock(&sku, 1).await.expect("a new operation").available, 5);
+    });
+}

@@ -109,6 +109,14 @@ impl Cluster {
         child.wait().expect("reaped");
     }
 
+    /// Sends member `id` a signal (`STOP` pauses it, `CONT` resumes it).
+    pub fn signal(&self, id: u32, signal: &str) {
+        let (_, child) = self.nodes.iter().find(|(node, _)| *node == id).expect("running");
+        let status =
+            Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// Stops member `id` with SIGTERM and checks it exits cleanly.
     pub fn terminate(&mut self, id: u32) {
         let position = self.nodes.iter().position(|(node, _)| *node == id).expect("running");
