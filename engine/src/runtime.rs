@@ -360,8 +360,9 @@ impl Engine {
         Self { inner: Arc::new(inner) }
     }
 
-    /// A durable engine: opens every partition's log under the data
-    /// directory, replays it, and from then on answers a command only once
+    /// A durable engine: opens the node's log under the data directory
+    /// (one log for every partition), replays it under the limits it
+    /// records, logs today's limits if they differ, and from then on answers a command only once
     /// its record is durable.
     pub fn open(
         config: EngineConfig,

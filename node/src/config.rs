@@ -23,7 +23,8 @@ pub struct ClusterFile {
     #[serde(default)]
     pub limits: LimitsSection,
     pub sale: Option<SaleSection>,
-    /// Where logs are kept; without it the engine keeps everything in memory.
+    /// Where the member's log is kept; without it the engine keeps
+    /// everything in memory.
     pub storage: Option<StorageSection>,
     /// The nodes of the cluster; without them only the in-process commands
     /// (`flash-sale`, `crash-load`) run.
