@@ -9,9 +9,12 @@
 //! answered on it.
 //!
 //! Decoding is for untrusted bytes: the length is checked against
-//! [`FRAME_BYTES_MAX`] before anything is read or allocated, nesting is
-//! capped at [`DECODE_DEPTH_MAX`], no wire type is recursive, and every
-//! failure is a [`CodecError`], never a panic.
+//! [`FRAME_BYTES_MAX`] before anything is read or allocated, every length
+//! the payload declares is checked against the bytes that follow it before
+//! serde sees any (serde would otherwise preallocate up to a megabyte for a
+//! sequence a few bytes declare), nesting is capped at [`DECODE_DEPTH_MAX`],
+//! no wire type is recursive, and every failure is a [`CodecError`], never a
+//! panic.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -42,6 +45,10 @@ pub enum CodecError {
     FrameTooLarge { length: usize, limit: usize },
     #[error("frame ends early: {expected} bytes declared, {found} present")]
     Truncated { expected: usize, found: usize },
+    /// A declared length or nesting the payload cannot hold; refused
+    /// before anything is decoded or allocated.
+    #[error("malformed message: {0}")]
+    Bounds(#[from] flashstock_msgpack::BoundsError),
     #[error("undecodable message: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
     #[error("message does not encode: {0}")]
@@ -425,8 +432,9 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
     if payload.len() > FRAME_BYTES_MAX {
         return Err(CodecError::FrameTooLarge { length: payload.len(), limit: FRAME_BYTES_MAX });
     }
-    // A cursor over the payload: a declared length beyond the payload fails
-    // at the end of the bytes, never allocating what was declared.
+    flashstock_msgpack::check_bounds(payload, DECODE_DEPTH_MAX)?;
+    // A cursor over the payload: a string or binary longer than the payload
+    // fails at the end of the bytes, never allocating what was declared.
     let mut deserializer = rmp_serde::Deserializer::new(std::io::Cursor::new(payload));
     deserializer.set_max_depth(DECODE_DEPTH_MAX);
     let message = T::deserialize(&mut deserializer)?;
@@ -587,6 +595,38 @@ mod tests {
         // Right shape, wrong types.
         let wrong = framed(&(1u8, "two", [3.5f64]));
         assert!(decode_frame::<Request>(&wrong).is_err());
+    }
+
+    #[test]
+    fn a_declared_length_beyond_the_payload_is_refused_before_serde_preallocates() {
+        // A million-element array in ten bytes: serde would reserve a
+        // megabyte of lines for it before reading the first.
+        let mut frame = 6u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0xdd, 0x00, 0x0f, 0x42, 0x40, 0xc0]);
+        let error = decode_frame::<Request>(&frame).expect_err("refused");
+        assert!(
+            matches!(
+                error,
+                CodecError::Bounds(flashstock_msgpack::BoundsError::CountBeyondBytes {
+                    offset: 0,
+                    declared: 1_000_000,
+                    remaining: 1
+                })
+            ),
+            "{error:?}"
+        );
+        // The same inside a valid-looking request: the lines of a Reserve.
+        let mut payload = framed(&reserve())[FRAME_HEADER_BYTES..].to_vec();
+        let lines = payload.windows(6).position(|window| window == b"\xa5lines").expect("lines key") + 6;
+        assert_eq!(payload[lines], 0x92, "two lines as a fixarray");
+        payload.splice(lines..=lines, [0xdd, 0x00, 0x0f, 0x42, 0x40]);
+        assert!(matches!(
+            decode_payload::<Request>(&payload),
+            Err(CodecError::Bounds(flashstock_msgpack::BoundsError::CountBeyondBytes { declared: 1_000_000, .. }))
+        ));
+        // A map of 2^32 - 1 entries in a Welcome.
+        let huge_map = [0x81, 0xa8, b'A', b'c', b'c', b'e', b'p', b't', b'e', b'd', 0xdf, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(decode_payload::<Welcome>(&huge_map), Err(CodecError::Bounds(_))));
     }
 
     proptest! {

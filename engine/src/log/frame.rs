@@ -107,6 +107,8 @@ pub enum FrameError {
     BadMagic,
     #[error("unknown format version {0}")]
     UnknownVersion(u8),
+    #[error("reserved header bytes are not zero")]
+    ReservedNotZero,
     #[error("declared payload of {0} bytes exceeds the limit")]
     TooLarge(u32),
     #[error("checksum mismatch")]
@@ -160,6 +162,12 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
     }
     if bytes[4] != FRAME_VERSION {
         return Err(FrameError::UnknownVersion(bytes[4]));
+    }
+    // The writer always zeroes them; a frame that does not is not one of
+    // ours even if its checksum matches (the checksum covers them), and
+    // accepting it would let the same record have several valid encodings.
+    if bytes[5..8] != [0; 3] {
+        return Err(FrameError::ReservedNotZero);
     }
     let declared = read_u32(bytes, 8);
     let length = declared as usize;
@@ -586,6 +594,20 @@ mod tests {
             scan(&bytes, 1).end,
             ScanEnd::Corrupt { reason: CorruptionReason::SequenceGap { expected: 2, found: 3 }, .. }
         ));
+    }
+
+    /// Found by the `log_scan` fuzz target: a frame whose reserved byte was
+    /// set and whose checksum still matched was accepted as a record.
+    #[test]
+    fn a_frame_with_reserved_bytes_set_is_refused_even_with_a_matching_checksum() {
+        let mut bytes = log_of(&[b"one"], 1);
+        bytes[7] = 0x80;
+        let checksum = crc32c::crc32c_append(crc32c::crc32c(&bytes[..20]), &bytes[FRAME_HEADER_BYTES..]);
+        bytes[20..24].copy_from_slice(&checksum.to_le_bytes());
+        assert_eq!(decode_frame(&bytes), Err(FrameError::ReservedNotZero));
+        let scanned = scan(&bytes, 1);
+        assert_eq!(scanned.records, Vec::new());
+        assert_eq!(scanned.end, ScanEnd::TornTail { offset: 0, reason: FrameError::ReservedNotZero });
     }
 
     #[test]
