@@ -1084,15 +1084,20 @@ impl Engine {
         Err(last)
     }
 
-    /// Undoes one line's hold. If that keeps failing the hold still ends by
-    /// its TTL, so stock is never lost, only delayed.
+    /// Undoes one line's hold, waiting out `Busy` for as long as it lasts:
+    /// the hold may be prepared, and a prepared hold never expires, so
+    /// giving up would lock its units for good. Only a log failure (the
+    /// engine answers nothing more) stops it.
     pub(crate) async fn abort_line(&self, order: &OrderId, slot: &Arc<SkuSlot>) {
-        let answer = match self.enqueue_patiently(slot, SkuCommand::Abort { order: order.clone() }).await {
-            Ok(answer) => answer.await.ok(),
-            Err(_) => None,
+        let answer = loop {
+            match self.enqueue_patiently(slot, SkuCommand::Abort { order: order.clone() }).await {
+                Err(EngineError::Busy { .. }) => continue,
+                Ok(answer) => break answer.await.ok(),
+                Err(_) => break None,
+            }
         };
         if answer.is_none() {
-            tracing::warn!(%order, sku = %slot.sku, "could not abort a hold; it will expire by its TTL");
+            tracing::warn!(%order, sku = %slot.sku, "could not abort a hold: the log failed");
         }
     }
 

@@ -34,7 +34,7 @@
 
 use std::sync::Arc;
 
-use crate::directory::{OrderPhase, OrderPlan};
+use crate::directory::{InterruptedOrder, OrderPhase, OrderPlan};
 use crate::ids::OrderId;
 use crate::log::record::{LogRecord, OpenTransaction, TransactionLine};
 use crate::order::{OrderError, Reservation, Settlement};
@@ -117,16 +117,20 @@ impl Engine {
     /// expired, every line goes back to stock at once and the order is
     /// `Expired`; any other refusal leaves the prepared lines prepared for
     /// the coordinator to unprepare.
+    ///
+    /// `Prepared` only says that some lines may be prepared (a refusal or
+    /// an interruption part-way leaves it too), so a prepare in that phase
+    /// prepares every line again (each is idempotent) rather than answering
+    /// from the phase: an answer `Ok` always means every line is prepared.
+    /// A caller that stops waiting part-way leaves the order `Prepared`, so
+    /// that a retry, an unprepare or a decision finds a way forward.
     pub async fn prepare(&self, order: &OrderId) -> Result<Reservation, OrderError> {
         let directory = self.order_directory(order);
-        let plan = {
+        let (plan, arrival) = {
             let mut orders = lock(directory);
             let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
             match record.phase {
-                OrderPhase::Held => {}
-                OrderPhase::Prepared => {
-                    return Ok(record.reservation.clone().expect("a prepared order has its reservation"))
-                }
+                OrderPhase::Held | OrderPhase::Prepared => {}
                 OrderPhase::Committed => return Err(OrderError::AlreadyCommitted),
                 OrderPhase::Released => return Err(OrderError::AlreadyReleased),
                 OrderPhase::Expired => {
@@ -136,8 +140,10 @@ impl Engine {
                 OrderPhase::Reserving | OrderPhase::Settling => return Err(OrderError::Busy { retry_after_ms: 1 }),
             }
             record.phase = OrderPhase::Settling;
-            record.plan.clone()
+            (record.plan.clone(), record.arrival)
         };
+        let interrupted =
+            InterruptedOrder { directory, order, arrival, resting: OrderPhase::Prepared, finished: false };
         let prepared = self.apply_to_lines(&plan, false, |_| SkuCommand::Prepare { order: order.clone() }).await;
         let refusal = prepared.into_iter().zip(&plan.lines).find_map(|(answer, line)| match answer {
             Ok(SkuAnswer { result: Ok(_), .. }) => None,
@@ -158,6 +164,7 @@ impl Engine {
                 self.abort_line(order, slot).await;
             }
         }
+        interrupted.finish();
         let mut orders = lock(directory);
         let record = orders.records.get_mut(order).expect("a settling order stays in the directory");
         match refusal {
@@ -178,9 +185,12 @@ impl Engine {
     /// decided nothing): each ends by expiry again, at once if its time has
     /// passed. Idempotent; an order never prepared, released or expired is
     /// left as it is; a committed one is `AlreadyCommitted`.
+    ///
+    /// A caller that stops waiting part-way leaves the order `Prepared`
+    /// (some lines may still be), so that a retry unprepares every line.
     pub async fn unprepare(&self, order: &OrderId) -> Result<(), OrderError> {
         let directory = self.order_directory(order);
-        let plan = {
+        let (plan, arrival) = {
             let mut orders = lock(directory);
             let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
             match record.phase {
@@ -190,9 +200,12 @@ impl Engine {
                 OrderPhase::Reserving | OrderPhase::Settling => return Err(OrderError::Busy { retry_after_ms: 1 }),
             }
             record.phase = OrderPhase::Settling;
-            record.plan.clone()
+            (record.plan.clone(), record.arrival)
         };
+        let interrupted =
+            InterruptedOrder { directory, order, arrival, resting: OrderPhase::Prepared, finished: false };
         let answers = self.apply_to_lines(&plan, true, |_| SkuCommand::Unprepare { order: order.clone() }).await;
+        interrupted.finish();
         let failed = answers.into_iter().find_map(Result::err);
         let mut orders = lock(directory);
         let record = orders.records.get_mut(order).expect("a settling order stays in the directory");
@@ -252,9 +265,11 @@ impl Engine {
     /// been refused: for a coordinator whose order could not be held on
     /// another member, so that the whole order may be tried again with the
     /// same id. Idempotent; a prepared or settled order is not abandoned.
+    /// A caller that stops waiting part-way leaves the order held (its
+    /// remaining holds expire by their TTL), so that a retry abandons it.
     pub async fn abandon(&self, order: &OrderId) -> Result<(), OrderError> {
         let directory = self.order_directory(order);
-        let plan = {
+        let (plan, arrival, resting) = {
             let mut orders = lock(directory);
             let Some(record) = orders.records.get_mut(order) else { return Ok(()) };
             match record.phase {
@@ -265,12 +280,15 @@ impl Engine {
                 OrderPhase::Committed => return Err(OrderError::AlreadyCommitted),
                 OrderPhase::Released => return Err(OrderError::AlreadyReleased),
             }
+            let resting = record.phase;
             record.phase = OrderPhase::Settling;
-            record.plan.clone()
+            (record.plan.clone(), record.arrival, resting)
         };
+        let interrupted = InterruptedOrder { directory, order, arrival, resting, finished: false };
         for slot in &plan.slots {
             self.abort_line(order, slot).await;
         }
+        interrupted.finish();
         lock(directory).remove(order);
         Ok(())
     }

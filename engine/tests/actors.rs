@@ -566,3 +566,49 @@ async fn availability_of_a_quiet_sku_never_counts_expired_holds() {
     clock.advance_ms(3_600_000);
     assert_eq!(engine.availability(&sku("quiet")).await, Ok(stock(5, 0, 0)));
 }
+
+/// Cuts `step` off after its first poll, as a member does when a request's
+/// deadline passes while its lines wait in a busy SKU's queue.
+async fn cut_off<T: std::fmt::Debug>(step: impl std::future::Future<Output = T>) {
+    let mut step = std::pin::pin!(step);
+    let polled = std::future::poll_fn(|context| std::task::Poll::Ready(step.as_mut().poll(context))).await;
+    assert!(polled.is_pending(), "the step finished at its first poll: {polled:?}");
+}
+
+/// A participant's prepare, unprepare or abandon cut off part-way leaves
+/// the order with a way forward. Before the fix it stayed `Settling`
+/// forever: every retry and the coordinator's unprepare answered `Busy`,
+/// and the lines the cut-off prepare had reached stayed prepared (never
+/// expiring) for good.
+#[tokio::test]
+async fn a_participant_step_cut_off_part_way_can_be_finished() {
+    let (engine, clock) = manual_engine();
+    for name in ["a", "b"] {
+        create(&engine, sku(name), 5).await;
+    }
+    // Prepare cut off, then the coordinator gives up (unprepare): every
+    // line ends by its TTL again.
+    engine.reserve(request("undone", "alice", &[("a", 1), ("b", 1)])).await.expect("held");
+    cut_off(engine.prepare(&order("undone"))).await;
+    engine.unprepare(&order("undone")).await.expect("not Busy: the order was put back");
+    // Prepare cut off, then retried: every line prepared, so the decision
+    // sells both even past the TTL.
+    engine.reserve(request("decided", "bob", &[("a", 1), ("b", 1)])).await.expect("held");
+    cut_off(engine.prepare(&order("decided"))).await;
+    engine.prepare(&order("decided")).await.expect("prepared on every line");
+    // Unprepare cut off and retried; then prepared again for the decision.
+    cut_off(engine.unprepare(&order("decided"))).await;
+    engine.unprepare(&order("decided")).await.expect("unprepared");
+    engine.prepare(&order("decided")).await.expect("prepared again");
+    // Abandon cut off and retried.
+    engine.reserve(request("abandoned", "carol", &[("a", 1), ("b", 1)])).await.expect("held");
+    cut_off(engine.abandon(&order("abandoned"))).await;
+    engine.abandon(&order("abandoned")).await.expect("abandoned");
+
+    clock.advance_ms(3_600_000);
+    let settled = engine.commit(&order("decided")).await.expect("prepared lines wait for the decision");
+    assert_eq!(settled.lines.iter().map(|line| line.units).sum::<u32>(), 2);
+    for name in ["a", "b"] {
+        assert_eq!(engine.availability(&sku(name)).await, Ok(stock(4, 0, 1)), "{name}: nothing left held");
+    }
+}

@@ -75,7 +75,13 @@ pub enum RecordError {
     ReadOnlyCommand,
     #[error("record holds invalid limits: {0}")]
     InvalidLimits(#[from] InvalidLimits),
+    #[error("undecodable record: {0}")]
+    Bounds(#[from] flashstock_msgpack::BoundsError),
 }
+
+/// Deepest nesting a record's MessagePack may have: the deepest record
+/// (a reserve with an up-to quantity) nests 6 containers.
+const RECORD_DEPTH_MAX: usize = 16;
 
 // Fields added after a variant was first written go last and carry
 // `#[serde(default)]`, so that records written before them still decode
@@ -263,6 +269,9 @@ impl LogRecord {
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, RecordError> {
+        // Every declared length is checked against the bytes first, so
+        // serde never reserves more than the payload could hold.
+        flashstock_msgpack::check_bounds(payload, RECORD_DEPTH_MAX)?;
         Ok(match rmp_serde::from_slice(payload)? {
             WireRecord::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms, now_ms, operation } => {
                 LogRecord::CreateSku {
@@ -456,6 +465,14 @@ mod tests {
             rmp_serde::to_vec(&WireRecord::Apply { sku: String::new(), now_ms: 0, command: WireCommand::Expire })
                 .expect("encodes");
         assert!(matches!(LogRecord::decode(&empty_id), Err(RecordError::InvalidId(_))));
+    }
+
+    /// A payload declaring a million-element sequence in a few bytes is
+    /// refused before serde reserves room for it.
+    #[test]
+    fn a_declared_length_beyond_the_payload_is_refused_before_decoding() {
+        let payload = [0xdd, 0x00, 0x0f, 0x42, 0x40, 0x01];
+        assert!(matches!(LogRecord::decode(&payload), Err(RecordError::Bounds(_))));
     }
 
     /// Records written before creations and admin changes carried their

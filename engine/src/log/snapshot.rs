@@ -29,6 +29,9 @@ const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"FSSN");
 /// are still read (what they lack reads as empty).
 const SNAPSHOT_VERSION: u8 = 3;
 const SNAPSHOT_HEADER_BYTES: usize = 24;
+/// Deepest nesting a snapshot's MessagePack may have: a remembered admin
+/// change nests 8 containers deep.
+const SNAPSHOT_DEPTH_MAX: usize = 16;
 /// Largest snapshot accepted: a partition's SKUs with up to a million holds
 /// each fit well below; the bound stops a corrupt length from making
 /// recovery allocate without limit.
@@ -177,6 +180,9 @@ impl Snapshot {
         if crc32c::crc32c(payload) != word(16) {
             return Err("checksum mismatch".to_owned());
         }
+        // Every declared length is checked against the bytes first, so
+        // serde never reserves more than the payload could hold.
+        flashstock_msgpack::check_bounds(payload, SNAPSHOT_DEPTH_MAX).map_err(|error| error.to_string())?;
         let wire: WireSnapshot = rmp_serde::from_slice(payload).map_err(|error| error.to_string())?;
         let mut skus = Vec::with_capacity(wire.skus.len());
         for (sku, image) in wire.skus {
