@@ -98,6 +98,11 @@ struct Part {
 struct SpanningOrder {
     /// Every SKU of the order, in the order's line order.
     skus: Vec<SkuId>,
+    /// The units held on each line (same order as `skus`), when known: a
+    /// commit of fewer units is checked against them before anything is
+    /// logged or prepared. Unknown for an order recovered after a restart
+    /// (its transaction records name the SKUs only).
+    held_units: Option<Vec<u32>>,
     /// The parts on other members.
     remote: Vec<Part>,
     /// One step at a time per order: commit, release, recovery and the
@@ -108,8 +113,27 @@ struct SpanningOrder {
 }
 
 impl SpanningOrder {
-    fn new(skus: Vec<SkuId>, remote: Vec<Part>) -> Self {
-        Self { skus, remote, turn: tokio::sync::Mutex::new(()), settled_at: Mutex::new(None) }
+    fn new(skus: Vec<SkuId>, held_units: Option<Vec<u32>>, remote: Vec<Part>) -> Self {
+        Self { skus, held_units, remote, turn: tokio::sync::Mutex::new(()), settled_at: Mutex::new(None) }
+    }
+
+    /// Refuses, before anything is logged or prepared, a commit whose
+    /// `fewer` names a SKU twice or outside the order, zero units, or more
+    /// units than the line holds: checked after the decision, such a
+    /// commit would be refused by a line with every part already prepared
+    /// and the decision durable (the order stuck between the two).
+    fn check_fewer(&self, fewer: &[(SkuId, u32)]) -> Result<(), OrderError> {
+        for (index, (sku, units)) in fewer.iter().enumerate() {
+            let position = self.skus.iter().position(|line| line == sku);
+            let Some(position) = position.filter(|_| !fewer[..index].iter().any(|(earlier, _)| earlier == sku)) else {
+                return Err(OrderError::NotInOrder { sku: sku.clone() });
+            };
+            let held = self.held_units.as_ref().and_then(|held| held.get(position).copied());
+            if *units == 0 || held.is_some_and(|held| *units > held) {
+                return Err(OrderError::InvalidUnits { sku: sku.clone(), units: *units, held: held.unwrap_or(0) });
+            }
+        }
+        Ok(())
     }
 
     fn settle(&self) {
@@ -258,6 +282,17 @@ impl Coordinator {
         let skus = lines.iter().map(|line| sku_id(&line.sku)).collect::<Result<Vec<_>, _>>()?;
         {
             let mut orders = self.lock_orders();
+            // An order id names one order: a retry must name the same SKUs
+            // (its quantities are checked by each part), so a retry that
+            // adds or drops a line is refused before anything is touched.
+            if let Some(known) = orders.get(&order) {
+                let (mut known_skus, mut asked) = (known.skus.clone(), skus.clone());
+                known_skus.sort();
+                asked.sort();
+                if known_skus != asked {
+                    return Err(Refusal::IdempotencyConflict);
+                }
+            }
             if !orders.contains_key(&order) && orders.len() >= self.orders_max {
                 orders.retain(|_, spanning| spanning.settled_for_ms().is_none());
             }
@@ -279,6 +314,19 @@ impl Coordinator {
         ttl_ms: u64,
     ) -> Result<Response, Refusal> {
         self.check_parts_reachable(&self.remote_parts(&skus))?;
+        // A retry of an order this member already knows (held, settled, or
+        // known here as a single-member order) must leave the original as
+        // it is whatever the retry meets: its failure path abandons nothing.
+        let known_before = self.engine.order_status(&order);
+        match &known_before {
+            // The first attempt is still under way: it answers first.
+            Some(OrderStatus::InProgress) if !self.knows(&order) => return Err(Refusal::Busy { retry_after_ms: 5 }),
+            // Known here, but not as a spanning order: either the same id
+            // was a single-member order (other content) or a spanning one
+            // the sweep has already forgotten; neither may gain lines.
+            Some(_) if !self.knows(&order) => return Err(Refusal::IdempotencyConflict),
+            _ => {}
+        }
         let local_indices: Vec<usize> =
             (0..lines.len()).filter(|&index| self.owner(&lines[index].sku) == self.own_id).collect();
         let local_lines = local_indices
@@ -341,7 +389,11 @@ impl Coordinator {
         match (failure, begun) {
             (None, Some(Ok(()))) => {
                 let remote = self.remote_parts(&skus);
-                let spanning = SpanningOrder::new(skus.clone(), remote);
+                let held_units = skus
+                    .iter()
+                    .map(|sku| all_lines.iter().find(|line| line.sku == sku.as_str()).map(|line| line.units))
+                    .collect();
+                let spanning = SpanningOrder::new(skus.clone(), held_units, remote);
                 if !held {
                     spanning.settle();
                 }
@@ -359,6 +411,11 @@ impl Coordinator {
                     let error = begun.and_then(Result::err).unwrap_or(OrderError::Unavailable);
                     crate::server::order_refusal(error)
                 });
+                if known_before.is_some() {
+                    // The parts belong to the original order: a refused
+                    // retry (a conflict, a busy or slow part) changes nothing.
+                    return Err(refusal);
+                }
                 if let Err(error) = self.engine.abandon(&order).await {
                     tracing::warn!(%order, %error, "could not abandon the local part; it expires by its TTL");
                 }
@@ -387,11 +444,7 @@ impl Coordinator {
     async fn commit_parts(self: &Arc<Self>, order: OrderId, fewer: Vec<(SkuId, u32)>) -> Result<Response, Refusal> {
         let spanning = self.spanning(&order)?;
         let _turn = spanning.turn.lock().await;
-        for (sku, _) in &fewer {
-            if !spanning.skus.contains(sku) {
-                return Err(crate::server::order_refusal(OrderError::NotInOrder { sku: sku.clone() }));
-            }
-        }
+        spanning.check_fewer(&fewer).map_err(crate::server::order_refusal)?;
         match self.engine.order_status(&order) {
             // Decided before (a retried commit, or a decision whose remote
             // parts are still being carried out): finish it.
@@ -568,7 +621,7 @@ impl Coordinator {
         for (order, open) in transactions {
             let skus: Vec<SkuId> = open.lines.iter().map(|line| line.sku.clone()).collect();
             let remote = self.remote_parts(&skus);
-            let spanning = Arc::new(SpanningOrder::new(skus, remote));
+            let spanning = Arc::new(SpanningOrder::new(skus, None, remote));
             self.lock_orders().insert(order.clone(), spanning.clone());
             let coordinator = self.clone();
             tokio::spawn(async move {

@@ -237,3 +237,54 @@ fn a_participant_restart_keeps_its_part_and_expired_spanning_orders_are_swept() 
     }
     assert!(swept, "the expired spanning order was swept");
 }
+
+/// Scenarios of the coordination review, each of which used to lose an
+/// acknowledged order or lock stock:
+/// 1. a retried reserve with other content for one part was refused by that
+///    part, and the failure path abandoned the *original* order's holds
+///    (its commit then answered `UnknownReservation`, the part stayed held);
+/// 2. a commit of fewer units that were too many, zero or named twice
+///    prepared every part and logged the decision before the units were
+///    checked, answered `Invalid` and left every hold prepared for good;
+/// 8. a retry of the same id that adds a line on another member was
+///    accepted, and the original's commit then sold the extra line.
+///
+/// Now each is refused with nothing changed, and the original commits.
+#[test]
+fn refused_retries_and_commits_of_a_spanning_order_change_nothing() {
+    let cluster = Cluster::start("spanning-refusals", 2);
+    let members = cluster.members();
+    let (a, b, c) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0), sku_owned_by(2, &members, 1));
+    runtime().block_on(async {
+        let admin = client(&cluster, "admin", 40).await;
+        wait_all_up(&admin).await;
+        for sku in [&a, &b, &c] {
+            admin.create_sku(sku, 5, None, 0).await.expect("created");
+        }
+        let checkout = client(&cluster, "checkout", 40).await;
+        let held = checkout.reserve(&order("o1", &[(&a, 1), (&b, 1)])).await.expect("held on both members");
+
+        let conflicting = checkout.reserve(&order("o1", &[(&a, 1), (&b, 2)])).await;
+        assert_eq!(conflicting, Err(Error::IdempotencyConflict), "scenario 1");
+        let extra_line = checkout.reserve(&order("o1", &[(&a, 1), (&b, 1), (&c, 1)])).await;
+        assert_eq!(extra_line, Err(Error::IdempotencyConflict), "scenario 8: no line added");
+        assert_eq!(counts(checkout.availability(&c).await.expect("counts")), (5, 0, 0));
+
+        for fewer in [vec![(b.as_str(), 2)], vec![(b.as_str(), 0)], vec![(a.as_str(), 1), (a.as_str(), 1)]] {
+            let refused = checkout.commit_fewer(&held.id, &fewer).await;
+            assert!(matches!(refused, Err(Error::Invalid { .. })), "scenario 2, {fewer:?}: {refused:?}");
+        }
+        // Nothing was prepared or decided: the original commits whole.
+        assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (4, 1, 0));
+        assert_eq!(counts(checkout.availability(&b).await.expect("counts")), (4, 1, 0));
+        let sold = checkout.commit(&held.id).await.expect("the original order commits");
+        assert_eq!(
+            sold.lines.iter().map(|line| (line.sku.as_str(), line.units)).collect::<Vec<_>>(),
+            [(a.as_str(), 1), (b.as_str(), 1)]
+        );
+        for sku in [&a, &b] {
+            assert_eq!(counts(checkout.availability(sku).await.expect("counts")), (4, 0, 1), "{sku}");
+        }
+        assert_eq!(counts(checkout.availability(&c).await.expect("counts")), (5, 0, 0), "the extra line never sold");
+    });
+}
