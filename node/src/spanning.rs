@@ -55,11 +55,11 @@ const RETRY_PAUSE_MS_MAX: u64 = 1_000;
 /// How often spanning orders that ended without the coordinator's help
 /// (expired, forgotten) are looked for.
 const SWEEP_INTERVAL_MS: u64 = 1_000;
-/// How long a settled spanning order stays known, so that a retried
-/// commit or release is answered with every member's lines; later retries
-/// get the home member's lines only (still the same outcome). Settled
-/// orders are also the first to go when the table is full.
-const SETTLED_MEMORY_MS: u64 = 60_000;
+// A settled spanning order stays known for the engine's idempotency
+// window (`Limits::idempotency_window_ms`), as long as the engine remembers
+// the order itself: a retried commit or release then always meets the
+// spanning order, never the home member's lines alone. Settled orders are
+// the first to go when the table is full.
 
 /// A point where a test makes the coordinator die, to check that recovery
 /// finishes what it began. Read from `FLASHSTOCK_FAILPOINT` at start.
@@ -652,7 +652,7 @@ impl Coordinator {
 
     /// Every `SWEEP_INTERVAL_MS`: forgets the spanning orders that ended
     /// without the coordinator (expired, or forgotten by the engine), ending
-    /// their transactions, and those settled `SETTLED_MEMORY_MS` ago. Runs
+    /// their transactions, and those settled longer ago than the idempotency window. Runs
     /// until the node stops.
     pub fn start_sweep(self: &Arc<Self>) {
         let coordinator = self.clone();
@@ -670,12 +670,22 @@ impl Coordinator {
             self.lock_orders().iter().map(|(order, spanning)| (order.clone(), spanning.clone())).collect();
         for (order, spanning) in candidates {
             let Ok(_turn) = spanning.turn.try_lock() else { continue };
-            if spanning.settled_for_ms().is_some_and(|settled_ms| settled_ms >= SETTLED_MEMORY_MS) {
+            let settled_memory_ms = self.engine.config().limits.idempotency_window_ms;
+            if spanning.settled_for_ms().is_some_and(|settled_ms| settled_ms >= settled_memory_ms) {
                 self.lock_orders().remove(&order);
                 continue;
             }
             let ended = matches!(self.engine.order_status(&order), None | Some(OrderStatus::Expired { .. }));
             if ended && spanning.settled_for_ms().is_none() {
+                // The local part ended undecided, but a remote part may
+                // still be prepared (its Prepare answered and the answer
+                // lost, its Unprepare still retrying): every part is
+                // released before the order is forgotten, or it is looked
+                // at again next sweep. Nothing else would ever end that
+                // prepared hold.
+                if !self.release_every_part(&order, &spanning).await {
+                    continue;
+                }
                 if let Err(error) = self.engine.end_transaction(&order).await {
                     tracing::warn!(%order, %error, "could not log the end of an expired spanning order");
                     continue;
@@ -683,6 +693,22 @@ impl Coordinator {
                 self.lock_orders().remove(&order);
             }
         }
+    }
+
+    /// Releases every remote part of an undecided order, one attempt each;
+    /// true once every part answered (released, or already ended).
+    async fn release_every_part(&self, order: &OrderId, spanning: &SpanningOrder) -> bool {
+        let mut every_part_answered = true;
+        for part in &spanning.remote {
+            let body = RequestBody::Release { order: part_order(order), home_partition: part.home_partition };
+            if let PartAnswer::Refused(refusal) = self.call(part.member, body).await {
+                if refusal.is_retryable() {
+                    tracing::debug!(%order, member = part.member, ?refusal, "a part of an ended order did not answer yet");
+                    every_part_answered = false;
+                }
+            }
+        }
+        every_part_answered
     }
 
     /// Stops retrying: what is left is carried on by the next start.

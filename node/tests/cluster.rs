@@ -2,8 +2,6 @@
 //! routing to the owner, typed refusals, identities, bad frames, and a
 //! member killed with SIGKILL that comes back with its sales.
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,61 +14,7 @@ use flashstock_node::tls;
 
 mod common;
 
-use common::{runtime, sku_owned_by, Cluster, PARTITIONS};
-
-/// A bare connection to one node as `identity`, after the handshake.
-struct Connection {
-    connection: quinn::Connection,
-    welcome: Welcome,
-    _endpoint: quinn::Endpoint,
-}
-
-async fn connect(certs: &Path, identity: &str, node: u32, address: SocketAddr) -> anyhow::Result<Connection> {
-    connect_speaking(certs, identity, node, address, vec![PROTOCOL_VERSION]).await
-}
-
-async fn connect_speaking(
-    certs: &Path,
-    identity: &str,
-    node: u32,
-    address: SocketAddr,
-    versions: Vec<u32>,
-) -> anyhow::Result<Connection> {
-    let roots = tls::load_roots(certs)?;
-    let crypto = tls::client_crypto(roots, tls::Identity::load(certs, identity)?)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let connection = endpoint.connect(address, &tls::node_name(node))?.await?;
-    let (mut send, mut receive) = connection.open_bi().await?;
-    let hello = Hello { versions, agent: "cluster-test".to_owned() };
-    wire::write_message(&mut send, &hello).await?;
-    send.finish()?;
-    let welcome: Welcome = wire::read_message(&mut receive).await?;
-    Ok(Connection { connection, welcome, _endpoint: endpoint })
-}
-
-impl Connection {
-    /// Waits (at most 15 s) until the node sees every member up.
-    async fn wait_all_up(&self) {
-        for _ in 0..300 {
-            if let Ok(Response::PartitionMap(map)) = self.call(RequestBody::PartitionMap).await {
-                if map.members.iter().all(|member| member.up) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the members never all came up");
-    }
-
-    async fn call(&self, body: RequestBody) -> anyhow::Result<Response> {
-        let (mut send, mut receive) = self.connection.open_bi().await?;
-        wire::write_message(&mut send, &Request { timeout_ms: 5_000, body }).await?;
-        send.finish()?;
-        Ok(wire::read_message(&mut receive).await?)
-    }
-}
+use common::{connect, connect_speaking, runtime, sku_owned_by, Cluster, PARTITIONS};
 
 fn reserve(order: &str, lines: &[&str]) -> RequestBody {
     RequestBody::Reserve {

@@ -288,3 +288,44 @@ fn refused_retries_and_commits_of_a_spanning_order_change_nothing() {
         assert_eq!(counts(checkout.availability(&c).await.expect("counts")), (5, 0, 0), "the extra line never sold");
     });
 }
+
+/// Scenario 6 of the review: the coordinator's Prepare of a remote part
+/// was applied but its answer lost, so the part is prepared (it never
+/// expires) while the coordinator thinks nothing was decided; the local
+/// part then expires. The sweep used to forget the order there, and
+/// nothing ever ended that prepared hold. Now the sweep releases every
+/// remote part before it forgets an undecided order.
+#[test]
+fn the_sweep_releases_a_remote_part_left_prepared_before_forgetting_the_order() {
+    use flashstock_client::routing::partition_of;
+    use flashstock_client::wire::{RequestBody, Response};
+    let cluster = Cluster::start("spanning-sweep-prepared", 2);
+    let members = cluster.members();
+    let (a, b) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    runtime().block_on(async {
+        let admin = client(&cluster, "admin", 40).await;
+        wait_all_up(&admin).await;
+        admin.create_sku(&a, 5, None, 0).await.expect("created");
+        admin.create_sku(&b, 5, None, 0).await.expect("created");
+        let checkout = client(&cluster, "checkout", 40).await;
+        let short = Order { hold_ttl: Duration::from_millis(1_500), ..order("o6", &[(&a, 1), (&b, 1)]) };
+        checkout.reserve(&short).await.expect("held on both members");
+        // What the coordinator's lost Prepare did on member 2.
+        let as_member_one = common::connect(&cluster.certs(), "node-1", 2, cluster.address(2)).await.expect("connects");
+        let prepare =
+            RequestBody::Prepare { order: "~o6".to_owned(), home_partition: partition_of(&b, common::PARTITIONS) };
+        let prepared = as_member_one.call(prepare).await.expect("answered");
+        assert!(matches!(prepared, Response::Reserved { .. }), "{prepared:?}");
+        // The local part expires after 1.5 s; the sweep runs every second.
+        let mut held = u64::MAX;
+        for _ in 0..100 {
+            held = checkout.availability(&b).await.expect("counts").held;
+            if held == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(held, 0, "the prepared part was never released");
+        assert_eq!(counts(checkout.availability(&a).await.expect("counts")), (5, 0, 0));
+    });
+}

@@ -6,12 +6,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flashstock_client::routing::{owner_of, partition_of};
+use flashstock_client::wire::{self, Hello, Request, RequestBody, Response, Welcome, PROTOCOL_VERSION};
 use flashstock_client::{Client, RetryPolicy};
+use flashstock_node::tls;
 
 pub const PARTITIONS: u32 = 16;
 
@@ -234,4 +237,58 @@ pub async fn wait_all_up(client: &Client) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the members never all came up");
+}
+
+/// A bare connection to one node as `identity`, after the handshake.
+pub struct Connection {
+    pub connection: quinn::Connection,
+    pub welcome: Welcome,
+    _endpoint: quinn::Endpoint,
+}
+
+pub async fn connect(certs: &Path, identity: &str, node: u32, address: SocketAddr) -> anyhow::Result<Connection> {
+    connect_speaking(certs, identity, node, address, vec![PROTOCOL_VERSION]).await
+}
+
+pub async fn connect_speaking(
+    certs: &Path,
+    identity: &str,
+    node: u32,
+    address: SocketAddr,
+    versions: Vec<u32>,
+) -> anyhow::Result<Connection> {
+    let roots = tls::load_roots(certs)?;
+    let crypto = tls::client_crypto(roots, tls::Identity::load(certs, identity)?)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = endpoint.connect(address, &tls::node_name(node))?.await?;
+    let (mut send, mut receive) = connection.open_bi().await?;
+    let hello = Hello { versions, agent: "cluster-test".to_owned() };
+    wire::write_message(&mut send, &hello).await?;
+    send.finish()?;
+    let welcome: Welcome = wire::read_message(&mut receive).await?;
+    Ok(Connection { connection, welcome, _endpoint: endpoint })
+}
+
+impl Connection {
+    /// Waits (at most 15 s) until the node sees every member up.
+    pub async fn wait_all_up(&self) {
+        for _ in 0..300 {
+            if let Ok(Response::PartitionMap(map)) = self.call(RequestBody::PartitionMap).await {
+                if map.members.iter().all(|member| member.up) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the members never all came up");
+    }
+
+    pub async fn call(&self, body: RequestBody) -> anyhow::Result<Response> {
+        let (mut send, mut receive) = self.connection.open_bi().await?;
+        wire::write_message(&mut send, &Request { timeout_ms: 5_000, body }).await?;
+        send.finish()?;
+        Ok(wire::read_message(&mut receive).await?)
+    }
 }
