@@ -235,27 +235,37 @@ impl Coordinator {
         }
     }
 
-    /// Sends `body` (idempotent) to a member until it is done, pausing
-    /// between attempts; gives up only when the node stops (the next start
-    /// carries the work on from the log).
-    async fn call_until_done(&self, member: u32, body: RequestBody) -> Option<Response> {
+    /// Sends `body` (idempotent) to a member until it answers with a
+    /// result or a final refusal (as `Response::Refused`), pausing between
+    /// attempts; gives up only when the node stops (the next start carries
+    /// the work on from the log).
+    async fn call_until_settled(&self, member: u32, body: RequestBody) -> Option<Response> {
         let mut pause_ms = RETRY_PAUSE_MS_MIN;
         loop {
             match self.call(member, body.clone()).await {
                 PartAnswer::Ok(response) => return Some(response),
-                PartAnswer::Refused(refusal) if refusal.is_retryable() => {
+                PartAnswer::Refused(refusal) if !refusal.is_retryable() => return Some(Response::Refused(refusal)),
+                PartAnswer::Refused(refusal) => {
                     if self.stopping.load(Ordering::Acquire) {
                         return None;
                     }
-                    tracing::debug!(member, ?refusal, "retrying a decided step on a member");
-                }
-                PartAnswer::Refused(refusal) => {
-                    tracing::error!(member, ?refusal, "a member refused a decided step");
-                    return None;
+                    tracing::debug!(member, ?refusal, "retrying a step on a member");
                 }
             }
             tokio::time::sleep(Duration::from_millis(pause_ms)).await;
             pause_ms = (pause_ms * 2).min(RETRY_PAUSE_MS_MAX);
+        }
+    }
+
+    /// [`Self::call_until_settled`] for a decided step: a final refusal is
+    /// reported and gives `None`.
+    async fn call_until_done(&self, member: u32, body: RequestBody) -> Option<Response> {
+        match self.call_until_settled(member, body).await {
+            Some(Response::Refused(refusal)) => {
+                tracing::error!(member, ?refusal, "a member refused a decided step");
+                None
+            }
+            other => other,
         }
     }
 
@@ -550,7 +560,12 @@ impl Coordinator {
     /// Ends a commit that was refused before the decision: an expired part
     /// means the order expired and every part is released; anything else
     /// gives every part its TTL back so that the client may retry.
-    async fn end_undecided(self: &Arc<Self>, order: &OrderId, spanning: &SpanningOrder, refusal: Refusal) -> Refusal {
+    async fn end_undecided(
+        self: &Arc<Self>,
+        order: &OrderId,
+        spanning: &Arc<SpanningOrder>,
+        refusal: Refusal,
+    ) -> Refusal {
         let expired = matches!(refusal, Refusal::Expired { .. });
         if expired {
             let _ = self.engine.release(order).await;
@@ -571,7 +586,8 @@ impl Coordinator {
                 if part_refusal.is_retryable() {
                     tracing::warn!(%order, member = part.member, ?part_refusal, "retrying a part's undo in the background");
                     let (coordinator, member) = (self.clone(), part.member);
-                    tokio::spawn(async move { coordinator.call_until_done(member, body).await });
+                    let (order, spanning) = (order.clone(), spanning.clone());
+                    tokio::spawn(async move { coordinator.undo_in_turn(&order, &spanning, member, body).await });
                 }
             }
         }
@@ -596,8 +612,11 @@ impl Coordinator {
         let mut lines: Vec<WireLineResult> = local.lines.iter().map(crate::server::wire_line).collect();
         for part in &spanning.remote {
             let body = RequestBody::Release { order: part_order(&order), home_partition: part.home_partition };
-            match self.call_until_done(part.member, body).await {
+            // A part that expired (or was released) has its units back
+            // already: for a release that is done, not a failure to retry.
+            match self.call_until_settled(part.member, body).await {
                 Some(Response::Settled { lines: part_lines, .. }) => lines.extend(part_lines),
+                Some(Response::Refused(Refusal::Expired { .. } | Refusal::AlreadyReleased)) => {}
                 Some(other) => return Err(unexpected(part.member, &other)),
                 None => {
                     return Err(Refusal::Unavailable {
@@ -691,6 +710,32 @@ impl Coordinator {
                     continue;
                 }
                 self.lock_orders().remove(&order);
+            }
+        }
+    }
+
+    /// Retries undoing a part of an undecided attempt until the part
+    /// answers, each attempt in the order's turn: a later commit attempt
+    /// (which prepares the part again and may decide) holds the turn from
+    /// its prepare to its end, so this undo can never land between a later
+    /// prepare and that attempt's commit. Stops once the order is decided
+    /// or settled: nothing is left to undo then.
+    async fn undo_in_turn(&self, order: &OrderId, spanning: &SpanningOrder, member: u32, body: RequestBody) {
+        let mut pause_ms = RETRY_PAUSE_MS_MIN;
+        while !self.stopping.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            pause_ms = (pause_ms * 2).min(RETRY_PAUSE_MS_MAX);
+            let _turn = spanning.turn.lock().await;
+            if spanning.settled_for_ms().is_some()
+                || matches!(self.engine.order_status(order), Some(OrderStatus::Committed(_)))
+            {
+                return;
+            }
+            match self.call(member, body.clone()).await {
+                PartAnswer::Refused(refusal) if refusal.is_retryable() => {
+                    tracing::debug!(%order, member, ?refusal, "a part's undo is still unanswered");
+                }
+                _ => return,
             }
         }
     }
