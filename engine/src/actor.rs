@@ -22,18 +22,12 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::log::record::{EncodedRecord, LogRecord};
 use crate::log::writer::{Append, SubmitError, WriteFailure};
-use crate::runtime::{Request, SkuSlot};
 use crate::sku::{SkuAnswer, SkuCommand, SkuState};
+use crate::slot::{Request, SkuSlot};
 
-/// Messages an SKU actor receives. Requests themselves travel in the slot's
-/// queue, so this mailbox stays tiny whatever the load.
-#[derive(Debug)]
-pub enum SkuMessage {
-    /// Requests are waiting in the slot's queue.
-    Drain,
-    /// A timer fired: expire holds, maybe passivate.
-    Tick,
-}
+// The mailbox's messages are defined beside the slot that sends them, so
+// that the slot never depends on the actor.
+pub use crate::slot::SkuMessage;
 
 #[derive(Debug)]
 pub(crate) struct SkuActor;

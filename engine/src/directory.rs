@@ -11,10 +11,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::config::EngineConfig;
 use crate::ids::{BuyerId, FastMap, OrderId, SkuId};
 use crate::order::{MergedLine, OrderError, Reservation, Settlement};
-use crate::runtime::{lock, EngineConfig, SkuSlot};
 use crate::sku::Quantity;
+use crate::slot::{lock, SkuSlot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OrderPhase {

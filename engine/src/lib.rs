@@ -18,31 +18,52 @@
 //!   storage it runs on.
 //! - [`actor`]: the ractor actor that owns one SKU's state, drains its queue
 //!   in batches, expires holds on a timer and passivates when idle.
+//! - [`config`]: [`EngineConfig`], how the engine runs, and its checks.
+//! - `slot` (private): what outlives a SKU's actor, and the requests and
+//!   messages that travel to it.
 //! - [`runtime`]: [`Engine`], the in-process entry point: routing to SKU
-//!   actors, admission (`Busy`), the sold-out hint, all-or-nothing orders.
+//!   slots, admission (`Busy`), admin changes, availability.
+//! - `orders` (private): all-or-nothing reserve, commit and release, the
+//!   sold-out hint.
+//! - `recovery` (private): [`Engine::open`], a durable engine rebuilt from
+//!   its log.
+//! - `statistics` (private): totals and counters for status pages.
 //! - `directory` (private): the per-partition order directory behind
 //!   order-level idempotency and the commit decision.
+//! - `transaction` (private): multi-line commits as transactions, and the
+//!   participant side for coordinators on other members.
+//!
+//! Dependencies run one way: `slot` <- `actor`, `directory` <- `runtime`
+//! <- `orders`, `recovery`, `statistics`, `transaction`.
 //!
 //! The structures shared between threads without an actor live in the
 //! `flashstock-sync` crate, which is loom-checked on its own.
 
 pub mod actor;
 pub mod clock;
+pub mod config;
 mod directory;
 pub mod ids;
 pub mod limits;
 pub mod log;
 pub mod order;
+mod orders;
 pub mod partition;
+mod recovery;
 pub mod runtime;
 pub mod sku;
+mod slot;
+mod statistics;
 mod transaction;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::EngineConfig;
 pub use ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};
 pub use limits::Limits;
 pub use order::{Line, OrderError, OrderRequest, OrderStatus, Reservation, ReservedLine, Settlement};
-pub use runtime::{Durability, Engine, EngineConfig, EngineError, LogStats, OpenError, RecoveryReport, StockTotals};
+pub use recovery::{Durability, OpenError, RecoveryReport};
+pub use runtime::{Engine, EngineError};
 pub use sku::{
     AdminChange, Quantity, SkuAnswer, SkuCommand, SkuError, SkuOutcome, SkuSettings, SkuState, StockSnapshot,
 };
+pub use statistics::{LogStats, StockTotals};

@@ -38,8 +38,9 @@ use crate::directory::{InterruptedOrder, OrderPhase, OrderPlan};
 use crate::ids::OrderId;
 use crate::log::record::{LogRecord, OpenTransaction, TransactionLine};
 use crate::order::{OrderError, Reservation, Settlement};
-use crate::runtime::{lock, Engine};
+use crate::runtime::Engine;
 use crate::sku::{SkuAnswer, SkuCommand, SkuError, SkuOutcome};
+use crate::slot::lock;
 
 impl Engine {
     /// Carries out a transaction over the lines of `order` (held here, phase
