@@ -404,7 +404,9 @@ impl SaleSection {
         if self.units_per_buyer_max == 0 || self.units_per_buyer_max > limits.line_units_max {
             bail!("`sale.units_per_buyer_max`: must be between 1 and `limits.line_units_max`");
         }
-        if self.pay_percent + self.cancel_percent > 100 {
+        // Saturating: two percentages near u32::MAX would otherwise wrap to
+        // a small sum (or panic in a debug build).
+        if self.pay_percent.saturating_add(self.cancel_percent) > 100 {
             bail!("`sale.pay_percent` + `sale.cancel_percent`: more than 100");
         }
         if self.opens_after_ms > SALE_OPENS_AFTER_MS_MAX {
@@ -456,6 +458,18 @@ mod tests {
         assert!(format!("{:#}", parse(&no_tls).expect_err("no tls")).contains("`tls`"));
         let bad = format!("{base}{}", member(1, 7001).replace("127.0.0.1:7001", "localhost"));
         assert!(format!("{:#}", parse(&bad).expect_err("no port")).contains("members[0].address"));
+    }
+
+    #[test]
+    fn percentages_whose_sum_overflows_are_refused() {
+        let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml"))
+            .expect("cluster.toml reads");
+        let text = shipped
+            .replace("pay_percent = 80", "pay_percent = 4294967295")
+            .replace("cancel_percent = 10", "cancel_percent = 2");
+        assert_ne!(text, shipped, "the shipped file sets both percentages");
+        let error = parse(&text).expect_err("a sum beyond 100");
+        assert!(format!("{error:#}").contains("sale.pay_percent"), "{error:#}");
     }
 
     #[test]
