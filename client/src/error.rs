@@ -52,8 +52,10 @@ pub enum Error {
 
 impl Error {
     /// Whether the same call (same order id) may be tried again: the
-    /// cluster was busy or unreachable, or the answer did not arrive in
-    /// time. The client already retried these within its retry policy.
+    /// cluster was busy or unreachable, the answer did not arrive in time,
+    /// or the SKU had its most live holds (they end by settling or expiry).
+    /// The client already retried these within its retry policy. The
+    /// wire's `Refusal::is_retryable` is defined by this one.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,

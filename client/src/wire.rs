@@ -390,12 +390,14 @@ impl Refusal {
         }
     }
     /// Whether sending the same request again (with the same order id) is
-    /// safe and may succeed.
+    /// safe and may succeed: the one classification, which
+    /// [`crate::Error::is_retryable`] shares (a `WrongNode` is retried
+    /// after a map refresh).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Refusal::Busy { .. } | Refusal::Unavailable { .. } | Refusal::WrongNode { .. } | Refusal::DeadlineExceeded
-        )
+        match self {
+            Refusal::WrongNode { .. } => true,
+            other => crate::Error::from(other.clone()).is_retryable(),
+        }
     }
 }
 

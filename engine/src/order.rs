@@ -107,9 +107,16 @@ pub enum OrderError {
 }
 
 impl OrderError {
-    /// Errors a caller may retry with the same order id.
+    /// Errors a caller may retry with the same order id: the same
+    /// classification as the wire's `Refusal::is_retryable` (the node's
+    /// translation is tested to keep the two equal).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, OrderError::Busy { .. } | OrderError::Unavailable)
+        matches!(
+            self,
+            OrderError::Busy { .. }
+                | OrderError::Unavailable
+                | OrderError::Line { error: crate::sku::SkuError::HoldLimitReached { .. }, .. }
+        )
     }
 }
 

@@ -654,3 +654,40 @@ async fn request(
     send.finish()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashstock_engine::StockSnapshot;
+
+    /// The engine's and the wire's `is_retryable` are one classification:
+    /// every engine refusal keeps it through the translation (they once
+    /// disagreed about `HoldLimitReached`).
+    #[test]
+    fn retryable_refusals_stay_retryable_through_the_translation() {
+        let sku = SkuId::new("tv").expect("valid");
+        let line = |error| OrderError::Line { index: 0, sku: sku.clone(), error, stock: StockSnapshot::default() };
+        let errors = [
+            OrderError::Busy { retry_after_ms: 5 },
+            OrderError::Unavailable,
+            line(SkuError::HoldLimitReached { holds_per_sku_max: 3 }),
+            line(SkuError::SoldOut { available: 0 }),
+            line(SkuError::LimitExceeded { units_per_buyer_max: 1, units_taken: 1 }),
+            line(SkuError::NotOpen { opens_at_ms: 9 }),
+            line(SkuError::Expired { expired_at_ms: 1 }),
+            OrderError::IdempotencyConflict,
+            OrderError::UnknownReservation,
+            OrderError::Expired { expired_at_ms: 1 },
+            OrderError::AlreadyCommitted,
+            OrderError::AlreadyReleased,
+            OrderError::NoLines,
+        ];
+        for error in errors {
+            let retryable = error.is_retryable();
+            let refusal = order_refusal(error.clone());
+            assert_eq!(refusal.is_retryable(), retryable, "{error:?} became {refusal:?}");
+            let client_error = flashstock_client::Error::from(refusal);
+            assert_eq!(client_error.is_retryable(), retryable, "{error:?} reached the client as {client_error:?}");
+        }
+    }
+}
