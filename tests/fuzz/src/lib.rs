@@ -11,8 +11,8 @@ use flashstock_client::wire;
 use flashstock_engine::log::frame;
 use flashstock_engine::log::record::{LogRecord, OpenTransaction, TransactionLine};
 use flashstock_engine::log::snapshot::Snapshot;
-use flashstock_engine::sku::ReserveLine;
-use flashstock_engine::{BuyerId, Limits, OrderId, Quantity, SkuCommand, SkuId, SkuSettings, SkuState};
+use flashstock_engine::sku::{AdminChange, ReserveLine};
+use flashstock_engine::{BuyerId, Limits, OperationId, OrderId, Quantity, SkuCommand, SkuId, SkuSettings, SkuState};
 
 /// The system allocator, noting the largest block asked for.
 #[derive(Debug)]
@@ -93,6 +93,10 @@ fn buyer(text: &str) -> BuyerId {
     id(|text| BuyerId::new(text), text)
 }
 
+fn operation(text: &str) -> OperationId {
+    id(|text| OperationId::new(text), text)
+}
+
 fn payload<T: serde::Serialize>(message: &T) -> Vec<u8> {
     let mut framed = Vec::new();
     wire::encode_frame(message, &mut framed).unwrap_or_else(|error| panic!("seed message: {error}"));
@@ -141,8 +145,13 @@ fn wire_seeds() -> Vec<Seed> {
             initial_units: 100,
             units_per_buyer_max: Some(2),
             opens_at_ms: 1_000,
+            operation: "operation-1".to_owned(),
         }),
-        request(RequestBody::SetBuyerLimit { sku: "tv".to_owned(), units_per_buyer_max: None }),
+        request(RequestBody::SetBuyerLimit {
+            sku: "tv".to_owned(),
+            units_per_buyer_max: None,
+            operation: "operation-2".to_owned(),
+        }),
         request(RequestBody::Prepare { order: "order-2".to_owned(), home_partition: 9 }),
     ];
     let responses = [
@@ -194,8 +203,15 @@ fn records() -> Vec<LogRecord> {
         LogRecord::CreateSku {
             sku: sku("tv"),
             settings: SkuSettings { initial_units: 50, units_per_buyer_max: Some(4), opens_at_ms: 0 },
+            now_ms: 1_000,
+            operation: Some(operation("operation-1")),
         },
-        apply(SkuCommand::AddStock { units: 10 }),
+        LogRecord::RulesInForce { limits: Limits::default() },
+        apply(SkuCommand::Admin {
+            operation: Some(operation("operation-2")),
+            change: AdminChange::AddStock { units: 10 },
+        }),
+        apply(SkuCommand::Admin { operation: None, change: AdminChange::SetBuyerLimit { units_per_buyer_max: None } }),
         apply(SkuCommand::Reserve(line)),
         apply(SkuCommand::Reserve(ReserveLine {
             order: order("order-2"),
@@ -267,18 +283,20 @@ fn snapshot_seeds() -> Vec<Seed> {
         committed: true,
     };
     let snapshots = [
-        Snapshot { last_sequence: 0, partition_count: 64, skus: Vec::new(), transactions: Vec::new() },
+        Snapshot { last_sequence: 0, partition_count: 64, skus: Vec::new(), transactions: Vec::new(), limits: None },
         Snapshot {
             last_sequence: 42,
             partition_count: 4,
             skus: vec![(sku("a"), busy_sku(1).image()), (sku("b"), busy_sku(2).image())],
             transactions: vec![(order("order-1"), transaction)],
+            limits: Some(Limits::default()),
         },
         Snapshot {
             last_sequence: 7,
             partition_count: 1,
             skus: vec![(sku("tv"), busy_sku(3).image())],
             transactions: Vec::new(),
+            limits: None,
         },
     ];
     snapshots
