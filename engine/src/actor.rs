@@ -82,7 +82,7 @@ impl SkuActorState {
     }
 
     /// Answers the batch just applied: at once for an in-memory engine;
-    /// once its records (and every earlier record of the partition) are
+    /// once its records (and every earlier record of the node's log) are
     /// durable for a durable one. Even a batch with no records waits its
     /// turn, because its answers may rest on records not yet durable.
     fn release_answers(&mut self, records: Vec<EncodedRecord>, taken: usize) {
@@ -105,7 +105,8 @@ impl SkuActorState {
                         }
                     }
                     // Dropping the requests tells their callers the owner
-                    // could not answer; the partition answers nothing more.
+                    // could not answer; the engine (every partition: one
+                    // log) answers nothing more.
                     Err(failure) => {
                         slot.log_failed.store(true, Ordering::Release);
                         tracing::error!(sku = %slot.sku, %failure, "answers withheld: their records are not durable");

@@ -32,9 +32,10 @@ const SNAPSHOT_HEADER_BYTES: usize = 24;
 /// Deepest nesting a snapshot's MessagePack may have: a remembered admin
 /// change nests 8 containers deep.
 const SNAPSHOT_DEPTH_MAX: usize = 16;
-/// Largest snapshot accepted: a partition's SKUs with up to a million holds
-/// each fit well below; the bound stops a corrupt length from making
-/// recovery allocate without limit.
+/// Largest snapshot accepted: a member's SKUs (every partition it holds,
+/// one log for all) with up to a million holds each fit well below; the
+/// bound stops a corrupt length from making recovery allocate without
+/// limit.
 pub const SNAPSHOT_PAYLOAD_BYTES_MAX: u64 = 4 << 30;
 
 /// Every SKU of the log as of sequence `last_sequence`.
