@@ -445,11 +445,14 @@ impl Client {
         };
         let partition = self.partition_of(&first.sku)?;
         match self.call(Route::Partition(partition), body).await? {
-            Response::Reserved { order, home_partition, expires_at_ms, lines } => Ok(Reservation {
-                id: ReservationId { order, home_partition },
-                expires_at_ms,
-                lines: lines.into_iter().map(LineResult::from).collect(),
-            }),
+            Response::Reserved { order: id, home_partition, expires_at_ms, mut lines } => {
+                in_request_order(&mut lines, order);
+                Ok(Reservation {
+                    id: ReservationId { order: id, home_partition },
+                    expires_at_ms,
+                    lines: lines.into_iter().map(LineResult::from).collect(),
+                })
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -804,6 +807,16 @@ impl Client {
     }
 }
 
+/// Puts a reservation's lines in the order the request named their SKUs.
+/// A member answers a first reserve in that order, but a retry answered
+/// from what a restarted member rebuilt from its log comes in SKU order
+/// (the log keeps each SKU's hold, not the request's line order): the
+/// caller sees the same answer either way.
+fn in_request_order(lines: &mut [WireLineResult], order: &Order) {
+    let position = |sku: &str| order.lines.iter().position(|line| line.sku == sku).unwrap_or(usize::MAX);
+    lines.sort_by_key(|line| position(&line.sku));
+}
+
 async fn hello(connection: &quinn::Connection, agent: &str) -> Result<Welcome, Error> {
     let (mut send, mut receive) = connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
     let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: agent.to_owned() };
@@ -840,6 +853,29 @@ mod tests {
         for bad in ["", "17", "x:order", "17:", ":order"] {
             assert!(bad.parse::<ReservationId>().is_err(), "{bad} accepted");
         }
+    }
+
+    /// A retry answered in SKU order (by a restarted member) reads as the
+    /// first answer did: in the request's line order.
+    #[test]
+    fn reserved_lines_come_back_in_the_request_order() {
+        let line = |sku: &str, units| WireLineResult {
+            sku: sku.to_owned(),
+            units,
+            stock: WireStock { available: 0, held: units.into(), sold: 0 },
+        };
+        let order = Order {
+            id: "o".to_owned(),
+            buyer: "b".to_owned(),
+            lines: ["tv", "cable", "lamp"]
+                .iter()
+                .map(|sku| OrderLine { sku: (*sku).to_owned(), quantity: Quantity::Exactly(1) })
+                .collect(),
+            hold_ttl: std::time::Duration::from_secs(60),
+        };
+        let mut lines = vec![line("cable", 2), line("lamp", 3), line("tv", 1)];
+        in_request_order(&mut lines, &order);
+        assert_eq!(lines.iter().map(|line| line.sku.as_str()).collect::<Vec<_>>(), ["tv", "cable", "lamp"]);
     }
 
     #[test]
