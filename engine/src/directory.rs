@@ -133,7 +133,8 @@ impl OrderDirectory {
     /// holds `orders_per_partition_max` orders none of which may be
     /// forgotten yet: forgetting a live order would lose its stock, and
     /// forgetting a settled one inside its window would answer a retry
-    /// differently.
+    /// differently. The caller has called [`Self::forget_old`] at `now_ms`
+    /// (a reserve does so before it looks the id up).
     pub(crate) fn admit(
         &mut self,
         now_ms: u64,
@@ -141,7 +142,6 @@ impl OrderDirectory {
         config: &EngineConfig,
         make: impl FnOnce(u64) -> OrderRecord,
     ) -> Result<u64, OrderError> {
-        self.forget_old(now_ms, config);
         if self.records.len() >= config.orders_per_partition_max {
             tracing::warn!(
                 orders = self.records.len(),
