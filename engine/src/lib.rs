@@ -13,6 +13,8 @@
 //! - [`order`]: multi-line orders: validation and merging of lines (pure).
 //! - [`partition`]: the stable SKU -> partition hash.
 //! - [`clock`]: where the shell gets `now` from (system or manual clock).
+//! - [`coordination`]: orders across members as pure state machines (the
+//!   coordinator at an order's home, the participant of each member).
 //! - [`log`]: the node's log: framing, recovery scan, records, segments,
 //!   snapshots and their compaction, the group-commit writer, and the
 //!   storage it runs on.
@@ -42,6 +44,7 @@
 pub mod actor;
 pub mod clock;
 pub mod config;
+pub mod coordination;
 mod directory;
 pub mod ids;
 pub mod limits;

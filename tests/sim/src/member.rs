@@ -1,0 +1,217 @@
+//! One simulated member: the real SKU state machines, the real
+//! participant and coordinator, and a log whose unsynced tail a crash loses.
+//!
+//! SKU records go through the engine's real record encoding and are read
+//! back through the engine's real replay ([`ReplayedState`]); coordinator
+//! records are kept as values (their encoding belongs to the node's driver).
+
+use std::collections::BTreeMap;
+
+use flashstock_engine::coordination::{
+    apply_part, Action, ClientRequest, Coordinator, CoordinatorConfig, CoordinatorRecord, MemberId, PartMessage,
+    PartReply,
+};
+use flashstock_engine::log::record::LogRecord;
+use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
+use flashstock_engine::sku::SkuCommand;
+use flashstock_engine::{Limits, SkuId, SkuState};
+
+use crate::rng::Rng;
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Endpoint {
+    Member(MemberId),
+    Buyer(u32),
+}
+
+/// What travels between members and buyers.
+#[derive(Debug, Clone)]
+pub enum Message {
+    Request { caller: u64, request: ClientRequest },
+    Answer { caller: u64, answer: flashstock_engine::coordination::ClientAnswer },
+    Part(PartMessage),
+    PartReply(PartReply),
+}
+
+#[derive(Debug, Clone)]
+enum Stored {
+    /// An encoded engine record.
+    Sku(Vec<u8>),
+    Coordinator(CoordinatorRecord),
+}
+
+/// A member's durable state and what it is doing now.
+#[derive(Debug)]
+pub struct Member {
+    pub id: MemberId,
+    pub up: bool,
+    /// Counts restarts, so that timers of an earlier life are ignored.
+    pub incarnation: u64,
+    config: CoordinatorConfig,
+    rules: ReplayRules,
+    pub skus: BTreeMap<SkuId, SkuState>,
+    pub coordinator: Coordinator,
+    log: Vec<Stored>,
+    synced: usize,
+    /// Messages that may only leave once the log is synced up to a length.
+    held_back: Vec<(usize, Endpoint, Message)>,
+    /// Coordinator tokens and the log length that makes each durable.
+    tokens: Vec<(u64, usize)>,
+}
+
+impl Member {
+    pub fn new(id: MemberId, config: CoordinatorConfig, limits: &Limits, partition_count: u32) -> Self {
+        let rules = ReplayRules { partition_count, limits_unrecorded: limits.clone() };
+        let coordinator = Coordinator::recover(config.clone(), Vec::new(), 0);
+        let mut member = Self {
+            id,
+            up: true,
+            incarnation: 0,
+            config,
+            rules,
+            skus: BTreeMap::new(),
+            coordinator,
+            log: Vec::new(),
+            synced: 0,
+            held_back: Vec::new(),
+            tokens: Vec::new(),
+        };
+        member.log.push(Stored::Sku(LogRecord::RulesInForce { limits: limits.clone() }.encode()));
+        let first = member.sync(0);
+        assert!(first.is_empty(), "a new member has nothing to say");
+        member
+    }
+
+    /// Creates a SKU here (before the run starts; durable at once).
+    pub fn create_sku(&mut self, sku: SkuId, settings: flashstock_engine::SkuSettings, limits: &Limits) {
+        let state = SkuState::created(0, settings, limits.clone(), None).expect("valid settings");
+        self.skus.insert(sku.clone(), state);
+        self.log.push(Stored::Sku(LogRecord::CreateSku { sku, settings, now_ms: 0, operation: None }.encode()));
+        self.synced = self.log.len();
+    }
+
+    fn append(&mut self, record: &LogRecord) {
+        self.log.push(Stored::Sku(record.encode()));
+    }
+
+    /// Carries out the coordinator's actions; returns the messages to send now.
+    fn drain(&mut self, outbox: &mut Vec<(Endpoint, Message)>) {
+        for action in self.coordinator.take_actions() {
+            match action {
+                Action::Send { member, message } => outbox.push((Endpoint::Member(member), Message::Part(message))),
+                Action::Log { token, record } => {
+                    self.log.push(Stored::Coordinator(record));
+                    self.tokens.push((token, self.log.len()));
+                }
+                Action::Reply { caller, answer } => {
+                    let buyer = u32::try_from(caller >> 32).expect("a buyer index");
+                    outbox.push((Endpoint::Buyer(buyer), Message::Answer { caller, answer }));
+                }
+            }
+        }
+    }
+
+    /// Handles a message; returns what to send now.
+    pub fn receive(&mut self, now_ms: u64, from: Endpoint, message: Message) -> Vec<(Endpoint, Message)> {
+        let mut outbox = Vec::new();
+        match message {
+            Message::Request { caller, request } => self.coordinator.request(now_ms, caller, request),
+            Message::Part(part) => {
+                let (answer, records) = apply_part(&mut self.skus, now_ms, &part.attempt, &part.request);
+                for record in &records {
+                    self.append(record);
+                }
+                // Even a replay waits for the records of the state it reports.
+                self.held_back.push((self.log.len(), from, Message::PartReply(part.reply(answer))));
+                self.release_durable(&mut outbox);
+            }
+            Message::PartReply(reply) => {
+                let Endpoint::Member(member) = from else { return outbox };
+                self.coordinator.part_answered(now_ms, member, reply);
+            }
+            Message::Answer { .. } => unreachable!("members receive no client answers"),
+        }
+        self.drain(&mut outbox);
+        outbox
+    }
+
+    /// Time passed: the coordinator's timers and the SKUs' expiry.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<(Endpoint, Message)> {
+        let mut outbox = Vec::new();
+        self.coordinator.tick(now_ms);
+        let due: Vec<SkuId> = self
+            .skus
+            .iter()
+            .filter(|(_, state)| state.next_expiry_ms().is_some_and(|at| at <= now_ms))
+            .map(|(sku, _)| sku.clone())
+            .collect();
+        for sku in due {
+            let (_, recorded) = self.skus.get_mut(&sku).expect("listed").apply_recording(now_ms, &SkuCommand::Expire);
+            if let Some(command) = recorded {
+                self.append(&LogRecord::Apply { sku, now_ms, command });
+            }
+        }
+        self.drain(&mut outbox);
+        outbox
+    }
+
+    fn release_durable(&mut self, outbox: &mut Vec<(Endpoint, Message)>) {
+        let synced = self.synced;
+        let (ready, waiting): (Vec<_>, Vec<_>) = self.held_back.drain(..).partition(|(needed, _, _)| *needed <= synced);
+        self.held_back = waiting;
+        outbox.extend(ready.into_iter().map(|(_, to, message)| (to, message)));
+    }
+
+    /// An fsync completed: everything appended so far is durable.
+    pub fn sync(&mut self, now_ms: u64) -> Vec<(Endpoint, Message)> {
+        let mut outbox = Vec::new();
+        self.synced = self.log.len();
+        self.release_durable(&mut outbox);
+        let durable =
+            self.tokens.iter().take_while(|(_, length)| *length <= self.synced).map(|(token, _)| *token).max();
+        self.tokens.retain(|(_, length)| *length > self.synced);
+        if let Some(token) = durable {
+            self.coordinator.durable(now_ms, token);
+        }
+        self.drain(&mut outbox);
+        outbox
+    }
+
+    /// Dies: what was not synced is lost, except a random prefix of it
+    /// (written, not yet fsynced, and happened to reach the disk).
+    pub fn crash(&mut self, rng: &mut Rng) {
+        let unsynced = self.log.len() - self.synced;
+        let kept = if unsynced > 0 && rng.chance(300) { rng.below(unsynced + 1) } else { 0 };
+        self.log.truncate(self.synced + kept);
+        self.synced = self.log.len();
+        self.up = false;
+        self.held_back.clear();
+        self.tokens.clear();
+        self.skus.clear();
+    }
+
+    /// Starts again from the log, at `now_ms`.
+    pub fn restart(&mut self, now_ms: u64) -> Result<Vec<(Endpoint, Message)>, String> {
+        let mut state = ReplayedState::empty(self.rules.clone());
+        let mut coordinator_records = Vec::new();
+        let mut sequence = 0;
+        for stored in &self.log {
+            match stored {
+                Stored::Sku(bytes) => {
+                    let record = LogRecord::decode(bytes).map_err(|error| format!("member {}: {error}", self.id))?;
+                    sequence += 1;
+                    state.apply(sequence, record).map_err(|error| format!("member {}: replay: {error}", self.id))?;
+                }
+                Stored::Coordinator(record) => coordinator_records.push(record.clone()),
+            }
+        }
+        self.skus = std::mem::take(&mut state.skus);
+        self.coordinator = Coordinator::recover(self.config.clone(), coordinator_records, now_ms);
+        self.up = true;
+        self.incarnation += 1;
+        let mut outbox = Vec::new();
+        self.drain(&mut outbox);
+        Ok(outbox)
+    }
+}
