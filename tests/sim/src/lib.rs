@@ -22,4 +22,5 @@ pub mod rng;
 pub mod simulation;
 pub mod workload;
 
-pub use simulation::{run, RunReport, SimConfig};
+pub use member::{Endpoint, Message};
+pub use simulation::{run, RunReport, Scripted, SimConfig, Verdict};

@@ -163,9 +163,15 @@ impl Member {
         outbox.extend(ready.into_iter().map(|(_, to, message)| (to, message)));
     }
 
+    /// Whether an fsync would make anything durable or let anything out.
+    pub fn needs_sync(&self) -> bool {
+        self.log.len() > self.synced || !self.held_back.is_empty()
+    }
+
     /// An fsync completed: everything appended so far is durable.
     pub fn sync(&mut self, now_ms: u64) -> Vec<(Endpoint, Message)> {
         let mut outbox = Vec::new();
+        self.drain(&mut outbox);
         self.synced = self.log.len();
         self.release_durable(&mut outbox);
         let durable =

@@ -77,8 +77,24 @@ enum Event {
     BuyerSend { buyer: u32, caller: u64, request: flashstock_engine::coordination::ClientRequest },
 }
 
+/// What a scripted test does with a message about to travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Deliver,
+    Drop,
+    /// Kept aside until [`Scripted::deliver_held`].
+    Hold,
+}
+
+type Interceptor = Box<dyn FnMut(Endpoint, Endpoint, &Message) -> Verdict>;
+
 /// A run's whole world.
 struct World {
+    /// A scripted test's say over each message (none in seeded runs).
+    interceptor: Option<Interceptor>,
+    held: Vec<(Endpoint, Endpoint, Message)>,
+    /// Every answer, by caller (for scripted tests).
+    answers: BTreeMap<u64, Vec<flashstock_engine::coordination::ClientAnswer>>,
     config: SimConfig,
     now_ms: u64,
     next_event: u64,
@@ -92,6 +108,8 @@ struct World {
     /// Members cut off from everyone else.
     isolated: BTreeSet<u32>,
     history: History,
+    /// Members with a sync scheduled (a group commit under way).
+    syncing: BTreeSet<u32>,
     requests: u64,
     event_count: u64,
     trace_hash: u64,
@@ -137,6 +155,9 @@ impl World {
         let network = root.fork();
         let faults = root.fork();
         let mut world = Self {
+            interceptor: None,
+            held: Vec::new(),
+            answers: BTreeMap::new(),
             config,
             now_ms: 0,
             next_event: 0,
@@ -149,6 +170,7 @@ impl World {
             placement,
             isolated: BTreeSet::new(),
             history: History::default(),
+            syncing: BTreeSet::new(),
             requests: 0,
             event_count: 0,
             trace_hash: 0xcbf2_9ce4_8422_2325,
@@ -156,7 +178,6 @@ impl World {
         };
         for member in 1..=world.config.members {
             world.schedule(1, Event::Tick { member, incarnation: 0 });
-            world.schedule(1, Event::Sync { member, incarnation: 0 });
         }
         for buyer in 0..world.config.buyers {
             world.schedule(0, Event::BuyerWake { buyer });
@@ -203,6 +224,19 @@ impl World {
             }
         }
         let local = from == to;
+        if let Some(interceptor) = &mut self.interceptor {
+            match interceptor(from, to, &message) {
+                Verdict::Deliver => {}
+                Verdict::Drop => {
+                    self.trace(format!("{} dropped by the script {from:?}->{to:?} {message:?}", self.now_ms));
+                    return;
+                }
+                Verdict::Hold => {
+                    self.held.push((from, to, message));
+                    return;
+                }
+            }
+        }
         if self.cut_off(from, to) {
             self.trace(format!("{} cut {from:?}->{to:?}", self.now_ms));
             return;
@@ -242,6 +276,19 @@ impl World {
         if let Some(deadline_ms) = self.buyers[buyer as usize].deadline_ms() {
             self.schedule(deadline_ms, Event::BuyerWake { buyer });
         }
+    }
+
+    /// Schedules an fsync of `member` in a few milliseconds if it has
+    /// anything to make durable and none is under way: a group commit.
+    fn sync_soon(&mut self, member: u32) {
+        let state = &self.members[member as usize - 1];
+        if !state.up || !state.needs_sync() || self.syncing.contains(&member) {
+            return;
+        }
+        let incarnation = state.incarnation;
+        self.syncing.insert(member);
+        let at_ms = self.now_ms + self.network.between(1, 4);
+        self.schedule(at_ms, Event::Sync { member, incarnation });
     }
 
     fn fault(&mut self) {
@@ -287,7 +334,8 @@ impl World {
                 self.trace(format!("{now_ms} restart member {member}"));
                 self.send_all(Endpoint::Member(member), outbox);
                 self.schedule(now_ms + 1, Event::Tick { member, incarnation });
-                self.schedule(now_ms + 1, Event::Sync { member, incarnation });
+                self.syncing.remove(&member);
+                self.sync_soon(member);
             }
             Err(error) => self.history.violations.push(format!("{now_ms} ms: restart failed: {error}")),
         }
@@ -305,14 +353,20 @@ impl World {
                     self.trace(format!("{now_ms} {from:?}->{to:?} {message:?}"));
                     let outbox = self.member(id).receive(now_ms, from, message);
                     self.send_all(to, outbox);
+                    self.sync_soon(id);
                 }
                 Endpoint::Buyer(buyer) => {
                     let Message::Answer { caller, answer } = message else { unreachable!("buyers get answers") };
                     self.trace(format!("{now_ms} {from:?}->{to:?} {caller} {answer:?}"));
                     self.history.answered(now_ms, caller, &answer);
-                    let catalogue = self.catalogue.clone();
-                    let next = self.buyers[buyer as usize].answered(now_ms, caller, Some(&answer), &catalogue);
-                    self.buyer_next(buyer, next);
+                    if self.interceptor.is_some() {
+                        self.answers.entry(caller).or_default().push(answer.clone());
+                    }
+                    if (buyer as usize) < self.buyers.len() {
+                        let catalogue = self.catalogue.clone();
+                        let next = self.buyers[buyer as usize].answered(now_ms, caller, Some(&answer), &catalogue);
+                        self.buyer_next(buyer, next);
+                    }
                 }
             },
             Event::Tick { member, incarnation } => {
@@ -322,6 +376,7 @@ impl World {
                 }
                 let outbox = self.member(member).tick(now_ms);
                 self.send_all(Endpoint::Member(member), outbox);
+                self.sync_soon(member);
                 self.schedule(now_ms + TICK_MS, Event::Tick { member, incarnation });
             }
             Event::Sync { member, incarnation } => {
@@ -329,10 +384,10 @@ impl World {
                 if !state.up || state.incarnation != incarnation {
                     return;
                 }
+                self.syncing.remove(&member);
                 let outbox = self.member(member).sync(now_ms);
                 self.send_all(Endpoint::Member(member), outbox);
-                let next_ms = now_ms + self.network.between(1, 4);
-                self.schedule(next_ms, Event::Sync { member, incarnation });
+                self.sync_soon(member);
             }
             Event::Fault => self.fault(),
             Event::Restart { member } => self.restart(member),
@@ -366,6 +421,37 @@ impl World {
             && self.members.iter().all(|member| member.skus.values().all(|state| state.hold_count() == 0))
     }
 
+    /// Processes every event due by `until_ms`.
+    fn run_until(&mut self, until_ms: u64) {
+        while let Some(entry) = self.events.first_entry() {
+            if entry.key().0 > until_ms {
+                break;
+            }
+            let ((at_ms, _), event) = entry.remove_entry();
+            self.now_ms = at_ms;
+            self.step(event);
+        }
+        self.now_ms = until_ms;
+    }
+
+    /// The final checks (assumes a healed cluster, every TTL passed).
+    fn check_final(&mut self) -> Vec<String> {
+        let mut skus = BTreeMap::new();
+        for member in &self.members {
+            skus.extend(member.skus.iter().map(|(sku, state)| (sku.clone(), state.clone())));
+            for anomaly in member.coordinator.anomalies() {
+                self.history.violations.push(format!("member {}: {anomaly}", member.id));
+            }
+            let (_, open) = member.coordinator.order_counts();
+            if open > 0 {
+                let orders = member.coordinator.open_orders();
+                self.history.violations.push(format!("member {}: orders still open: {orders:?}", member.id));
+            }
+        }
+        self.history.check_final(&skus);
+        std::mem::take(&mut self.history.violations)
+    }
+
     fn run(mut self) -> RunReport {
         let mut quiet_since = None;
         while let Some(((at_ms, _), event)) = self.events.pop_first() {
@@ -395,14 +481,7 @@ impl World {
                 self.now_ms
             ));
         }
-        let mut skus = BTreeMap::new();
-        for member in &self.members {
-            skus.extend(member.skus.iter().map(|(sku, state)| (sku.clone(), state.clone())));
-            for anomaly in member.coordinator.anomalies() {
-                self.history.violations.push(format!("member {}: {anomaly}", member.id));
-            }
-        }
-        self.history.check_final(&skus);
+        let violations = self.check_final();
         RunReport {
             seed: self.config.seed,
             events: self.event_count,
@@ -410,7 +489,7 @@ impl World {
             answers: self.history.answers,
             simulated_ms: self.now_ms,
             trace_hash: self.trace_hash,
-            violations: std::mem::take(&mut self.history.violations),
+            violations,
             trace_tail: self.trace.into_iter().collect(),
             tally: std::mem::take(&mut self.history.tally),
         }
@@ -420,4 +499,121 @@ impl World {
 /// Runs one seed.
 pub fn run(config: SimConfig) -> RunReport {
     World::new(config).run()
+}
+
+/// A cluster driven step by step by a test: no buyers and no random
+/// faults; the test sends requests, decides the fate of each message, and
+/// crashes and restarts members.
+pub struct Scripted {
+    world: World,
+    next_caller: u64,
+}
+
+impl std::fmt::Debug for Scripted {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Scripted").field("now_ms", &self.world.now_ms).finish_non_exhaustive()
+    }
+}
+
+impl Scripted {
+    /// A cluster of `members` with `skus` SKUs of `units` each (`sku-0`,
+    /// `sku-1`, ...); which member owns which is [`Self::owner_of`].
+    pub fn new(members: u32, skus: usize) -> Self {
+        let config = SimConfig { buyers: 0, faults: false, members, skus, trace_lines_kept: 200, ..SimConfig::new(0) };
+        let mut world = World::new(config);
+        world.interceptor = Some(Box::new(|_, _, _| Verdict::Deliver));
+        Self { world, next_caller: 0 }
+    }
+
+    pub fn owner_of(&self, sku: &str) -> u32 {
+        self.world.placement.owner_of_sku(&SkuId::new(sku).expect("valid"))
+    }
+
+    pub fn home_of(&self, order: &str) -> u32 {
+        self.world.placement.home_of_order(&flashstock_engine::OrderId::new(order).expect("valid"))
+    }
+
+    /// The SKU's counts on its owner.
+    pub fn stock(&self, sku: &str) -> flashstock_engine::StockSnapshot {
+        let sku = SkuId::new(sku).expect("valid");
+        let owner = self.world.placement.owner_of_sku(&sku);
+        self.world.members[owner as usize - 1].skus[&sku].stock()
+    }
+
+    /// Decides the fate of every message from now on.
+    pub fn intercept(&mut self, interceptor: impl FnMut(Endpoint, Endpoint, &Message) -> Verdict + 'static) {
+        self.world.interceptor = Some(Box::new(interceptor));
+    }
+
+    /// Delivers the messages held so far, now (in the order they were held).
+    pub fn deliver_held(&mut self) -> usize {
+        let held = std::mem::take(&mut self.world.held);
+        let count = held.len();
+        for (from, to, message) in held {
+            let at_ms = self.world.now_ms + 1;
+            self.world.schedule(at_ms, Event::Deliver { from, to, message });
+        }
+        count
+    }
+
+    /// Sends `request` from a buyer to the order's home; returns its caller id.
+    pub fn send(&mut self, request: flashstock_engine::coordination::ClientRequest) -> u64 {
+        self.next_caller += 1;
+        let caller = self.next_caller;
+        self.world.history.sent(caller, &request);
+        let home = self.world.placement.home_of_order(request.order());
+        self.world.send(Endpoint::Buyer(0), Endpoint::Member(home), Message::Request { caller, request });
+        caller
+    }
+
+    /// Runs the cluster for `duration_ms`.
+    pub fn run_for(&mut self, duration_ms: u64) {
+        let until_ms = self.world.now_ms + duration_ms;
+        self.world.run_until(until_ms);
+    }
+
+    /// Every answer `caller` got so far.
+    pub fn answers(&self, caller: u64) -> &[flashstock_engine::coordination::ClientAnswer] {
+        self.world.answers.get(&caller).map_or(&[], Vec::as_slice)
+    }
+
+    /// Sends `request`, runs for a second, and returns its (only) answer.
+    pub fn call(
+        &mut self,
+        request: flashstock_engine::coordination::ClientRequest,
+    ) -> flashstock_engine::coordination::ClientAnswer {
+        let caller = self.send(request);
+        self.run_for(1_000);
+        match self.answers(caller) {
+            [answer] => answer.clone(),
+            other => panic!("expected one answer, got {other:?}"),
+        }
+    }
+
+    pub fn crash(&mut self, member: u32) {
+        let mut rng = Rng::new(0);
+        self.world.member(member).crash(&mut rng);
+        let now_ms = self.world.now_ms;
+        self.world.trace(format!("{now_ms} crash member {member}"));
+    }
+
+    pub fn restart(&mut self, member: u32) {
+        self.world.restart(member);
+    }
+
+    /// Lets every message through again, runs past every TTL, and returns
+    /// what the final checks found (nothing, in a correct cluster).
+    pub fn finish(mut self) -> Vec<String> {
+        self.world.interceptor = Some(Box::new(|_, _, _| Verdict::Deliver));
+        self.deliver_held();
+        for member in 1..=self.world.config.members {
+            self.world.restart(member);
+        }
+        self.run_for(3_600_000 / 50);
+        let mut violations = self.world.check_final();
+        if !violations.is_empty() {
+            violations.push(format!("trace tail: {:#?}", self.world.trace));
+        }
+        violations
+    }
 }
