@@ -413,12 +413,14 @@ impl Coordinator {
     /// A coordinator on a member whose log holds `records` (in log order;
     /// none for a new member), at `now_ms`. Carries on what the records
     /// left open; [`Self::take_actions`] has its first sends and the new
-    /// epoch's record.
+    /// epoch's record. Records that contradict one another (a decision
+    /// over other lines than the order's) are refused with the reason: the
+    /// log they came from is not one a coordinator wrote.
     pub fn recover(
         config: CoordinatorConfig,
         records: impl IntoIterator<Item = CoordinatorRecord>,
         now_ms: u64,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let mut epoch = 0;
         let mut orders: BTreeMap<OrderId, Entry> = BTreeMap::new();
         for record in records {
@@ -444,6 +446,10 @@ impl Coordinator {
                 }
                 CoordinatorRecord::Decided { order, units } => {
                     if let Some(entry) = orders.get_mut(&order) {
+                        let held = entry.lines.iter().map(|line| line.units);
+                        if units.len() != entry.lines.len() || units.iter().zip(held).any(|(&sold, held)| sold > held) {
+                            return Err(format!("order {order}: a decision over other lines than the order's"));
+                        }
                         entry.phase = Phase::Committing { units };
                     }
                 }
@@ -485,7 +491,7 @@ impl Coordinator {
             coordinator.enter(&order, &mut entry, next, now_ms);
             coordinator.orders.insert(order, entry);
         }
-        coordinator
+        Ok(coordinator)
     }
 
     /// The actions to carry out, in order.

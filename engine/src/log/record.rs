@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::coordination::{CoordinatorRecord, HeldLine, Outcome};
 use crate::ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};
 use crate::limits::{InvalidLimits, Limits};
 use crate::sku::{AdminChange, Quantity, ReserveLine, SkuCommand, SkuSettings};
@@ -62,6 +63,10 @@ pub enum LogRecord {
     /// reaches the acknowledged state whatever the configuration says
     /// today.
     RulesInForce { limits: Limits },
+    /// A fact of the member's order coordinator
+    /// ([`crate::coordination::Coordinator`]): what it must know again
+    /// after a restart.
+    Coordinator(CoordinatorRecord),
 }
 
 /// Why a payload is not a record.
@@ -77,6 +82,8 @@ pub enum RecordError {
     InvalidLimits(#[from] InvalidLimits),
     #[error("undecodable record: {0}")]
     Bounds(#[from] flashstock_msgpack::BoundsError),
+    #[error("record holds an impossible coordinator fact: {0}")]
+    Coordinator(&'static str),
 }
 
 /// Deepest nesting a record's MessagePack may have: the deepest record
@@ -116,6 +123,145 @@ enum WireRecord {
     RulesInForce {
         limits: WireLimits,
     },
+    Coordinator(WireCoordinatorRecord),
+}
+
+/// [`CoordinatorRecord`], field by field (shared with snapshots).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum WireCoordinatorRecord {
+    Epoch {
+        epoch: u64,
+    },
+    Held {
+        order: String,
+        buyer: String,
+        ttl_ms: u64,
+        attempt: String,
+        /// `(sku, quantity, units held, member, index in the request)`.
+        lines: Vec<(String, WireQuantity, u32, u32, u64)>,
+        expires_at_ms: u64,
+    },
+    Decided {
+        order: String,
+        units: Vec<u32>,
+    },
+    ReleaseDecided {
+        order: String,
+    },
+    Ended {
+        order: String,
+        /// Units sold per line (committed), or none and `expired_at_ms`.
+        committed: Option<Vec<u32>>,
+        expired_at_ms: Option<u64>,
+        now_ms: u64,
+    },
+}
+
+/// Lines a held order may have in a record: far above any configured
+/// `lines_per_order_max`, and a bound on what a damaged record can make
+/// recovery allocate.
+const COORDINATOR_LINES_MAX: usize = 4_096;
+
+impl WireCoordinatorRecord {
+    pub(crate) fn of(record: &CoordinatorRecord) -> Self {
+        match record {
+            CoordinatorRecord::Epoch { epoch } => Self::Epoch { epoch: *epoch },
+            CoordinatorRecord::Held { order, buyer, ttl_ms, attempt, lines, expires_at_ms } => Self::Held {
+                order: order.as_str().to_owned(),
+                buyer: buyer.as_str().to_owned(),
+                ttl_ms: *ttl_ms,
+                attempt: attempt.as_str().to_owned(),
+                lines: lines
+                    .iter()
+                    .map(|line| {
+                        (
+                            line.sku.as_str().to_owned(),
+                            wire_quantity(line.quantity),
+                            line.units,
+                            line.member,
+                            line.index as u64,
+                        )
+                    })
+                    .collect(),
+                expires_at_ms: *expires_at_ms,
+            },
+            CoordinatorRecord::Decided { order, units } => {
+                Self::Decided { order: order.as_str().to_owned(), units: units.clone() }
+            }
+            CoordinatorRecord::ReleaseDecided { order } => Self::ReleaseDecided { order: order.as_str().to_owned() },
+            CoordinatorRecord::Ended { order, outcome, now_ms } => {
+                let (committed, expired_at_ms) = match outcome {
+                    Outcome::Committed { units } => (Some(units.clone()), None),
+                    Outcome::Released => (None, None),
+                    Outcome::Expired { expired_at_ms } => (None, Some(*expired_at_ms)),
+                };
+                Self::Ended { order: order.as_str().to_owned(), committed, expired_at_ms, now_ms: *now_ms }
+            }
+        }
+    }
+
+    pub(crate) fn record(self) -> Result<CoordinatorRecord, RecordError> {
+        Ok(match self {
+            Self::Epoch { epoch } => CoordinatorRecord::Epoch { epoch },
+            Self::Held { order, buyer, ttl_ms, attempt, lines, expires_at_ms } => {
+                if lines.is_empty() || lines.len() > COORDINATOR_LINES_MAX {
+                    return Err(RecordError::Coordinator("a held order with no lines or too many"));
+                }
+                let lines = lines
+                    .into_iter()
+                    .map(|(sku, quantity, units, member, index)| {
+                        let index = usize::try_from(index)
+                            .map_err(|_| RecordError::Coordinator("a line index beyond this platform"))?;
+                        Ok(HeldLine {
+                            sku: SkuId::new(sku)?,
+                            quantity: engine_quantity(quantity),
+                            units,
+                            member,
+                            index,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, RecordError>>()?;
+                CoordinatorRecord::Held {
+                    order: OrderId::new(order)?,
+                    buyer: BuyerId::new(buyer)?,
+                    ttl_ms,
+                    attempt: OrderId::new(attempt)?,
+                    lines,
+                    expires_at_ms,
+                }
+            }
+            Self::Decided { order, units } => {
+                if units.len() > COORDINATOR_LINES_MAX {
+                    return Err(RecordError::Coordinator("a decision over too many lines"));
+                }
+                CoordinatorRecord::Decided { order: OrderId::new(order)?, units }
+            }
+            Self::ReleaseDecided { order } => CoordinatorRecord::ReleaseDecided { order: OrderId::new(order)? },
+            Self::Ended { order, committed, expired_at_ms, now_ms } => {
+                let outcome = match (committed, expired_at_ms) {
+                    (Some(units), None) if units.len() <= COORDINATOR_LINES_MAX => Outcome::Committed { units },
+                    (None, Some(expired_at_ms)) => Outcome::Expired { expired_at_ms },
+                    (None, None) => Outcome::Released,
+                    _ => return Err(RecordError::Coordinator("an order ended two ways")),
+                };
+                CoordinatorRecord::Ended { order: OrderId::new(order)?, outcome, now_ms }
+            }
+        })
+    }
+}
+
+fn wire_quantity(quantity: Quantity) -> WireQuantity {
+    match quantity {
+        Quantity::Exactly(units) => WireQuantity::Exactly(units),
+        Quantity::UpTo { max, min } => WireQuantity::UpTo { max, min },
+    }
+}
+
+fn engine_quantity(quantity: WireQuantity) -> Quantity {
+    match quantity {
+        WireQuantity::Exactly(units) => Quantity::Exactly(units),
+        WireQuantity::UpTo { max, min } => Quantity::UpTo { max, min },
+    }
 }
 
 /// [`Limits`], field by field (the `usize` ones as `u64`, so the format
@@ -214,7 +360,7 @@ enum WireCommand {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum WireQuantity {
+pub(crate) enum WireQuantity {
     Exactly(u32),
     UpTo { max: u32, min: u32 },
 }
@@ -264,6 +410,7 @@ impl LogRecord {
             }
             LogRecord::TransactionEnded { order } => WireRecord::TransactionEnded { order: order.as_str().to_owned() },
             LogRecord::RulesInForce { limits } => WireRecord::RulesInForce { limits: WireLimits::of(limits) },
+            LogRecord::Coordinator(record) => WireRecord::Coordinator(WireCoordinatorRecord::of(record)),
         };
         rmp_serde::to_vec(&wire).expect("records always encode")
     }
@@ -296,6 +443,7 @@ impl LogRecord {
             }
             WireRecord::TransactionEnded { order } => LogRecord::TransactionEnded { order: OrderId::new(order)? },
             WireRecord::RulesInForce { limits } => LogRecord::RulesInForce { limits: limits.limits()? },
+            WireRecord::Coordinator(record) => LogRecord::Coordinator(record.record()?),
         })
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::coordination::CoordinatorFacts;
 use crate::ids::{OrderId, SkuId};
 use crate::limits::Limits;
 use crate::log::record::{LogRecord, OpenTransaction};
@@ -39,6 +40,8 @@ pub struct ReplayedState {
     pub skus: BTreeMap<SkuId, SkuState>,
     /// Transactions begun and not ended, by order.
     pub transactions: BTreeMap<OrderId, OpenTransaction>,
+    /// What the member's order coordinator must know again.
+    pub coordinator: CoordinatorFacts,
     /// Sequence number of the last record applied (0 before any).
     pub last_sequence: u64,
 }
@@ -53,6 +56,7 @@ impl ReplayedState {
             limits_recorded: false,
             skus: BTreeMap::new(),
             transactions: BTreeMap::new(),
+            coordinator: CoordinatorFacts::default(),
             last_sequence: 0,
         }
     }
@@ -94,6 +98,7 @@ impl ReplayedState {
             state.skus.insert(sku, restored);
         }
         state.transactions = snapshot.transactions.into_iter().collect();
+        state.coordinator = CoordinatorFacts::from_records(snapshot.coordinator);
         Ok(state)
     }
 
@@ -138,6 +143,7 @@ impl ReplayedState {
             LogRecord::TransactionEnded { order } => {
                 self.transactions.remove(&order);
             }
+            LogRecord::Coordinator(record) => self.coordinator.apply(record),
         }
         self.last_sequence = sequence;
         Ok(())
@@ -184,6 +190,12 @@ impl ReplayedState {
         (records, elsewhere)
     }
 
+    /// The coordinator records a restart needs (orders settled longer ago
+    /// than the idempotency window in force left out).
+    pub fn coordinator_records(&self) -> Vec<crate::coordination::CoordinatorRecord> {
+        self.coordinator.records(self.limits.idempotency_window_ms)
+    }
+
     /// The canonical snapshot of this state.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -192,6 +204,7 @@ impl ReplayedState {
             limits: self.limits_recorded().cloned(),
             skus: self.skus.iter().map(|(sku, state)| (sku.clone(), state.image())).collect(),
             transactions: self.transactions.iter().map(|(order, open)| (order.clone(), open.clone())).collect(),
+            coordinator: self.coordinator_records(),
         }
     }
 }

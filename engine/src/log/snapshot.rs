@@ -4,8 +4,9 @@
 //! File: `snapshot-<last sequence covered, 20 digits>.snap` holding a
 //! 24-byte header (magic `FSSN` 4, format version 3, zero 3, payload length
 //! u64 8, CRC32C of the payload 4, zero 4; little-endian) and a MessagePack
-//! payload: the limits in force, the open transactions and every SKU with
-//! its reservations and remembered admin operations. The same state
+//! payload: the limits in force, the open transactions, the order
+//! coordinator's facts and every SKU with its reservations and remembered
+//! admin operations. The same state
 //! always encodes to the same bytes (SKUs sorted by id, each SKU's image
 //! canonical), which lets tests compare replays byte for byte.
 //!
@@ -17,17 +18,19 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::coordination::CoordinatorRecord;
 use crate::ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};
 use crate::limits::Limits;
-use crate::log::record::{OpenTransaction, TransactionLine, WireLimits};
+use crate::log::record::{OpenTransaction, TransactionLine, WireCoordinatorRecord, WireLimits};
 use crate::log::storage::Storage;
 use crate::sku::{AdminChange, EndingImage, Quantity, ReservationImage, ReserveLine, SkuImage, SkuSettings};
 
 const SNAPSHOT_MAGIC: u32 = u32::from_le_bytes(*b"FSSN");
 /// Version 2 added open transactions, version 3 the limits in force and
-/// each SKU's remembered admin operations; files of every earlier version
-/// are still read (what they lack reads as empty).
-const SNAPSHOT_VERSION: u8 = 3;
+/// each SKU's remembered admin operations, version 4 the coordinator's
+/// facts; files of every earlier version are still read (what they lack
+/// reads as empty).
+const SNAPSHOT_VERSION: u8 = 4;
 const SNAPSHOT_HEADER_BYTES: usize = 24;
 /// Deepest nesting a snapshot's MessagePack may have: a remembered admin
 /// change nests 8 containers deep.
@@ -52,6 +55,8 @@ pub struct Snapshot {
     /// The limits commands after this point were checked against; `None`
     /// in a snapshot of a log that never named them.
     pub limits: Option<Limits>,
+    /// The order coordinator's records a restart needs, in replay order.
+    pub coordinator: Vec<CoordinatorRecord>,
 }
 
 /// Why a snapshot cannot be used.
@@ -79,6 +84,9 @@ struct WireSnapshot {
     /// Absent before version 3.
     #[serde(default)]
     limits: Option<WireLimits>,
+    /// Absent before version 4.
+    #[serde(default)]
+    coordinator: Vec<WireCoordinatorRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -145,6 +153,7 @@ impl Snapshot {
                 })
                 .collect(),
             limits: self.limits.as_ref().map(WireLimits::of),
+            coordinator: self.coordinator.iter().map(WireCoordinatorRecord::of).collect(),
         };
         let payload = rmp_serde::to_vec(&wire).expect("snapshots always encode");
         let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + payload.len());
@@ -208,12 +217,19 @@ impl Snapshot {
             return Err("transactions out of order or repeated".to_owned());
         }
         let limits = wire.limits.map(WireLimits::limits).transpose().map_err(|error| error.to_string())?;
+        let coordinator = wire
+            .coordinator
+            .into_iter()
+            .map(WireCoordinatorRecord::record)
+            .collect::<Result<_, _>>()
+            .map_err(|error| error.to_string())?;
         Ok(Self {
             last_sequence: wire.last_sequence,
             partition_count: wire.partition_count,
             skus,
             transactions,
             limits,
+            coordinator,
         })
     }
 }
@@ -462,7 +478,32 @@ mod tests {
             TransactionLine { sku: SkuId::new("b").expect("id"), units: Some(1) },
         ];
         let transactions = vec![(OrderId::new("order-1").expect("id"), OpenTransaction { lines, committed: true })];
-        Snapshot { last_sequence, partition_count: 4, skus, transactions, limits: None }
+        let order = OrderId::new("order-2").expect("id");
+        let held_line = |sku: &str, index: usize| crate::coordination::HeldLine {
+            sku: SkuId::new(sku).expect("id"),
+            quantity: Quantity::UpTo { max: 3, min: 1 },
+            units: 2,
+            member: 2,
+            index,
+        };
+        let coordinator = vec![
+            CoordinatorRecord::Epoch { epoch: 3 },
+            CoordinatorRecord::Held {
+                order: order.clone(),
+                buyer: BuyerId::new("buyer-1").expect("id"),
+                ttl_ms: 5_000,
+                attempt: OrderId::new("~1.3.7").expect("id"),
+                lines: vec![held_line("a", 0), held_line("b", 2)],
+                expires_at_ms: 9_000,
+            },
+            CoordinatorRecord::Decided { order: order.clone(), units: vec![2, 1] },
+            CoordinatorRecord::Ended {
+                order,
+                outcome: crate::coordination::Outcome::Committed { units: vec![2, 1] },
+                now_ms: 8_000,
+            },
+        ];
+        Snapshot { last_sequence, partition_count: 4, skus, transactions, limits: None, coordinator }
     }
 
     #[test]

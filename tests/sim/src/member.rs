@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 
 use flashstock_engine::coordination::{
-    apply_part, Action, ClientRequest, Coordinator, CoordinatorConfig, CoordinatorRecord, MemberId, PartMessage,
-    PartReply,
+    apply_part, Action, ClientRequest, Coordinator, CoordinatorConfig, MemberId, PartMessage, PartReply,
 };
 use flashstock_engine::log::record::LogRecord;
 use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
+use flashstock_engine::log::snapshot::Snapshot;
 use flashstock_engine::sku::SkuCommand;
 use flashstock_engine::{Limits, SkuId, SkuState};
 
@@ -34,12 +34,10 @@ pub enum Message {
     PartReply(PartReply),
 }
 
+/// An encoded engine record: SKU commands and coordinator facts alike go
+/// through the engine's real record encoding.
 #[derive(Debug, Clone)]
-enum Stored {
-    /// An encoded engine record.
-    Sku(Vec<u8>),
-    Coordinator(CoordinatorRecord),
-}
+struct Stored(Vec<u8>);
 
 /// A member's durable state and what it is doing now.
 #[derive(Debug)]
@@ -63,7 +61,7 @@ pub struct Member {
 impl Member {
     pub fn new(id: MemberId, config: CoordinatorConfig, limits: &Limits, partition_count: u32) -> Self {
         let rules = ReplayRules { partition_count, limits_unrecorded: limits.clone() };
-        let coordinator = Coordinator::recover(config.clone(), Vec::new(), 0);
+        let coordinator = Coordinator::recover(config.clone(), Vec::new(), 0).expect("nothing to contradict");
         let mut member = Self {
             id,
             up: true,
@@ -77,7 +75,7 @@ impl Member {
             held_back: Vec::new(),
             tokens: Vec::new(),
         };
-        member.log.push(Stored::Sku(LogRecord::RulesInForce { limits: limits.clone() }.encode()));
+        member.log.push(Stored(LogRecord::RulesInForce { limits: limits.clone() }.encode()));
         let first = member.sync(0);
         assert!(first.is_empty(), "a new member has nothing to say");
         member
@@ -87,12 +85,12 @@ impl Member {
     pub fn create_sku(&mut self, sku: SkuId, settings: flashstock_engine::SkuSettings, limits: &Limits) {
         let state = SkuState::created(0, settings, limits.clone(), None).expect("valid settings");
         self.skus.insert(sku.clone(), state);
-        self.log.push(Stored::Sku(LogRecord::CreateSku { sku, settings, now_ms: 0, operation: None }.encode()));
+        self.log.push(Stored(LogRecord::CreateSku { sku, settings, now_ms: 0, operation: None }.encode()));
         self.synced = self.log.len();
     }
 
     fn append(&mut self, record: &LogRecord) {
-        self.log.push(Stored::Sku(record.encode()));
+        self.log.push(Stored(record.encode()));
     }
 
     /// Carries out the coordinator's actions; returns the messages to send now.
@@ -101,7 +99,7 @@ impl Member {
             match action {
                 Action::Send { member, message } => outbox.push((Endpoint::Member(member), Message::Part(message))),
                 Action::Log { token, record } => {
-                    self.log.push(Stored::Coordinator(record));
+                    self.log.push(Stored(LogRecord::Coordinator(record).encode()));
                     self.tokens.push((token, self.log.len()));
                 }
                 Action::Reply { caller, answer } => {
@@ -197,23 +195,25 @@ impl Member {
         self.skus.clear();
     }
 
-    /// Starts again from the log, at `now_ms`.
-    pub fn restart(&mut self, now_ms: u64) -> Result<Vec<(Endpoint, Message)>, String> {
+    /// Starts again from the log, at `now_ms`, through the engine's real
+    /// replay; with `through_snapshot`, also through a snapshot of the
+    /// replayed state (encoded and decoded), as after a compaction.
+    pub fn restart(&mut self, now_ms: u64, through_snapshot: bool) -> Result<Vec<(Endpoint, Message)>, String> {
+        let failed = |what: &str, error: String| format!("member {}: {what}: {error}", self.id);
         let mut state = ReplayedState::empty(self.rules.clone());
-        let mut coordinator_records = Vec::new();
-        let mut sequence = 0;
-        for stored in &self.log {
-            match stored {
-                Stored::Sku(bytes) => {
-                    let record = LogRecord::decode(bytes).map_err(|error| format!("member {}: {error}", self.id))?;
-                    sequence += 1;
-                    state.apply(sequence, record).map_err(|error| format!("member {}: replay: {error}", self.id))?;
-                }
-                Stored::Coordinator(record) => coordinator_records.push(record.clone()),
-            }
+        for (sequence, Stored(bytes)) in (1..).zip(&self.log) {
+            let record = LogRecord::decode(bytes).map_err(|error| failed("decode", error.to_string()))?;
+            state.apply(sequence, record).map_err(|error| failed("replay", error))?;
         }
+        if through_snapshot {
+            let snapshot = Snapshot::decode(&state.snapshot().encode()).map_err(|error| failed("snapshot", error))?;
+            state = ReplayedState::from_snapshot(self.rules.clone(), snapshot)
+                .map_err(|error| failed("snapshot", error))?;
+        }
+        let coordinator_records = state.coordinator_records();
         self.skus = std::mem::take(&mut state.skus);
-        self.coordinator = Coordinator::recover(self.config.clone(), coordinator_records, now_ms);
+        self.coordinator = Coordinator::recover(self.config.clone(), coordinator_records, now_ms)
+            .map_err(|error| failed("coordinator", error))?;
         self.up = true;
         self.incarnation += 1;
         let mut outbox = Vec::new();

@@ -328,7 +328,8 @@ impl World {
             return;
         }
         let now_ms = self.now_ms;
-        match self.member(member).restart(now_ms) {
+        let through_snapshot = self.faults.chance(500);
+        match self.member(member).restart(now_ms, through_snapshot) {
             Ok(outbox) => {
                 let incarnation = self.members[member as usize - 1].incarnation;
                 self.trace(format!("{now_ms} restart member {member}"));
