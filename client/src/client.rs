@@ -420,7 +420,7 @@ impl Client {
 
     /// Holds stock for every line of `order`, or for none.
     pub async fn reserve(&self, order: &Order) -> Result<Reservation, Error> {
-        let Some(first) = order.lines.first() else {
+        if order.lines.is_empty() {
             return Err(Error::Invalid {
                 field: "lines".to_owned(),
                 reason: "an order needs at least one line".to_owned(),
@@ -443,7 +443,9 @@ impl Client {
                 .collect(),
             ttl_ms,
         };
-        let partition = self.partition_of(&first.sku)?;
+        // The order's home is the partition of its id, whatever its lines:
+        // every reserve, commit and release of one id meets one record.
+        let partition = self.partition_of(&order.id)?;
         match self.call(Route::Partition(partition), body).await? {
             Response::Reserved { order: id, home_partition, expires_at_ms, mut lines } => {
                 in_request_order(&mut lines, order);
@@ -603,6 +605,7 @@ impl Client {
         owner_of(partition, &ids)
     }
 
+    /// The partition of a SKU or of an order id (the same stable hash).
     fn partition_of(&self, sku: &str) -> Result<u32, Error> {
         let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = map.as_ref().map_or(0, |map| map.partition_count);

@@ -20,9 +20,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. Version 2: admin requests carry
-/// an operation id. A member refuses a client of another version at the
+/// an operation id; version 3: an order's home is the partition of its id,
+/// and members drive each other's parts with `Part` steps. A member refuses a client of another version at the
 /// handshake with the versions it speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side sends or accepts. The biggest message (an
 /// order of the most lines, or a partition map of the most members) is a
@@ -167,27 +168,46 @@ pub enum RequestBody {
         opens_at_ms: u64,
         operation: String,
     },
-    // Between members (refused unless the caller is a member): the
-    // coordinator of an order whose lines live on several members drives
-    // the part of it held on this member, named by the part's own home
-    // partition (the partition of its first SKU).
-    /// Stop the part's holds from expiring until the coordinator decides;
-    /// answered with `Reserved`.
-    Prepare {
+    /// Between members (refused unless the caller is a member): one step
+    /// of the part of `order` held on this member, the holds named by the
+    /// coordinator's `attempt`; answered with `Part`. Idempotent: the
+    /// coordinator sends a step again until it is answered.
+    Part {
         order: String,
-        home_partition: u32,
+        attempt: String,
+        step: u64,
+        request: WirePartRequest,
     },
-    /// Give the part's prepared holds their TTL back (nothing was decided);
-    /// answered with `Done`.
-    Unprepare {
-        order: String,
-        home_partition: u32,
+}
+
+/// A step of a part (see `flashstock_engine::coordination`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WirePartRequest {
+    Reserve { buyer: String, lines: Vec<WireLine>, ttl_ms: u64 },
+    Prepare { skus: Vec<String> },
+    Commit { lines: Vec<(String, Option<u32>)> },
+    Release { skus: Vec<String> },
+}
+
+/// A part's answer to a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WirePartAnswer {
+    /// Units and the SKU's counts per line.
+    Held {
+        units: Vec<u32>,
+        stock: Vec<WireStock>,
+        expires_at_ms: u64,
     },
-    /// Undo the part's holds and forget the order here, because another
-    /// part of it could not be held; answered with `Done`.
-    Abandon {
-        order: String,
-        home_partition: u32,
+    Prepared,
+    Committed {
+        units: Vec<u32>,
+        stock: Vec<WireStock>,
+    },
+    Released,
+    /// The part's line `line` (its index among the part's lines) refused.
+    Refused {
+        line: u32,
+        refusal: Refusal,
     },
 }
 
@@ -206,9 +226,7 @@ impl RequestBody {
             Self::RemoveStock { .. } => "remove_stock",
             Self::SetBuyerLimit { .. } => "set_buyer_limit",
             Self::OpenSale { .. } => "open_sale",
-            Self::Prepare { .. } => "prepare",
-            Self::Unprepare { .. } => "unprepare",
-            Self::Abandon { .. } => "abandon",
+            Self::Part { .. } => "part",
         }
     }
 
@@ -219,9 +237,7 @@ impl RequestBody {
             Self::Reserve { order, .. }
             | Self::Commit { order, .. }
             | Self::Release { order, .. }
-            | Self::Prepare { order, .. }
-            | Self::Unprepare { order, .. }
-            | Self::Abandon { order, .. } => Some(order),
+            | Self::Part { order, .. } => Some(order),
             _ => None,
         }
     }
@@ -263,7 +279,8 @@ pub struct WireLineResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// Every line held. Commit and release go to the owner of
-    /// `home_partition` (the partition of the first line's SKU).
+    /// `home_partition` (the partition of the order id: one home per id in
+    /// the whole cluster).
     Reserved {
         order: String,
         home_partition: u32,
@@ -294,6 +311,8 @@ pub enum Response {
     },
     /// A request between members that has no other answer succeeded.
     Done,
+    /// A part's answer to a step.
+    Part(WirePartAnswer),
     Refused(Refusal),
 }
 

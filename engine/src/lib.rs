@@ -29,6 +29,8 @@
 //!   sold-out hint.
 //! - `recovery` (private): [`Engine::open`], a durable engine rebuilt from
 //!   its log.
+//! - `parts` (private): [`Engine::apply_part`], the participant side of
+//!   orders coordinated by [`coordination`], through the SKU actors.
 //! - `statistics` (private): totals and counters for status pages.
 //! - `directory` (private): the per-partition order directory behind
 //!   order-level idempotency and the commit decision.
@@ -52,6 +54,7 @@ pub mod log;
 pub mod order;
 mod orders;
 pub mod partition;
+mod parts;
 mod recovery;
 pub mod runtime;
 pub mod sku;
@@ -64,6 +67,7 @@ pub use config::EngineConfig;
 pub use ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};
 pub use limits::Limits;
 pub use order::{Line, OrderError, OrderRequest, OrderStatus, Reservation, ReservedLine, Settlement};
+pub use parts::PartNotNow;
 pub use recovery::{Durability, OpenError, RecoveryReport};
 pub use runtime::{Engine, EngineError};
 pub use sku::{

@@ -135,6 +135,7 @@ impl Engine {
         }
         let engine = Self::build(config, clock, Some(writer));
         *lock(&engine.inner.recovered_transactions) = elsewhere;
+        *lock(&engine.inner.recovered_coordinator) = state.coordinator_records();
         let mut report = RecoveryReport {
             skus: state.skus.len(),
             orders: 0,

@@ -78,6 +78,9 @@ pub(crate) struct Inner {
     pub(crate) writer: Mutex<Option<LogWriter>>,
     /// Transactions recovery left open for lines on other members.
     pub(crate) recovered_transactions: Mutex<Vec<(OrderId, OpenTransaction)>>,
+    /// The order coordinator's facts recovery found, for the node's
+    /// coordinator to start from.
+    pub(crate) recovered_coordinator: Mutex<Vec<crate::coordination::CoordinatorRecord>>,
 }
 
 /// The inventory engine of one process. Cheap to clone; all clones share
@@ -113,6 +116,7 @@ impl Engine {
             log,
             writer: Mutex::new(writer),
             recovered_transactions: Mutex::new(Vec::new()),
+            recovered_coordinator: Mutex::new(Vec::new()),
         };
         Self { inner: Arc::new(inner) }
     }

@@ -19,11 +19,15 @@
 //! - [`peers`]: the long-lived links to the other members, and which of
 //!   them are up.
 //! - [`server`]: the QUIC endpoint of a member: handshake, one stream per
-//!   request, ownership checks, translation between wire and engine types.
-//! - [`spanning`]: orders whose lines live on several members: the home
-//!   member coordinates, with a two-phase commit over the peer links.
+//!   request, ownership checks.
+//! - [`coordination`]: the driver of the member's order coordinator (the
+//!   engine's pure state machine): every order whose id's partition this
+//!   member owns; those with lines elsewhere by two-phase commit over the
+//!   peer links.
+//! - `translate` (private): the one place wire and engine types meet.
 
 pub mod config;
+pub mod coordination;
 pub mod crash_load;
 pub mod local_cluster;
 pub mod operations;
@@ -31,5 +35,5 @@ pub mod peers;
 pub mod sale;
 pub mod server;
 pub mod shop;
-pub mod spanning;
 pub mod tls;
+mod translate;

@@ -401,10 +401,6 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     }
     let peers = flashstock_node::peers::Peers::start(&endpoint, id, &addresses);
     let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone(), peers)?);
-    // Transactions the log left open with parts on other members are
-    // carried on as soon as those members answer.
-    node.coordinator.recover(engine.take_recovered_transactions());
-    node.coordinator.start_sweep();
     operations.ready(node.clone());
     // Ready: tests and scripts wait for this line.
     println!("node {id} serving on {}", endpoint.local_addr()?);
@@ -418,7 +414,7 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     if left > 0 {
         tracing::warn!(left, "requests still in flight after 5 s; their callers see the connection close");
     }
-    node.coordinator.stop();
+    node.coordination.stop();
     endpoint.close(flashstock_node::server::close_code::SHUTTING_DOWN.into(), b"node shutting down");
     serving.abort();
     engine.shutdown().await;

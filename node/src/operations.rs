@@ -181,7 +181,7 @@ fn refresh_gauges(node: &Node) {
     let engine = &node.engine;
     metrics::gauge!("flashstock_requests_in_flight").set(node.in_flight() as f64);
     metrics::gauge!("flashstock_sku_actors_active").set(engine.active_actor_count() as f64);
-    metrics::gauge!("flashstock_spanning_orders_open").set(node.coordinator.open_orders() as f64);
+    metrics::gauge!("flashstock_spanning_orders_open").set(node.coordination.open_orders() as f64);
     for member in node.member_ids() {
         if member != node.id {
             let up = if node.peer_is_up(member) { 1.0 } else { 0.0 };
@@ -246,7 +246,7 @@ fn status_json(node: &Node) -> String {
         "sold": totals.sold,
         "hottest_skus": hottest,
         "requests_in_flight": node.in_flight(),
-        "spanning_orders_open": node.coordinator.open_orders(),
+        "spanning_orders_open": node.coordination.open_orders(),
         "log": log,
     });
     let mut text = status.to_string();

@@ -22,19 +22,19 @@ use std::time::Duration;
 use anyhow::Context;
 use flashstock_client::routing::{owner_of, partition_of};
 use flashstock_client::wire::{
-    self, Hello, Member, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireLineResult,
-    WireQuantity, WireStock, PROTOCOL_VERSION,
+    self, Hello, Member, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireStock,
+    PROTOCOL_VERSION,
 };
 use flashstock_engine::{
-    BuyerId, Engine, EngineError, Line, OperationId, OrderError, OrderId, OrderRequest, Quantity, ReservedLine,
-    SkuError, SkuId, SkuSettings, StockSnapshot,
+    BuyerId, Engine, EngineError, Line, OperationId, OrderId, OrderRequest, SkuId, SkuSettings, StockSnapshot,
 };
 use tokio::sync::Semaphore;
 
 use crate::config::{ClusterFile, NetworkSection};
+use crate::coordination::Coordination;
 use crate::peers::Peers;
-use crate::spanning::{Coordinator, Failpoint, PART_ORDER_PREFIX};
 use crate::tls::{self, Role};
+use crate::translate::{engine_refusal, invalid, part_request, sku_id, wire_line, wire_part_answer, wire_stock};
 
 /// QUIC error codes a node closes connections with.
 pub mod close_code {
@@ -54,8 +54,8 @@ pub struct Node {
     map: PartitionMap,
     network: NetworkSection,
     peers: Arc<Peers>,
-    /// Orders whose lines live on several members, coordinated here.
-    pub coordinator: Arc<Coordinator>,
+    /// The orders whose home is this member.
+    pub coordination: Arc<Coordination>,
     /// Set when the node begins to stop: new requests are refused.
     stopping: std::sync::atomic::AtomicBool,
     /// Requests being worked on, and a wake-up for when none are left.
@@ -88,15 +88,14 @@ impl Node {
                 .map(|member| Member { id: member.id, address: member.address.clone(), up: true })
                 .collect(),
         };
-        let coordinator = Coordinator::new(
+        let coordination = Coordination::start(
             id,
-            members.clone(),
+            &members,
             file.cluster.partitions,
             engine.clone(),
             peers.clone(),
             file.network.spanning_orders_max,
-            Failpoint::from_environment(),
-        );
+        )?;
         Ok(Self {
             id,
             engine,
@@ -104,7 +103,7 @@ impl Node {
             map,
             network: file.network.clone(),
             peers,
-            coordinator,
+            coordination,
             stopping: std::sync::atomic::AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
@@ -214,8 +213,7 @@ impl Node {
         if is_admin_request && role != Role::Admin {
             return Err(Refusal::Forbidden);
         }
-        let is_member_request =
-            matches!(body, RequestBody::Prepare { .. } | RequestBody::Unprepare { .. } | RequestBody::Abandon { .. });
+        let is_member_request = matches!(body, RequestBody::Part { .. });
         if !matches!(role, Role::Node(_)) {
             if is_member_request {
                 return Err(Refusal::Forbidden);
@@ -246,55 +244,25 @@ impl Node {
                     hottest_skus,
                 })
             }
-            RequestBody::Reserve { order, buyer, lines, ttl_ms } => {
-                // A member sends only the part it found this member owns:
-                // it is never coordinated again from here.
-                let may_span = !matches!(role, Role::Node(_));
-                self.reserve(order, buyer, lines, ttl_ms, may_span).await
-            }
+            RequestBody::Reserve { order, buyer, lines, ttl_ms } => self.reserve(order, buyer, lines, ttl_ms).await,
             RequestBody::Commit { order, home_partition, fewer } => {
-                self.check_home(home_partition)?;
-                let order = order_id(order)?;
+                let order = self.check_home(&order, home_partition)?;
                 let fewer = fewer
                     .into_iter()
                     .map(|(sku, units)| Ok((sku_id(sku)?, units)))
                     .collect::<Result<Vec<_>, Refusal>>()?;
-                if self.coordinator.knows(&order) {
-                    return self.coordinator.commit(order, fewer).await;
-                }
-                let settled = self.engine.commit_fewer(&order, &fewer).await.map_err(order_refusal)?;
-                Ok(settled_response(settled))
+                self.coordination.commit(order, fewer, home_partition).await
             }
             RequestBody::Release { order, home_partition } => {
-                self.check_home(home_partition)?;
-                let order = order_id(order)?;
-                if self.coordinator.knows(&order) {
-                    return self.coordinator.release(order).await;
-                }
-                let settled = self.engine.release(&order).await.map_err(order_refusal)?;
-                Ok(settled_response(settled))
+                let order = self.check_home(&order, home_partition)?;
+                self.coordination.release(order, home_partition).await
             }
-            RequestBody::Prepare { order, home_partition } => {
-                self.check_home(home_partition)?;
-                let reservation = self.engine.prepare(&order_id(order)?).await.map_err(order_refusal)?;
-                Ok(Response::Reserved {
-                    order: reservation.order.as_str().to_owned(),
-                    home_partition,
-                    expires_at_ms: reservation.expires_at_ms,
-                    lines: reservation.lines.iter().map(wire_line).collect(),
-                })
-            }
-            RequestBody::Unprepare { order, home_partition } => {
-                self.check_home(home_partition)?;
-                match self.engine.unprepare(&order_id(order)?).await {
-                    Ok(()) | Err(OrderError::UnknownReservation) => Ok(Response::Done),
-                    Err(error) => Err(order_refusal(error)),
-                }
-            }
-            RequestBody::Abandon { order, home_partition } => {
-                self.check_home(home_partition)?;
-                self.engine.abandon(&order_id(order)?).await.map_err(order_refusal)?;
-                Ok(Response::Done)
+            RequestBody::Part { order: _, attempt, step: _, request } => {
+                let attempt = order_id(attempt)?;
+                let request = part_request(request)?;
+                let answer =
+                    self.engine.apply_part(&attempt, &request).await.map_err(|not_now| engine_refusal(not_now.0))?;
+                Ok(Response::Part(wire_part_answer(&request, answer)))
             }
             RequestBody::Availability { sku } => {
                 let sku = self.owned_sku(sku)?;
@@ -324,11 +292,18 @@ impl Node {
         }
     }
 
-    fn check_home(&self, home_partition: u32) -> Result<(), Refusal> {
-        if home_partition >= self.map.partition_count {
-            return Err(invalid("home_partition", format!("must be below {}", self.map.partition_count)));
+    /// The order id of a commit or release, once its home is known to be
+    /// this member: the partition named must be the order id's.
+    fn check_home(&self, order: &str, home_partition: u32) -> Result<OrderId, Refusal> {
+        if home_partition != self.partition_of(order) {
+            return Err(invalid(
+                "home_partition",
+                format!("order {order}'s home is partition {}", self.partition_of(order)),
+            ));
         }
-        self.check_owned(home_partition)
+        let order = order_id(order.to_owned())?;
+        self.check_owned(home_partition)?;
+        Ok(order)
     }
 
     fn owned_sku(&self, sku: String) -> Result<SkuId, Refusal> {
@@ -343,53 +318,28 @@ impl Node {
         buyer: String,
         lines: Vec<WireLine>,
         ttl_ms: u64,
-        may_span: bool,
     ) -> Result<Response, Refusal> {
+        let home_partition = self.partition_of(&order);
         let order = order_id(order)?;
-        let buyer = BuyerId::new(buyer).map_err(|error| invalid("buyer", error.to_string()))?;
-        let Some(first) = lines.first() else { return Err(invalid("lines", "an order needs at least one line")) };
-        let home_partition = self.partition_of(&first.sku);
         self.check_owned(home_partition)?;
-        let spans = lines.iter().any(|line| self.owner(self.partition_of(&line.sku)) != self.id);
-        if spans {
-            if !may_span {
-                return Err(invalid("lines", "a part sent by a member must be owned wholly by this member"));
-            }
-            if lines.len() > self.engine.config().limits.lines_per_order_max {
-                let limit = self.engine.config().limits.lines_per_order_max;
-                return Err(invalid("lines", format!("an order may have at most {limit} lines")));
-            }
-            return self.coordinator.reserve(order, buyer, lines, ttl_ms).await;
+        let buyer = BuyerId::new(buyer).map_err(|error| invalid("buyer", error.to_string()))?;
+        if lines.len() > self.engine.config().limits.lines_per_order_max {
+            let limit = self.engine.config().limits.lines_per_order_max;
+            return Err(invalid("lines", format!("an order may have at most {limit} lines")));
         }
         let mut engine_lines = Vec::with_capacity(lines.len());
         for line in lines {
-            let quantity = match line.quantity {
-                WireQuantity::Exactly(units) => Quantity::Exactly(units),
-                WireQuantity::UpTo { max, min } => Quantity::UpTo { max, min },
-            };
-            engine_lines.push(Line { sku: sku_id(line.sku)?, quantity });
+            engine_lines
+                .push(Line { sku: sku_id(line.sku)?, quantity: crate::translate::engine_quantity(line.quantity) });
         }
-        let reservation = self
-            .engine
-            .reserve(OrderRequest { order, buyer, lines: engine_lines, ttl_ms })
-            .await
-            .map_err(order_refusal)?;
-        Ok(Response::Reserved {
-            order: reservation.order.as_str().to_owned(),
-            home_partition,
-            expires_at_ms: reservation.expires_at_ms,
-            lines: reservation.lines.iter().map(wire_line).collect(),
-        })
+        self.coordination.reserve(OrderRequest { order, buyer, lines: engine_lines, ttl_ms }, home_partition).await
     }
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> Refusal {
-    Refusal::Invalid { field: field.to_owned(), reason: reason.into() }
-}
-
-fn sku_id(sku: String) -> Result<SkuId, Refusal> {
-    SkuId::new(sku).map_err(|error| invalid("sku", error.to_string()))
-}
+/// Order ids beginning with this are the cluster's own (attempt ids of
+/// coordinated orders, and parts of earlier versions); clients may not use
+/// them.
+pub const PART_ORDER_PREFIX: char = '~';
 
 /// Ids that clients may use: the engine's rules, minus the prefix of the
 /// cluster's own part ids and one byte of length that the prefix takes.
@@ -418,74 +368,11 @@ fn stock_response(sku: &SkuId, outcome: Result<StockSnapshot, EngineError>) -> R
     Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
 }
 
-fn wire_stock(stock: StockSnapshot) -> WireStock {
-    WireStock { available: stock.available, held: stock.held, sold: stock.sold }
-}
-
-pub(crate) fn wire_line(line: &ReservedLine) -> WireLineResult {
-    WireLineResult { sku: line.sku.as_str().to_owned(), units: line.units, stock: wire_stock(line.stock) }
-}
-
-fn settled_response(settlement: flashstock_engine::Settlement) -> Response {
+pub(crate) fn settled_response(settlement: flashstock_engine::Settlement) -> Response {
     Response::Settled {
         order: settlement.order.as_str().to_owned(),
         lines: settlement.lines.iter().map(wire_line).collect(),
         replayed: settlement.replayed,
-    }
-}
-
-fn sku_refusal(line: u32, sku: &SkuId, error: SkuError) -> Refusal {
-    let sku_name = sku.as_str().to_owned();
-    match error {
-        SkuError::SoldOut { available } => Refusal::SoldOut { line, sku: sku_name, available },
-        SkuError::LimitExceeded { units_per_buyer_max, units_taken } => {
-            Refusal::LimitExceeded { line, sku: sku_name, units_per_buyer_max, units_taken }
-        }
-        SkuError::NotOpen { opens_at_ms } => Refusal::NotOpen { line, sku: sku_name, opens_at_ms },
-        SkuError::HoldLimitReached { .. } => Refusal::HoldLimitReached { line, sku: sku_name },
-        SkuError::NotEnoughUnsoldStock { available } => Refusal::NotEnoughUnsoldStock { sku: sku_name, available },
-        SkuError::Expired { expired_at_ms } => Refusal::Expired { expired_at_ms },
-        SkuError::AlreadyCommitted => Refusal::AlreadyCommitted,
-        SkuError::AlreadyReleased => Refusal::AlreadyReleased,
-        SkuError::UnknownReservation => Refusal::UnknownReservation,
-        SkuError::IdempotencyConflict => Refusal::IdempotencyConflict,
-        SkuError::AlreadyCreated => Refusal::SkuExists { sku: sku_name },
-        error @ (SkuError::InvalidQuantity { .. } | SkuError::InvalidTtl { .. }) => {
-            invalid(&format!("lines[{line}]"), error.to_string())
-        }
-        error @ SkuError::StockLimitExceeded { .. } => invalid("units", error.to_string()),
-    }
-}
-
-fn engine_refusal(error: EngineError) -> Refusal {
-    match error {
-        EngineError::UnknownSku { sku } => Refusal::UnknownSku { sku: sku.as_str().to_owned() },
-        EngineError::SkuExists { sku } => Refusal::SkuExists { sku: sku.as_str().to_owned() },
-        EngineError::Refused { sku, error, .. } => sku_refusal(0, &sku, error),
-        EngineError::Busy { retry_after_ms } => Refusal::Busy { retry_after_ms },
-        EngineError::Unavailable => Refusal::Unavailable { reason: "the SKU's owner cannot answer now".to_owned() },
-    }
-}
-
-pub(crate) fn order_refusal(error: OrderError) -> Refusal {
-    let line_index = |index: usize| u32::try_from(index).unwrap_or(u32::MAX);
-    match error {
-        OrderError::Line { index, sku, error, .. } => sku_refusal(line_index(index), &sku, error),
-        OrderError::UnknownSku { sku, .. } => Refusal::UnknownSku { sku: sku.as_str().to_owned() },
-        OrderError::IdempotencyConflict => Refusal::IdempotencyConflict,
-        OrderError::UnknownReservation => Refusal::UnknownReservation,
-        OrderError::Expired { expired_at_ms } => Refusal::Expired { expired_at_ms },
-        OrderError::AlreadyCommitted => Refusal::AlreadyCommitted,
-        OrderError::AlreadyReleased => Refusal::AlreadyReleased,
-        OrderError::Busy { retry_after_ms } => Refusal::Busy { retry_after_ms },
-        OrderError::Unavailable => Refusal::Unavailable { reason: "the engine cannot answer now".to_owned() },
-        error @ (OrderError::NoLines
-        | OrderError::TooManyLines { .. }
-        | OrderError::ConflictingLines { .. }
-        | OrderError::MergedQuantityTooLarge { .. }) => invalid("lines", error.to_string()),
-        error @ (OrderError::NotInOrder { .. } | OrderError::InvalidUnits { .. }) => {
-            invalid("fewer", error.to_string())
-        }
     }
 }
 
@@ -653,41 +540,4 @@ async fn request(
     wire::write_message(&mut send, &response).await?;
     send.finish()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use flashstock_engine::StockSnapshot;
-
-    /// The engine's and the wire's `is_retryable` are one classification:
-    /// every engine refusal keeps it through the translation (they once
-    /// disagreed about `HoldLimitReached`).
-    #[test]
-    fn retryable_refusals_stay_retryable_through_the_translation() {
-        let sku = SkuId::new("tv").expect("valid");
-        let line = |error| OrderError::Line { index: 0, sku: sku.clone(), error, stock: StockSnapshot::default() };
-        let errors = [
-            OrderError::Busy { retry_after_ms: 5 },
-            OrderError::Unavailable,
-            line(SkuError::HoldLimitReached { holds_per_sku_max: 3 }),
-            line(SkuError::SoldOut { available: 0 }),
-            line(SkuError::LimitExceeded { units_per_buyer_max: 1, units_taken: 1 }),
-            line(SkuError::NotOpen { opens_at_ms: 9 }),
-            line(SkuError::Expired { expired_at_ms: 1 }),
-            OrderError::IdempotencyConflict,
-            OrderError::UnknownReservation,
-            OrderError::Expired { expired_at_ms: 1 },
-            OrderError::AlreadyCommitted,
-            OrderError::AlreadyReleased,
-            OrderError::NoLines,
-        ];
-        for error in errors {
-            let retryable = error.is_retryable();
-            let refusal = order_refusal(error.clone());
-            assert_eq!(refusal.is_retryable(), retryable, "{error:?} became {refusal:?}");
-            let client_error = flashstock_client::Error::from(refusal);
-            assert_eq!(client_error.is_retryable(), retryable, "{error:?} reached the client as {client_error:?}");
-        }
-    }
 }

@@ -69,8 +69,8 @@ fn a_checkout_flow_across_two_members() {
         ));
         assert!(matches!(checkout.availability("no-such-sku").await, Err(Error::UnknownSku { .. })));
         assert!(matches!(checkout.reserve(&order("", &on_one, 1)).await, Err(Error::Invalid { .. })));
-        let unknown =
-            flashstock_client::ReservationId { order: "never".to_owned(), home_partition: held.id.home_partition };
+        let home_partition = flashstock_client::routing::partition_of("never", common::PARTITIONS);
+        let unknown = flashstock_client::ReservationId { order: "never".to_owned(), home_partition };
         assert_eq!(checkout.commit(&unknown).await, Err(Error::UnknownReservation));
         // A deadline too short for any answer is a typed error, after the retries.
         let impatient = Client::builder()

@@ -33,6 +33,7 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
     let mut cluster = Cluster::start("routing", 2);
     let members = cluster.members();
     let (mine, theirs) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    let order_one = common::order_homed_on(1, &members, "order-1");
     let runtime = runtime();
     runtime.block_on(async {
         let admin = connect(&cluster.certs(), "admin", 1, cluster.address(1)).await.expect("admin connects");
@@ -68,18 +69,18 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
             "checkout clients cannot change stock"
         );
         let Response::Reserved { home_partition, lines, .. } =
-            checkout.call(reserve("order-1", &[&mine])).await.expect("answered")
+            checkout.call(reserve(&order_one, &[&mine])).await.expect("answered")
         else {
             panic!("not reserved")
         };
         assert_eq!(lines[0].stock.held, 1);
         let settled = checkout
-            .call(RequestBody::Commit { order: "order-1".to_owned(), home_partition, fewer: vec![] })
+            .call(RequestBody::Commit { order: order_one.clone(), home_partition, fewer: vec![] })
             .await
             .expect("answered");
         assert!(matches!(&settled, Response::Settled { replayed: false, .. }), "{settled:?}");
         for index in 2..=3 {
-            let order = format!("order-{index}");
+            let order = common::order_homed_on(1, &members, &format!("order-{index}"));
             let Response::Reserved { home_partition, .. } =
                 checkout.call(reserve(&order, &[&mine])).await.expect("answered")
             else {
@@ -88,17 +89,20 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
             checkout.call(RequestBody::Commit { order, home_partition, fewer: vec![] }).await.expect("answered");
         }
         assert!(matches!(
-            checkout.call(reserve("order-4", &[&mine])).await.expect("answered"),
+            checkout.call(reserve(&common::order_homed_on(1, &members, "order-4"), &[&mine])).await.expect("answered"),
             Response::Refused(Refusal::SoldOut { line: 0, available: 0, .. })
         ));
+        // An order's home is the owner of its id's partition, whatever its
+        // lines: one homed on member 2 is sent there.
         assert_eq!(
-            checkout.call(reserve("order-5", &[&theirs])).await.expect("answered"),
+            checkout.call(reserve(&common::order_homed_on(2, &members, "order-5"), &[&mine])).await.expect("answered"),
             Response::Refused(Refusal::WrongNode { owner: 2 })
         );
-        // An order spanning both members is coordinated here: its first
-        // line (sold out) refuses it whole.
+        // An order spanning both members is coordinated by its home: its
+        // first line (sold out) refuses it whole.
+        let spanning = common::order_homed_on(1, &members, "order-6");
         assert!(matches!(
-            checkout.call(reserve("order-6", &[&mine, &theirs])).await.expect("answered"),
+            checkout.call(reserve(&spanning, &[&mine, &theirs])).await.expect("answered"),
             Response::Refused(Refusal::SoldOut { line: 0, .. })
         ));
         assert!(matches!(
@@ -131,8 +135,8 @@ fn a_two_node_cluster_routes_refuses_and_survives_a_kill() {
         }
         let replayed = checkout
             .call(RequestBody::Commit {
-                order: "order-1".to_owned(),
-                home_partition: partition_of(&mine, PARTITIONS),
+                order: order_one.clone(),
+                home_partition: partition_of(&order_one, PARTITIONS),
                 fewer: vec![],
             })
             .await

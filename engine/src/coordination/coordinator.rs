@@ -169,16 +169,27 @@ pub enum ClientAnswer {
         order: OrderId,
         expires_at_ms: u64,
         lines: Vec<(SkuId, u32)>,
+        /// Each line's SKU counts when its part last answered (zero
+        /// after the home restarted, until a part answers again).
+        stock: Vec<StockSnapshot>,
         replayed: bool,
     },
     /// Units sold per line.
     Committed {
         order: OrderId,
         lines: Vec<(SkuId, u32)>,
+        /// Each line's SKU counts when its part last answered (zero
+        /// after the home restarted, until a part answers again).
+        stock: Vec<StockSnapshot>,
         replayed: bool,
     },
+    /// Units given back per line.
     Released {
         order: OrderId,
+        lines: Vec<(SkuId, u32)>,
+        /// Each line's SKU counts when its part last answered (zero
+        /// after the home restarted, until a part answers again).
+        stock: Vec<StockSnapshot>,
         replayed: bool,
     },
     Refused(OrderError),
@@ -350,6 +361,11 @@ struct Entry {
     /// When `Holding` or `Preparing` gives up, or `Abandoning` stops
     /// (every hold of the attempt has expired by then).
     deadline_ms: u64,
+    /// Each line's SKU counts as its part last reported them (not durable:
+    /// zero after a restart until a part answers again).
+    stock: Vec<StockSnapshot>,
+    /// The refusal of the lowest order line while `Holding`, with its index.
+    refused: Option<(usize, OrderError)>,
 }
 
 impl Entry {
@@ -428,6 +444,7 @@ impl Coordinator {
                 CoordinatorRecord::Epoch { epoch: logged } => epoch = epoch.max(logged),
                 CoordinatorRecord::Held { order, buyer, ttl_ms, attempt, lines, expires_at_ms } => {
                     let parts = parts_of(&lines);
+                    let line_count = lines.len();
                     let entry = Entry {
                         buyer,
                         ttl_ms,
@@ -441,6 +458,8 @@ impl Coordinator {
                         resend_at_ms: 0,
                         resend_pause_ms: 0,
                         deadline_ms: 0,
+                        stock: vec![StockSnapshot { available: 0, held: 0, sold: 0 }; line_count],
+                        refused: None,
                     };
                     orders.insert(order, entry);
                 }
@@ -492,6 +511,12 @@ impl Coordinator {
             coordinator.orders.insert(order, entry);
         }
         Ok(coordinator)
+    }
+
+    /// Whether `order` is known here (held, in progress, or settled and
+    /// remembered).
+    pub fn knows(&self, order: &OrderId) -> bool {
+        self.orders.contains_key(order)
     }
 
     /// The actions to carry out, in order.
@@ -618,6 +643,11 @@ impl Coordinator {
         };
         let order = request.order.clone();
         if let Some(entry) = self.orders.get(&order) {
+            // An attempt that was refused is being undone: the id is free
+            // (for any content) once it is.
+            if entry.phase == Phase::Abandoning {
+                return Some(ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 }));
+            }
             if !entry.same_content(&request.buyer, request.ttl_ms, &lines) {
                 return Some(ClientAnswer::Refused(OrderError::IdempotencyConflict));
             }
@@ -629,6 +659,7 @@ impl Coordinator {
                     order,
                     expires_at_ms: entry.expires_at_ms,
                     lines: entry.units(),
+                    stock: entry.stock.clone(),
                     replayed: true,
                 },
             });
@@ -642,6 +673,7 @@ impl Coordinator {
         self.next_attempt += 1;
         let attempt = OrderId::new(format!("~{}.{}.{}", self.config.own, self.epoch, self.next_attempt))
             .expect("an attempt id is short and printable");
+        let line_count = lines.len();
         let mut entry = Entry {
             buyer: request.buyer,
             ttl_ms: request.ttl_ms,
@@ -655,6 +687,8 @@ impl Coordinator {
             resend_at_ms: 0,
             resend_pause_ms: 0,
             deadline_ms: now_ms.saturating_add(self.config.part_answer_ms_max),
+            stock: vec![StockSnapshot { available: 0, held: 0, sold: 0 }; line_count],
+            refused: None,
         };
         self.enter(&order, &mut entry, Phase::Holding, now_ms);
         self.orders.insert(order, entry);
@@ -729,13 +763,27 @@ impl Coordinator {
             | Phase::Settled { outcome: Outcome::Expired { expired_at_ms }, .. } => {
                 Some(refused(OrderError::Expired { expired_at_ms: *expired_at_ms }))
             }
-            Phase::Committing { units } | Phase::Settled { outcome: Outcome::Committed { units }, .. } => {
+            Phase::Committing { units } => {
+                match Self::units_to_sell(entry, fewer) {
+                    Err(error) => Some(refused(error)),
+                    // The decision stands; the retry is answered once every
+                    // part carried it out (what the caller reads next then
+                    // agrees), in place of any earlier caller still waiting.
+                    Ok(asked) if asked == *units => {
+                        self.wait_for_decision(entry, caller);
+                        None
+                    }
+                    Ok(_) => Some(refused(OrderError::IdempotencyConflict)),
+                }
+            }
+            Phase::Settled { outcome: Outcome::Committed { units }, .. } => {
                 let sold = units.clone();
                 Some(match Self::units_to_sell(entry, fewer) {
                     Err(error) => refused(error),
                     Ok(asked) if asked == sold => ClientAnswer::Committed {
                         order: order.clone(),
                         lines: entry.lines.iter().zip(&sold).map(|(line, &units)| (line.sku.clone(), units)).collect(),
+                        stock: entry.stock.clone(),
                         replayed: true,
                     },
                     Ok(_) => refused(OrderError::IdempotencyConflict),
@@ -775,8 +823,13 @@ impl Coordinator {
                 self.enter(&order, &mut entry, Phase::RecordingRelease { token }, now_ms);
                 None
             }
-            Phase::Releasing { expired_at_ms: None } | Phase::Settled { outcome: Outcome::Released, .. } => {
-                Some(ClientAnswer::Released { order: order.clone(), replayed: true })
+            Phase::Releasing { expired_at_ms: None } => {
+                self.wait_for_decision(&mut entry, caller);
+                None
+            }
+            Phase::Settled { outcome: Outcome::Released, .. } => {
+                let (lines, stock) = (entry.units(), entry.stock.clone());
+                Some(ClientAnswer::Released { order: order.clone(), lines, stock, replayed: true })
             }
             Phase::Releasing { expired_at_ms: Some(expired_at_ms) }
             | Phase::Settled { outcome: Outcome::Expired { expired_at_ms }, .. } => {
@@ -814,23 +867,25 @@ impl Coordinator {
         self.orders.insert(order, entry);
     }
 
-    fn line_refusal(entry: &Entry, part: usize, answer: &PartAnswer) -> OrderError {
+    /// The order's refusal for a part's answer, with the index of the
+    /// order line it names (`usize::MAX` for none).
+    fn line_refusal(entry: &Entry, part: usize, answer: &PartAnswer) -> (usize, OrderError) {
         let line_of = |line: usize| entry.parts[part].lines.get(line).map(|&index| &entry.lines[index]);
+        // The SKU's counts do not travel with a refusal.
+        let stock = StockSnapshot { available: 0, held: 0, sold: 0 };
         match answer {
             PartAnswer::Refused { line, error } => match line_of(*line) {
-                Some(held) => OrderError::Line {
-                    index: held.index,
-                    sku: held.sku.clone(),
-                    error: error.clone(),
-                    stock: StockSnapshot { available: 0, held: 0, sold: 0 },
-                },
-                None => OrderError::Unavailable,
+                Some(held) => (
+                    held.index,
+                    OrderError::Line { index: held.index, sku: held.sku.clone(), error: error.clone(), stock },
+                ),
+                None => (usize::MAX, OrderError::Unavailable),
             },
             PartAnswer::UnknownSku { line } => match line_of(*line) {
-                Some(held) => OrderError::UnknownSku { index: held.index, sku: held.sku.clone() },
-                None => OrderError::Unavailable,
+                Some(held) => (held.index, OrderError::UnknownSku { index: held.index, sku: held.sku.clone() }),
+                None => (usize::MAX, OrderError::Unavailable),
             },
-            _ => OrderError::Unavailable,
+            _ => (usize::MAX, OrderError::Unavailable),
         }
     }
 
@@ -840,14 +895,19 @@ impl Coordinator {
 
     fn on_answer(&mut self, now_ms: u64, order: &OrderId, entry: &mut Entry, part: usize, answer: PartAnswer) {
         match (&entry.phase, &answer) {
-            (Phase::Holding, PartAnswer::Held { units, expires_at_ms })
-                if units.len() == entry.parts[part].lines.len() =>
+            (Phase::Holding, PartAnswer::Held { units, stock, expires_at_ms })
+                if units.len() == entry.parts[part].lines.len() && stock.len() == units.len() =>
             {
-                for (&index, &held) in entry.parts[part].lines.iter().zip(units) {
+                for ((&index, &held), &counts) in entry.parts[part].lines.iter().zip(units).zip(stock) {
                     entry.lines[index].units = held;
+                    entry.stock[index] = counts;
                 }
                 entry.expires_at_ms = entry.expires_at_ms.min(*expires_at_ms);
                 if entry.all_answered() {
+                    if let Some((_, error)) = entry.refused.take() {
+                        self.abandon(now_ms, order, entry, error);
+                        return;
+                    }
                     let record = CoordinatorRecord::Held {
                         order: order.clone(),
                         buyer: entry.buyer.clone(),
@@ -860,9 +920,18 @@ impl Coordinator {
                     self.enter(order, entry, Phase::RecordingHeld { token }, now_ms);
                 }
             }
+            // Every part answers before the attempt is given up, so that the
+            // refusal named is the first refused line of the order, however
+            // the answers raced.
             (Phase::Holding, _) => {
-                let error = Self::line_refusal(entry, part, &answer);
-                self.abandon(now_ms, order, entry, error);
+                let (index, error) = Self::line_refusal(entry, part, &answer);
+                if entry.refused.as_ref().is_none_or(|(first, _)| index < *first) {
+                    entry.refused = Some((index, error));
+                }
+                if entry.all_answered() {
+                    let (_, error) = entry.refused.take().expect("just set");
+                    self.abandon(now_ms, order, entry, error);
+                }
             }
             (Phase::Abandoning, _) => {}
             (Phase::Preparing { units }, PartAnswer::Prepared) => {
@@ -896,11 +965,17 @@ impl Coordinator {
                 self.enter(order, entry, Phase::Held, now_ms);
             }
             (Phase::Committing { units }, _) => {
-                if !matches!(answer, PartAnswer::Committed { .. }) {
-                    self.anomaly(order, entry, &answer);
+                match &answer {
+                    PartAnswer::Committed { stock, .. } if stock.len() == entry.parts[part].lines.len() => {
+                        for (&index, &counts) in entry.parts[part].lines.iter().zip(stock) {
+                            entry.stock[index] = counts;
+                        }
+                    }
+                    _ => self.anomaly(order, entry, &answer),
                 }
                 if entry.all_answered() {
                     let units = units.clone();
+                    self.answer_decided(order, entry);
                     self.settle(order, entry, Outcome::Committed { units }, now_ms);
                 }
             }
@@ -913,11 +988,38 @@ impl Coordinator {
                         Some(expired_at_ms) => Outcome::Expired { expired_at_ms },
                         None => Outcome::Released,
                     };
+                    self.answer_decided(order, entry);
                     self.settle(order, entry, outcome, now_ms);
                 }
             }
             (phase, _) => unreachable!("phase {} takes no answers", phase.name()),
         }
+    }
+
+    /// Makes `caller` the one answered when the decision being carried out
+    /// is done; an earlier caller still waiting is told to retry (it has
+    /// given up waiting, or it would not have been retried).
+    fn wait_for_decision(&mut self, entry: &mut Entry, caller: CallerId) {
+        let earlier = entry.caller.replace(caller);
+        self.reply(earlier, ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 }));
+    }
+
+    /// Answers the caller waiting for a durable decision (commit or
+    /// release) being carried out, if any.
+    fn answer_decided(&mut self, order: &OrderId, entry: &mut Entry) {
+        let Some(caller) = entry.caller.take() else { return };
+        let (stock, order) = (entry.stock.clone(), order.clone());
+        let answer = match &entry.phase {
+            Phase::Committing { units } => {
+                let lines = entry.lines.iter().zip(units).map(|(line, &units)| (line.sku.clone(), units)).collect();
+                ClientAnswer::Committed { order, lines, stock, replayed: false }
+            }
+            Phase::Releasing { expired_at_ms: None } => {
+                ClientAnswer::Released { order, lines: entry.units(), stock, replayed: false }
+            }
+            other => unreachable!("no decision is carried out in phase {}", other.name()),
+        };
+        self.reply(Some(caller), answer);
     }
 
     /// Undoes an attempt that will not be acknowledged: answers `error`
@@ -956,19 +1058,21 @@ impl Coordinator {
                         order: order.clone(),
                         expires_at_ms: entry.expires_at_ms,
                         lines: entry.units(),
+                        stock: entry.stock.clone(),
                         replayed: false,
                     };
                     self.reply(caller, answer);
                     self.enter(&order, &mut entry, Phase::Held, now_ms);
                 }
+                // The decision is durable: the caller is answered once every
+                // part carried it out, so that what it reads next agrees
+                // (a part that is down delays the answer, never the decision).
                 Phase::RecordingDecision { units, .. } => {
-                    let lines =
-                        entry.lines.iter().zip(&units).map(|(line, &units)| (line.sku.clone(), units)).collect();
-                    self.reply(caller, ClientAnswer::Committed { order: order.clone(), lines, replayed: false });
+                    entry.caller = caller;
                     self.enter(&order, &mut entry, Phase::Committing { units }, now_ms);
                 }
                 Phase::RecordingRelease { .. } => {
-                    self.reply(caller, ClientAnswer::Released { order: order.clone(), replayed: false });
+                    entry.caller = caller;
                     self.enter(&order, &mut entry, Phase::Releasing { expired_at_ms: None }, now_ms);
                 }
                 _ => unreachable!("only recording phases wait for durability"),
@@ -992,7 +1096,8 @@ impl Coordinator {
                     self.enter(&order, &mut entry, Phase::Releasing { expired_at_ms }, now_ms);
                 }
                 Phase::Holding if entry.deadline_ms <= now_ms => {
-                    self.abandon(now_ms, &order, &mut entry, OrderError::Unavailable);
+                    let error = entry.refused.take().map_or(OrderError::Unavailable, |(_, error)| error);
+                    self.abandon(now_ms, &order, &mut entry, error);
                 }
                 Phase::Preparing { .. } if entry.deadline_ms <= now_ms => {
                     let caller = entry.caller.take();

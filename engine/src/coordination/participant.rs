@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::ids::{BuyerId, OrderId, SkuId};
 use crate::log::record::LogRecord;
-use crate::sku::{Quantity, ReserveLine, SkuCommand, SkuError, SkuOutcome, SkuState};
+use crate::sku::{Quantity, ReserveLine, SkuCommand, SkuError, SkuOutcome, SkuState, StockSnapshot};
 
 /// What a coordinator asks of a part. Every request names the part's lines
 /// in the same order, and each is idempotent.
@@ -32,15 +32,18 @@ pub enum PartRequest {
 /// A part's answer to one [`PartRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PartAnswer {
-    /// Every line held: units per line, and when the earliest expires.
+    /// Every line held: units per line, each SKU's counts right after,
+    /// and when the earliest hold expires.
     Held {
         units: Vec<u32>,
+        stock: Vec<StockSnapshot>,
         expires_at_ms: u64,
     },
     Prepared,
-    /// Units sold per line.
+    /// Units sold per line, and each SKU's counts right after.
     Committed {
         units: Vec<u32>,
+        stock: Vec<StockSnapshot>,
     },
     Released,
     /// The part's line `line` refused (its index among the part's lines).
@@ -54,6 +57,123 @@ pub enum PartAnswer {
     },
 }
 
+/// One line's command of a part step, and how its result is judged: the
+/// one definition of a step, shared by [`apply_part`] (on SKU states, for
+/// the simulator) and the engine's participant (through the SKU actors).
+#[derive(Debug)]
+pub struct PartStep<'a> {
+    attempt: &'a OrderId,
+    request: &'a PartRequest,
+    /// Units held or sold per line so far, each SKU's counts after its
+    /// line, and the earliest expiry.
+    units: Vec<u32>,
+    stock: Vec<StockSnapshot>,
+    expires_at_ms: u64,
+}
+
+/// What comes after one line's result.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineVerdict {
+    /// On to the next line.
+    Next,
+    /// The step ends with this answer, after the undo commands (one per
+    /// line before this one, in order) are applied.
+    Refused { answer: PartAnswer, undo: Vec<(SkuId, SkuCommand)> },
+}
+
+impl<'a> PartStep<'a> {
+    pub fn new(attempt: &'a OrderId, request: &'a PartRequest) -> Self {
+        Self { attempt, request, units: Vec::new(), stock: Vec::new(), expires_at_ms: u64::MAX }
+    }
+
+    /// The lines of the step, each with its command, in order.
+    pub fn commands(&self) -> Vec<(SkuId, SkuCommand)> {
+        let order = || self.attempt.clone();
+        match self.request {
+            PartRequest::Reserve { buyer, lines, ttl_ms } => lines
+                .iter()
+                .map(|(sku, quantity)| {
+                    let line =
+                        ReserveLine { order: order(), buyer: buyer.clone(), quantity: *quantity, ttl_ms: *ttl_ms };
+                    (sku.clone(), SkuCommand::Reserve(line))
+                })
+                .collect(),
+            PartRequest::Prepare { skus } => {
+                skus.iter().map(|sku| (sku.clone(), SkuCommand::Prepare { order: order() })).collect()
+            }
+            PartRequest::Commit { lines } => lines
+                .iter()
+                .map(|(sku, units)| (sku.clone(), SkuCommand::Commit { order: order(), units: *units }))
+                .collect(),
+            PartRequest::Release { skus } => {
+                skus.iter().map(|sku| (sku.clone(), SkuCommand::Release { order: order() })).collect()
+            }
+        }
+    }
+
+    /// The line `index` has no SKU here.
+    pub fn unknown_sku(&self, index: usize) -> LineVerdict {
+        LineVerdict::Refused { answer: PartAnswer::UnknownSku { line: index }, undo: self.undo(index) }
+    }
+
+    /// Judges the result of line `index`'s command, which left the SKU
+    /// with `stock`.
+    pub fn judge(&mut self, index: usize, result: Result<SkuOutcome, SkuError>, stock: StockSnapshot) -> LineVerdict {
+        let refused =
+            |error: SkuError, undo| LineVerdict::Refused { answer: PartAnswer::Refused { line: index, error }, undo };
+        match (self.request, result) {
+            (PartRequest::Reserve { .. }, Ok(SkuOutcome::Reserved { units, expires_at_ms, .. })) => {
+                self.units.push(units);
+                self.stock.push(stock);
+                self.expires_at_ms = self.expires_at_ms.min(expires_at_ms);
+                LineVerdict::Next
+            }
+            (PartRequest::Commit { .. }, Ok(SkuOutcome::Committed { units, .. })) => {
+                self.units.push(units);
+                self.stock.push(stock);
+                LineVerdict::Next
+            }
+            (PartRequest::Prepare { .. }, Ok(SkuOutcome::Prepared { .. })) => LineVerdict::Next,
+            // A line never held here (its reserve never arrived), or that
+            // already ended unsold, has its units back already.
+            (
+                PartRequest::Release { .. },
+                Ok(SkuOutcome::Released { .. })
+                | Err(SkuError::UnknownReservation | SkuError::AlreadyReleased | SkuError::Expired { .. }),
+            ) => LineVerdict::Next,
+            // All or nothing: a refused line undoes the lines held before it.
+            (PartRequest::Reserve { .. }, Err(error)) => refused(error, self.undo(index)),
+            (_, Err(error)) => refused(error, Vec::new()),
+            (request, Ok(outcome)) => unreachable!("{request:?} answered {outcome:?}"),
+        }
+    }
+
+    /// Aborts (not releases) the lines before `index` of a refused reserve,
+    /// so that the same request sent again holds them afresh instead of
+    /// replaying an ended hold. Nothing to undo for other steps.
+    fn undo(&self, index: usize) -> Vec<(SkuId, SkuCommand)> {
+        match self.request {
+            PartRequest::Reserve { lines, .. } => lines[..index]
+                .iter()
+                .map(|(sku, _)| (sku.clone(), SkuCommand::Abort { order: self.attempt.clone() }))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The answer once every line went through.
+    pub fn done(self) -> PartAnswer {
+        match self.request {
+            PartRequest::Reserve { .. } => {
+                PartAnswer::Held { units: self.units, stock: self.stock, expires_at_ms: self.expires_at_ms }
+            }
+            PartRequest::Prepare { .. } => PartAnswer::Prepared,
+            PartRequest::Commit { .. } => PartAnswer::Committed { units: self.units, stock: self.stock },
+            PartRequest::Release { .. } => PartAnswer::Released,
+        }
+    }
+}
+
 /// Applies `request` to the part `attempt` at `now_ms` on the SKUs of one
 /// member; returns the answer and the records that make it durable (to be
 /// logged, in order, before the answer is sent).
@@ -64,136 +184,32 @@ pub fn apply_part(
     request: &PartRequest,
 ) -> (PartAnswer, Vec<LogRecord>) {
     let mut records = Vec::new();
-    let answer = match request {
-        PartRequest::Reserve { buyer, lines, ttl_ms } => {
-            reserve(skus, now_ms, attempt, buyer, lines, *ttl_ms, &mut records)
+    let mut apply = |sku: &SkuId, command: &SkuCommand, state: &mut SkuState| {
+        let (answer, recorded) = state.apply_recording(now_ms, command);
+        if let Some(command) = recorded {
+            records.push(LogRecord::Apply { sku: sku.clone(), now_ms, command });
         }
-        PartRequest::Prepare { skus: names } => each_line(
-            skus,
-            now_ms,
-            names,
-            &mut records,
-            PartAnswer::Prepared,
-            |_| SkuCommand::Prepare { order: attempt.clone() },
-            |_, result| match result {
-                Ok(_) => Ok(()),
-                Err(error) => Err(error),
-            },
-        ),
-        PartRequest::Release { skus: names } => each_line(
-            skus,
-            now_ms,
-            names,
-            &mut records,
-            PartAnswer::Released,
-            |_| SkuCommand::Release { order: attempt.clone() },
-            |_, result| match result {
-                Ok(_) | Err(SkuError::UnknownReservation | SkuError::AlreadyReleased | SkuError::Expired { .. }) => {
-                    Ok(())
-                }
-                Err(error) => Err(error),
-            },
-        ),
-        PartRequest::Commit { lines } => {
-            let names: Vec<SkuId> = lines.iter().map(|(sku, _)| sku.clone()).collect();
-            let mut sold = Vec::with_capacity(lines.len());
-            let answer = each_line(
-                skus,
-                now_ms,
-                &names,
-                &mut records,
-                PartAnswer::Released,
-                |index| SkuCommand::Commit { order: attempt.clone(), units: lines[index].1 },
-                |_, result| match result {
-                    Ok(SkuOutcome::Committed { units, .. }) => {
-                        sold.push(units);
-                        Ok(())
-                    }
-                    Ok(other) => unreachable!("a commit answered {other:?}"),
-                    Err(error) => Err(error),
-                },
-            );
-            match answer {
-                PartAnswer::Released => PartAnswer::Committed { units: sold },
-                refused => refused,
-            }
-        }
+        answer
     };
-    (answer, records)
-}
-
-/// Applies one command per line in order; the first line whose result
-/// `judge` refuses ends the step with that refusal.
-fn each_line(
-    skus: &mut BTreeMap<SkuId, SkuState>,
-    now_ms: u64,
-    names: &[SkuId],
-    records: &mut Vec<LogRecord>,
-    done: PartAnswer,
-    command_of: impl Fn(usize) -> SkuCommand,
-    mut judge: impl FnMut(usize, Result<SkuOutcome, SkuError>) -> Result<(), SkuError>,
-) -> PartAnswer {
-    for (index, sku) in names.iter().enumerate() {
-        let Some(state) = skus.get_mut(sku) else { return PartAnswer::UnknownSku { line: index } };
-        let command = command_of(index);
-        let (answer, recorded) = state.apply_recording(now_ms, &command);
-        if let Some(command) = recorded {
-            records.push(LogRecord::Apply { sku: sku.clone(), now_ms, command });
-        }
-        if let Err(error) = judge(index, answer.result) {
-            return PartAnswer::Refused { line: index, error };
-        }
-    }
-    done
-}
-
-fn reserve(
-    skus: &mut BTreeMap<SkuId, SkuState>,
-    now_ms: u64,
-    attempt: &OrderId,
-    buyer: &BuyerId,
-    lines: &[(SkuId, Quantity)],
-    ttl_ms: u64,
-    records: &mut Vec<LogRecord>,
-) -> PartAnswer {
-    let mut units = Vec::with_capacity(lines.len());
-    let mut expires_at_ms = u64::MAX;
-    let mut refusal = None;
-    for (index, (sku, quantity)) in lines.iter().enumerate() {
-        let Some(state) = skus.get_mut(sku) else {
-            refusal = Some(PartAnswer::UnknownSku { line: index });
-            break;
+    let mut step = PartStep::new(attempt, request);
+    for (index, (sku, command)) in step.commands().into_iter().enumerate() {
+        let verdict = match skus.get_mut(&sku) {
+            Some(state) => {
+                let answer = apply(&sku, &command, state);
+                step.judge(index, answer.result, answer.stock)
+            }
+            None => step.unknown_sku(index),
         };
-        let line = ReserveLine { order: attempt.clone(), buyer: buyer.clone(), quantity: *quantity, ttl_ms };
-        let command = SkuCommand::Reserve(line);
-        let (answer, recorded) = state.apply_recording(now_ms, &command);
-        if let Some(command) = recorded {
-            records.push(LogRecord::Apply { sku: sku.clone(), now_ms, command });
-        }
-        match answer.result {
-            Ok(SkuOutcome::Reserved { units: held, expires_at_ms: expiry, .. }) => {
-                units.push(held);
-                expires_at_ms = expires_at_ms.min(expiry);
+        if let LineVerdict::Refused { answer, undo } = verdict {
+            for (sku, command) in undo {
+                let state = skus.get_mut(&sku).expect("a line held a moment ago");
+                // An abort of a line just held cannot be refused.
+                let _aborted = apply(&sku, &command, state);
             }
-            Ok(other) => unreachable!("a reserve answered {other:?}"),
-            Err(error) => {
-                refusal = Some(PartAnswer::Refused { line: index, error });
-                break;
-            }
+            return (answer, records);
         }
     }
-    let Some(refusal) = refusal else { return PartAnswer::Held { units, expires_at_ms } };
-    // All or nothing: undo the lines held before the refused one. Aborted
-    // rather than released, so that this same request, sent again once
-    // stock is back, holds them again instead of replaying an ended hold.
-    for (sku, _) in &lines[..units.len()] {
-        let state = skus.get_mut(sku).expect("held a moment ago");
-        let (_, recorded) = state.apply_recording(now_ms, &SkuCommand::Abort { order: attempt.clone() });
-        if let Some(command) = recorded {
-            records.push(LogRecord::Apply { sku: sku.clone(), now_ms, command });
-        }
-    }
-    refusal
+    (step.done(), records)
 }
 
 #[cfg(test)]
@@ -235,7 +251,10 @@ mod tests {
             .expect("b")
             .apply(1, &SkuCommand::Admin { operation: None, change: crate::sku::AdminChange::AddStock { units: 1 } });
         let (answer, records) = apply_part(&mut skus, 2, &attempt, &reserve(&[("a", 2), ("b", 2)]));
-        assert_eq!(answer, PartAnswer::Held { units: vec![2, 2], expires_at_ms: 10_002 });
+        assert!(
+            matches!(&answer, PartAnswer::Held { units, expires_at_ms: 10_002, .. } if units == &vec![2, 2]),
+            "{answer:?}"
+        );
         assert_eq!(records.len(), 2, "one record per line held");
     }
 
@@ -252,9 +271,11 @@ mod tests {
         assert_eq!(apply_part(&mut skus, 1, &other, &prepare).0, PartAnswer::Prepared);
         assert_eq!(apply_part(&mut skus, 1, &other, &prepare).0, PartAnswer::Prepared);
         let commit = PartRequest::Commit { lines: vec![(sku("a"), None)] };
-        assert_eq!(apply_part(&mut skus, 99_000, &other, &commit).0, PartAnswer::Committed { units: vec![1] });
+        let sold =
+            PartAnswer::Committed { units: vec![1], stock: vec![StockSnapshot { available: 4, held: 0, sold: 1 }] };
+        assert_eq!(apply_part(&mut skus, 99_000, &other, &commit).0, sold);
         let (again, records) = apply_part(&mut skus, 99_000, &other, &commit);
-        assert_eq!(again, PartAnswer::Committed { units: vec![1] });
+        assert_eq!(again, sold);
         assert!(records.is_empty(), "a replay records nothing");
         let refused = apply_part(&mut skus, 99_000, &other, &release).0;
         assert_eq!(refused, PartAnswer::Refused { line: 0, error: SkuError::AlreadyCommitted });

@@ -197,6 +197,16 @@ pub fn sku_owned_by(owner: u32, members: &[u32], skip: usize) -> String {
         .expect("every member owns some SKU")
 }
 
+/// An order id starting with `tag` whose home (the owner of the id's
+/// partition, which coordinates it) is `home`.
+#[allow(dead_code)]
+pub fn order_homed_on(home: u32, members: &[u32], tag: &str) -> String {
+    (0..)
+        .map(|index| format!("{tag}-{index}"))
+        .find(|order| owner_of(partition_of(order, PARTITIONS), members) == Some(home))
+        .expect("every member is the home of some id")
+}
+
 /// TCP loopback ports the OS says are free now.
 pub fn free_tcp_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<std::net::TcpListener> =

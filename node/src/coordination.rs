@@ -1,0 +1,437 @@
+//! The driver of the member's order coordinator
+//! ([`flashstock_engine::coordination::Coordinator`], a pure state machine):
+//! one task owns it, feeds it requests, part answers, durability and time,
+//! and carries out its actions — part steps to this member's engine or over
+//! the peer links, coordinator records to the log, answers to callers.
+//!
+//! Every order's home is the member that owns the partition of its id. An
+//! order whose lines all live here takes the engine's own order path (one
+//! member, no two-phase commit); any other goes through the coordinator.
+//! Which path an id took is decided here, in the task, so that one id can
+//! never be an engine order and a coordinated order at once: a reserve of
+//! another content under an id the other path knows is refused
+//! `IdempotencyConflict`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashstock_client::routing::owner_of;
+use flashstock_client::wire::{Refusal, RequestBody, Response};
+use flashstock_engine::coordination::{
+    Action, CallerId, ClientRequest, Coordinator, CoordinatorConfig, CoordinatorRecord, PartMessage, PartReply,
+    PartRequest, Placement,
+};
+use flashstock_engine::log::record::OpenTransaction;
+use flashstock_engine::{Engine, OrderId, OrderRequest, SkuId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::peers::Peers;
+use crate::translate::{client_response, order_refusal, part_answer, wire_part_request};
+
+/// How long one step to another member may take before it counts as
+/// unanswered (the coordinator sends it again on its own timer).
+const PART_CALL_TIMEOUT_MS: u64 = 2_000;
+/// How often the coordinator is told that time passed: its resends, the
+/// deadlines of reserves and prepares, and the expiry of held orders.
+const TICK_MS: u64 = 10;
+/// Inputs waiting for the coordinator's task; a request beyond it is
+/// refused `Busy` rather than queued without bound.
+const INBOX_CAPACITY: usize = 16_384;
+
+/// A point where a test makes the coordinator die, to check that recovery
+/// finishes what it began. Read from `FLASHSTOCK_FAILPOINT` at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Every part prepared, the decision about to be logged.
+    BeforeDecision,
+    /// Decided, a commit about to be sent to another member.
+    BetweenCommits,
+}
+
+impl Failpoint {
+    pub fn from_environment() -> Option<Self> {
+        match std::env::var("FLASHSTOCK_FAILPOINT").ok()?.as_str() {
+            "before-decision" => Some(Self::BeforeDecision),
+            "between-commits" => Some(Self::BetweenCommits),
+            other => {
+                tracing::warn!(failpoint = other, "unknown FLASHSTOCK_FAILPOINT ignored");
+                None
+            }
+        }
+    }
+}
+
+/// The answer a caller waits for.
+type Answer = Result<Response, Refusal>;
+
+enum Input {
+    Client {
+        request: ClientRequest,
+        home_partition: u32,
+        reply: oneshot::Sender<Answer>,
+    },
+    PartAnswered {
+        member: u32,
+        reply: PartReply,
+    },
+    Durable {
+        token: u64,
+    },
+    /// A reserve on the engine's own path finished.
+    DirectDone {
+        order: OrderId,
+    },
+}
+
+/// The handle the server uses; cheap to share.
+#[derive(Debug)]
+pub struct Coordination {
+    own: u32,
+    engine: Engine,
+    placement: Placement,
+    inbox: mpsc::Sender<Input>,
+    /// Orders the coordinator knows that are not settled, for status pages.
+    open_orders: Arc<AtomicUsize>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// What the coordinator's task needs.
+struct Driver {
+    own: u32,
+    engine: Engine,
+    peers: Arc<Peers>,
+    coordinator: Coordinator,
+    inbox: mpsc::Sender<Input>,
+    callers: HashMap<CallerId, (u32, oneshot::Sender<Answer>)>,
+    next_caller: CallerId,
+    /// Reserves on the engine's own path under way, by order.
+    direct: HashMap<OrderId, usize>,
+    placement: Placement,
+    failpoint: Option<Failpoint>,
+    open_orders: Arc<AtomicUsize>,
+}
+
+/// The placement of a cluster with `members` and `partition_count`
+/// partitions, as the client computes it.
+pub fn placement(members: &[u32], partition_count: u32) -> Placement {
+    Placement::new(
+        (0..partition_count).map(|partition| owner_of(partition, members).expect("a cluster has members")).collect(),
+    )
+}
+
+impl Coordination {
+    /// Starts the coordinator's task from what the engine's recovery found;
+    /// a log whose coordinator records contradict one another is an error.
+    pub fn start(
+        own: u32,
+        members: &[u32],
+        partition_count: u32,
+        engine: Engine,
+        peers: Arc<Peers>,
+        orders_max: usize,
+    ) -> anyhow::Result<Arc<Self>> {
+        let placement = placement(members, partition_count);
+        let config = CoordinatorConfig {
+            own,
+            placement: placement.clone(),
+            limits: engine.config().limits.clone(),
+            orders_max,
+            part_answer_ms_max: PART_CALL_TIMEOUT_MS,
+            resend_pause_ms_min: 20,
+            resend_pause_ms_max: 1_000,
+        };
+        let coordinator = Coordinator::recover(config, engine.take_coordinator_records(), engine.now_ms())
+            .map_err(|reason| anyhow::anyhow!("the log's coordinator records cannot be replayed: {reason}"))?;
+        let (sender, receiver) = mpsc::channel(INBOX_CAPACITY);
+        let open_orders = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let driver = Driver {
+            own,
+            engine: engine.clone(),
+            peers: peers.clone(),
+            coordinator,
+            inbox: sender.clone(),
+            callers: HashMap::new(),
+            next_caller: 0,
+            direct: HashMap::new(),
+            placement: placement.clone(),
+            failpoint: Failpoint::from_environment(),
+            open_orders: open_orders.clone(),
+        };
+        tokio::spawn(driver.run(receiver, stopping.clone()));
+        let coordination = Arc::new(Self { own, engine, placement, inbox: sender, open_orders, stopping });
+        coordination.finish_old_transactions(peers);
+        Ok(coordination)
+    }
+
+    async fn ask(&self, request: ClientRequest, home_partition: u32) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        let input = Input::Client { request, home_partition, reply };
+        if self.inbox.try_send(input).is_err() {
+            return Err(Refusal::Busy { retry_after_ms: 20 });
+        }
+        answer.await.unwrap_or_else(|_| Err(Refusal::Unavailable { reason: "the coordinator stopped".to_owned() }))
+    }
+
+    /// Holds every line of an order whose home is this member.
+    pub async fn reserve(&self, request: OrderRequest, home_partition: u32) -> Answer {
+        self.ask(ClientRequest::Reserve(request), home_partition).await
+    }
+
+    /// Commits an order whose home is this member: on the engine's own path
+    /// if the engine holds it, else through the coordinator.
+    pub async fn commit(&self, order: OrderId, fewer: Vec<(SkuId, u32)>, home_partition: u32) -> Answer {
+        if self.engine.order_status(&order).is_some() {
+            let settled = self.engine.commit_fewer(&order, &fewer).await.map_err(order_refusal)?;
+            return Ok(crate::server::settled_response(settled));
+        }
+        self.ask(ClientRequest::Commit { order, fewer }, home_partition).await
+    }
+
+    /// Releases an order whose home is this member (as [`Self::commit`]).
+    pub async fn release(&self, order: OrderId, home_partition: u32) -> Answer {
+        if self.engine.order_status(&order).is_some() {
+            let settled = self.engine.release(&order).await.map_err(order_refusal)?;
+            return Ok(crate::server::settled_response(settled));
+        }
+        self.ask(ClientRequest::Release { order }, home_partition).await
+    }
+
+    /// Coordinated orders not settled yet.
+    pub fn open_orders(&self) -> usize {
+        self.open_orders.load(Ordering::Relaxed)
+    }
+
+    /// Stops resending: what is left is carried on by the next start.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Transactions with lines on other members that a log written before
+    /// the coordinator state machine left open (parts named `~order`):
+    /// decided ones are committed on every member, undecided ones released
+    /// everywhere (their coordinator is gone, and committing only the
+    /// lines held here would sell part of the order). Each is ended once
+    /// every member answered; retried until then.
+    fn finish_old_transactions(self: &Arc<Self>, peers: Arc<Peers>) {
+        let transactions = self.engine.take_recovered_transactions();
+        for (order, open) in transactions {
+            let coordination = self.clone();
+            let peers = peers.clone();
+            tokio::spawn(async move { coordination.finish_old_transaction(&peers, order, open).await });
+        }
+    }
+
+    async fn finish_old_transaction(&self, peers: &Peers, order: OrderId, open: OpenTransaction) {
+        let attempt = format!("~{order}");
+        let mut members: Vec<u32> = Vec::new();
+        for line in &open.lines {
+            let member = self.placement.owner_of_sku(&line.sku);
+            if member != self.own && !members.contains(&member) {
+                members.push(member);
+            }
+        }
+        if !open.committed {
+            let _ = self.engine.release(&order).await;
+        }
+        for member in members {
+            let lines = open.lines.iter().filter(|line| self.placement.owner_of_sku(&line.sku) == member);
+            let request = if open.committed {
+                PartRequest::Commit { lines: lines.map(|line| (line.sku.clone(), line.units)).collect() }
+            } else {
+                PartRequest::Release { skus: lines.map(|line| line.sku.clone()).collect() }
+            };
+            let body = RequestBody::Part {
+                order: order.as_str().to_owned(),
+                attempt: attempt.clone(),
+                step: 0,
+                request: wire_part_request(&request),
+            };
+            while !self.stopping.load(Ordering::Acquire) {
+                match peers.call(member, body.clone(), Duration::from_millis(PART_CALL_TIMEOUT_MS)).await {
+                    Ok(Response::Part(_)) => break,
+                    other => tracing::debug!(%order, member, ?other, "an old transaction's part did not answer yet"),
+                }
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+            }
+        }
+        if !self.stopping.load(Ordering::Acquire) {
+            let _ = self.engine.end_transaction(&order).await;
+            tracing::info!(%order, committed = open.committed, "a transaction left open by an earlier version ended");
+        }
+    }
+}
+
+impl Driver {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Input>, stopping: Arc<AtomicBool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.carry_out();
+        loop {
+            tokio::select! {
+                input = receiver.recv() => match input {
+                    Some(input) => self.handle(input),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    if stopping.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    self.coordinator.tick(self.engine.now_ms());
+                }
+            }
+            self.carry_out();
+            self.open_orders.store(self.coordinator.order_counts().1, Ordering::Relaxed);
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now_ms = self.engine.now_ms();
+        match input {
+            Input::Client { request, home_partition, reply } => {
+                if let ClientRequest::Reserve(order_request) = &request {
+                    let order = &order_request.order;
+                    if !self.coordinator.knows(order) {
+                        if self.all_lines_here(order_request) {
+                            let direct = order_request.clone();
+                            self.spawn_direct_reserve(direct, home_partition, reply);
+                            return;
+                        }
+                        // Known to the engine's own path (or on its way
+                        // there): the same id with lines elsewhere is
+                        // another content.
+                        if self.direct.contains_key(order) || self.engine.order_status(order).is_some() {
+                            let _ = reply.send(Err(Refusal::IdempotencyConflict));
+                            return;
+                        }
+                    }
+                }
+                self.next_caller += 1;
+                self.callers.insert(self.next_caller, (home_partition, reply));
+                self.coordinator.request(now_ms, self.next_caller, request);
+            }
+            Input::PartAnswered { member, reply } => self.coordinator.part_answered(now_ms, member, reply),
+            Input::Durable { token } => self.coordinator.durable(now_ms, token),
+            Input::DirectDone { order } => {
+                if let Some(count) = self.direct.get_mut(&order) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.direct.remove(&order);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a reserve unknown to the coordinator takes the engine's own
+    /// path: every line lives here.
+    fn all_lines_here(&self, request: &OrderRequest) -> bool {
+        request.lines.iter().all(|line| self.placement.owner_of_sku(&line.sku) == self.own)
+    }
+
+    fn spawn_direct_reserve(&mut self, request: OrderRequest, home_partition: u32, reply: oneshot::Sender<Answer>) {
+        let order = request.order.clone();
+        *self.direct.entry(order.clone()).or_insert(0) += 1;
+        let (engine, inbox) = (self.engine.clone(), self.inbox.clone());
+        tokio::spawn(async move {
+            let answer = match engine.reserve(request).await {
+                Ok(reservation) => Ok(Response::Reserved {
+                    order: reservation.order.as_str().to_owned(),
+                    home_partition,
+                    expires_at_ms: reservation.expires_at_ms,
+                    lines: reservation.lines.iter().map(crate::translate::wire_line).collect(),
+                }),
+                Err(error) => Err(order_refusal(error)),
+            };
+            let _ = reply.send(answer);
+            // The task may be gone when the node stops; nothing waits then.
+            let _ = inbox.send(Input::DirectDone { order }).await;
+        });
+    }
+
+    fn carry_out(&mut self) {
+        loop {
+            let actions = self.coordinator.take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            for action in actions {
+                match action {
+                    Action::Send { member, message } => self.send(member, message),
+                    Action::Log { token, record } => self.log(token, record),
+                    Action::Reply { caller, answer } => {
+                        if let Some((home_partition, reply)) = self.callers.remove(&caller) {
+                            let _ = reply.send(client_response(home_partition, answer));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn log(&mut self, token: u64, record: CoordinatorRecord) {
+        if self.failpoint == Some(Failpoint::BeforeDecision) && matches!(record, CoordinatorRecord::Decided { .. }) {
+            tracing::error!("failpoint before-decision: stopping dead");
+            std::process::abort();
+        }
+        match self.engine.log_coordinator_record(record) {
+            Ok(Some(durable)) => {
+                let inbox = self.inbox.clone();
+                tokio::spawn(async move {
+                    if durable.await == Ok(true) {
+                        let _ = inbox.send(Input::Durable { token }).await;
+                    }
+                });
+            }
+            // No log: nothing is durable, and nothing need wait.
+            Ok(None) => self.coordinator.durable(self.engine.now_ms(), token),
+            // The log failed: nothing more is acknowledged (the engine
+            // answers `Unavailable` from now on, and so does what waits here).
+            Err(error) => tracing::error!(%error, "a coordinator record could not be logged"),
+        }
+    }
+
+    fn send(&mut self, member: u32, message: PartMessage) {
+        let inbox = self.inbox.clone();
+        if member == self.own {
+            let engine = self.engine.clone();
+            tokio::spawn(async move {
+                match engine.apply_part(&message.attempt, &message.request).await {
+                    Ok(answer) => {
+                        let reply = message.reply(answer);
+                        let _ = inbox.send(Input::PartAnswered { member, reply }).await;
+                    }
+                    Err(not_now) => {
+                        tracing::debug!(%not_now, order = %message.order, "a local part step is sent again")
+                    }
+                }
+            });
+            return;
+        }
+        if self.failpoint == Some(Failpoint::BetweenCommits) && matches!(message.request, PartRequest::Commit { .. }) {
+            tracing::error!(order = %message.order, "failpoint between-commits: stopping dead");
+            std::process::abort();
+        }
+        let peers = self.peers.clone();
+        tokio::spawn(async move {
+            let body = RequestBody::Part {
+                order: message.order.as_str().to_owned(),
+                attempt: message.attempt.as_str().to_owned(),
+                step: message.step,
+                request: wire_part_request(&message.request),
+            };
+            match peers.call(member, body, Duration::from_millis(PART_CALL_TIMEOUT_MS)).await {
+                Ok(Response::Part(answer)) => match part_answer(answer) {
+                    Some(answer) => {
+                        let reply = message.reply(answer);
+                        let _ = inbox.send(Input::PartAnswered { member, reply }).await;
+                    }
+                    None => tracing::debug!(order = %message.order, member, "a part's answer is sent again"),
+                },
+                other => tracing::debug!(order = %message.order, member, ?other, "a part step is sent again"),
+            }
+        });
+    }
+}
