@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::exchange::{exchange, ExchangeError};
 use crate::routing::{owner_of, partition_of};
 use crate::tls::{self, Identity};
 use crate::wire::{
@@ -694,17 +695,7 @@ impl Client {
         let connection = self.connection(address).await?;
         let timeout_ms = u32::try_from(self.deadline.as_millis()).unwrap_or(u32::MAX);
         let request = Request { timeout_ms, body: body.clone() };
-        let exchange = async {
-            let (mut send, mut receive) =
-                connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
-            wire::write_message(&mut send, &request).await.map_err(stream_error)?;
-            send.finish().map_err(|error| Error::Connection(error.to_string()))?;
-            wire::read_message::<Response, _>(&mut receive).await.map_err(stream_error)
-        };
-        match tokio::time::timeout(self.deadline, exchange).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(Error::DeadlineExceeded),
-        }
+        exchange(&connection, &request, self.deadline).await.map_err(exchange_error)
     }
 
     /// The live connection to `address`, opened (with the handshake) if
@@ -747,7 +738,7 @@ impl Client {
             .map_err(|error| connection_error(&error))?
             .await
             .map_err(|error| connection_error(&error))?;
-        let welcome = hello(&connection, &self.inner.agent).await?;
+        let welcome = hello(&connection, &self.inner.agent, self.inner.request_timeout).await?;
         Ok((connection, welcome))
     }
 
@@ -772,12 +763,8 @@ impl Client {
         for address in candidates {
             let outcome = async {
                 let connection = self.connection(address).await?;
-                let (mut send, mut receive) =
-                    connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
                 let request = Request { timeout_ms: self.inner.request_timeout_ms, body: RequestBody::PartitionMap };
-                wire::write_message(&mut send, &request).await.map_err(stream_error)?;
-                send.finish().map_err(|error| Error::Connection(error.to_string()))?;
-                wire::read_message::<Response, _>(&mut receive).await.map_err(stream_error)
+                exchange::<_, Response>(&connection, &request, self.inner.request_timeout).await.map_err(exchange_error)
             };
             match tokio::time::timeout(self.inner.request_timeout, outcome).await {
                 Ok(Ok(Response::PartitionMap(map))) => {
@@ -820,12 +807,9 @@ fn in_request_order(lines: &mut [WireLineResult], order: &Order) {
     lines.sort_by_key(|line| position(&line.sku));
 }
 
-async fn hello(connection: &quinn::Connection, agent: &str) -> Result<Welcome, Error> {
-    let (mut send, mut receive) = connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
+async fn hello(connection: &quinn::Connection, agent: &str, deadline: Duration) -> Result<Welcome, Error> {
     let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: agent.to_owned() };
-    wire::write_message(&mut send, &hello).await.map_err(stream_error)?;
-    send.finish().map_err(|error| Error::Connection(error.to_string()))?;
-    match wire::read_message::<Welcome, _>(&mut receive).await.map_err(stream_error)? {
+    match exchange(connection, &hello, deadline).await.map_err(exchange_error)? {
         welcome @ Welcome::Accepted { .. } => Ok(welcome),
         Welcome::Refused { supported } => Err(Error::Protocol(format!(
             "the member speaks protocol versions {supported:?}, this client {PROTOCOL_VERSION}"
@@ -833,10 +817,12 @@ async fn hello(connection: &quinn::Connection, agent: &str) -> Result<Welcome, E
     }
 }
 
-fn stream_error(error: wire::StreamError) -> Error {
+fn exchange_error(error: ExchangeError) -> Error {
     match error {
-        wire::StreamError::Io(error) => Error::Connection(error.to_string()),
-        wire::StreamError::Codec(error) => Error::Protocol(error.to_string()),
+        ExchangeError::Connection(reason) => Error::Connection(reason),
+        ExchangeError::Stream(wire::StreamError::Io(error)) => Error::Connection(error.to_string()),
+        ExchangeError::Stream(wire::StreamError::Codec(error)) => Error::Protocol(error.to_string()),
+        ExchangeError::TimedOut(_) => Error::DeadlineExceeded,
     }
 }
 

@@ -57,11 +57,14 @@
 //!   configuration of a connecting side.
 //! - `client` ([`Client`], [`ClientBuilder`]): connections, routing, retries.
 //! - `error` ([`Error`]): what can go wrong, typed.
+//! - [`exchange`]: one request exchange on a connection (stream, frame,
+//!   answer, deadline), shared with the members' calls to their peers.
 //!
 //! This crate depends on nothing of ours (never the engine, never ractor).
 
 mod client;
 mod error;
+pub mod exchange;
 pub mod routing;
 pub mod tls;
 pub mod wire;

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashstock_client::wire::{self, Hello, Request, RequestBody, Response, Welcome, PROTOCOL_VERSION};
+use flashstock_client::exchange::{exchange, ExchangeError};
+use flashstock_client::wire::{Hello, Request, RequestBody, Response, Welcome, PROTOCOL_VERSION};
 
 use crate::tls;
 
@@ -91,16 +92,10 @@ impl Peers {
             .and_then(|link| link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
             .ok_or(CallError::Down(id))?;
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let exchange = async {
-            let (mut send, mut receive) = connection.open_bi().await?;
-            wire::write_message(&mut send, &Request { timeout_ms, body }).await?;
-            send.finish()?;
-            anyhow::Ok(wire::read_message::<Response, _>(&mut receive).await?)
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(CallError::Broken { member: id, reason: error.to_string() }),
-            Err(_) => Err(CallError::TimedOut(id)),
+        match exchange(&connection, &Request { timeout_ms, body }, timeout).await {
+            Ok(response) => Ok(response),
+            Err(ExchangeError::TimedOut(_)) => Err(CallError::TimedOut(id)),
+            Err(error) => Err(CallError::Broken { member: id, reason: error.to_string() }),
         }
     }
 
@@ -150,11 +145,8 @@ impl Peers {
 
 async fn dial(endpoint: &quinn::Endpoint, id: u32, address: std::net::SocketAddr) -> anyhow::Result<quinn::Connection> {
     let connection = endpoint.connect(address, &tls::node_name(id))?.await?;
-    let (mut send, mut receive) = connection.open_bi().await?;
     let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "peer-link".to_owned() };
-    wire::write_message(&mut send, &hello).await?;
-    send.finish()?;
-    match wire::read_message::<Welcome, _>(&mut receive).await? {
+    match exchange::<_, Welcome>(&connection, &hello, Duration::from_millis(DIAL_TIMEOUT_MS)).await? {
         Welcome::Accepted { node, .. } if node == id => Ok(connection),
         Welcome::Accepted { node, .. } => anyhow::bail!("expected member {id} at {address}, found {node}"),
         Welcome::Refused { supported } => anyhow::bail!("member {id} speaks only {supported:?}"),

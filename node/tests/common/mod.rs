@@ -11,8 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use flashstock_client::exchange::exchange;
 use flashstock_client::routing::{owner_of, partition_of};
-use flashstock_client::wire::{self, Hello, Request, RequestBody, Response, Welcome, PROTOCOL_VERSION};
+use flashstock_client::wire::{Hello, Request, RequestBody, Response, Welcome, PROTOCOL_VERSION};
 use flashstock_client::{Client, RetryPolicy};
 use flashstock_node::tls;
 
@@ -273,11 +274,8 @@ pub async fn connect_speaking(
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let connection = endpoint.connect(address, &tls::node_name(node))?.await?;
-    let (mut send, mut receive) = connection.open_bi().await?;
     let hello = Hello { versions, agent: "cluster-test".to_owned() };
-    wire::write_message(&mut send, &hello).await?;
-    send.finish()?;
-    let welcome: Welcome = wire::read_message(&mut receive).await?;
+    let welcome: Welcome = exchange(&connection, &hello, Duration::from_secs(5)).await?;
     Ok(Connection { connection, welcome, _endpoint: endpoint })
 }
 
@@ -296,9 +294,6 @@ impl Connection {
     }
 
     pub async fn call(&self, body: RequestBody) -> anyhow::Result<Response> {
-        let (mut send, mut receive) = self.connection.open_bi().await?;
-        wire::write_message(&mut send, &Request { timeout_ms: 5_000, body }).await?;
-        send.finish()?;
-        Ok(wire::read_message(&mut receive).await?)
+        Ok(exchange(&self.connection, &Request { timeout_ms: 5_000, body }, Duration::from_secs(10)).await?)
     }
 }

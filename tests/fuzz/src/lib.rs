@@ -8,6 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flashstock_client::wire;
+use flashstock_engine::coordination::{CoordinatorRecord, HeldLine, Outcome};
 use flashstock_engine::log::frame;
 use flashstock_engine::log::record::{LogRecord, OpenTransaction, TransactionLine};
 use flashstock_engine::log::snapshot::Snapshot;
@@ -152,7 +153,22 @@ fn wire_seeds() -> Vec<Seed> {
             units_per_buyer_max: None,
             operation: "operation-2".to_owned(),
         }),
-        request(RequestBody::Prepare { order: "order-2".to_owned(), home_partition: 9 }),
+        request(RequestBody::Part {
+            order: "order-2".to_owned(),
+            attempt: "~1.2.3".to_owned(),
+            step: 4,
+            request: WirePartRequest::Reserve {
+                buyer: "buyer-2".to_owned(),
+                lines: vec![WireLine { sku: "tv".to_owned(), quantity: WireQuantity::Exactly(2) }],
+                ttl_ms: 5_000,
+            },
+        }),
+        request(RequestBody::Part {
+            order: "order-2".to_owned(),
+            attempt: "~1.2.3".to_owned(),
+            step: 6,
+            request: WirePartRequest::Commit { lines: vec![("tv".to_owned(), Some(1))] },
+        }),
     ];
     let responses = [
         Response::Reserved {
@@ -171,6 +187,11 @@ fn wire_seeds() -> Vec<Seed> {
             hottest_skus: vec![("tv".to_owned(), stock)],
         },
         Response::Done,
+        Response::Part(WirePartAnswer::Held { units: vec![2], stock: vec![stock], expires_at_ms: 9_000 }),
+        Response::Part(WirePartAnswer::Refused {
+            line: 0,
+            refusal: Refusal::Expired { expired_at_ms: 9_000 },
+        }),
         Response::Refused(Refusal::SoldOut { line: 0, sku: "tv".to_owned(), available: 0 }),
         Response::Refused(Refusal::Invalid { field: "lines".to_owned(), reason: "empty".to_owned() }),
         Response::Refused(Refusal::Forbidden),
@@ -233,6 +254,38 @@ fn records() -> Vec<LogRecord> {
         LogRecord::TransactionCommitted { order: order("order-3") },
         LogRecord::TransactionEnded { order: order("order-3") },
     ]
+    .into_iter()
+    .chain(coordinator_records().into_iter().map(LogRecord::Coordinator))
+    .collect()
+}
+
+fn coordinator_records() -> Vec<CoordinatorRecord> {
+    let line = |name: &str, member: u32, index: usize| HeldLine {
+        sku: sku(name),
+        quantity: Quantity::UpTo { max: 3, min: 1 },
+        units: 2,
+        member,
+        index,
+    };
+    vec![
+        CoordinatorRecord::Epoch { epoch: 2 },
+        CoordinatorRecord::Held {
+            order: order("order-4"),
+            buyer: buyer("buyer-4"),
+            ttl_ms: 5_000,
+            attempt: order("~1.2.1"),
+            lines: vec![line("tv", 1, 0), line("hdmi", 2, 1)],
+            expires_at_ms: 9_000,
+        },
+        CoordinatorRecord::Decided { order: order("order-4"), units: vec![2, 1] },
+        CoordinatorRecord::ReleaseDecided { order: order("order-5") },
+        CoordinatorRecord::Ended {
+            order: order("order-4"),
+            outcome: Outcome::Committed { units: vec![2, 1] },
+            now_ms: 8_000,
+        },
+        CoordinatorRecord::Ended { order: order("order-6"), outcome: Outcome::Expired { expired_at_ms: 7_000 }, now_ms: 7_500 },
+    ]
 }
 
 fn log_seeds() -> Vec<Seed> {
@@ -283,13 +336,21 @@ fn snapshot_seeds() -> Vec<Seed> {
         committed: true,
     };
     let snapshots = [
-        Snapshot { last_sequence: 0, partition_count: 64, skus: Vec::new(), transactions: Vec::new(), limits: None },
+        Snapshot {
+            last_sequence: 0,
+            partition_count: 64,
+            skus: Vec::new(),
+            transactions: Vec::new(),
+            limits: None,
+            coordinator: Vec::new(),
+        },
         Snapshot {
             last_sequence: 42,
             partition_count: 4,
             skus: vec![(sku("a"), busy_sku(1).image()), (sku("b"), busy_sku(2).image())],
             transactions: vec![(order("order-1"), transaction)],
             limits: Some(Limits::default()),
+            coordinator: coordinator_records(),
         },
         Snapshot {
             last_sequence: 7,
@@ -297,6 +358,7 @@ fn snapshot_seeds() -> Vec<Seed> {
             skus: vec![(sku("tv"), busy_sku(3).image())],
             transactions: Vec::new(),
             limits: None,
+            coordinator: Vec::new(),
         },
     ];
     snapshots
