@@ -24,7 +24,7 @@ use flashstock_engine::coordination::{
     PartRequest, Placement,
 };
 use flashstock_engine::log::record::OpenTransaction;
-use flashstock_engine::{Engine, OrderId, OrderRequest, SkuId};
+use flashstock_engine::{Engine, EngineError, OrderId, OrderRequest, PartNotNow, SkuId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::peers::Peers;
@@ -39,6 +39,10 @@ const TICK_MS: u64 = 10;
 /// Inputs waiting for the coordinator's task; a request beyond it is
 /// refused `Busy` rather than queued without bound.
 const INBOX_CAPACITY: usize = 16_384;
+/// Tries of one step on a part that answers `Busy`, and the pause between
+/// them: a busy SKU is retried at once by the call, not a resend later.
+const BUSY_TRIES_MAX: u32 = 20;
+const BUSY_PAUSE_MS: u64 = 5;
 
 /// A point where a test makes the coordinator die, to check that recovery
 /// finishes what it began. Read from `FLASHSTOCK_FAILPOINT` at start.
@@ -139,8 +143,11 @@ impl Coordination {
             limits: engine.config().limits.clone(),
             orders_max,
             part_answer_ms_max: PART_CALL_TIMEOUT_MS,
-            resend_pause_ms_min: 20,
-            resend_pause_ms_max: 1_000,
+            // A step is sent again only once its call could have timed out
+            // (a busy part is retried by the call itself, below): resending
+            // sooner would add work to a member that is slow under load.
+            resend_pause_ms_min: PART_CALL_TIMEOUT_MS,
+            resend_pause_ms_max: 4 * PART_CALL_TIMEOUT_MS,
         };
         let coordinator = Coordinator::recover(config, engine.take_coordinator_records(), engine.now_ms())
             .map_err(|reason| anyhow::anyhow!("the log's coordinator records cannot be replayed: {reason}"))?;
@@ -398,13 +405,20 @@ impl Driver {
         if member == self.own {
             let engine = self.engine.clone();
             tokio::spawn(async move {
-                match engine.apply_part(&message.attempt, &message.request).await {
-                    Ok(answer) => {
-                        let reply = message.reply(answer);
-                        let _ = inbox.send(Input::PartAnswered { member, reply }).await;
-                    }
-                    Err(not_now) => {
-                        tracing::debug!(%not_now, order = %message.order, "a local part step is sent again")
+                for _ in 0..BUSY_TRIES_MAX {
+                    match engine.apply_part(&message.attempt, &message.request).await {
+                        Ok(answer) => {
+                            let reply = message.reply(answer);
+                            let _ = inbox.send(Input::PartAnswered { member, reply }).await;
+                            return;
+                        }
+                        Err(PartNotNow(EngineError::Busy { retry_after_ms })) => {
+                            tokio::time::sleep(Duration::from_millis(retry_after_ms.max(BUSY_PAUSE_MS))).await;
+                        }
+                        Err(not_now) => {
+                            tracing::debug!(%not_now, order = %message.order, "a local part step is sent again later");
+                            return;
+                        }
                     }
                 }
             });
@@ -422,15 +436,26 @@ impl Driver {
                 step: message.step,
                 request: wire_part_request(&message.request),
             };
-            match peers.call(member, body, Duration::from_millis(PART_CALL_TIMEOUT_MS)).await {
-                Ok(Response::Part(answer)) => match part_answer(answer) {
-                    Some(answer) => {
-                        let reply = message.reply(answer);
-                        let _ = inbox.send(Input::PartAnswered { member, reply }).await;
+            for _ in 0..BUSY_TRIES_MAX {
+                match peers.call(member, body.clone(), Duration::from_millis(PART_CALL_TIMEOUT_MS)).await {
+                    Ok(Response::Part(answer)) => {
+                        match part_answer(answer) {
+                            Some(answer) => {
+                                let reply = message.reply(answer);
+                                let _ = inbox.send(Input::PartAnswered { member, reply }).await;
+                            }
+                            None => tracing::debug!(order = %message.order, member, "a part's answer is sent again"),
+                        }
+                        return;
                     }
-                    None => tracing::debug!(order = %message.order, member, "a part's answer is sent again"),
-                },
-                other => tracing::debug!(order = %message.order, member, ?other, "a part step is sent again"),
+                    Ok(Response::Refused(Refusal::Busy { retry_after_ms })) => {
+                        tokio::time::sleep(Duration::from_millis(retry_after_ms.max(BUSY_PAUSE_MS))).await;
+                    }
+                    other => {
+                        tracing::debug!(order = %message.order, member, ?other, "a part step is sent again later");
+                        return;
+                    }
+                }
             }
         });
     }

@@ -31,6 +31,10 @@
 //!                 RecordingDecision ──durable──▶ Committing ──▶ Settled(outcome) ──window──▶ (forgotten)
 //! ```
 //!
+//! An order of one line skips `Preparing` (commit goes from `Held` to
+//! `RecordingDecision`): its one commit either lands or finds the hold
+//! expired, and the order is whole either way.
+//!
 //! Every phase that waits on parts resends its step to the parts that have
 //! not answered, with a growing pause, until each has; nothing gives up on
 //! a prepared hold. The phases that may give up (`Holding`, `Preparing`)
@@ -74,7 +78,7 @@
 //! prepared is ended by the order's next step), decided orders are carried
 //! out, settled ones are remembered for the idempotency window.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::coordination::participant::{PartAnswer, PartRequest};
 use crate::ids::{BuyerId, OrderId, SkuId};
@@ -366,6 +370,8 @@ struct Entry {
     stock: Vec<StockSnapshot>,
     /// The refusal of the lowest order line while `Holding`, with its index.
     refused: Option<(usize, OrderError)>,
+    /// The time this entry is filed under in `Coordinator::timers`.
+    timer_ms: Option<u64>,
 }
 
 impl Entry {
@@ -420,7 +426,20 @@ pub struct Coordinator {
     next_token: u64,
     durable_token: u64,
     /// Sorted, so that every walk over it is the same in every run.
+    /// Entries are only changed taken out ([`Self::take`]) and put back
+    /// ([`Self::put`]), which keeps the indexes below in step.
     orders: BTreeMap<OrderId, Entry>,
+    /// When each order next needs time to pass (a resend, a deadline, its
+    /// expiry, the end of its idempotency window): a tick looks at the due
+    /// ones only, never at every order.
+    timers: BTreeSet<(u64, OrderId)>,
+    /// Orders waiting for their record to be durable, by its token.
+    recording: BTreeMap<u64, OrderId>,
+    /// Settled orders by when they settled, oldest first: the first to be
+    /// forgotten when the table is full.
+    settled: BTreeSet<(u64, OrderId)>,
+    /// Orders not settled.
+    open: usize,
     actions: Vec<Action>,
     anomalies: Vec<String>,
 }
@@ -460,6 +479,7 @@ impl Coordinator {
                         deadline_ms: 0,
                         stock: vec![StockSnapshot { available: 0, held: 0, sold: 0 }; line_count],
                         refused: None,
+                        timer_ms: None,
                     };
                     orders.insert(order, entry);
                 }
@@ -492,6 +512,10 @@ impl Coordinator {
             next_token: 1,
             durable_token: 0,
             orders: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            recording: BTreeMap::new(),
+            settled: BTreeSet::new(),
+            open: 0,
             actions: Vec::new(),
             anomalies: Vec::new(),
         };
@@ -508,7 +532,7 @@ impl Coordinator {
                 other => other,
             };
             coordinator.enter(&order, &mut entry, next, now_ms);
-            coordinator.orders.insert(order, entry);
+            coordinator.put(order, entry);
         }
         Ok(coordinator)
     }
@@ -532,8 +556,7 @@ impl Coordinator {
 
     /// Orders known now, and those not settled.
     pub fn order_counts(&self) -> (usize, usize) {
-        let open = self.orders.values().filter(|entry| !matches!(entry.phase, Phase::Settled { .. })).count();
-        (self.orders.len(), open)
+        (self.orders.len(), self.open)
     }
 
     /// Each open order and its phase, for a failure report.
@@ -689,22 +712,67 @@ impl Coordinator {
             deadline_ms: now_ms.saturating_add(self.config.part_answer_ms_max),
             stock: vec![StockSnapshot { available: 0, held: 0, sold: 0 }; line_count],
             refused: None,
+            timer_ms: None,
         };
         self.enter(&order, &mut entry, Phase::Holding, now_ms);
-        self.orders.insert(order, entry);
+        self.put(order, entry);
         None
     }
 
     fn forget_oldest_settled(&mut self) -> bool {
-        let oldest = self
-            .orders
-            .iter()
-            .filter_map(|(order, entry)| match entry.phase {
-                Phase::Settled { at_ms, .. } => Some((at_ms, order.clone())),
-                _ => None,
-            })
-            .min();
-        oldest.is_some_and(|(_, order)| self.orders.remove(&order).is_some())
+        let oldest = self.settled.first().map(|(_, order)| order.clone());
+        oldest.is_some_and(|order| self.take(&order).is_some())
+    }
+
+    /// Takes `order`'s entry out of the table and its indexes.
+    fn take(&mut self, order: &OrderId) -> Option<Entry> {
+        let entry = self.orders.remove(order)?;
+        if let Some(at_ms) = entry.timer_ms {
+            self.timers.remove(&(at_ms, order.clone()));
+        }
+        match entry.phase {
+            Phase::Settled { at_ms, .. } => {
+                self.settled.remove(&(at_ms, order.clone()));
+            }
+            Phase::RecordingHeld { token }
+            | Phase::RecordingDecision { token, .. }
+            | Phase::RecordingRelease { token } => {
+                self.recording.remove(&token);
+                self.open -= 1;
+            }
+            _ => self.open -= 1,
+        }
+        Some(entry)
+    }
+
+    /// Puts `order`'s entry (back) into the table and its indexes.
+    fn put(&mut self, order: OrderId, mut entry: Entry) {
+        let window_ms = self.config.limits.idempotency_window_ms;
+        entry.timer_ms = match &entry.phase {
+            Phase::Holding | Phase::Abandoning | Phase::Preparing { .. } => {
+                Some(entry.resend_at_ms.min(entry.deadline_ms))
+            }
+            Phase::Committing { .. } | Phase::Releasing { .. } => Some(entry.resend_at_ms),
+            Phase::Held => Some(entry.expires_at_ms),
+            Phase::Settled { at_ms, .. } => Some(at_ms.saturating_add(window_ms)),
+            Phase::RecordingHeld { .. } | Phase::RecordingDecision { .. } | Phase::RecordingRelease { .. } => None,
+        };
+        if let Some(at_ms) = entry.timer_ms {
+            self.timers.insert((at_ms, order.clone()));
+        }
+        match entry.phase {
+            Phase::Settled { at_ms, .. } => {
+                self.settled.insert((at_ms, order.clone()));
+            }
+            Phase::RecordingHeld { token }
+            | Phase::RecordingDecision { token, .. }
+            | Phase::RecordingRelease { token } => {
+                self.recording.insert(token, order.clone());
+                self.open += 1;
+            }
+            _ => self.open += 1,
+        }
+        self.orders.insert(order, entry);
     }
 
     /// The units to sell per line for a commit of `fewer`, checked against
@@ -734,11 +802,11 @@ impl Coordinator {
         order: OrderId,
         fewer: Vec<(SkuId, u32)>,
     ) -> Option<ClientAnswer> {
-        let Some(mut entry) = self.orders.remove(&order) else {
+        let Some(mut entry) = self.take(&order) else {
             return Some(ClientAnswer::Refused(OrderError::UnknownReservation));
         };
         let answer = self.commit_entry(now_ms, caller, &order, &mut entry, &fewer);
-        self.orders.insert(order, entry);
+        self.put(order, entry);
         answer
     }
 
@@ -800,6 +868,15 @@ impl Coordinator {
                     return Some(refused(OrderError::Expired { expired_at_ms }));
                 }
                 entry.caller = Some(caller);
+                if entry.lines.len() == 1 {
+                    // One line on one member: its commit either lands or
+                    // finds the hold expired, and either way the order is
+                    // whole, so no prepare is needed. The decision is still
+                    // logged first, so that a restart carries it out.
+                    let token = self.log(CoordinatorRecord::Decided { order: order.clone(), units: units.clone() });
+                    self.enter(order, entry, Phase::RecordingDecision { token, units }, now_ms);
+                    return None;
+                }
                 entry.deadline_ms = now_ms.saturating_add(self.config.part_answer_ms_max);
                 self.enter(order, entry, Phase::Preparing { units }, now_ms);
                 None
@@ -808,7 +885,7 @@ impl Coordinator {
     }
 
     fn release(&mut self, now_ms: u64, caller: CallerId, order: OrderId) -> Option<ClientAnswer> {
-        let Some(mut entry) = self.orders.remove(&order) else {
+        let Some(mut entry) = self.take(&order) else {
             return Some(ClientAnswer::Refused(OrderError::UnknownReservation));
         };
         let answer = match &entry.phase {
@@ -846,13 +923,13 @@ impl Coordinator {
             | Phase::Preparing { .. }
             | Phase::RecordingRelease { .. } => Some(ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 5 })),
         };
-        self.orders.insert(order, entry);
+        self.put(order, entry);
         answer
     }
 
     /// A part's answer, from `member`.
     pub fn part_answered(&mut self, now_ms: u64, member: MemberId, reply: PartReply) {
-        let Some(mut entry) = self.orders.remove(&reply.order) else { return };
+        let Some(mut entry) = self.take(&reply.order) else { return };
         let order = reply.order.clone();
         let current = reply.attempt == entry.attempt && reply.step == entry.step && entry.phase.waits_on_parts();
         let part = entry.parts.iter().position(|part| part.member == member);
@@ -864,7 +941,7 @@ impl Coordinator {
                 return;
             }
         }
-        self.orders.insert(order, entry);
+        self.put(order, entry);
     }
 
     /// The order's refusal for a part's answer, with the index of the
@@ -964,6 +1041,23 @@ impl Coordinator {
                 self.reply(caller, ClientAnswer::Refused(OrderError::Unavailable));
                 self.enter(order, entry, Phase::Held, now_ms);
             }
+            // The lone line of an order committed without a prepare found
+            // its hold ended: nothing was sold, the order expired.
+            (
+                Phase::Committing { .. },
+                PartAnswer::Refused {
+                    error: SkuError::Expired { .. } | SkuError::UnknownReservation | SkuError::AlreadyReleased,
+                    ..
+                },
+            ) if entry.lines.len() == 1 => {
+                let expired_at_ms = match answer {
+                    PartAnswer::Refused { error: SkuError::Expired { expired_at_ms }, .. } => expired_at_ms,
+                    _ => entry.expires_at_ms,
+                };
+                let caller = entry.caller.take();
+                self.reply(caller, ClientAnswer::Refused(OrderError::Expired { expired_at_ms }));
+                self.settle(order, entry, Outcome::Expired { expired_at_ms }, now_ms);
+            }
             (Phase::Committing { units }, _) => {
                 match &answer {
                     PartAnswer::Committed { stock, .. } if stock.len() == entry.parts[part].lines.len() => {
@@ -1038,19 +1132,10 @@ impl Coordinator {
         if self.epoch_token.is_some_and(|epoch| epoch <= self.durable_token) {
             self.epoch_token = None;
         }
-        let waiting: Vec<OrderId> = self
-            .orders
-            .iter()
-            .filter(|(_, entry)| match entry.phase {
-                Phase::RecordingHeld { token }
-                | Phase::RecordingDecision { token, .. }
-                | Phase::RecordingRelease { token } => token <= self.durable_token,
-                _ => false,
-            })
-            .map(|(order, _)| order.clone())
-            .collect();
+        let waiting: Vec<OrderId> =
+            self.recording.range(..=self.durable_token).map(|(_, order)| order.clone()).collect();
         for order in waiting {
-            let mut entry = self.orders.remove(&order).expect("just listed");
+            let mut entry = self.take(&order).expect("indexed orders are in the table");
             let caller = entry.caller.take();
             match std::mem::replace(&mut entry.phase, Phase::Held) {
                 Phase::RecordingHeld { .. } => {
@@ -1077,7 +1162,7 @@ impl Coordinator {
                 }
                 _ => unreachable!("only recording phases wait for durability"),
             }
-            self.orders.insert(order, entry);
+            self.put(order, entry);
         }
     }
 
@@ -1085,9 +1170,13 @@ impl Coordinator {
     /// give up, expires held orders and forgets old settled ones.
     pub fn tick(&mut self, now_ms: u64) {
         let window_ms = self.config.limits.idempotency_window_ms;
-        let orders: Vec<OrderId> = self.orders.keys().cloned().collect();
-        for order in orders {
-            let mut entry = self.orders.remove(&order).expect("just listed");
+        // Each due order once per tick: one whose next time is due again
+        // (a held order found expired by a prepare's deadline) waits for
+        // the next tick.
+        let due: Vec<OrderId> =
+            self.timers.iter().take_while(|(at_ms, _)| *at_ms <= now_ms).map(|(_, order)| order.clone()).collect();
+        for order in due {
+            let mut entry = self.take(&order).expect("indexed orders are in the table");
             match &entry.phase {
                 Phase::Settled { at_ms, .. } if at_ms.saturating_add(window_ms) <= now_ms => continue,
                 Phase::Abandoning if entry.deadline_ms <= now_ms => continue,
@@ -1119,7 +1208,7 @@ impl Coordinator {
                 }
                 _ => {}
             }
-            self.orders.insert(order, entry);
+            self.put(order, entry);
         }
     }
 }
