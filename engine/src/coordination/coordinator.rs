@@ -272,11 +272,34 @@ pub enum Outcome {
 /// A durable fact of a coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CoordinatorRecord {
-    Epoch { epoch: u64 },
-    Held { order: OrderId, buyer: BuyerId, ttl_ms: u64, attempt: OrderId, lines: Vec<HeldLine>, expires_at_ms: u64 },
-    Decided { order: OrderId, units: Vec<u32> },
-    ReleaseDecided { order: OrderId },
-    Ended { order: OrderId, outcome: Outcome, now_ms: u64 },
+    Epoch {
+        epoch: u64,
+    },
+    Held {
+        order: OrderId,
+        buyer: BuyerId,
+        ttl_ms: u64,
+        attempt: OrderId,
+        lines: Vec<HeldLine>,
+        expires_at_ms: u64,
+    },
+    Decided {
+        order: OrderId,
+        units: Vec<u32>,
+    },
+    ReleaseDecided {
+        order: OrderId,
+    },
+    Ended {
+        order: OrderId,
+        outcome: Outcome,
+        now_ms: u64,
+    },
+    /// A settled order was forgotten (its idempotency window passed, or the
+    /// table was full): a restart need not know it. Not waited for.
+    Forgotten {
+        order: OrderId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -502,6 +525,9 @@ impl Coordinator {
                         entry.phase = Phase::Settled { outcome, at_ms };
                     }
                 }
+                CoordinatorRecord::Forgotten { order } => {
+                    orders.remove(&order);
+                }
             }
         }
         let mut coordinator = Self {
@@ -720,8 +746,17 @@ impl Coordinator {
     }
 
     fn forget_oldest_settled(&mut self) -> bool {
-        let oldest = self.settled.first().map(|(_, order)| order.clone());
-        oldest.is_some_and(|order| self.take(&order).is_some())
+        let Some(order) = self.settled.first().map(|(_, order)| order.clone()) else { return false };
+        self.forget(&order);
+        true
+    }
+
+    /// Forgets a settled order, here and (once logged) after a restart, so
+    /// that what the log carries stays within what the table holds.
+    fn forget(&mut self, order: &OrderId) {
+        if self.take(order).is_some() {
+            self.log(CoordinatorRecord::Forgotten { order: order.clone() });
+        }
     }
 
     /// Takes `order`'s entry out of the table and its indexes.
@@ -1178,7 +1213,10 @@ impl Coordinator {
         for order in due {
             let mut entry = self.take(&order).expect("indexed orders are in the table");
             match &entry.phase {
-                Phase::Settled { at_ms, .. } if at_ms.saturating_add(window_ms) <= now_ms => continue,
+                Phase::Settled { at_ms, .. } if at_ms.saturating_add(window_ms) <= now_ms => {
+                    self.log(CoordinatorRecord::Forgotten { order });
+                    continue;
+                }
                 Phase::Abandoning if entry.deadline_ms <= now_ms => continue,
                 Phase::Held if entry.expires_at_ms <= now_ms => {
                     let expired_at_ms = Some(entry.expires_at_ms);

@@ -33,6 +33,9 @@ impl CoordinatorFacts {
                     records.push(record.clone());
                 }
             }
+            CoordinatorRecord::Forgotten { order } => {
+                self.orders.remove(order);
+            }
             CoordinatorRecord::Ended { order, now_ms, .. } => {
                 self.newest_ms = self.newest_ms.max(*now_ms);
                 if let Some(records) = self.orders.get_mut(order) {
@@ -69,5 +72,67 @@ impl CoordinatorFacts {
             facts.apply(record);
         }
         facts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordination::{HeldLine, Outcome};
+    use crate::ids::{BuyerId, SkuId};
+    use crate::sku::Quantity;
+
+    fn held(order: &str) -> CoordinatorRecord {
+        CoordinatorRecord::Held {
+            order: OrderId::new(order).expect("valid"),
+            buyer: BuyerId::new("buyer").expect("valid"),
+            ttl_ms: 5_000,
+            attempt: OrderId::new(format!("~1.1.{order}")).expect("valid"),
+            lines: vec![HeldLine {
+                sku: SkuId::new("a").expect("valid"),
+                quantity: Quantity::Exactly(1),
+                units: 1,
+                member: 2,
+                index: 0,
+            }],
+            expires_at_ms: 9_000,
+        }
+    }
+
+    fn ended(order: &str, now_ms: u64) -> CoordinatorRecord {
+        CoordinatorRecord::Ended { order: OrderId::new(order).expect("valid"), outcome: Outcome::Released, now_ms }
+    }
+
+    /// What a restart needs: open orders whole, settled ones within the
+    /// window, nothing the coordinator forgot; the newest epoch first.
+    #[test]
+    fn facts_keep_what_a_restart_needs_and_nothing_forgotten() {
+        let mut facts = CoordinatorFacts::default();
+        for record in [
+            CoordinatorRecord::Epoch { epoch: 1 },
+            held("open"),
+            held("old"),
+            ended("old", 1_000),
+            held("recent"),
+            ended("recent", 50_000),
+            held("dropped"),
+            ended("dropped", 50_000),
+            CoordinatorRecord::Forgotten { order: OrderId::new("dropped").expect("valid") },
+            CoordinatorRecord::Epoch { epoch: 2 },
+            CoordinatorRecord::Decided { order: OrderId::new("never-held").expect("valid"), units: vec![1] },
+        ] {
+            facts.apply(record);
+        }
+        let records = facts.records(10_000);
+        assert_eq!(records[0], CoordinatorRecord::Epoch { epoch: 2 });
+        let orders: Vec<&str> = records
+            .iter()
+            .filter_map(|record| match record {
+                CoordinatorRecord::Held { order, .. } => Some(order.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(orders, ["open", "recent"], "ended a window ago, forgotten, or never held: left out");
+        assert_eq!(CoordinatorFacts::from_records(records.clone()).records(10_000), records);
     }
 }

@@ -155,6 +155,9 @@ pub(crate) enum WireCoordinatorRecord {
         expired_at_ms: Option<u64>,
         now_ms: u64,
     },
+    Forgotten {
+        order: String,
+    },
 }
 
 /// Lines a held order may have in a record: far above any configured
@@ -197,6 +200,7 @@ impl WireCoordinatorRecord {
                 };
                 Self::Ended { order: order.as_str().to_owned(), committed, expired_at_ms, now_ms: *now_ms }
             }
+            CoordinatorRecord::Forgotten { order } => Self::Forgotten { order: order.as_str().to_owned() },
         }
     }
 
@@ -246,6 +250,7 @@ impl WireCoordinatorRecord {
                 };
                 CoordinatorRecord::Ended { order: OrderId::new(order)?, outcome, now_ms }
             }
+            Self::Forgotten { order } => CoordinatorRecord::Forgotten { order: OrderId::new(order)? },
         })
     }
 }

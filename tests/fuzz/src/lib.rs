@@ -285,6 +285,7 @@ fn coordinator_records() -> Vec<CoordinatorRecord> {
             now_ms: 8_000,
         },
         CoordinatorRecord::Ended { order: order("order-6"), outcome: Outcome::Expired { expired_at_ms: 7_000 }, now_ms: 7_500 },
+        CoordinatorRecord::Forgotten { order: order("order-6") },
     ]
 }
 
