@@ -463,6 +463,8 @@ pub struct Coordinator {
     settled: BTreeSet<(u64, OrderId)>,
     /// Orders not settled.
     open: usize,
+    /// Settled orders forgotten since the start, for status pages and tests.
+    forgotten: u64,
     actions: Vec<Action>,
     anomalies: Vec<String>,
 }
@@ -542,6 +544,7 @@ impl Coordinator {
             recording: BTreeMap::new(),
             settled: BTreeSet::new(),
             open: 0,
+            forgotten: 0,
             actions: Vec::new(),
             anomalies: Vec::new(),
         };
@@ -578,6 +581,11 @@ impl Coordinator {
     /// step, an answer out of protocol), for tests and operators.
     pub fn anomalies(&self) -> &[String] {
         &self.anomalies
+    }
+
+    /// Settled orders forgotten since this coordinator started.
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
     }
 
     /// Orders known now, and those not settled.
@@ -755,6 +763,7 @@ impl Coordinator {
     /// that what the log carries stays within what the table holds.
     fn forget(&mut self, order: &OrderId) {
         if self.take(order).is_some() {
+            self.forgotten += 1;
             self.log(CoordinatorRecord::Forgotten { order: order.clone() });
         }
     }
@@ -1214,6 +1223,7 @@ impl Coordinator {
             let mut entry = self.take(&order).expect("indexed orders are in the table");
             match &entry.phase {
                 Phase::Settled { at_ms, .. } if at_ms.saturating_add(window_ms) <= now_ms => {
+                    self.forgotten += 1;
                     self.log(CoordinatorRecord::Forgotten { order });
                     continue;
                 }

@@ -489,6 +489,8 @@ impl World {
                 self.now_ms
             ));
         }
+        let forgotten: u64 = self.members.iter().map(|member| member.coordinator.forgotten()).sum();
+        *self.history.tally.entry("forgotten").or_default() += forgotten;
         let violations = self.check_final();
         RunReport {
             seed: self.config.seed,
