@@ -78,9 +78,11 @@ pub struct NetworkSection {
     pub idle_timeout_ms: u64,
     /// Longest wait a request may ask for; longer timeouts are cut to it.
     pub request_timeout_ms_max: u32,
-    /// Orders whose lines live on several members that one member
-    /// coordinates at once (held, or being committed); more are refused
-    /// `Busy`. Each keeps a transaction record in the log until it ends.
+    /// Orders one member coordinates at once: those homed on it (by the
+    /// partition of their id) whose lines are not all its own, held, in
+    /// progress, or settled and remembered for retries. When full, the
+    /// oldest settled one is forgotten; when none is settled, a new order
+    /// is refused `Busy`. Each is a few hundred bytes here and in the log.
     pub spanning_orders_max: usize,
 }
 
