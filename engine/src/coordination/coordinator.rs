@@ -628,7 +628,12 @@ impl Coordinator {
         }
         entry.resend_pause_ms = self.config.resend_pause_ms_min;
         entry.resend_at_ms = now_ms.saturating_add(entry.resend_pause_ms);
-        for part in &entry.parts {
+        self.send_unanswered(order, entry);
+    }
+
+    /// Sends the current step to every part that has not answered it.
+    fn send_unanswered(&mut self, order: &OrderId, entry: &Entry) {
+        for part in entry.parts.iter().filter(|part| !part.answered) {
             let message = PartMessage {
                 order: order.clone(),
                 attempt: entry.attempt.clone(),
@@ -1244,15 +1249,7 @@ impl Coordinator {
                 phase if phase.waits_on_parts() && entry.resend_at_ms <= now_ms => {
                     entry.resend_pause_ms = (entry.resend_pause_ms * 2).min(self.config.resend_pause_ms_max);
                     entry.resend_at_ms = now_ms.saturating_add(entry.resend_pause_ms);
-                    for part in entry.parts.iter().filter(|part| !part.answered) {
-                        let message = PartMessage {
-                            order: order.clone(),
-                            attempt: entry.attempt.clone(),
-                            step: entry.step,
-                            request: entry.part_request(part),
-                        };
-                        self.actions.push(Action::Send { member: part.member, message });
-                    }
+                    self.send_unanswered(&order, &entry);
                 }
                 _ => {}
             }
