@@ -15,6 +15,9 @@
 //! - [`clock`]: where the shell gets `now` from (system or manual clock).
 //! - [`coordination`]: orders across members as pure state machines (the
 //!   coordinator at an order's home, the participant of each member).
+//! - [`replication`]: partition groups replicated with tikv raft-rs, as
+//!   pure state machines (the replica, its storage, the group's state
+//!   machine with its leader's coordinator).
 //! - [`log`]: the node's log: framing, recovery scan, records, segments,
 //!   snapshots and their compaction, the group-commit writer, and the
 //!   storage it runs on.
@@ -56,6 +59,7 @@ mod orders;
 pub mod partition;
 mod parts;
 mod recovery;
+pub mod replication;
 pub mod runtime;
 pub mod sku;
 mod slot;

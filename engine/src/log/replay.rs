@@ -29,7 +29,7 @@ pub struct ReplayRules {
 }
 
 /// Every SKU of a log, as of the last record applied.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ReplayedState {
     rules: ReplayRules,
     /// The limits commands are checked against from here on, and whether

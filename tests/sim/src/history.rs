@@ -39,6 +39,11 @@ pub struct History {
 }
 
 impl History {
+    /// The request `caller` sent.
+    pub fn request(&self, caller: u64) -> Option<&ClientRequest> {
+        self.requests.get(&caller)
+    }
+
     pub fn sent(&mut self, caller: u64, request: &ClientRequest) {
         self.requests.insert(caller, request.clone());
     }

@@ -1,20 +1,17 @@
-//! One simulated member: the real SKU state machines, the real
-//! participant and coordinator, and a log whose unsynced tail a crash loses.
+//! One simulated member: a replica of each group it is chosen for — the
+//! engine's real raft replica, state machine, participant and coordinator
+//! ([`GroupMachine`]) — over one log for all of them whose unsynced tail a
+//! crash loses.
 //!
-//! SKU records go through the engine's real record encoding and are read
-//! back through the engine's real replay ([`ReplayedState`]); coordinator
-//! records are kept as values (their encoding belongs to the node's driver).
+//! Raft entries carry the engine's real encoded records and are applied
+//! through the engine's real replay; the log itself holds the replicas'
+//! writes as values (their encoding belongs to the node's log).
 
 use std::collections::BTreeMap;
 
-use flashstock_engine::coordination::{
-    apply_part, Action, ClientRequest, Coordinator, CoordinatorConfig, MemberId, PartMessage, PartReply,
-};
-use flashstock_engine::log::record::LogRecord;
-use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
-use flashstock_engine::log::snapshot::Snapshot;
-use flashstock_engine::sku::SkuCommand;
-use flashstock_engine::{Limits, SkuId, SkuState};
+use flashstock_engine::coordination::{ClientAnswer, ClientRequest, MemberId, PartMessage, PartReply, Placement};
+use flashstock_engine::log::replay::ReplayedState;
+use flashstock_engine::replication::{GroupConfig, GroupId, GroupMachine, GroupOutput, Leadership, ReplicaWrite};
 
 use crate::rng::Rng;
 
@@ -28,16 +25,44 @@ pub enum Endpoint {
 /// What travels between members and buyers.
 #[derive(Debug, Clone)]
 pub enum Message {
-    Request { caller: u64, request: ClientRequest },
-    Answer { caller: u64, answer: flashstock_engine::coordination::ClientAnswer },
-    Part(PartMessage),
-    PartReply(PartReply),
+    Request {
+        caller: u64,
+        request: ClientRequest,
+    },
+    Answer {
+        caller: u64,
+        answer: ClientAnswer,
+    },
+    /// The member asked does not lead the order's home group.
+    NotLeader {
+        caller: u64,
+        group: GroupId,
+        leader: Option<MemberId>,
+    },
+    /// A coordinator's step for the part of an order in `group`.
+    Part {
+        group: GroupId,
+        message: PartMessage,
+    },
+    /// The part in `group` answered.
+    PartReply {
+        group: GroupId,
+        reply: PartReply,
+    },
+    /// The member asked does not lead `group`, where a part was sent.
+    PartNotLeader {
+        group: GroupId,
+        leader: Option<MemberId>,
+    },
+    Raft {
+        group: GroupId,
+        message: raft::eraftpb::Message,
+    },
 }
 
-/// An encoded engine record: SKU commands and coordinator facts alike go
-/// through the engine's real record encoding.
-#[derive(Debug, Clone)]
-struct Stored(Vec<u8>);
+/// Callers of a group's participant are members; the flag keeps their ids
+/// apart from buyers' callers.
+const PART_CALLER: u64 = 1 << 63;
 
 /// A member's durable state and what it is doing now.
 #[derive(Debug)]
@@ -46,112 +71,215 @@ pub struct Member {
     pub up: bool,
     /// Counts restarts, so that timers of an earlier life are ignored.
     pub incarnation: u64,
-    config: CoordinatorConfig,
-    rules: ReplayRules,
-    pub skus: BTreeMap<SkuId, SkuState>,
-    pub coordinator: Coordinator,
-    log: Vec<Stored>,
+    placement: Placement,
+    configs: BTreeMap<GroupId, GroupConfig>,
+    initial: BTreeMap<GroupId, ReplayedState>,
+    pub groups: BTreeMap<GroupId, GroupMachine>,
+    /// Every replica's writes, in the order written.
+    log: Vec<(GroupId, ReplicaWrite)>,
     synced: usize,
     /// Messages that may only leave once the log is synced up to a length.
     held_back: Vec<(usize, Endpoint, Message)>,
-    /// Coordinator tokens and the log length that makes each durable.
-    tokens: Vec<(u64, usize)>,
+    /// Outputs whose writes end at a log length: reported persisted then.
+    persist: Vec<(usize, GroupId, u64)>,
+    /// Who leads each group, as far as this member knows.
+    leaders: BTreeMap<GroupId, MemberId>,
+    /// Replicas of every group (to try when no leader is known).
+    pub replicas: BTreeMap<GroupId, Vec<MemberId>>,
 }
 
 impl Member {
-    pub fn new(id: MemberId, config: CoordinatorConfig, limits: &Limits, partition_count: u32) -> Self {
-        let rules = ReplayRules { partition_count, limits_unrecorded: limits.clone() };
-        let coordinator = Coordinator::recover(config.clone(), Vec::new(), 0).expect("nothing to contradict");
+    pub fn new(
+        id: MemberId,
+        placement: Placement,
+        replicas: BTreeMap<GroupId, Vec<MemberId>>,
+        configs: BTreeMap<GroupId, GroupConfig>,
+        initial: BTreeMap<GroupId, ReplayedState>,
+    ) -> Self {
         let mut member = Self {
             id,
-            up: true,
+            up: false,
             incarnation: 0,
-            config,
-            rules,
-            skus: BTreeMap::new(),
-            coordinator,
+            placement,
+            configs,
+            initial,
+            groups: BTreeMap::new(),
             log: Vec::new(),
             synced: 0,
             held_back: Vec::new(),
-            tokens: Vec::new(),
+            persist: Vec::new(),
+            leaders: BTreeMap::new(),
+            replicas,
         };
-        member.log.push(Stored(LogRecord::RulesInForce { limits: limits.clone() }.encode()));
-        let first = member.sync(0);
-        assert!(first.is_empty(), "a new member has nothing to say");
+        member.start_groups().expect("a new member starts");
         member
     }
 
-    /// Creates a SKU here (before the run starts; durable at once).
-    pub fn create_sku(&mut self, sku: SkuId, settings: flashstock_engine::SkuSettings, limits: &Limits) {
-        let state = SkuState::created(0, settings, limits.clone(), None).expect("valid settings");
-        self.skus.insert(sku.clone(), state);
-        self.log.push(Stored(LogRecord::CreateSku { sku, settings, now_ms: 0, operation: None }.encode()));
-        self.synced = self.log.len();
+    fn start_groups(&mut self) -> Result<(), String> {
+        self.groups.clear();
+        for (&group, config) in &self.configs {
+            let writes: Vec<ReplicaWrite> =
+                self.log.iter().filter(|(of, _)| *of == group).map(|(_, write)| write.clone()).collect();
+            let machine = GroupMachine::start(config.clone(), &self.initial[&group], &writes)
+                .map_err(|error| format!("member {}: group {group}: {error}", self.id))?;
+            self.groups.insert(group, machine);
+        }
+        self.up = true;
+        Ok(())
     }
 
-    fn append(&mut self, record: &LogRecord) {
-        self.log.push(Stored(record.encode()));
+    /// The member this one would send a message for `group` to.
+    fn route(&self, group: GroupId) -> MemberId {
+        if let Some(machine) = self.groups.get(&group) {
+            if let Some(leader) = machine.leadership().leader {
+                return u32::try_from(leader).expect("member ids are u32");
+            }
+        }
+        if let Some(&leader) = self.leaders.get(&group) {
+            return leader;
+        }
+        self.replicas[&group][0]
     }
 
-    /// Carries out the coordinator's actions; returns the messages to send now.
-    fn drain(&mut self, outbox: &mut Vec<(Endpoint, Message)>) {
-        for action in self.coordinator.take_actions() {
-            match action {
-                Action::Send { member, message } => outbox.push((Endpoint::Member(member), Message::Part(message))),
-                Action::Log { token, record } => {
-                    self.log.push(Stored(LogRecord::Coordinator(record).encode()));
-                    self.tokens.push((token, self.log.len()));
+    /// Carries out `group`'s outputs.
+    fn drain(&mut self, group: GroupId, outbox: &mut Vec<(Endpoint, Message)>) {
+        let Some(machine) = self.groups.get_mut(&group) else { return };
+        for output in machine.take_outputs() {
+            match output {
+                GroupOutput::Raft(message) => {
+                    let to = u32::try_from(message.to).expect("member ids are u32");
+                    outbox.push((Endpoint::Member(to), Message::Raft { group, message }));
                 }
-                Action::Reply { caller, answer } => {
+                GroupOutput::RaftAfterWrites(message) => {
+                    let to = u32::try_from(message.to).expect("member ids are u32");
+                    self.held_back.push((self.log.len(), Endpoint::Member(to), Message::Raft { group, message }));
+                }
+                GroupOutput::Write { number, writes } => {
+                    self.log.extend(writes.into_iter().map(|write| (group, write)));
+                    if let Some(number) = number {
+                        self.persist.push((self.log.len(), group, number));
+                    }
+                }
+                GroupOutput::Part { group: to_group, message } => {
+                    let to = self.route(to_group);
+                    outbox.push((Endpoint::Member(to), Message::Part { group: to_group, message }));
+                }
+                GroupOutput::Answer { caller, answer } => {
                     let buyer = u32::try_from(caller >> 32).expect("a buyer index");
                     outbox.push((Endpoint::Buyer(buyer), Message::Answer { caller, answer }));
                 }
+                GroupOutput::PartAnswer { caller, reply } => {
+                    let to = u32::try_from(caller & !PART_CALLER).expect("a member id");
+                    outbox.push((Endpoint::Member(to), Message::PartReply { group, reply }));
+                }
+                GroupOutput::NotLeader { caller, leader } => {
+                    let leader = leader.map(|leader| u32::try_from(leader).expect("member ids are u32"));
+                    if caller & PART_CALLER != 0 {
+                        let to = u32::try_from(caller & !PART_CALLER).expect("a member id");
+                        outbox.push((Endpoint::Member(to), Message::PartNotLeader { group, leader }));
+                    } else {
+                        let buyer = u32::try_from(caller >> 32).expect("a buyer index");
+                        outbox.push((Endpoint::Buyer(buyer), Message::NotLeader { caller, group, leader }));
+                    }
+                }
             }
         }
+    }
+
+    fn drain_all(&mut self, outbox: &mut Vec<(Endpoint, Message)>) {
+        let groups: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in groups {
+            self.drain(group, outbox);
+        }
+        self.release_durable(outbox);
     }
 
     /// Handles a message; returns what to send now.
     pub fn receive(&mut self, now_ms: u64, from: Endpoint, message: Message) -> Vec<(Endpoint, Message)> {
         let mut outbox = Vec::new();
         match message {
-            Message::Request { caller, request } => self.coordinator.request(now_ms, caller, request),
-            Message::Part(part) => {
-                let (answer, records) = apply_part(&mut self.skus, now_ms, &part.attempt, &part.request);
-                for record in &records {
-                    self.append(record);
+            Message::Request { caller, request } => {
+                let group = self.placement.home_of_order(request.order());
+                match self.groups.get_mut(&group) {
+                    Some(machine) => machine.request(now_ms, caller, request),
+                    None => {
+                        let leader = self.leaders.get(&group).copied();
+                        let Endpoint::Buyer(buyer) = from else { return outbox };
+                        outbox.push((Endpoint::Buyer(buyer), Message::NotLeader { caller, group, leader }));
+                    }
                 }
-                // Even a replay waits for the records of the state it reports.
-                self.held_back.push((self.log.len(), from, Message::PartReply(part.reply(answer))));
-                self.release_durable(&mut outbox);
             }
-            Message::PartReply(reply) => {
-                let Endpoint::Member(member) = from else { return outbox };
-                self.coordinator.part_answered(now_ms, member, reply);
+            Message::Part { group, message } => {
+                let Endpoint::Member(sender) = from else { return outbox };
+                match self.groups.get_mut(&group) {
+                    Some(machine) => machine.part(now_ms, PART_CALLER | u64::from(sender), message),
+                    None => {
+                        let leader = self.leaders.get(&group).copied();
+                        outbox.push((from, Message::PartNotLeader { group, leader }));
+                    }
+                }
             }
-            Message::Answer { .. } => unreachable!("members receive no client answers"),
+            Message::PartReply { group, reply } => {
+                let home = self.placement.home_of_order(&reply.order);
+                if let Some(machine) = self.groups.get_mut(&home) {
+                    machine.part_answered(now_ms, group, reply);
+                }
+            }
+            Message::PartNotLeader { group, leader } => self.learn_leader(group, leader),
+            Message::Raft { group, message } => {
+                if let Some(machine) = self.groups.get_mut(&group) {
+                    machine.raft(now_ms, message);
+                }
+            }
+            Message::Answer { .. } | Message::NotLeader { .. } => unreachable!("members receive no client answers"),
         }
-        self.drain(&mut outbox);
+        self.drain_all(&mut outbox);
         outbox
     }
 
-    /// Time passed: the coordinator's timers and the SKUs' expiry.
-    pub fn tick(&mut self, now_ms: u64) -> Vec<(Endpoint, Message)> {
-        let mut outbox = Vec::new();
-        self.coordinator.tick(now_ms);
-        let due: Vec<SkuId> = self
-            .skus
-            .iter()
-            .filter(|(_, state)| state.next_expiry_ms().is_some_and(|at| at <= now_ms))
-            .map(|(sku, _)| sku.clone())
-            .collect();
-        for sku in due {
-            let (_, recorded) = self.skus.get_mut(&sku).expect("listed").apply_recording(now_ms, &SkuCommand::Expire);
-            if let Some(command) = recorded {
-                self.append(&LogRecord::Apply { sku, now_ms, command });
+    fn learn_leader(&mut self, group: GroupId, leader: Option<MemberId>) {
+        match leader {
+            Some(leader) => {
+                self.leaders.insert(group, leader);
+            }
+            None => {
+                // Try the next replica.
+                let replicas = &self.replicas[&group];
+                let current = self.leaders.get(&group).copied().unwrap_or(replicas[0]);
+                let at = replicas.iter().position(|&member| member == current).unwrap_or(0);
+                self.leaders.insert(group, replicas[(at + 1) % replicas.len()]);
             }
         }
-        self.drain(&mut outbox);
+    }
+
+    /// One tick of every replica (elections, heartbeats, the leaders'
+    /// coordinators and expiry).
+    pub fn tick(&mut self, now_ms: u64) -> Vec<(Endpoint, Message)> {
+        let mut outbox = Vec::new();
+        for machine in self.groups.values_mut() {
+            machine.tick(now_ms);
+        }
+        self.drain_all(&mut outbox);
         outbox
+    }
+
+    /// `group`'s replica here stands for election now.
+    pub fn campaign(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
+        let mut outbox = Vec::new();
+        if let Some(machine) = self.groups.get_mut(&group) {
+            machine.campaign(now_ms);
+        }
+        self.drain_all(&mut outbox);
+        outbox
+    }
+
+    /// Every group this member leads, with its term.
+    pub fn leading(&self) -> Vec<(GroupId, Leadership)> {
+        self.groups
+            .iter()
+            .map(|(&group, machine)| (group, machine.leadership()))
+            .filter(|(_, leadership)| leadership.leading)
+            .collect()
     }
 
     fn release_durable(&mut self, outbox: &mut Vec<(Endpoint, Message)>) {
@@ -163,22 +291,24 @@ impl Member {
 
     /// Whether an fsync would make anything durable or let anything out.
     pub fn needs_sync(&self) -> bool {
-        self.log.len() > self.synced || !self.held_back.is_empty()
+        self.log.len() > self.synced || !self.held_back.is_empty() || !self.persist.is_empty()
     }
 
     /// An fsync completed: everything appended so far is durable.
     pub fn sync(&mut self, now_ms: u64) -> Vec<(Endpoint, Message)> {
         let mut outbox = Vec::new();
-        self.drain(&mut outbox);
+        self.drain_all(&mut outbox);
         self.synced = self.log.len();
-        self.release_durable(&mut outbox);
-        let durable =
-            self.tokens.iter().take_while(|(_, length)| *length <= self.synced).map(|(token, _)| *token).max();
-        self.tokens.retain(|(_, length)| *length > self.synced);
-        if let Some(token) = durable {
-            self.coordinator.durable(now_ms, token);
+        let mut persisted: BTreeMap<GroupId, u64> = BTreeMap::new();
+        for (_, group, number) in self.persist.drain(..) {
+            persisted.insert(group, number);
         }
-        self.drain(&mut outbox);
+        for (group, number) in persisted {
+            if let Some(machine) = self.groups.get_mut(&group) {
+                machine.persisted(now_ms, number);
+            }
+        }
+        self.drain_all(&mut outbox);
         outbox
     }
 
@@ -191,33 +321,33 @@ impl Member {
         self.synced = self.log.len();
         self.up = false;
         self.held_back.clear();
-        self.tokens.clear();
-        self.skus.clear();
+        self.persist.clear();
+        self.groups.clear();
+        self.leaders.clear();
     }
 
-    /// Starts again from the log, at `now_ms`, through the engine's real
-    /// replay; with `through_snapshot`, also through a snapshot of the
-    /// replayed state (encoded and decoded), as after a compaction.
-    pub fn restart(&mut self, now_ms: u64, through_snapshot: bool) -> Result<Vec<(Endpoint, Message)>, String> {
-        let failed = |what: &str, error: String| format!("member {}: {what}: {error}", self.id);
-        let mut state = ReplayedState::empty(self.rules.clone());
-        for (sequence, Stored(bytes)) in (1..).zip(&self.log) {
-            let record = LogRecord::decode(bytes).map_err(|error| failed("decode", error.to_string()))?;
-            state.apply(sequence, record).map_err(|error| failed("replay", error))?;
-        }
-        if through_snapshot {
-            let snapshot = Snapshot::decode(&state.snapshot().encode()).map_err(|error| failed("snapshot", error))?;
-            state = ReplayedState::from_snapshot(self.rules.clone(), snapshot)
-                .map_err(|error| failed("snapshot", error))?;
-        }
-        let coordinator_records = state.coordinator_records();
-        self.skus = std::mem::take(&mut state.skus);
-        self.coordinator = Coordinator::recover(self.config.clone(), coordinator_records, now_ms)
-            .map_err(|error| failed("coordinator", error))?;
-        self.up = true;
+    /// Starts again from the log, at `now_ms`: every replica rebuilt from
+    /// its writes (snapshots included) through the engine's real replay.
+    pub fn restart(&mut self, now_ms: u64) -> Result<Vec<(Endpoint, Message)>, String> {
+        self.start_groups()?;
         self.incarnation += 1;
         let mut outbox = Vec::new();
-        self.drain(&mut outbox);
+        for machine in self.groups.values_mut() {
+            // The first round delivers the committed entries again.
+            machine.tick(now_ms);
+        }
+        self.drain_all(&mut outbox);
         Ok(outbox)
+    }
+
+    /// Takes a snapshot of `group`'s applied state and drops the entries
+    /// it covers (a compaction).
+    pub fn compact(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
+        let mut outbox = Vec::new();
+        if let Some(machine) = self.groups.get_mut(&group) {
+            machine.compact(now_ms);
+        }
+        self.drain_all(&mut outbox);
+        outbox
     }
 }

@@ -7,8 +7,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use flashstock_client::routing::owner_of;
+use flashstock_client::routing::{group_of_partition, preferred_leaders, replicas_of};
 use flashstock_engine::coordination::{CoordinatorConfig, PartRequest, Placement};
+use flashstock_engine::log::record::LogRecord;
+use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
+use flashstock_engine::replication::{GroupConfig, GroupId, ReplicaConfig};
 use flashstock_engine::{Limits, SkuId, SkuSettings};
 
 use crate::history::History;
@@ -22,6 +25,10 @@ pub struct SimConfig {
     pub seed: u64,
     pub members: u32,
     pub partition_count: u32,
+    /// Replication groups (each a raft group over `replication_factor`
+    /// members) the partitions are spread over.
+    pub group_count: u32,
+    pub replication_factor: usize,
     pub skus: usize,
     pub buyers: u32,
     pub orders_per_buyer: u32,
@@ -39,6 +46,10 @@ impl SimConfig {
             seed,
             members: 3,
             partition_count: 12,
+            group_count: 6,
+            // A third of the seeds run single copies (a group of one
+            // replica: today's cluster); the rest replicate on three.
+            replication_factor: if seed.is_multiple_of(3) { 1 } else { 3 },
             skus: 6,
             buyers: 8,
             orders_per_buyer: 30,
@@ -67,14 +78,44 @@ pub struct RunReport {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { from: Endpoint, to: Endpoint, message: Message },
-    Tick { member: u32, incarnation: u64 },
-    Sync { member: u32, incarnation: u64 },
+    Deliver {
+        from: Endpoint,
+        to: Endpoint,
+        message: Message,
+    },
+    Tick {
+        member: u32,
+        incarnation: u64,
+    },
+    Sync {
+        member: u32,
+        incarnation: u64,
+    },
     Fault,
-    Restart { member: u32 },
-    Heal { member: u32 },
-    BuyerWake { buyer: u32 },
-    BuyerSend { buyer: u32, caller: u64, request: flashstock_engine::coordination::ClientRequest },
+    Restart {
+        member: u32,
+    },
+    Heal {
+        member: u32,
+    },
+    Campaign {
+        member: u32,
+        group: GroupId,
+    },
+    /// A client's resend after a redirection (same caller, same request).
+    Resend {
+        buyer: u32,
+        caller: u64,
+        request: flashstock_engine::coordination::ClientRequest,
+    },
+    BuyerWake {
+        buyer: u32,
+    },
+    BuyerSend {
+        buyer: u32,
+        caller: u64,
+        request: flashstock_engine::coordination::ClientRequest,
+    },
 }
 
 /// What a scripted test does with a message about to travel.
@@ -105,8 +146,19 @@ struct World {
     buyers: Vec<Buyer>,
     catalogue: Vec<SkuId>,
     placement: Placement,
+    /// Each group's replicas, preferred leader first.
+    replicas: BTreeMap<GroupId, Vec<u32>>,
+    /// Where each buyer sends each group's requests (its client's routing).
+    routes: BTreeMap<(u32, GroupId), u32>,
+    /// Redirections followed per caller (bounded, like a client's).
+    redirects: BTreeMap<u64, u32>,
+    /// The leader seen for each group and term: never two.
+    leaders_seen: BTreeMap<(GroupId, u64), u32>,
     /// Members cut off from everyone else.
     isolated: BTreeSet<u32>,
+    /// Members cut off from the other members, still reached by buyers: a
+    /// leader on the wrong side of a partition that clients still talk to.
+    cut_from_members: BTreeSet<u32>,
     history: History,
     /// Members with a sync scheduled (a group commit under way).
     syncing: BTreeSet<u32>,
@@ -132,32 +184,67 @@ impl World {
             ..limits.clone()
         };
         let member_ids: Vec<u32> = (1..=config.members).collect();
-        let owner_by_partition =
-            (0..config.partition_count).map(|partition| owner_of(partition, &member_ids).expect("members")).collect();
-        let placement = Placement::new(owner_by_partition);
-        let mut members: Vec<Member> = member_ids
-            .iter()
-            .map(|&own| {
-                let coordinator = CoordinatorConfig {
-                    own,
-                    placement: placement.clone(),
-                    limits: coordinator_limits.clone(),
-                    orders_max: 10_000,
-                    part_answer_ms_max: 1_000,
-                    resend_pause_ms_min: 20,
-                    resend_pause_ms_max: 500,
-                };
-                Member::new(own, coordinator, &limits, config.partition_count)
+        let group_of_partition_table: Vec<u32> =
+            (0..config.partition_count).map(|partition| group_of_partition(partition, config.group_count)).collect();
+        let placement = Placement::new(group_of_partition_table);
+        let preferred = preferred_leaders(config.group_count, &member_ids, config.replication_factor);
+        let replicas: BTreeMap<GroupId, Vec<u32>> = (1..=config.group_count)
+            .map(|group| {
+                let mut chosen = replicas_of(group, &member_ids, config.replication_factor);
+                let leader = preferred[group as usize - 1];
+                chosen.retain(|&member| member != leader);
+                chosen.insert(0, leader);
+                (group, chosen)
+            })
+            .collect();
+        let rules = ReplayRules { partition_count: config.partition_count, limits_unrecorded: limits.clone() };
+        let mut initial: BTreeMap<GroupId, ReplayedState> = (1..=config.group_count)
+            .map(|group| {
+                let mut state = ReplayedState::empty(rules.clone());
+                state.apply(1, LogRecord::RulesInForce { limits: limits.clone() }).expect("an empty state");
+                (group, state)
             })
             .collect();
         let mut setup = root.fork();
         let catalogue: Vec<SkuId> =
             (0..config.skus).map(|index| SkuId::new(format!("sku-{index}")).expect("valid")).collect();
         for sku in &catalogue {
-            let owner = placement.owner_of_sku(sku);
+            let group = placement.owner_of_sku(sku);
             let settings = SkuSettings { initial_units: setup.between(20, 120), ..SkuSettings::default() };
-            members[owner as usize - 1].create_sku(sku.clone(), settings, &limits);
+            let state = initial.get_mut(&group).expect("every group");
+            let sequence = state.last_sequence + 1;
+            state
+                .apply(sequence, LogRecord::CreateSku { sku: sku.clone(), settings, now_ms: 0, operation: None })
+                .expect("a new SKU");
         }
+        let election_seed = root.next_u64();
+        let members: Vec<Member> = member_ids
+            .iter()
+            .map(|&own| {
+                let mut configs = BTreeMap::new();
+                let mut own_initial = BTreeMap::new();
+                for (&group, voters) in &replicas {
+                    if !voters.contains(&own) {
+                        continue;
+                    }
+                    let coordinator = CoordinatorConfig {
+                        own: group,
+                        placement: placement.clone(),
+                        limits: coordinator_limits.clone(),
+                        orders_max: 10_000,
+                        part_answer_ms_max: 1_000,
+                        resend_pause_ms_min: 20,
+                        resend_pause_ms_max: 500,
+                    };
+                    let mut voter_ids: Vec<u64> = voters.iter().map(|&member| u64::from(member)).collect();
+                    voter_ids.sort_unstable();
+                    let replica = ReplicaConfig::new(group, u64::from(own), voter_ids, election_seed);
+                    configs.insert(group, GroupConfig { replica, coordinator, rules: rules.clone() });
+                    own_initial.insert(group, initial[&group].clone());
+                }
+                Member::new(own, placement.clone(), replicas.clone(), configs, own_initial)
+            })
+            .collect();
         let buyers = (0..config.buyers).map(|index| Buyer::new(index, root.fork(), config.orders_per_buyer)).collect();
         let network = root.fork();
         let faults = root.fork();
@@ -175,7 +262,12 @@ impl World {
             buyers,
             catalogue,
             placement,
+            replicas,
+            routes: BTreeMap::new(),
+            redirects: BTreeMap::new(),
+            leaders_seen: BTreeMap::new(),
             isolated: BTreeSet::new(),
+            cut_from_members: BTreeSet::new(),
             history: History::default(),
             syncing: BTreeSet::new(),
             requests: 0,
@@ -188,6 +280,13 @@ impl World {
         }
         for buyer in 0..world.config.buyers {
             world.schedule(0, Event::BuyerWake { buyer });
+        }
+        // Each group's preferred leader stands first; later elections are
+        // raft's own.
+        let firsts: Vec<(GroupId, u32)> =
+            world.replicas.iter().map(|(&group, replicas)| (group, replicas[0])).collect();
+        for (group, member) in firsts {
+            world.schedule(0, Event::Campaign { member, group });
         }
         if world.config.faults {
             world.schedule(500, Event::Fault);
@@ -220,12 +319,14 @@ impl World {
 
     fn cut_off(&self, from: Endpoint, to: Endpoint) -> bool {
         let isolated = |endpoint: Endpoint| matches!(endpoint, Endpoint::Member(id) if self.isolated.contains(&id));
-        from != to && (isolated(from) || isolated(to))
+        let cut = |endpoint: Endpoint| matches!(endpoint, Endpoint::Member(id) if self.cut_from_members.contains(&id));
+        let between_members = matches!((from, to), (Endpoint::Member(_), Endpoint::Member(_)));
+        from != to && (isolated(from) || isolated(to) || (between_members && (cut(from) || cut(to))))
     }
 
     /// Puts `message` on the network: maybe lost, maybe twice, maybe late.
     fn send(&mut self, from: Endpoint, to: Endpoint, message: Message) {
-        if let (Endpoint::Member(_), Message::Part(part)) = (from, &message) {
+        if let (Endpoint::Member(_), Message::Part { message: part, .. }) = (from, &message) {
             if let PartRequest::Reserve { lines, .. } = &part.request {
                 self.history.attempt(&part.attempt, &part.order, lines.iter().map(|(sku, _)| sku.clone()));
             }
@@ -268,9 +369,73 @@ impl World {
     }
 
     fn send_all(&mut self, from: Endpoint, outbox: Vec<(Endpoint, Message)>) {
+        if let Endpoint::Member(member) = from {
+            self.observe_leaders(member);
+        }
         for (to, message) in outbox {
             self.send(from, to, message);
         }
+    }
+
+    /// Election safety: one leader per group and term, whoever observes.
+    fn observe_leaders(&mut self, member: u32) {
+        let state = &self.members[member as usize - 1];
+        if !state.up {
+            return;
+        }
+        for (group, leadership) in state.leading() {
+            let first = *self.leaders_seen.entry((group, leadership.term)).or_insert(member);
+            if first != member {
+                let now_ms = self.now_ms;
+                self.history.violations.push(format!(
+                    "{now_ms} ms: group {group} has two leaders in term {}: members {first} and {member}",
+                    leadership.term
+                ));
+            }
+        }
+    }
+
+    /// Where `buyer`'s client sends requests for `group`.
+    fn route(&mut self, buyer: u32, group: GroupId) -> u32 {
+        let preferred = self.replicas[&group][0];
+        *self.routes.entry((buyer, group)).or_insert(preferred)
+    }
+
+    /// A member that does not lead `group` refused `caller`: the client
+    /// follows the hint (or tries the next replica) and sends again, a
+    /// bounded number of times; then the buyer's own timeout retries.
+    fn redirected(&mut self, buyer: u32, caller: u64, group: GroupId, leader: Option<u32>) {
+        *self.history.tally.entry("not leader").or_default() += 1;
+        let replicas = self.replicas[&group].clone();
+        let current = self.route(buyer, group);
+        let next = match leader {
+            Some(leader) if leader != current => leader,
+            _ => {
+                let at = replicas.iter().position(|&member| member == current).unwrap_or(0);
+                replicas[(at + 1) % replicas.len()]
+            }
+        };
+        self.routes.insert((buyer, group), next);
+        let redirects = self.redirects.entry(caller).or_default();
+        *redirects += 1;
+        if *redirects > 8 {
+            return;
+        }
+        let Some(request) = self.history.request(caller).cloned() else { return };
+        let pause_ms = if leader.is_some() { self.network.between(1, 5) } else { self.network.between(20, 100) };
+        let at_ms = self.now_ms + pause_ms;
+        self.trace(format!("{} buyer {buyer} redirected to {next} for group {group}", self.now_ms));
+        self.schedule_resend(at_ms, buyer, caller, request);
+    }
+
+    fn schedule_resend(
+        &mut self,
+        at_ms: u64,
+        buyer: u32,
+        caller: u64,
+        request: flashstock_engine::coordination::ClientRequest,
+    ) {
+        self.schedule(at_ms, Event::Resend { buyer, caller, request });
     }
 
     fn buyer_next(&mut self, buyer: u32, next: Next) {
@@ -294,13 +459,27 @@ impl World {
         }
         let incarnation = state.incarnation;
         self.syncing.insert(member);
-        let at_ms = self.now_ms + self.network.between(1, 4);
+        // Now and then a slow disk: a sync that takes far longer.
+        let slow = self.faulty() && self.network.chance(30);
+        let at_ms = self.now_ms + if slow { self.network.between(20, 300) } else { self.network.between(1, 4) };
         self.schedule(at_ms, Event::Sync { member, incarnation });
     }
 
     fn fault(&mut self) {
-        let member = 1 + u32::try_from(self.faults.below(self.config.members as usize)).expect("small");
-        match self.faults.below(10) {
+        let mut member = 1 + u32::try_from(self.faults.below(self.config.members as usize)).expect("small");
+        if self.faults.chance(500) {
+            // Half the faults strike a leader: that is where answers wait.
+            let leaders: Vec<u32> = self
+                .members
+                .iter()
+                .filter(|state| state.up && !state.leading().is_empty())
+                .map(|state| state.id)
+                .collect();
+            if !leaders.is_empty() {
+                member = leaders[self.faults.below(leaders.len())];
+            }
+        }
+        match self.faults.below(12) {
             0..=3 if self.members[member as usize - 1].up => {
                 let mut rng = self.faults.fork();
                 self.member(member).crash(&mut rng);
@@ -309,7 +488,25 @@ impl World {
                 self.trace(format!("{} crash member {member}", self.now_ms));
                 self.schedule(back_ms, Event::Restart { member });
             }
-            4..=6 if !self.isolated.contains(&member) => {
+            8 => {
+                let group = 1 + u32::try_from(self.faults.below(self.config.group_count as usize)).expect("small");
+                if self.members[member as usize - 1].up {
+                    *self.history.tally.entry("compactions").or_default() += 1;
+                    let now_ms = self.now_ms;
+                    self.trace(format!("{now_ms} compact group {group} on member {member}"));
+                    let outbox = self.member(member).compact(now_ms, group);
+                    self.send_all(Endpoint::Member(member), outbox);
+                    self.sync_soon(member);
+                }
+            }
+            6 | 7 if !self.cut_from_members.contains(&member) => {
+                self.cut_from_members.insert(member);
+                *self.history.tally.entry("cut from members").or_default() += 1;
+                let heal_ms = self.now_ms + self.faults.between(100, 3_000);
+                self.trace(format!("{} cut member {member} from the other members", self.now_ms));
+                self.schedule(heal_ms, Event::Heal { member });
+            }
+            4 | 5 if !self.isolated.contains(&member) => {
                 self.isolated.insert(member);
                 *self.history.tally.entry("partitions").or_default() += 1;
                 let heal_ms = self.now_ms + self.faults.between(100, 3_000);
@@ -335,8 +532,7 @@ impl World {
             return;
         }
         let now_ms = self.now_ms;
-        let through_snapshot = self.faults.chance(500);
-        match self.member(member).restart(now_ms, through_snapshot) {
+        match self.member(member).restart(now_ms) {
             Ok(outbox) => {
                 let incarnation = self.members[member as usize - 1].incarnation;
                 self.trace(format!("{now_ms} restart member {member}"));
@@ -364,6 +560,10 @@ impl World {
                     self.sync_soon(id);
                 }
                 Endpoint::Buyer(buyer) => {
+                    if let Message::NotLeader { caller, group, leader } = message {
+                        self.redirected(buyer, caller, group, leader);
+                        return;
+                    }
                     let Message::Answer { caller, answer } = message else { unreachable!("buyers get answers") };
                     self.trace(format!("{now_ms} {from:?}->{to:?} {caller} {answer:?}"));
                     self.history.answered(now_ms, caller, &answer);
@@ -398,9 +598,22 @@ impl World {
                 self.sync_soon(member);
             }
             Event::Fault => self.fault(),
+            Event::Resend { buyer, caller, request } => {
+                let group = self.placement.home_of_order(request.order());
+                let to = self.route(buyer, group);
+                self.send(Endpoint::Buyer(buyer), Endpoint::Member(to), Message::Request { caller, request });
+            }
+            Event::Campaign { member, group } => {
+                if self.members[member as usize - 1].up {
+                    let outbox = self.member(member).campaign(now_ms, group);
+                    self.send_all(Endpoint::Member(member), outbox);
+                    self.sync_soon(member);
+                }
+            }
             Event::Restart { member } => self.restart(member),
             Event::Heal { member } => {
-                if self.isolated.remove(&member) {
+                let was_cut = self.cut_from_members.remove(&member);
+                if self.isolated.remove(&member) || was_cut {
                     self.trace(format!("{now_ms} heal member {member}"));
                 }
             }
@@ -416,17 +629,44 @@ impl World {
             Event::BuyerSend { buyer, caller, request } => {
                 self.requests += 1;
                 self.history.sent(caller, &request);
-                let home = self.placement.home_of_order(request.order());
-                self.trace(format!("{now_ms} buyer {buyer} sends {caller} to {home}: {request:?}"));
-                self.send(Endpoint::Buyer(buyer), Endpoint::Member(home), Message::Request { caller, request });
+                let group = self.placement.home_of_order(request.order());
+                let to = self.route(buyer, group);
+                self.trace(format!("{now_ms} buyer {buyer} sends {caller} to {to} (group {group}): {request:?}"));
+                self.send(Endpoint::Buyer(buyer), Endpoint::Member(to), Message::Request { caller, request });
             }
         }
     }
 
+    /// Each group's leader, if exactly one up member leads it in the
+    /// highest term seen.
+    fn leader_of(&self, group: GroupId) -> Option<&flashstock_engine::replication::GroupMachine> {
+        let mut best: Option<(u64, &flashstock_engine::replication::GroupMachine)> = None;
+        for member in self.members.iter().filter(|member| member.up) {
+            if let Some(machine) = member.groups.get(&group) {
+                let leadership = machine.leadership();
+                if leadership.leading && best.is_none_or(|(term, _)| leadership.term > term) {
+                    best = Some((leadership.term, machine));
+                }
+            }
+        }
+        best.map(|(_, machine)| machine)
+    }
+
     fn settled(&self) -> bool {
         self.buyers.iter().all(Buyer::finished)
-            && self.members.iter().all(|member| member.up && member.coordinator.order_counts().1 == 0)
-            && self.members.iter().all(|member| member.skus.values().all(|state| state.hold_count() == 0))
+            && self.members.iter().all(|member| member.up)
+            && (1..=self.config.group_count).all(|group| {
+                self.leader_of(group).is_some_and(|leader| {
+                    leader.coordinator().is_some_and(|coordinator| coordinator.order_counts().1 == 0)
+                        && leader.applied().skus.values().all(|state| state.hold_count() == 0)
+                        && self.replicas[&group].iter().all(|&member| {
+                            self.members[member as usize - 1]
+                                .groups
+                                .get(&group)
+                                .is_some_and(|replica| replica.applied_index() == leader.applied_index())
+                        })
+                })
+            })
     }
 
     /// Processes every event due by `until_ms`.
@@ -442,22 +682,59 @@ impl World {
         self.now_ms = until_ms;
     }
 
-    /// The final checks (assumes a healed cluster, every TTL passed).
+    /// The final checks (assumes a healed cluster, every TTL passed):
+    /// every replica of a group agrees, and the agreed state against
+    /// every answer.
     fn check_final(&mut self) -> Vec<String> {
         let mut skus = BTreeMap::new();
+        let mut violations = Vec::new();
         for member in &self.members {
-            skus.extend(member.skus.iter().map(|(sku, state)| (sku.clone(), state.clone())));
-            for anomaly in member.coordinator.anomalies() {
-                self.history.violations.push(format!("member {}: {anomaly}", member.id));
-            }
-            let (_, open) = member.coordinator.order_counts();
-            if open > 0 {
-                let orders = member.coordinator.open_orders();
-                self.history.violations.push(format!("member {}: orders still open: {orders:?}", member.id));
+            for machine in member.groups.values() {
+                for anomaly in machine.anomalies() {
+                    violations.push(format!("member {}: {anomaly}", member.id));
+                }
             }
         }
+        for group in 1..=self.config.group_count {
+            let Some(leader) = self.leader_of(group) else {
+                violations.push(format!("group {group} has no leader at the end"));
+                continue;
+            };
+            skus.extend(leader.applied().skus.iter().map(|(sku, state)| (sku.clone(), state.clone())));
+            let agreed = leader.applied().snapshot().encode();
+            for &member in &self.replicas[&group] {
+                let Some(replica) = self.members[member as usize - 1].groups.get(&group) else { continue };
+                if replica.applied_index() == leader.applied_index() && replica.applied().snapshot().encode() != agreed
+                {
+                    violations.push(format!(
+                        "group {group}: member {member}'s state differs from its leader's at index {}",
+                        leader.applied_index()
+                    ));
+                }
+            }
+            if let Some(coordinator) = leader.coordinator() {
+                for anomaly in coordinator.anomalies() {
+                    violations.push(format!("group {group}: {anomaly}"));
+                }
+                let (_, open) = coordinator.order_counts();
+                if open > 0 {
+                    let orders = coordinator.open_orders();
+                    violations.push(format!("group {group}: orders still open: {orders:?}"));
+                }
+            }
+        }
+        self.history.violations.extend(violations);
         self.history.check_final(&skus);
         std::mem::take(&mut self.history.violations)
+    }
+
+    fn open_orders(&self) -> Vec<String> {
+        (1..=self.config.group_count)
+            .map(|group| match self.leader_of(group).and_then(|leader| leader.coordinator()) {
+                Some(coordinator) => format!("group {group}: {:?}", coordinator.open_orders()),
+                None => format!("group {group}: no leader"),
+            })
+            .collect()
     }
 
     fn run(mut self) -> RunReport {
@@ -478,18 +755,17 @@ impl World {
             }
         }
         if !self.settled() {
-            let open: Vec<String> = self
-                .members
-                .iter()
-                .map(|member| format!("member {}: {:?}", member.id, member.coordinator.open_orders()))
-                .collect();
+            let open = self.open_orders();
             let unfinished = self.buyers.iter().filter(|buyer| !buyer.finished()).count();
             self.history.violations.push(format!(
                 "did not settle by {} ms: {unfinished} buyers unfinished; open orders {open:?}",
                 self.now_ms
             ));
         }
-        let forgotten: u64 = self.members.iter().map(|member| member.coordinator.forgotten()).sum();
+        let forgotten: u64 = (1..=self.config.group_count)
+            .filter_map(|group| self.leader_of(group).and_then(|leader| leader.coordinator()))
+            .map(|coordinator| coordinator.forgotten())
+            .sum();
         *self.history.tally.entry("forgotten").or_default() += forgotten;
         let violations = self.check_final();
         RunReport {
@@ -529,25 +805,54 @@ impl Scripted {
     /// A cluster of `members` with `skus` SKUs of `units` each (`sku-0`,
     /// `sku-1`, ...); which member owns which is [`Self::owner_of`].
     pub fn new(members: u32, skus: usize) -> Self {
-        let config = SimConfig { buyers: 0, faults: false, members, skus, trace_lines_kept: 200, ..SimConfig::new(0) };
+        Self::replicated(members, skus, 1)
+    }
+
+    /// A cluster whose groups each have `replication_factor` replicas; each
+    /// group's preferred leader is elected before this returns.
+    pub fn replicated(members: u32, skus: usize, replication_factor: usize) -> Self {
+        let config = SimConfig {
+            buyers: 0,
+            faults: false,
+            members,
+            skus,
+            replication_factor,
+            trace_lines_kept: 200,
+            ..SimConfig::new(0)
+        };
         let mut world = World::new(config);
         world.interceptor = Some(Box::new(|_, _, _| Verdict::Deliver));
+        world.run_until(500);
         Self { world, next_caller: 0 }
     }
 
+    /// The member leading the group of `sku` (with one replica: its only one).
     pub fn owner_of(&self, sku: &str) -> u32 {
-        self.world.placement.owner_of_sku(&SkuId::new(sku).expect("valid"))
+        let group = self.world.placement.owner_of_sku(&SkuId::new(sku).expect("valid"));
+        self.leader_member(group)
     }
 
+    /// The member leading the home group of `order`.
     pub fn home_of(&self, order: &str) -> u32 {
-        self.world.placement.home_of_order(&flashstock_engine::OrderId::new(order).expect("valid"))
+        let group = self.world.placement.home_of_order(&flashstock_engine::OrderId::new(order).expect("valid"));
+        self.leader_member(group)
     }
 
-    /// The SKU's counts on its owner.
+    fn leader_member(&self, group: GroupId) -> u32 {
+        self.world
+            .members
+            .iter()
+            .filter(|member| member.up)
+            .find(|member| member.leading().iter().any(|(led, _)| *led == group))
+            .map_or(self.world.replicas[&group][0], |member| member.id)
+    }
+
+    /// The SKU's counts in its group's agreed (committed) state.
     pub fn stock(&self, sku: &str) -> flashstock_engine::StockSnapshot {
         let sku = SkuId::new(sku).expect("valid");
-        let owner = self.world.placement.owner_of_sku(&sku);
-        self.world.members[owner as usize - 1].skus[&sku].stock()
+        let group = self.world.placement.owner_of_sku(&sku);
+        let leader = self.world.leader_of(group).expect("a group with a leader");
+        leader.applied().skus[&sku].stock()
     }
 
     /// Decides the fate of every message from now on.
@@ -571,8 +876,9 @@ impl Scripted {
         self.next_caller += 1;
         let caller = self.next_caller;
         self.world.history.sent(caller, &request);
-        let home = self.world.placement.home_of_order(request.order());
-        self.world.send(Endpoint::Buyer(0), Endpoint::Member(home), Message::Request { caller, request });
+        let group = self.world.placement.home_of_order(request.order());
+        let to = self.world.route(0, group);
+        self.world.send(Endpoint::Buyer(0), Endpoint::Member(to), Message::Request { caller, request });
         caller
     }
 

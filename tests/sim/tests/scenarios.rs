@@ -66,7 +66,7 @@ fn assert_clean(cluster: Scripted) {
 }
 
 fn is_part_step(message: &Message, to: Endpoint, member: u32, step: fn(&PartRequest) -> bool) -> bool {
-    matches!(message, Message::Part(part) if step(&part.request)) && to == Endpoint::Member(member)
+    matches!(message, Message::Part { message: part, .. } if step(&part.request)) && to == Endpoint::Member(member)
 }
 
 /// Scenario 1: a conflicting retry of an acknowledged spanning order is
@@ -121,7 +121,7 @@ fn a_participant_step_cut_off_part_way_is_finished_by_the_retry() {
     let remote = cluster.owner_of(&b);
     cluster.call(reserve(&order, &[(&a, 1), (&b, 1)], 30_000));
     cluster.intercept(move |from, _, message| match message {
-        Message::PartReply(_) if from == Endpoint::Member(remote) => Verdict::Drop,
+        Message::PartReply { .. } if from == Endpoint::Member(remote) => Verdict::Drop,
         _ => Verdict::Deliver,
     });
     let cut_off = cluster.send(commit(&order, &[]));
@@ -174,7 +174,7 @@ fn a_prepared_part_ends_after_its_coordinator_restarts() {
     let remote = cluster.owner_of(&b);
     cluster.call(reserve(&order, &[(&a, 1), (&b, 1)], 2_000));
     cluster.intercept(move |from, _, message| match message {
-        Message::PartReply(_) if from == Endpoint::Member(remote) => Verdict::Drop,
+        Message::PartReply { .. } if from == Endpoint::Member(remote) => Verdict::Drop,
         _ => Verdict::Deliver,
     });
     cluster.send(commit(&order, &[]));

@@ -1,0 +1,490 @@
+//! A replicated group on one member: its raft replica, the state machine
+//! every replica applies, and — while this replica leads — the speculative
+//! state, the order coordinator and the expiry timers. Pure: inputs at a
+//! `now_ms` in, [`GroupOutput`]s out; no IO, no clock.
+//!
+//! # Execute, replicate, then answer
+//!
+//! The leader decides each command on its *speculative* state (the
+//! applied state plus every entry in its log not yet committed) and
+//! proposes the records that decision wrote; every replica applies
+//! committed records with the same replay ([`ReplayedState::apply`]), so
+//! time and rules come from the record, never from a follower's clock or
+//! configuration. Every answer the leader gives waits until everything
+//! its state depended on — its whole log at the moment it answered — is
+//! committed and applied, in the term it answered in; if it loses
+//! leadership first, its speculative state and every waiting answer are
+//! dropped (callers retry with their idempotency keys; the next leader
+//! decides again from the committed log). A deposed leader therefore
+//! acknowledges nothing that the group did not commit.
+//!
+//! A new leader rebuilds its speculative state from its whole log: the
+//! entries of earlier terms it holds will be committed before anything it
+//! proposes, so its decisions follow them. Its coordinator, though, acts
+//! on the world (it sends steps to other groups), so it starts only once
+//! the leader's first entry of its term is applied — then every entry
+//! before it is committed, and the coordinator is recovered from
+//! committed records only, exactly as after a restart: held orders stay
+//! held, decided ones are carried out, and it logs a new epoch before it
+//! names any new attempt. (Recovering it from the uncommitted records let
+//! a new leader carry out a decision its group then lost: the simulator's
+//! seed 50 sold a line of an order its home later released.)
+
+use std::collections::{BTreeMap, VecDeque};
+
+use raft::eraftpb::{Entry, EntryType, Message};
+
+use crate::coordination::{
+    apply_part, Action, CallerId, ClientAnswer, ClientRequest, Coordinator, CoordinatorConfig, PartMessage, PartReply,
+};
+use crate::ids::SkuId;
+use crate::log::record::LogRecord;
+use crate::log::replay::{ReplayRules, ReplayedState};
+use crate::log::snapshot::Snapshot;
+use crate::order::OrderError;
+use crate::replication::replica::{Leadership, ProposeError, Replica, ReplicaConfig};
+use crate::replication::storage::{GroupStorage, ReplicaWrite};
+use crate::replication::{GroupId, ReplicaId};
+use crate::sku::{SkuCommand, SkuState};
+
+/// How a group runs on this member.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    pub replica: ReplicaConfig,
+    /// The coordinator of the orders homed in this group (`own` is the
+    /// group's id, and its placement maps partitions to groups).
+    pub coordinator: CoordinatorConfig,
+    pub rules: ReplayRules,
+}
+
+/// What the driver must do for a group.
+#[derive(Debug, Clone)]
+pub enum GroupOutput {
+    /// A raft message for another replica (`message.to`): may leave at once.
+    Raft(Message),
+    /// A raft message that may only leave once every write handed out so
+    /// far is fsynced (a vote, an append's answer).
+    RaftAfterWrites(Message),
+    /// Append to the member's log, tagged with the group; once fsynced,
+    /// report [`GroupMachine::persisted`] with `number` (if any: a
+    /// compaction's writes report nothing).
+    Write {
+        number: Option<u64>,
+        writes: Vec<ReplicaWrite>,
+    },
+    /// A step for the participant of `group` (to its leader).
+    Part {
+        group: GroupId,
+        message: PartMessage,
+    },
+    Answer {
+        caller: CallerId,
+        answer: ClientAnswer,
+    },
+    PartAnswer {
+        caller: CallerId,
+        reply: PartReply,
+    },
+    /// This replica does not lead the group: ask `leader` (if known).
+    NotLeader {
+        caller: CallerId,
+        leader: Option<ReplicaId>,
+    },
+}
+
+/// What only the leader holds.
+#[derive(Debug)]
+struct Leading {
+    term: u64,
+    /// The applied state plus every entry of the log not yet applied.
+    skus: BTreeMap<SkuId, SkuState>,
+    /// Started once `coordinator_from_index` is applied (see above).
+    coordinator: Option<Coordinator>,
+    coordinator_from_index: u64,
+    /// Answers, each released once the index beside it is applied.
+    waiting: VecDeque<(u64, GroupOutput)>,
+    /// Coordinator tokens, each durable once the index beside it is applied.
+    tokens: VecDeque<(u64, u64)>,
+}
+
+/// One group's replica and state machine on this member.
+#[derive(Debug)]
+pub struct GroupMachine {
+    config: GroupConfig,
+    replica: Replica,
+    /// What every replica agrees on: the committed entries applied.
+    applied: ReplayedState,
+    applied_index: u64,
+    leading: Option<Leading>,
+    outputs: Vec<GroupOutput>,
+    /// Things that should never happen, for the simulator to report.
+    anomalies: Vec<String>,
+}
+
+impl GroupMachine {
+    /// Starts the group's replica on this member from `writes` (everything
+    /// the member's log holds for the group, in order; none on a first
+    /// start) over `initial`, the state every replica starts from.
+    ///
+    /// # Errors
+    /// Writes that do not make a log this replica could have written, or
+    /// a snapshot that does not decode.
+    pub fn start(config: GroupConfig, initial: &ReplayedState, writes: &[ReplicaWrite]) -> Result<Self, String> {
+        let mut storage = GroupStorage::initial(&config.replica.voters);
+        for write in writes {
+            storage.apply(write)?;
+        }
+        let snapshot = storage.held_snapshot();
+        let applied_index = snapshot.get_metadata().index;
+        let applied = if applied_index == 0 {
+            initial.clone()
+        } else {
+            let decoded = Snapshot::decode(snapshot.get_data())?;
+            ReplayedState::from_snapshot(config.rules.clone(), decoded)?
+        };
+        let replica = Replica::start(config.replica.clone(), storage, applied_index)?;
+        Ok(Self { config, replica, applied, applied_index, leading: None, outputs: Vec::new(), anomalies: Vec::new() })
+    }
+
+    pub fn group(&self) -> GroupId {
+        self.replica.group()
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        self.replica.leadership()
+    }
+
+    /// The state every replica agrees on (committed and applied).
+    pub fn applied(&self) -> &ReplayedState {
+        &self.applied
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The coordinator, while this replica leads.
+    pub fn coordinator(&self) -> Option<&Coordinator> {
+        self.leading.as_ref().and_then(|leading| leading.coordinator.as_ref())
+    }
+
+    pub fn anomalies(&self) -> &[String] {
+        &self.anomalies
+    }
+
+    /// Takes what the driver must do.
+    pub fn take_outputs(&mut self) -> Vec<GroupOutput> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// A checkout's request for an order homed here.
+    pub fn request(&mut self, now_ms: u64, caller: CallerId, request: ClientRequest) {
+        match &mut self.leading {
+            Some(Leading { coordinator: Some(coordinator), .. }) => coordinator.request(now_ms, caller, request),
+            // A new leader whose earlier entries are not yet committed.
+            Some(Leading { coordinator: None, .. }) => {
+                let answer = ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 });
+                self.outputs.push(GroupOutput::Answer { caller, answer });
+            }
+            None => {
+                let leader = self.replica.leadership().leader;
+                self.outputs.push(GroupOutput::NotLeader { caller, leader });
+            }
+        }
+        self.settle(now_ms);
+    }
+
+    /// A coordinator's step for this group's part of an order.
+    pub fn part(&mut self, now_ms: u64, caller: CallerId, message: PartMessage) {
+        let Some(leading) = &mut self.leading else {
+            let leader = self.replica.leadership().leader;
+            self.outputs.push(GroupOutput::NotLeader { caller, leader });
+            return;
+        };
+        let (answer, records) = apply_part(&mut leading.skus, now_ms, &message.attempt, &message.request);
+        if self.propose_all(&records).is_ok() {
+            self.answer_when_applied(GroupOutput::PartAnswer { caller, reply: message.reply(answer) });
+        }
+        self.settle(now_ms);
+    }
+
+    /// The participant of `group` answered a step of an order homed here.
+    pub fn part_answered(&mut self, now_ms: u64, group: GroupId, reply: PartReply) {
+        if let Some(coordinator) = self.leading.as_mut().and_then(|leading| leading.coordinator.as_mut()) {
+            coordinator.part_answered(now_ms, group, reply);
+        }
+        self.settle(now_ms);
+    }
+
+    /// A raft message from another replica of the group.
+    pub fn raft(&mut self, now_ms: u64, message: Message) {
+        self.replica.step(message);
+        self.settle(now_ms);
+    }
+
+    /// One raft tick (the driver's tick interval) at `now_ms`: elections
+    /// and heartbeats, and on the leader the coordinator's timers and the
+    /// expiry of holds whose time has come.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.replica.tick();
+        if let Some(leading) = &mut self.leading {
+            if let Some(coordinator) = &mut leading.coordinator {
+                coordinator.tick(now_ms);
+            }
+            let due: Vec<SkuId> = leading
+                .skus
+                .iter()
+                .filter(|(_, state)| state.next_expiry_ms().is_some_and(|at| at <= now_ms))
+                .map(|(sku, _)| sku.clone())
+                .collect();
+            let mut records = Vec::new();
+            for sku in due {
+                let state = leading.skus.get_mut(&sku).expect("listed");
+                if let (_, Some(command)) = state.apply_recording(now_ms, &SkuCommand::Expire) {
+                    records.push(LogRecord::Apply { sku, now_ms, command });
+                }
+            }
+            // Nothing answers for an expiry: a refused proposal rebuilds
+            // the state and the next tick expires again.
+            let _ = self.propose_all(&records);
+        }
+        self.settle(now_ms);
+    }
+
+    /// Stands for election now.
+    pub fn campaign(&mut self, now_ms: u64) {
+        self.replica.campaign();
+        self.settle(now_ms);
+    }
+
+    /// The writes of output `number` (and all before) are fsynced.
+    pub fn persisted(&mut self, now_ms: u64, number: u64) {
+        self.replica.persisted(number);
+        self.settle(now_ms);
+    }
+
+    /// Takes a snapshot of the applied state (in the engine's canonical
+    /// snapshot encoding) and lets the entries it covers go: the member's
+    /// log may then drop them, and a follower too far behind is sent the
+    /// snapshot instead.
+    pub fn compact(&mut self, _now_ms: u64) {
+        let held = self.replica.storage().held_snapshot().get_metadata().index;
+        if self.applied_index <= held {
+            return;
+        }
+        let data = self.applied.snapshot().encode();
+        let writes = self.replica.compact(self.applied_index, data);
+        if !writes.is_empty() {
+            self.outputs.push(GroupOutput::Write { number: None, writes });
+        }
+    }
+
+    /// Proposes `records` in order; on a refusal the speculative state no
+    /// longer matches the log and is rebuilt from it.
+    fn propose_all(&mut self, records: &[LogRecord]) -> Result<(), ProposeError> {
+        for record in records {
+            if let Err(error) = self.replica.propose(record.encode()) {
+                tracing::debug!(group = self.group(), %error, "a proposal was refused");
+                self.rebuild_leading();
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_when_applied(&mut self, output: GroupOutput) {
+        let index = self.replica.last_index();
+        if let Some(leading) = &mut self.leading {
+            leading.waiting.push_back((index, output));
+        }
+    }
+
+    /// Carries out what raft-rs and the coordinator want, until neither
+    /// wants anything more.
+    fn settle(&mut self, now_ms: u64) {
+        for _ in 0..64 {
+            let drained = self.drain_coordinator();
+            let output = self.replica.collect();
+            let raft_work = !output.is_empty();
+            self.outputs.extend(output.send_now.into_iter().map(GroupOutput::Raft));
+            if let Some(number) = output.number {
+                self.outputs.push(GroupOutput::Write { number: Some(number), writes: output.writes });
+            }
+            self.outputs.extend(output.send_after_writes.into_iter().map(GroupOutput::RaftAfterWrites));
+            if let Some(snapshot) = output.install {
+                self.install(&snapshot);
+            }
+            for entry in output.committed {
+                self.apply_committed(&entry);
+            }
+            let leadership = self.replica.leadership();
+            match (&self.leading, leadership.leading) {
+                (Some(leading), true) if leading.term == leadership.term => {}
+                (_, true) => self.become_leader(leadership.term),
+                (Some(_), false) => self.leading = None,
+                (None, false) => {}
+            }
+            let started = self.start_coordinator(now_ms);
+            let released = self.release_applied(now_ms);
+            if !drained && !raft_work && !released && !started {
+                return;
+            }
+        }
+        self.anomalies.push(format!("group {}: did not settle within 64 rounds", self.group()));
+    }
+
+    fn install(&mut self, snapshot: &raft::eraftpb::Snapshot) {
+        let decoded = Snapshot::decode(snapshot.get_data())
+            .and_then(|decoded| ReplayedState::from_snapshot(self.config.rules.clone(), decoded));
+        match decoded {
+            Ok(state) => {
+                self.applied = state;
+                self.applied_index = snapshot.get_metadata().index;
+            }
+            Err(error) => self.anomalies.push(format!("group {}: a snapshot received: {error}", self.group())),
+        }
+    }
+
+    fn apply_committed(&mut self, entry: &Entry) {
+        if entry.index <= self.applied_index {
+            return;
+        }
+        self.applied_index = entry.index;
+        if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+            // A new leader's empty entry, or a membership change (none are
+            // proposed yet): nothing for the state machine.
+            return;
+        }
+        let applied = LogRecord::decode(&entry.data)
+            .map_err(|error| error.to_string())
+            .and_then(|record| self.applied.apply(self.applied.last_sequence + 1, record));
+        if let Err(error) = applied {
+            self.anomalies.push(format!("group {}: entry {}: {error}", self.group(), entry.index));
+        }
+    }
+
+    /// The state of the whole log: applied, then every entry after it.
+    fn speculative_state(&self) -> ReplayedState {
+        let mut state = self.applied.clone();
+        for entry in self.replica.storage().entries_held() {
+            if entry.index <= self.applied_index || entry.data.is_empty() {
+                continue;
+            }
+            if let Ok(record) = LogRecord::decode(&entry.data) {
+                let sequence = state.last_sequence + 1;
+                if let Err(error) = state.apply(sequence, record) {
+                    tracing::warn!(group = self.replica.group(), %error, "an unapplied entry does not follow");
+                }
+            }
+        }
+        state
+    }
+
+    fn become_leader(&mut self, term: u64) {
+        let state = self.speculative_state();
+        self.leading = Some(Leading {
+            term,
+            skus: state.skus,
+            coordinator: None,
+            // raft-rs appended the term's first (empty) entry on election.
+            coordinator_from_index: self.replica.last_index(),
+            waiting: VecDeque::new(),
+            tokens: VecDeque::new(),
+        });
+    }
+
+    /// Starts the coordinator of a new leader once every entry before its
+    /// term's first is committed and applied; returns whether it started.
+    fn start_coordinator(&mut self, now_ms: u64) -> bool {
+        let applied_index = self.applied_index;
+        let Some(leading) = &mut self.leading else { return false };
+        if leading.coordinator.is_some() || applied_index < leading.coordinator_from_index {
+            return false;
+        }
+        let records = self.applied.coordinator_records();
+        match Coordinator::recover(self.config.coordinator.clone(), records, now_ms) {
+            Ok(coordinator) => leading.coordinator = Some(coordinator),
+            Err(error) => {
+                let group = self.replica.group();
+                self.anomalies.push(format!("group {group}: coordinator: {error}"));
+                self.leading = None;
+            }
+        }
+        true
+    }
+
+    /// A proposal was refused: the speculative state and coordinator are
+    /// rebuilt from the log (answers waiting stay: what they depend on is
+    /// still in the log, and is committed or not as before).
+    fn rebuild_leading(&mut self) {
+        let Some(leading) = self.leading.take() else { return };
+        let leadership = self.replica.leadership();
+        if !leadership.leading || leadership.term != leading.term {
+            return;
+        }
+        let state = self.speculative_state();
+        self.leading = Some(Leading { skus: state.skus, ..leading });
+    }
+
+    /// Releases the answers and coordinator tokens the applied index has
+    /// reached; returns whether there were any.
+    fn release_applied(&mut self, now_ms: u64) -> bool {
+        let applied_index = self.applied_index;
+        let Some(leading) = &mut self.leading else { return false };
+        let mut released = false;
+        while leading.waiting.front().is_some_and(|(index, _)| *index <= applied_index) {
+            let (_, output) = leading.waiting.pop_front().expect("checked");
+            self.outputs.push(output);
+            released = true;
+        }
+        let mut durable = None;
+        while leading.tokens.front().is_some_and(|(_, index)| *index <= applied_index) {
+            durable = leading.tokens.pop_front().map(|(token, _)| token);
+        }
+        if let (Some(token), Some(coordinator)) = (durable, &mut leading.coordinator) {
+            coordinator.durable(now_ms, token);
+            released = true;
+        }
+        released
+    }
+
+    /// Carries out the coordinator's actions; returns whether it had any.
+    fn drain_coordinator(&mut self) -> bool {
+        let Some(coordinator) = self.leading.as_mut().and_then(|leading| leading.coordinator.as_mut()) else {
+            return false;
+        };
+        let actions = coordinator.take_actions();
+        let any = !actions.is_empty();
+        for action in actions {
+            match action {
+                Action::Send { member, message } => self.outputs.push(GroupOutput::Part { group: member, message }),
+                Action::Log { token, record } => {
+                    let record = LogRecord::Coordinator(record);
+                    match self.replica.propose(record.encode()) {
+                        Ok(index) => {
+                            if let Some(leading) = &mut self.leading {
+                                leading.tokens.push_back((token, index));
+                            }
+                        }
+                        Err(error) => {
+                            // The coordinator waits for a token that will
+                            // never come: it is rebuilt from the log.
+                            tracing::debug!(group = self.replica.group(), %error, "a coordinator record was refused");
+                            self.leading = None;
+                            return true;
+                        }
+                    }
+                }
+                Action::Reply { caller, answer } => self.answer_when_applied(GroupOutput::Answer { caller, answer }),
+            }
+            if self.leading.is_none() {
+                return true;
+            }
+        }
+        any
+    }
+}

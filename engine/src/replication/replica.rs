@@ -1,0 +1,353 @@
+//! One member's replica of one group: tikv raft-rs's `RawNode`, sans-IO.
+//!
+//! The driver feeds it ticks, messages and proposals, and after each
+//! calls [`Replica::collect`], which hands back everything raft-rs wants
+//! done ([`ReplicaOutput`]): messages to send now, writes for the member's
+//! log, messages that may only leave once those writes are fsynced, and
+//! committed entries to apply. Writes are persisted asynchronously: the
+//! member's group-commit writer fsyncs the writes of every group at once
+//! and the driver reports [`Replica::persisted`] with the output's number,
+//! so one `fdatasync` per round covers them all and raft-rs never counts
+//! an entry towards a majority before it is on this member's disk.
+//!
+//! raft-rs draws election timeouts from the thread's random generator;
+//! the replica replaces every draw with one of its own seeded generator,
+//! so the same inputs give the same elections (the simulator relies on
+//! it).
+
+use raft::eraftpb::{Entry, Message, Snapshot};
+use raft::{RawNode, StateRole};
+
+use crate::replication::storage::{GroupStorage, ReplicaWrite};
+use crate::replication::{GroupId, ReplicaId};
+
+/// How one replica runs.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub group: GroupId,
+    /// This replica's member (its raft id).
+    pub member: ReplicaId,
+    /// Every replica of the group, this one included.
+    pub voters: Vec<ReplicaId>,
+    /// Ticks without a leader's heartbeat before a follower stands for
+    /// election (the timeout drawn is between this and twice this).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats: well below `election_ticks`
+    /// so that one lost heartbeat does not start an election.
+    pub heartbeat_ticks: usize,
+    /// Bytes of entries per append message: bounds a message's size and
+    /// the memory a slow follower's catch-up takes at once.
+    pub message_bytes_max: u64,
+    /// Append messages in flight to one follower: bounds what a follower
+    /// that stopped answering costs the leader.
+    pub inflight_messages_max: usize,
+    /// Bytes of proposals not yet committed: beyond it a leader refuses
+    /// proposals (the caller answers `Busy`) rather than queueing without
+    /// end while a majority is unreachable.
+    pub uncommitted_bytes_max: u64,
+    /// Seeds the election timeouts.
+    pub seed: u64,
+}
+
+impl ReplicaConfig {
+    /// Sensible defaults for `member`'s replica of `group`.
+    pub fn new(group: GroupId, member: ReplicaId, voters: Vec<ReplicaId>, seed: u64) -> Self {
+        Self {
+            group,
+            member,
+            voters,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            message_bytes_max: 1 << 20,
+            inflight_messages_max: 256,
+            uncommitted_bytes_max: 64 << 20,
+            seed,
+        }
+    }
+}
+
+/// Who leads a group, as a replica sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leadership {
+    pub term: u64,
+    /// `None` while an election is under way.
+    pub leader: Option<ReplicaId>,
+    /// Whether this replica is the leader.
+    pub leading: bool,
+}
+
+/// What raft-rs wants done after an input.
+#[derive(Debug, Default)]
+pub struct ReplicaOutput {
+    /// Report [`Replica::persisted`] with this once `writes` (and every
+    /// earlier output's) are fsynced; `None` when nothing is to be written.
+    pub number: Option<u64>,
+    pub writes: Vec<ReplicaWrite>,
+    /// May leave at once (a leader's appends go out while it writes).
+    pub send_now: Vec<Message>,
+    /// May only leave once `writes` are durable (votes, append answers).
+    pub send_after_writes: Vec<Message>,
+    /// Committed entries, in order, to apply to the state machine.
+    pub committed: Vec<Entry>,
+    /// A snapshot received from the leader: the state machine becomes its
+    /// data before any entry in `committed` is applied.
+    pub install: Option<Snapshot>,
+    /// Set when the term or the leader changed.
+    pub leadership: Option<Leadership>,
+}
+
+impl ReplicaOutput {
+    pub fn is_empty(&self) -> bool {
+        self.number.is_none()
+            && self.send_now.is_empty()
+            && self.send_after_writes.is_empty()
+            && self.committed.is_empty()
+            && self.install.is_none()
+            && self.leadership.is_none()
+    }
+}
+
+/// Why a proposal was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this replica is not the group's leader (leader: {leader:?})")]
+    NotLeader { leader: Option<ReplicaId> },
+    #[error("too many proposals wait for a majority")]
+    Busy,
+}
+
+/// One replica of one group.
+pub struct Replica {
+    config: ReplicaConfig,
+    node: RawNode<GroupStorage>,
+    seen: Leadership,
+    role_seen: StateRole,
+    random: u64,
+    /// A snapshot handed to the state machine, by the output that wrote
+    /// it: raft-rs is told it is applied once that output is persisted.
+    installed_pending: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Replica")
+            .field("group", &self.config.group)
+            .field("member", &self.config.member)
+            .field("leadership", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+fn discard_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl Replica {
+    /// Starts the replica over `storage` (the group's initial storage on a
+    /// first start, or what the member's log holds after a restart), with
+    /// everything up to `applied` already in the state machine.
+    ///
+    /// # Errors
+    /// A configuration raft-rs refuses, or a storage it cannot start from.
+    pub fn start(config: ReplicaConfig, storage: GroupStorage, applied: u64) -> Result<Self, String> {
+        let raft_config = raft::Config {
+            id: config.member,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied,
+            max_size_per_msg: config.message_bytes_max,
+            max_inflight_msgs: config.inflight_messages_max,
+            max_uncommitted_size: config.uncommitted_bytes_max,
+            // A partitioned member does not disturb the term of a healthy
+            // majority when it comes back, and a leader cut off from a
+            // majority steps down within an election timeout.
+            pre_vote: true,
+            check_quorum: true,
+            ..raft::Config::default()
+        };
+        raft_config.validate().map_err(|error| error.to_string())?;
+        let node = RawNode::new(&raft_config, storage, &discard_logger()).map_err(|error| error.to_string())?;
+        let random = config.seed ^ (u64::from(config.group) << 32) ^ config.member;
+        let mut replica = Self {
+            config,
+            node,
+            seen: Leadership { term: 0, leader: None, leading: false },
+            role_seen: StateRole::Follower,
+            random,
+            installed_pending: None,
+        };
+        replica.draw_election_timeout();
+        Ok(replica)
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // SplitMix64: small, seeded, and the same on every platform.
+        self.random = self.random.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut mixed = self.random;
+        mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        mixed ^ (mixed >> 31)
+    }
+
+    fn draw_election_timeout(&mut self) {
+        let span = self.config.election_ticks as u64;
+        let ticks = self.config.election_ticks + usize::try_from(self.next_random() % span).expect("small");
+        self.node.raft.set_randomized_election_timeout(ticks);
+    }
+
+    pub fn group(&self) -> GroupId {
+        self.config.group
+    }
+
+    pub fn member(&self) -> ReplicaId {
+        self.config.member
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        let raft = &self.node.raft;
+        let leader = (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id);
+        Leadership { term: raft.term, leader, leading: raft.state == StateRole::Leader }
+    }
+
+    /// Index and term of the last entry in this replica's log.
+    pub fn last_index(&self) -> u64 {
+        self.node.raft.raft_log.last_index()
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.node.raft.raft_log.committed
+    }
+
+    /// The group's storage as held in memory.
+    pub fn storage(&self) -> &GroupStorage {
+        self.node.store()
+    }
+
+    /// One tick of logical time has passed.
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// A message from another replica of the group. Messages for another
+    /// group or member, or that raft-rs refuses, are dropped: the network
+    /// may deliver anything, and raft tolerates loss.
+    pub fn step(&mut self, message: Message) {
+        if message.to != self.config.member {
+            return;
+        }
+        if let Err(error) = self.node.step(message) {
+            tracing::debug!(group = self.config.group, %error, "a raft message was refused");
+        }
+    }
+
+    /// Proposes `data` as the next entry; returns its index.
+    ///
+    /// # Errors
+    /// Not the leader (with the leader known, if any), or too much waits
+    /// for a majority already.
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<u64, ProposeError> {
+        let leadership = self.leadership();
+        if !leadership.leading {
+            return Err(ProposeError::NotLeader { leader: leadership.leader });
+        }
+        let before = self.last_index();
+        match self.node.propose(Vec::new(), data) {
+            Ok(()) if self.last_index() == before + 1 => Ok(before + 1),
+            Ok(()) => unreachable!("a leader's proposal is appended to its log at once"),
+            Err(raft::Error::ProposalDropped) if self.leadership().leading => Err(ProposeError::Busy),
+            Err(_) => Err(ProposeError::NotLeader { leader: self.leadership().leader }),
+        }
+    }
+
+    /// Stands for election now (an operator's or a test's choice).
+    pub fn campaign(&mut self) {
+        if let Err(error) = self.node.campaign() {
+            tracing::debug!(group = self.config.group, %error, "campaign refused");
+        }
+    }
+
+    /// The writes of the output numbered `number` (and every earlier one)
+    /// are fsynced.
+    pub fn persisted(&mut self, number: u64) {
+        self.node.on_persist_ready(number);
+        if let Some((written_by, index)) = self.installed_pending {
+            if written_by <= number {
+                self.installed_pending = None;
+                if index > self.node.raft.raft_log.applied {
+                    self.node.advance_apply_to(index);
+                }
+            }
+        }
+    }
+
+    /// The state machine holds a snapshot at `index`: entries before it may
+    /// go from the log. Returns the writes that record it.
+    pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Vec<ReplicaWrite> {
+        let Some(snapshot) = self.node.store().snapshot_taken(index, data) else { return Vec::new() };
+        let writes = vec![ReplicaWrite::Snapshot(snapshot), ReplicaWrite::Compact { index }];
+        for write in &writes {
+            self.node.mut_store().apply(write).expect("a snapshot of applied state fits the log");
+        }
+        writes
+    }
+
+    /// Everything raft-rs wants done now.
+    pub fn collect(&mut self) -> ReplicaOutput {
+        let mut output = ReplicaOutput::default();
+        while self.node.has_ready() {
+            // A snapshot replaces the state machine: the entries committed
+            // before it must be applied first, so it waits for the next call.
+            let snapshot_pending = self.node.snap().is_some_and(|snapshot| !snapshot.is_empty());
+            if snapshot_pending && (!output.committed.is_empty() || output.install.is_some()) {
+                break;
+            }
+            let mut ready = self.node.ready();
+            output.send_now.extend(ready.take_messages());
+            let mut writes = Vec::new();
+            if !ready.snapshot().is_empty() {
+                let snapshot = ready.snapshot().clone();
+                writes.push(ReplicaWrite::Snapshot(snapshot.clone()));
+                output.install = Some(snapshot);
+            }
+            output.committed.extend(ready.take_committed_entries());
+            let entries = ready.take_entries();
+            if !entries.is_empty() {
+                writes.push(ReplicaWrite::Entries(entries));
+            }
+            if let Some(hard_state) = ready.hs() {
+                writes.push(ReplicaWrite::HardState(hard_state.clone()));
+            }
+            for write in &writes {
+                // The mirror follows at once: raft-rs reads its log from it.
+                self.node.mut_store().apply(write).expect("raft-rs writes what follows its own log");
+            }
+            output.writes.extend(writes);
+            output.send_after_writes.extend(ready.take_persisted_messages());
+            if !output.writes.is_empty() {
+                output.number = Some(ready.number());
+            }
+            self.node.advance_append_async(ready);
+            if let Some(snapshot) = &output.install {
+                // raft-rs counts the snapshot applied once it is persisted.
+                self.installed_pending =
+                    Some((output.number.expect("a snapshot is written"), snapshot.get_metadata().index));
+            }
+            if let Some(index) = output.committed.last().map(Entry::get_index) {
+                // The driver applies what it is handed before its next input.
+                self.node.advance_apply_to(index);
+            }
+        }
+        let now = self.leadership();
+        let role = self.node.raft.state;
+        if now.term != self.seen.term || now.leader != self.seen.leader || role != self.role_seen {
+            if now.term != self.seen.term || role != self.role_seen {
+                self.draw_election_timeout();
+            }
+            self.seen = now;
+            self.role_seen = role;
+            output.leadership = Some(now);
+        }
+        output
+    }
+}
