@@ -7,6 +7,14 @@ use flashstock_engine::coordination::{ClientAnswer, ClientRequest};
 use flashstock_engine::sku::EndingImage;
 use flashstock_engine::{OrderError, OrderId, Quantity, SkuId, SkuState};
 
+fn kind_of(request: &ClientRequest) -> &'static str {
+    match request {
+        ClientRequest::Reserve(_) => "reserve",
+        ClientRequest::Commit { .. } => "commit",
+        ClientRequest::Release { .. } => "release",
+    }
+}
+
 type Content = (String, u64, Vec<(SkuId, Quantity)>);
 
 fn content_of(request: &flashstock_engine::OrderRequest) -> Content {
@@ -32,6 +40,11 @@ pub struct History {
     orders: BTreeMap<OrderId, OrderFacts>,
     /// Each attempt id the coordinators used: its order and its SKUs.
     attempts: BTreeMap<OrderId, (OrderId, BTreeSet<SkuId>)>,
+    /// When the first request of each kind for each order was sent.
+    first_sent: BTreeMap<(OrderId, &'static str), u64>,
+    /// Every fresh SKU count an answer carried: when the operation it
+    /// reports on was first asked for, when it was answered, and the counts.
+    observed: BTreeMap<SkuId, Vec<(u64, u64, flashstock_engine::StockSnapshot)>>,
     pub violations: Vec<String>,
     pub answers: u64,
     /// Answers by kind, for the run's summary.
@@ -44,8 +57,66 @@ impl History {
         self.requests.get(&caller)
     }
 
-    pub fn sent(&mut self, caller: u64, request: &ClientRequest) {
+    pub fn sent(&mut self, now_ms: u64, caller: u64, request: &ClientRequest) {
+        self.first_sent.entry((request.order().clone(), kind_of(request))).or_insert(now_ms);
         self.requests.insert(caller, request.clone());
+    }
+
+    /// Keeps the SKU counts of a fresh answer (one that reports what its
+    /// own operation found, not a replay of an earlier one).
+    fn observe(&mut self, now_ms: u64, request: &ClientRequest, answer: &ClientAnswer) {
+        let (lines, stock) = match answer {
+            ClientAnswer::Reserved { lines, stock, replayed: false, .. }
+            | ClientAnswer::Committed { lines, stock, replayed: false, .. } => (lines, stock),
+            // A release reports the counts of earlier steps; refusals carry none.
+            _ => return,
+        };
+        let Some(&asked_ms) = self.first_sent.get(&(request.order().clone(), kind_of(request))) else { return };
+        for ((sku, _), counts) in lines.iter().zip(stock) {
+            self.observed.entry(sku.clone()).or_default().push((asked_ms, now_ms, *counts));
+        }
+    }
+
+    /// Each SKU's counts as answers reported them, against real time: units
+    /// sold never go back (an answer given after another was received
+    /// never reports fewer sold), and available + held + sold never changes
+    /// (the simulation adds and removes no stock). A stale state — a deposed
+    /// leader's, or one rebuilt without an acknowledged entry — breaks the
+    /// first; a lost or doubled unit the second.
+    pub fn check_counts(&mut self) {
+        for (sku, observed) in &mut self.observed {
+            let total = |counts: &flashstock_engine::StockSnapshot| counts.available + counts.held + counts.sold;
+            if let Some((_, _, first)) = observed.first() {
+                let expected = total(first);
+                if let Some((_, answered_ms, counts)) = observed.iter().find(|(_, _, counts)| total(counts) != expected)
+                {
+                    self.violations.push(format!(
+                        "SKU {sku}: answered at {answered_ms} ms with {counts:?}, {} units in all where others had {expected}",
+                        total(counts)
+                    ));
+                }
+            }
+            observed.sort_by_key(|(_, answered_ms, _)| *answered_ms);
+            let mut most_sold: Vec<(u64, u64)> = Vec::with_capacity(observed.len());
+            for (_, answered_ms, counts) in observed.iter() {
+                let before = most_sold.last().map_or(0, |(_, sold)| *sold);
+                most_sold.push((*answered_ms, before.max(counts.sold)));
+            }
+            for (asked_ms, answered_ms, counts) in observed.iter() {
+                // The most sold in any answer received before this was asked.
+                let earlier = most_sold.partition_point(|(at_ms, _)| at_ms < asked_ms);
+                if let Some(&(_, sold)) = earlier.checked_sub(1).map(|index| &most_sold[index]) {
+                    if counts.sold < sold {
+                        self.violations.push(format!(
+                            "SKU {sku}: answered at {answered_ms} ms with {} sold (asked at {asked_ms} ms), \
+                             though an answer before it was asked had {sold} sold",
+                            counts.sold
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// A coordinator asked a part to hold `skus` for `attempt` of `order`.
@@ -75,6 +146,9 @@ impl History {
             return;
         };
         let order = request.order().clone();
+        let request = request.clone();
+        self.observe(now_ms, &request, answer);
+        let request = &request;
         let facts = self.orders.entry(order.clone()).or_default();
         let mut problem = None;
         match (request, answer) {
@@ -148,6 +222,7 @@ impl History {
     /// partly sold or sold twice, nothing released or expired is sold, and
     /// nothing is still held.
     pub fn check_final(&mut self, skus: &BTreeMap<SkuId, SkuState>) {
+        self.check_counts();
         // Units sold per attempt and SKU, from the SKUs themselves.
         let mut sold: BTreeMap<OrderId, BTreeMap<SkuId, u32>> = BTreeMap::new();
         for (sku, state) in skus {
@@ -221,5 +296,64 @@ impl History {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashstock_engine::{BuyerId, Line, OrderRequest, StockSnapshot};
+
+    fn reserve(order: &str) -> ClientRequest {
+        ClientRequest::Reserve(OrderRequest {
+            order: OrderId::new(order).expect("valid"),
+            buyer: BuyerId::new("buyer").expect("valid"),
+            lines: vec![Line { sku: SkuId::new("sku").expect("valid"), quantity: Quantity::Exactly(1) }],
+            ttl_ms: 5_000,
+        })
+    }
+
+    fn reserved(order: &str, available: u64, held: u64, sold: u64) -> ClientAnswer {
+        ClientAnswer::Reserved {
+            order: OrderId::new(order).expect("valid"),
+            expires_at_ms: 5_000,
+            lines: vec![(SkuId::new("sku").expect("valid"), 1)],
+            stock: vec![StockSnapshot { available, held, sold }],
+            replayed: false,
+        }
+    }
+
+    fn history_of(answers: &[(&str, u64, u64, ClientAnswer)]) -> Vec<String> {
+        let mut history = History::default();
+        for (caller, (order, sent_ms, answered_ms, answer)) in (1..).zip(answers) {
+            history.sent(*sent_ms, caller, &reserve(order));
+            history.answered(*answered_ms, caller, answer);
+        }
+        history.check_counts();
+        history.violations
+    }
+
+    #[test]
+    fn sold_going_back_after_an_answer_was_received_is_found() {
+        let violations = history_of(&[("a", 0, 10, reserved("a", 5, 1, 4)), ("b", 20, 30, reserved("b", 7, 1, 2))]);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(violations[0].contains("though an answer before it was asked had 4 sold"), "{violations:?}");
+    }
+
+    #[test]
+    fn overlapping_operations_may_be_ordered_either_way() {
+        let violations =
+            history_of(&[("a", 0, 30, reserve_answer_with_sold(4)), ("b", 20, 40, reserve_answer_with_sold(2))]);
+        assert!(violations.is_empty(), "{violations:?}");
+    }
+
+    #[test]
+    fn a_unit_appearing_or_vanishing_is_found() {
+        let violations = history_of(&[("a", 0, 10, reserved("a", 5, 1, 4)), ("b", 20, 30, reserved("b", 5, 2, 4))]);
+        assert!(violations.iter().any(|violation| violation.contains("units in all")), "{violations:?}");
+    }
+
+    fn reserve_answer_with_sold(sold: u64) -> ClientAnswer {
+        reserved("x", 10 - sold, 0, sold)
     }
 }

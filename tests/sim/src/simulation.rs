@@ -159,6 +159,9 @@ struct World {
     /// Members cut off from the other members, still reached by buyers: a
     /// leader on the wrong side of a partition that clients still talk to.
     cut_from_members: BTreeSet<u32>,
+    /// Each member's clock error: it jumps now and then, either way; a
+    /// leader stamps records with its own clock, followers apply the stamp.
+    clock_skew_ms: Vec<i64>,
     history: History,
     /// Members with a sync scheduled (a group commit under way).
     syncing: BTreeSet<u32>,
@@ -248,6 +251,7 @@ impl World {
         let buyers = (0..config.buyers).map(|index| Buyer::new(index, root.fork(), config.orders_per_buyer)).collect();
         let network = root.fork();
         let faults = root.fork();
+        let member_count = config.members as usize;
         let mut world = Self {
             interceptor: None,
             held: Vec::new(),
@@ -268,6 +272,7 @@ impl World {
             leaders_seen: BTreeMap::new(),
             isolated: BTreeSet::new(),
             cut_from_members: BTreeSet::new(),
+            clock_skew_ms: vec![0; member_count],
             history: History::default(),
             syncing: BTreeSet::new(),
             requests: 0,
@@ -311,6 +316,11 @@ impl World {
 
     fn faulty(&self) -> bool {
         self.config.faults && self.now_ms < self.config.faults_until_ms
+    }
+
+    /// What `member`'s clock reads now: the simulated time plus its skew.
+    fn clock_of(&self, member: u32) -> u64 {
+        self.now_ms.saturating_add_signed(self.clock_skew_ms[member as usize - 1])
     }
 
     fn member(&mut self, id: u32) -> &mut Member {
@@ -494,10 +504,19 @@ impl World {
                     *self.history.tally.entry("compactions").or_default() += 1;
                     let now_ms = self.now_ms;
                     self.trace(format!("{now_ms} compact group {group} on member {member}"));
-                    let outbox = self.member(member).compact(now_ms, group);
+                    let clock_ms = self.clock_of(member);
+                    let outbox = self.member(member).compact(clock_ms, group);
                     self.send_all(Endpoint::Member(member), outbox);
                     self.sync_soon(member);
                 }
+            }
+            9 => {
+                let jump_ms = i64::try_from(self.faults.between(0, 4_000)).expect("small") - 2_000;
+                let skew = &mut self.clock_skew_ms[member as usize - 1];
+                *skew = (*skew + jump_ms).clamp(-5_000, 5_000);
+                *self.history.tally.entry("clock jumps").or_default() += 1;
+                let (now_ms, skew) = (self.now_ms, *skew);
+                self.trace(format!("{now_ms} member {member}'s clock jumps by {jump_ms} ms to skew {skew} ms"));
             }
             6 | 7 if !self.cut_from_members.contains(&member) => {
                 self.cut_from_members.insert(member);
@@ -532,7 +551,8 @@ impl World {
             return;
         }
         let now_ms = self.now_ms;
-        match self.member(member).restart(now_ms) {
+        let clock_ms = self.clock_of(member);
+        match self.member(member).restart(clock_ms) {
             Ok(outbox) => {
                 let incarnation = self.members[member as usize - 1].incarnation;
                 self.trace(format!("{now_ms} restart member {member}"));
@@ -555,7 +575,8 @@ impl World {
                         return;
                     }
                     self.trace(format!("{now_ms} {from:?}->{to:?} {message:?}"));
-                    let outbox = self.member(id).receive(now_ms, from, message);
+                    let clock_ms = self.clock_of(id);
+                    let outbox = self.member(id).receive(clock_ms, from, message);
                     self.send_all(to, outbox);
                     self.sync_soon(id);
                 }
@@ -582,7 +603,8 @@ impl World {
                 if !state.up || state.incarnation != incarnation {
                     return;
                 }
-                let outbox = self.member(member).tick(now_ms);
+                let clock_ms = self.clock_of(member);
+                let outbox = self.member(member).tick(clock_ms);
                 self.send_all(Endpoint::Member(member), outbox);
                 self.sync_soon(member);
                 self.schedule(now_ms + TICK_MS, Event::Tick { member, incarnation });
@@ -593,7 +615,8 @@ impl World {
                     return;
                 }
                 self.syncing.remove(&member);
-                let outbox = self.member(member).sync(now_ms);
+                let clock_ms = self.clock_of(member);
+                let outbox = self.member(member).sync(clock_ms);
                 self.send_all(Endpoint::Member(member), outbox);
                 self.sync_soon(member);
             }
@@ -605,7 +628,8 @@ impl World {
             }
             Event::Campaign { member, group } => {
                 if self.members[member as usize - 1].up {
-                    let outbox = self.member(member).campaign(now_ms, group);
+                    let clock_ms = self.clock_of(member);
+                    let outbox = self.member(member).campaign(clock_ms, group);
                     self.send_all(Endpoint::Member(member), outbox);
                     self.sync_soon(member);
                 }
@@ -628,7 +652,7 @@ impl World {
             }
             Event::BuyerSend { buyer, caller, request } => {
                 self.requests += 1;
-                self.history.sent(caller, &request);
+                self.history.sent(now_ms, caller, &request);
                 let group = self.placement.home_of_order(request.order());
                 let to = self.route(buyer, group);
                 self.trace(format!("{now_ms} buyer {buyer} sends {caller} to {to} (group {group}): {request:?}"));
@@ -875,7 +899,8 @@ impl Scripted {
     pub fn send(&mut self, request: flashstock_engine::coordination::ClientRequest) -> u64 {
         self.next_caller += 1;
         let caller = self.next_caller;
-        self.world.history.sent(caller, &request);
+        let now_ms = self.world.now_ms;
+        self.world.history.sent(now_ms, caller, &request);
         let group = self.world.placement.home_of_order(request.order());
         let to = self.world.route(0, group);
         self.world.send(Endpoint::Buyer(0), Endpoint::Member(to), Message::Request { caller, request });
