@@ -123,9 +123,6 @@ pub struct Replica {
     seen: Leadership,
     role_seen: StateRole,
     random: u64,
-    /// A snapshot handed to the state machine, by the output that wrote
-    /// it: raft-rs is told it is applied once that output is persisted.
-    installed_pending: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -175,7 +172,6 @@ impl Replica {
             seen: Leadership { term: 0, leader: None, leading: false },
             role_seen: StateRole::Follower,
             random,
-            installed_pending: None,
         };
         replica.draw_election_timeout();
         Ok(replica)
@@ -271,14 +267,6 @@ impl Replica {
     /// are fsynced.
     pub fn persisted(&mut self, number: u64) {
         self.node.on_persist_ready(number);
-        if let Some((written_by, index)) = self.installed_pending {
-            if written_by <= number {
-                self.installed_pending = None;
-                if index > self.node.raft.raft_log.applied {
-                    self.node.advance_apply_to(index);
-                }
-            }
-        }
     }
 
     /// The state machine holds a snapshot at `index`: entries before it may
@@ -327,11 +315,21 @@ impl Replica {
             if !output.writes.is_empty() {
                 output.number = Some(ready.number());
             }
-            self.node.advance_append_async(ready);
             if let Some(snapshot) = &output.install {
-                // raft-rs counts the snapshot applied once it is persisted.
-                self.installed_pending =
-                    Some((output.number.expect("a snapshot is written"), snapshot.get_metadata().index));
+                // A snapshot only reaches a follower, and is committed
+                // data: raft-rs is told at once that it is persisted, so
+                // that it counts it applied before anything reads the log
+                // from its old applied index (which the snapshot removed).
+                // The follower's answers still wait for the fsync (they
+                // are `send_after_writes`), so the leader learns nothing
+                // before it is durable.
+                let index = snapshot.get_metadata().index;
+                let mut light = self.node.advance_append(ready);
+                self.node.advance_apply_to(index);
+                output.send_after_writes.extend(light.take_messages());
+                output.committed.extend(light.take_committed_entries());
+            } else {
+                self.node.advance_append_async(ready);
             }
             if let Some(index) = output.committed.last().map(Entry::get_index) {
                 // The driver applies what it is handed before its next input.

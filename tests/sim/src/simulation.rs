@@ -768,7 +768,18 @@ impl World {
             if self.now_ms > RUN_MS_MAX {
                 break;
             }
-            self.step(event);
+            // A panic in the engine is a finding like any other: it is
+            // reported with the trace that led to it.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(event)));
+            if let Err(panic) = stepped {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                    .unwrap_or_default();
+                let violation = format!("{} ms: panicked: {message}", self.now_ms);
+                return self.report(vec![violation]);
+            }
             if self.now_ms >= self.config.faults_until_ms && self.settled() {
                 let since = *quiet_since.get_or_insert(self.now_ms);
                 if self.now_ms >= since + 1_000 {
@@ -792,6 +803,10 @@ impl World {
             .sum();
         *self.history.tally.entry("forgotten").or_default() += forgotten;
         let violations = self.check_final();
+        self.report(violations)
+    }
+
+    fn report(mut self, violations: Vec<String>) -> RunReport {
         RunReport {
             seed: self.config.seed,
             events: self.event_count,
