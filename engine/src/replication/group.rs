@@ -10,13 +10,19 @@
 //! proposes the records that decision wrote; every replica applies
 //! committed records with the same replay ([`ReplayedState::apply`]), so
 //! time and rules come from the record, never from a follower's clock or
-//! configuration. Every answer the leader gives waits until everything
-//! its state depended on — its whole log at the moment it answered — is
-//! committed and applied, in the term it answered in; if it loses
-//! leadership first, its speculative state and every waiting answer are
-//! dropped (callers retry with their idempotency keys; the next leader
-//! decides again from the committed log). A deposed leader therefore
-//! acknowledges nothing that the group did not commit.
+//! configuration. Every answer the leader gives waits for two things:
+//! everything its state depended on — its whole log at the moment it
+//! answered — is committed and applied, in the term it answered in; and a
+//! majority confirmed, after the answer was decided, that this replica
+//! still leads (raft's read index, one round for every answer decided
+//! together). The second matters for answers that write nothing — a
+//! refusal, a replay — which would otherwise be given from whatever a
+//! deposed leader last knew: the simulator found a leader paused past an
+//! election answer `UnknownReservation` for a reservation its successor
+//! had acknowledged (seed 251). If it loses leadership first, its
+//! speculative state and every waiting answer are dropped (callers retry
+//! with their idempotency keys; the next leader decides again from the
+//! committed log). A deposed leader therefore acknowledges nothing.
 //!
 //! A new leader rebuilds its speculative state from its whole log: the
 //! entries of earlier terms it holds will be committed before anything it
@@ -45,7 +51,7 @@ use crate::order::OrderError;
 use crate::replication::replica::{Leadership, ProposeError, Replica, ReplicaConfig};
 use crate::replication::storage::{GroupStorage, ReplicaWrite};
 use crate::replication::{GroupId, ReplicaId};
-use crate::sku::{SkuCommand, SkuState};
+use crate::sku::{SkuCommand, SkuState, StockSnapshot};
 
 /// How a group runs on this member.
 #[derive(Debug, Clone)]
@@ -90,7 +96,21 @@ pub enum GroupOutput {
         caller: CallerId,
         leader: Option<ReplicaId>,
     },
+    /// The answer to [`GroupMachine::read`].
+    Read {
+        caller: CallerId,
+        sku: SkuId,
+        answer: Result<StockSnapshot, OrderError>,
+    },
 }
+
+/// Reads waiting for a majority's confirmation or for their index to be
+/// applied, per group: beyond it a read is refused `Busy` (a leader that
+/// cannot reach a majority must not queue reads without end).
+pub const READS_PENDING_MAX: usize = 4_096;
+/// How long a read may wait for a majority before it is refused
+/// `Unavailable` (the caller retries, maybe at a new leader).
+pub const READ_WAIT_MS_MAX: u64 = 2_000;
 
 /// What only the leader holds.
 #[derive(Debug)]
@@ -101,10 +121,21 @@ struct Leading {
     /// Started once `coordinator_from_index` is applied (see above).
     coordinator: Option<Coordinator>,
     coordinator_from_index: u64,
-    /// Answers, each released once the index beside it is applied.
-    waiting: VecDeque<(u64, GroupOutput)>,
+    /// Answers decided since leadership was last confirmed, with the
+    /// index each needs applied.
+    unconfirmed: Vec<(u64, GroupOutput)>,
+    /// Answers waiting for the confirmation asked with each context.
+    confirming: BTreeMap<u64, Vec<(u64, GroupOutput)>>,
+    /// Answers confirmed, each released once the index beside it is applied.
+    waiting: Vec<(u64, GroupOutput)>,
     /// Coordinator tokens, each durable once the index beside it is applied.
     tokens: VecDeque<(u64, u64)>,
+    /// Reads asked for and not yet confirmed, by their context, with when
+    /// they were asked.
+    reads_asked: BTreeMap<u64, (CallerId, SkuId, u64)>,
+    /// Reads confirmed, each answered once the index beside it is applied.
+    reads_confirmed: VecDeque<(u64, CallerId, SkuId)>,
+    next_read: u64,
 }
 
 /// One group's replica and state machine on this member.
@@ -198,6 +229,40 @@ impl GroupMachine {
         self.settle(now_ms);
     }
 
+    /// The counts of `sku` (available, held, sold), linearizable: the
+    /// leader confirms with a majority that it still leads (read index),
+    /// then answers from its applied state once that has reached the
+    /// commit index of the moment it asked — so the answer reflects every
+    /// change acknowledged before the read began, and a deposed leader,
+    /// which cannot get that confirmation, never answers.
+    pub fn read(&mut self, now_ms: u64, caller: CallerId, sku: SkuId) {
+        let refusal = match &mut self.leading {
+            None => Some(GroupOutput::NotLeader { caller, leader: self.replica.leadership().leader }),
+            // raft-rs drops reads until the leader committed in its term.
+            Some(Leading { coordinator: None, .. }) => Some(GroupOutput::Read {
+                caller,
+                sku: sku.clone(),
+                answer: Err(OrderError::Busy { retry_after_ms: 20 }),
+            }),
+            Some(leading) if leading.reads_asked.len() + leading.reads_confirmed.len() >= READS_PENDING_MAX => {
+                Some(GroupOutput::Read {
+                    caller,
+                    sku: sku.clone(),
+                    answer: Err(OrderError::Busy { retry_after_ms: 20 }),
+                })
+            }
+            Some(leading) => {
+                leading.next_read += 1;
+                let context = leading.next_read;
+                leading.reads_asked.insert(context, (caller, sku.clone(), now_ms));
+                self.replica.read_index(context.to_be_bytes().to_vec());
+                None
+            }
+        };
+        self.outputs.extend(refusal);
+        self.settle(now_ms);
+    }
+
     /// A coordinator's step for this group's part of an order.
     pub fn part(&mut self, now_ms: u64, caller: CallerId, message: PartMessage) {
         let Some(leading) = &mut self.leading else {
@@ -234,6 +299,16 @@ impl GroupMachine {
         if let Some(leading) = &mut self.leading {
             if let Some(coordinator) = &mut leading.coordinator {
                 coordinator.tick(now_ms);
+            }
+            let overdue: Vec<u64> = leading
+                .reads_asked
+                .iter()
+                .filter(|(_, (_, _, asked_ms))| now_ms.saturating_sub(*asked_ms) > READ_WAIT_MS_MAX)
+                .map(|(&context, _)| context)
+                .collect();
+            for context in overdue {
+                let (caller, sku, _) = leading.reads_asked.remove(&context).expect("listed");
+                self.outputs.push(GroupOutput::Read { caller, sku, answer: Err(OrderError::Unavailable) });
             }
             let due: Vec<SkuId> = leading
                 .skus
@@ -299,8 +374,23 @@ impl GroupMachine {
     fn answer_when_applied(&mut self, output: GroupOutput) {
         let index = self.replica.last_index();
         if let Some(leading) = &mut self.leading {
-            leading.waiting.push_back((index, output));
+            leading.unconfirmed.push((index, output));
         }
+    }
+
+    /// Asks a majority to confirm leadership for the answers decided since
+    /// the last time (once the term has committed an entry: raft-rs
+    /// ignores reads before); returns whether it asked.
+    fn confirm_answers(&mut self) -> bool {
+        let Some(leading) = &mut self.leading else { return false };
+        if leading.unconfirmed.is_empty() || leading.coordinator.is_none() {
+            return false;
+        }
+        leading.next_read += 1;
+        let context = leading.next_read;
+        leading.confirming.insert(context, std::mem::take(&mut leading.unconfirmed));
+        self.replica.read_index(context.to_be_bytes().to_vec());
+        true
     }
 
     /// Carries out what raft-rs and the coordinator want, until neither
@@ -308,6 +398,7 @@ impl GroupMachine {
     fn settle(&mut self, now_ms: u64) {
         for _ in 0..64 {
             let drained = self.drain_coordinator();
+            let asked = self.confirm_answers();
             let output = self.replica.collect();
             let raft_work = !output.is_empty();
             self.outputs.extend(output.send_now.into_iter().map(GroupOutput::Raft));
@@ -321,16 +412,28 @@ impl GroupMachine {
             for entry in output.committed {
                 self.apply_committed(&entry);
             }
+            if let Some(leading) = &mut self.leading {
+                for (index, context) in output.reads {
+                    let Ok(context) = <[u8; 8]>::try_from(context.as_slice()) else { continue };
+                    let context = u64::from_be_bytes(context);
+                    if let Some((caller, sku, _)) = leading.reads_asked.remove(&context) {
+                        leading.reads_confirmed.push_back((index, caller, sku));
+                    }
+                    for (needed, output) in leading.confirming.remove(&context).unwrap_or_default() {
+                        leading.waiting.push((needed.max(index), output));
+                    }
+                }
+            }
             let leadership = self.replica.leadership();
             match (&self.leading, leadership.leading) {
                 (Some(leading), true) if leading.term == leadership.term => {}
                 (_, true) => self.become_leader(leadership.term),
-                (Some(_), false) => self.leading = None,
+                (Some(_), false) => self.step_down(),
                 (None, false) => {}
             }
             let started = self.start_coordinator(now_ms);
-            let released = self.release_applied(now_ms);
-            if !drained && !raft_work && !released && !started {
+            let released = self.release_applied(now_ms) | self.answer_reads();
+            if !drained && !asked && !raft_work && !released && !started {
                 return;
             }
         }
@@ -392,8 +495,13 @@ impl GroupMachine {
             coordinator: None,
             // raft-rs appended the term's first (empty) entry on election.
             coordinator_from_index: self.replica.last_index(),
-            waiting: VecDeque::new(),
+            unconfirmed: Vec::new(),
+            confirming: BTreeMap::new(),
+            waiting: Vec::new(),
             tokens: VecDeque::new(),
+            reads_asked: BTreeMap::new(),
+            reads_confirmed: VecDeque::new(),
+            next_read: 0,
         });
     }
 
@@ -430,15 +538,46 @@ impl GroupMachine {
         self.leading = Some(Leading { skus: state.skus, ..leading });
     }
 
+    /// Leadership lost: the speculative state goes, answers waiting go
+    /// unsent (their callers retry), reads are told to ask the new leader.
+    fn step_down(&mut self) {
+        let Some(leading) = self.leading.take() else { return };
+        let leader = self.replica.leadership().leader;
+        let callers = leading.reads_asked.into_values().map(|(caller, _, _)| caller);
+        let confirmed = leading.reads_confirmed.into_iter().map(|(_, caller, _)| caller);
+        for caller in callers.chain(confirmed) {
+            self.outputs.push(GroupOutput::NotLeader { caller, leader });
+        }
+    }
+
+    /// Answers the reads whose index is applied, from the applied state.
+    fn answer_reads(&mut self) -> bool {
+        let applied_index = self.applied_index;
+        let Some(leading) = &mut self.leading else { return false };
+        let mut answered = false;
+        while leading.reads_confirmed.front().is_some_and(|(index, _, _)| *index <= applied_index) {
+            let (_, caller, sku) = leading.reads_confirmed.pop_front().expect("checked");
+            let answer = match self.applied.skus.get(&sku) {
+                Some(state) => Ok(state.stock()),
+                None => Err(OrderError::UnknownSku { index: 0, sku: sku.clone() }),
+            };
+            self.outputs.push(GroupOutput::Read { caller, sku, answer });
+            answered = true;
+        }
+        answered
+    }
+
     /// Releases the answers and coordinator tokens the applied index has
     /// reached; returns whether there were any.
     fn release_applied(&mut self, now_ms: u64) -> bool {
         let applied_index = self.applied_index;
         let Some(leading) = &mut self.leading else { return false };
         let mut released = false;
-        while leading.waiting.front().is_some_and(|(index, _)| *index <= applied_index) {
-            let (_, output) = leading.waiting.pop_front().expect("checked");
-            self.outputs.push(output);
+        if leading.waiting.iter().any(|(index, _)| *index <= applied_index) {
+            let (ready, later): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut leading.waiting).into_iter().partition(|(index, _)| *index <= applied_index);
+            leading.waiting = later;
+            self.outputs.extend(ready.into_iter().map(|(_, output)| output));
             released = true;
         }
         let mut durable = None;

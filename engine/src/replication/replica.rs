@@ -92,6 +92,9 @@ pub struct ReplicaOutput {
     /// A snapshot received from the leader: the state machine becomes its
     /// data before any entry in `committed` is applied.
     pub install: Option<Snapshot>,
+    /// Reads confirmed by a majority: each may be answered once the
+    /// index beside its context is applied.
+    pub reads: Vec<(u64, Vec<u8>)>,
     /// Set when the term or the leader changed.
     pub leadership: Option<Leadership>,
 }
@@ -103,6 +106,7 @@ impl ReplicaOutput {
             && self.send_after_writes.is_empty()
             && self.committed.is_empty()
             && self.install.is_none()
+            && self.reads.is_empty()
             && self.leadership.is_none()
     }
 }
@@ -256,6 +260,13 @@ impl Replica {
         }
     }
 
+    /// Asks a majority to confirm this replica still leads (raft's read
+    /// index, the safe variant: a heartbeat round, no reliance on clocks);
+    /// the answer comes back in [`ReplicaOutput::reads`] with `context`.
+    pub fn read_index(&mut self, context: Vec<u8>) {
+        self.node.read_index(context);
+    }
+
     /// Stands for election now (an operator's or a test's choice).
     pub fn campaign(&mut self) {
         if let Err(error) = self.node.campaign() {
@@ -292,6 +303,7 @@ impl Replica {
             }
             let mut ready = self.node.ready();
             output.send_now.extend(ready.take_messages());
+            output.reads.extend(ready.take_read_states().into_iter().map(|read| (read.index, read.request_ctx)));
             let mut writes = Vec::new();
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot().clone();

@@ -77,6 +77,13 @@ impl History {
         }
     }
 
+    /// A read of `sku`'s counts, asked at `asked_ms`, was answered.
+    pub fn read_answered(&mut self, asked_ms: u64, now_ms: u64, sku: &SkuId, counts: flashstock_engine::StockSnapshot) {
+        self.answers += 1;
+        *self.tally.entry("reads").or_default() += 1;
+        self.observed.entry(sku.clone()).or_default().push((asked_ms, now_ms, counts));
+    }
+
     /// Each SKU's counts as answers reported them, against real time: units
     /// sold never go back (an answer given after another was received
     /// never reports fewer sold), and available + held + sold never changes

@@ -13,6 +13,8 @@ use flashstock_engine::coordination::{ClientAnswer, ClientRequest, MemberId, Par
 use flashstock_engine::log::replay::ReplayedState;
 use flashstock_engine::replication::{GroupConfig, GroupId, GroupMachine, GroupOutput, Leadership, ReplicaWrite};
 
+use flashstock_engine::{OrderError, SkuId, StockSnapshot};
+
 use crate::rng::Rng;
 
 /// Where a message goes.
@@ -25,6 +27,15 @@ pub enum Endpoint {
 /// What travels between members and buyers.
 #[derive(Debug, Clone)]
 pub enum Message {
+    /// A linearizable read of a SKU's counts, and its answer.
+    Read {
+        caller: u64,
+        sku: SkuId,
+    },
+    ReadAnswer {
+        caller: u64,
+        answer: Result<StockSnapshot, OrderError>,
+    },
     Request {
         caller: u64,
         request: ClientRequest,
@@ -172,6 +183,10 @@ impl Member {
                     let to = u32::try_from(caller & !PART_CALLER).expect("a member id");
                     outbox.push((Endpoint::Member(to), Message::PartReply { group, reply }));
                 }
+                GroupOutput::Read { caller, answer, .. } => {
+                    let buyer = u32::try_from(caller >> 32).expect("a reader index");
+                    outbox.push((Endpoint::Buyer(buyer), Message::ReadAnswer { caller, answer }));
+                }
                 GroupOutput::NotLeader { caller, leader } => {
                     let leader = leader.map(|leader| u32::try_from(leader).expect("member ids are u32"));
                     if caller & PART_CALLER != 0 {
@@ -226,12 +241,24 @@ impl Member {
                 }
             }
             Message::PartNotLeader { group, leader } => self.learn_leader(group, leader),
+            Message::Read { caller, sku } => {
+                let group = self.placement.owner_of_sku(&sku);
+                match self.groups.get_mut(&group) {
+                    Some(machine) => machine.read(now_ms, caller, sku),
+                    None => {
+                        let leader = self.leaders.get(&group).copied();
+                        outbox.push((from, Message::NotLeader { caller, group, leader }));
+                    }
+                }
+            }
             Message::Raft { group, message } => {
                 if let Some(machine) = self.groups.get_mut(&group) {
                     machine.raft(now_ms, message);
                 }
             }
-            Message::Answer { .. } | Message::NotLeader { .. } => unreachable!("members receive no client answers"),
+            Message::Answer { .. } | Message::NotLeader { .. } | Message::ReadAnswer { .. } => {
+                unreachable!("members receive no client answers")
+            }
         }
         self.drain_all(&mut outbox);
         outbox

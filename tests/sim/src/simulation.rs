@@ -12,7 +12,7 @@ use flashstock_engine::coordination::{CoordinatorConfig, PartRequest, Placement}
 use flashstock_engine::log::record::LogRecord;
 use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
 use flashstock_engine::replication::{GroupConfig, GroupId, ReplicaConfig};
-use flashstock_engine::{Limits, SkuId, SkuSettings};
+use flashstock_engine::{Limits, SkuId, SkuSettings, SkuState};
 
 use crate::history::History;
 use crate::member::{Endpoint, Member, Message};
@@ -32,6 +32,9 @@ pub struct SimConfig {
     pub skus: usize,
     pub buyers: u32,
     pub orders_per_buyer: u32,
+    /// Clients that read SKU counts (linearizable reads) all through the
+    /// faults.
+    pub readers: u32,
     /// Faults happen before this time only.
     pub faults_until_ms: u64,
     /// Whether to inject faults at all.
@@ -53,6 +56,7 @@ impl SimConfig {
             skus: 6,
             buyers: 8,
             orders_per_buyer: 30,
+            readers: 2,
             faults_until_ms: 20_000,
             faults: true,
             trace_lines_kept: 80,
@@ -111,6 +115,12 @@ enum Event {
     BuyerWake {
         buyer: u32,
     },
+    ReaderWake {
+        reader: u32,
+    },
+    Resume {
+        member: u32,
+    },
     BuyerSend {
         buyer: u32,
         caller: u64,
@@ -150,6 +160,11 @@ struct World {
     replicas: BTreeMap<GroupId, Vec<u32>>,
     /// Where each buyer sends each group's requests (its client's routing).
     routes: BTreeMap<(u32, GroupId), u32>,
+    /// Each reader's read under way: its caller, SKU, when it was first
+    /// sent, and when the reader gives up on it.
+    reading: BTreeMap<u32, (u64, SkuId, u64, u64)>,
+    readers_rng: Rng,
+    next_read_caller: u64,
     /// Redirections followed per caller (bounded, like a client's).
     redirects: BTreeMap<u64, u32>,
     /// The leader seen for each group and term: never two.
@@ -162,6 +177,9 @@ struct World {
     /// Each member's clock error: it jumps now and then, either way; a
     /// leader stamps records with its own clock, followers apply the stamp.
     clock_skew_ms: Vec<i64>,
+    /// Members stopped (SIGSTOP) until a time: no ticks, no syncs, their
+    /// messages wait; they resume believing what they believed.
+    paused: BTreeMap<u32, u64>,
     history: History,
     /// Members with a sync scheduled (a group commit under way).
     syncing: BTreeSet<u32>,
@@ -172,6 +190,8 @@ struct World {
 }
 
 const TICK_MS: u64 = 10;
+/// Readers are endpoints numbered from here (buyers from 0).
+const READER_BASE: u32 = 1_000;
 /// The end of a run that has not settled by then is a liveness failure.
 const RUN_MS_MAX: u64 = 300_000;
 
@@ -251,6 +271,7 @@ impl World {
         let buyers = (0..config.buyers).map(|index| Buyer::new(index, root.fork(), config.orders_per_buyer)).collect();
         let network = root.fork();
         let faults = root.fork();
+        let readers_rng = root.fork();
         let member_count = config.members as usize;
         let mut world = Self {
             interceptor: None,
@@ -269,10 +290,14 @@ impl World {
             replicas,
             routes: BTreeMap::new(),
             redirects: BTreeMap::new(),
+            reading: BTreeMap::new(),
+            readers_rng,
+            next_read_caller: 0,
             leaders_seen: BTreeMap::new(),
             isolated: BTreeSet::new(),
             cut_from_members: BTreeSet::new(),
             clock_skew_ms: vec![0; member_count],
+            paused: BTreeMap::new(),
             history: History::default(),
             syncing: BTreeSet::new(),
             requests: 0,
@@ -285,6 +310,9 @@ impl World {
         }
         for buyer in 0..world.config.buyers {
             world.schedule(0, Event::BuyerWake { buyer });
+        }
+        for reader in 0..world.config.readers {
+            world.schedule(100, Event::ReaderWake { reader });
         }
         // Each group's preferred leader stands first; later elections are
         // raft's own.
@@ -411,10 +439,9 @@ impl World {
         *self.routes.entry((buyer, group)).or_insert(preferred)
     }
 
-    /// A member that does not lead `group` refused `caller`: the client
-    /// follows the hint (or tries the next replica) and sends again, a
-    /// bounded number of times; then the buyer's own timeout retries.
-    fn redirected(&mut self, buyer: u32, caller: u64, group: GroupId, leader: Option<u32>) {
+    /// Updates `buyer`'s route for `group` after a refusal: the hint, or
+    /// the next replica; returns the new route.
+    fn follow_hint(&mut self, buyer: u32, group: GroupId, leader: Option<u32>) -> u32 {
         *self.history.tally.entry("not leader").or_default() += 1;
         let replicas = self.replicas[&group].clone();
         let current = self.route(buyer, group);
@@ -426,6 +453,14 @@ impl World {
             }
         };
         self.routes.insert((buyer, group), next);
+        next
+    }
+
+    /// A member that does not lead `group` refused `caller`: the client
+    /// follows the hint (or tries the next replica) and sends again, a
+    /// bounded number of times; then the buyer's own timeout retries.
+    fn redirected(&mut self, buyer: u32, caller: u64, group: GroupId, leader: Option<u32>) {
+        let next = self.follow_hint(buyer, group, leader);
         let redirects = self.redirects.entry(caller).or_default();
         *redirects += 1;
         if *redirects > 8 {
@@ -436,6 +471,55 @@ impl World {
         let at_ms = self.now_ms + pause_ms;
         self.trace(format!("{} buyer {buyer} redirected to {next} for group {group}", self.now_ms));
         self.schedule_resend(at_ms, buyer, caller, request);
+    }
+
+    /// A reader's next move: a new read now and then, or a retry of one
+    /// unanswered for too long.
+    fn reader_wake(&mut self, reader: u32) {
+        let now_ms = self.now_ms;
+        if let Some((_, _, _, give_up_ms)) = self.reading.get(&reader) {
+            if now_ms < *give_up_ms {
+                return;
+            }
+            self.reading.remove(&reader);
+        }
+        if now_ms > self.config.faults_until_ms + 5_000 {
+            return;
+        }
+        self.next_read_caller += 1;
+        let endpoint = READER_BASE + reader;
+        let caller = (u64::from(endpoint) << 32) | self.next_read_caller;
+        let sku = self.catalogue[self.readers_rng.below(self.catalogue.len())].clone();
+        self.reading.insert(reader, (caller, sku.clone(), now_ms, now_ms + 1_000));
+        self.schedule(now_ms + 1_000, Event::ReaderWake { reader });
+        self.send_read(reader, caller, sku);
+    }
+
+    fn send_read(&mut self, reader: u32, caller: u64, sku: SkuId) {
+        let group = self.placement.owner_of_sku(&sku);
+        let endpoint = READER_BASE + reader;
+        let to = self.route(endpoint, group);
+        self.send(Endpoint::Buyer(endpoint), Endpoint::Member(to), Message::Read { caller, sku });
+    }
+
+    fn read_answered(
+        &mut self,
+        reader: u32,
+        caller: u64,
+        answer: Result<flashstock_engine::StockSnapshot, flashstock_engine::OrderError>,
+    ) {
+        let Some((current, sku, asked_ms, _)) = self.reading.get(&reader).cloned() else { return };
+        if current != caller {
+            return;
+        }
+        // Busy or unavailable: the reader tries again when it gives up.
+        if let Ok(counts) = answer {
+            let now_ms = self.now_ms;
+            self.history.read_answered(asked_ms, now_ms, &sku, counts);
+            self.reading.remove(&reader);
+            let next_ms = now_ms + self.readers_rng.between(20, 300);
+            self.schedule(next_ms, Event::ReaderWake { reader });
+        }
     }
 
     fn schedule_resend(
@@ -489,10 +573,11 @@ impl World {
                 member = leaders[self.faults.below(leaders.len())];
             }
         }
-        match self.faults.below(12) {
+        match self.faults.below(13) {
             0..=3 if self.members[member as usize - 1].up => {
                 let mut rng = self.faults.fork();
                 self.member(member).crash(&mut rng);
+                self.paused.remove(&member);
                 *self.history.tally.entry("crashes").or_default() += 1;
                 let back_ms = self.now_ms + self.faults.between(50, 3_000);
                 self.trace(format!("{} crash member {member}", self.now_ms));
@@ -509,6 +594,20 @@ impl World {
                     self.send_all(Endpoint::Member(member), outbox);
                     self.sync_soon(member);
                 }
+            }
+            10 if !self.paused.contains_key(&member) && self.members[member as usize - 1].up => {
+                // Longer than an election timeout; half the time cut off
+                // from the other members as well, so that on resuming it
+                // hears nothing of the new leader and still believes it leads.
+                let resume_ms = self.now_ms + self.faults.between(200, 2_000);
+                self.paused.insert(member, resume_ms);
+                if self.faults.chance(500) && self.cut_from_members.insert(member) {
+                    let heal_ms = resume_ms + self.faults.between(50, 500);
+                    self.schedule(heal_ms, Event::Heal { member });
+                }
+                *self.history.tally.entry("pauses").or_default() += 1;
+                self.trace(format!("{} pause member {member} until {resume_ms}", self.now_ms));
+                self.schedule(resume_ms, Event::Resume { member });
             }
             9 => {
                 let jump_ms = i64::try_from(self.faults.between(0, 4_000)).expect("small") - 2_000;
@@ -574,12 +673,33 @@ impl World {
                     if !self.members[id as usize - 1].up {
                         return;
                     }
+                    if let Some(&resume_ms) = self.paused.get(&id) {
+                        // A paused process reads its socket when it resumes.
+                        self.schedule(resume_ms, Event::Deliver { from, to, message });
+                        return;
+                    }
                     self.trace(format!("{now_ms} {from:?}->{to:?} {message:?}"));
                     let clock_ms = self.clock_of(id);
                     let outbox = self.member(id).receive(clock_ms, from, message);
                     self.send_all(to, outbox);
                     self.sync_soon(id);
                 }
+                Endpoint::Buyer(buyer) if buyer >= READER_BASE => match message {
+                    Message::ReadAnswer { caller, answer } => {
+                        self.trace(format!("{now_ms} {from:?}->{to:?} {caller} {answer:?}"));
+                        self.read_answered(buyer - READER_BASE, caller, answer);
+                    }
+                    Message::NotLeader { caller, group, leader } => {
+                        self.follow_hint(buyer, group, leader);
+                        let reader = buyer - READER_BASE;
+                        if let Some((current, sku, _, _)) = self.reading.get(&reader).cloned() {
+                            if current == caller {
+                                self.send_read(reader, caller, sku);
+                            }
+                        }
+                    }
+                    other => unreachable!("readers get read answers, not {other:?}"),
+                },
                 Endpoint::Buyer(buyer) => {
                     if let Message::NotLeader { caller, group, leader } = message {
                         self.redirected(buyer, caller, group, leader);
@@ -603,6 +723,10 @@ impl World {
                 if !state.up || state.incarnation != incarnation {
                     return;
                 }
+                if let Some(&resume_ms) = self.paused.get(&member) {
+                    self.schedule(resume_ms, Event::Tick { member, incarnation });
+                    return;
+                }
                 let clock_ms = self.clock_of(member);
                 let outbox = self.member(member).tick(clock_ms);
                 self.send_all(Endpoint::Member(member), outbox);
@@ -612,6 +736,10 @@ impl World {
             Event::Sync { member, incarnation } => {
                 let state = &self.members[member as usize - 1];
                 if !state.up || state.incarnation != incarnation {
+                    return;
+                }
+                if let Some(&resume_ms) = self.paused.get(&member) {
+                    self.schedule(resume_ms, Event::Sync { member, incarnation });
                     return;
                 }
                 self.syncing.remove(&member);
@@ -639,6 +767,12 @@ impl World {
                 let was_cut = self.cut_from_members.remove(&member);
                 if self.isolated.remove(&member) || was_cut {
                     self.trace(format!("{now_ms} heal member {member}"));
+                }
+            }
+            Event::ReaderWake { reader } => self.reader_wake(reader),
+            Event::Resume { member } => {
+                if self.paused.remove(&member).is_some() {
+                    self.trace(format!("{now_ms} resume member {member}"));
                 }
             }
             Event::BuyerWake { buyer } => {
@@ -752,10 +886,22 @@ impl World {
         std::mem::take(&mut self.history.violations)
     }
 
+    /// What each group still waits for, for a run that did not settle.
     fn open_orders(&self) -> Vec<String> {
         (1..=self.config.group_count)
-            .map(|group| match self.leader_of(group).and_then(|leader| leader.coordinator()) {
-                Some(coordinator) => format!("group {group}: {:?}", coordinator.open_orders()),
+            .map(|group| match self.leader_of(group) {
+                Some(leader) => {
+                    let open = leader.coordinator().map(|coordinator| coordinator.open_orders());
+                    let held: usize = leader.applied().skus.values().map(SkuState::hold_count).sum();
+                    let applied: Vec<(u32, Option<u64>)> = self.replicas[&group]
+                        .iter()
+                        .map(|&member| {
+                            let replica = self.members[member as usize - 1].groups.get(&group);
+                            (member, replica.map(flashstock_engine::replication::GroupMachine::applied_index))
+                        })
+                        .collect();
+                    format!("group {group}: orders open {open:?}, holds {held}, applied per replica {applied:?}")
+                }
                 None => format!("group {group}: no leader"),
             })
             .collect()
