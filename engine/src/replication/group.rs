@@ -538,14 +538,26 @@ impl GroupMachine {
         self.leading = Some(Leading { skus: state.skus, ..leading });
     }
 
-    /// Leadership lost: the speculative state goes, answers waiting go
-    /// unsent (their callers retry), reads are told to ask the new leader.
+    /// Leadership lost: the speculative state goes, and every caller
+    /// still waiting is told to ask the new leader (never what this one
+    /// decided: that may not be what the group keeps; a retry with the
+    /// same idempotency key finds out).
     fn step_down(&mut self) {
         let Some(leading) = self.leading.take() else { return };
         let leader = self.replica.leadership().leader;
-        let callers = leading.reads_asked.into_values().map(|(caller, _, _)| caller);
+        let reads = leading.reads_asked.into_values().map(|(caller, _, _)| caller);
         let confirmed = leading.reads_confirmed.into_iter().map(|(_, caller, _)| caller);
-        for caller in callers.chain(confirmed) {
+        let answers = leading
+            .unconfirmed
+            .into_iter()
+            .chain(leading.confirming.into_values().flatten())
+            .chain(leading.waiting)
+            .filter_map(|(_, output)| match output {
+                GroupOutput::Answer { caller, .. } | GroupOutput::PartAnswer { caller, .. } => Some(caller),
+                _ => None,
+            });
+        let callers: Vec<CallerId> = reads.chain(confirmed).chain(answers).collect();
+        for caller in callers {
             self.outputs.push(GroupOutput::NotLeader { caller, leader });
         }
     }

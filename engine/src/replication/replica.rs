@@ -127,6 +127,8 @@ pub struct Replica {
     seen: Leadership,
     role_seen: StateRole,
     random: u64,
+    /// Ticks each follower has been waiting on a snapshot (leader only).
+    snapshot_waits: std::collections::BTreeMap<ReplicaId, usize>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -176,6 +178,7 @@ impl Replica {
             seen: Leadership { term: 0, leader: None, leading: false },
             role_seen: StateRole::Follower,
             random,
+            snapshot_waits: std::collections::BTreeMap::new(),
         };
         replica.draw_election_timeout();
         Ok(replica)
@@ -227,6 +230,37 @@ impl Replica {
     /// One tick of logical time has passed.
     pub fn tick(&mut self) {
         self.node.tick();
+        self.unstick_snapshots();
+    }
+
+    /// A leader that sent a follower a snapshot waits for that follower's
+    /// answer before sending it anything else; if the snapshot or the
+    /// answer was lost, it would wait for ever. A follower still waiting
+    /// after two election timeouts is reported failed, so the leader
+    /// probes it again (and sends a newer snapshot if it must).
+    fn unstick_snapshots(&mut self) {
+        if self.node.raft.state != StateRole::Leader {
+            self.snapshot_waits.clear();
+            return;
+        }
+        let waiting: Vec<u64> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, progress)| progress.state == raft::ProgressState::Snapshot)
+            .map(|(&id, _)| id)
+            .collect();
+        self.snapshot_waits.retain(|id, _| waiting.contains(id));
+        let patience = 2 * self.config.election_ticks;
+        for id in waiting {
+            let ticks = self.snapshot_waits.entry(id).or_insert(0);
+            *ticks += 1;
+            if *ticks > patience {
+                self.snapshot_waits.remove(&id);
+                self.node.report_snapshot(id, raft::SnapshotStatus::Failure);
+            }
+        }
     }
 
     /// A message from another replica of the group. Messages for another

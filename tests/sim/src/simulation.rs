@@ -146,6 +146,8 @@ struct World {
     held: Vec<(Endpoint, Endpoint, Message)>,
     /// Every answer, by caller (for scripted tests).
     answers: BTreeMap<u64, Vec<flashstock_engine::coordination::ClientAnswer>>,
+    /// Which member gave each of those answers.
+    answered_by: BTreeMap<u64, Vec<u32>>,
     config: SimConfig,
     now_ms: u64,
     next_event: u64,
@@ -277,6 +279,7 @@ impl World {
             interceptor: None,
             held: Vec::new(),
             answers: BTreeMap::new(),
+            answered_by: BTreeMap::new(),
             config,
             now_ms: 0,
             next_event: 0,
@@ -364,6 +367,27 @@ impl World {
 
     /// Puts `message` on the network: maybe lost, maybe twice, maybe late.
     fn send(&mut self, from: Endpoint, to: Endpoint, message: Message) {
+        if let (Endpoint::Buyer(_), Endpoint::Member(member)) = (from, to) {
+            if !self.members[member as usize - 1].up {
+                // Nothing listens there: the client's connection fails at
+                // once, and it tries the next replica.
+                let caller = match &message {
+                    Message::Request { caller, .. } | Message::Read { caller, .. } => Some(*caller),
+                    _ => None,
+                };
+                if let Some(caller) = caller {
+                    let group = match &message {
+                        Message::Read { sku, .. } => self.placement.owner_of_sku(sku),
+                        Message::Request { request, .. } => self.placement.home_of_order(request.order()),
+                        _ => unreachable!("matched above"),
+                    };
+                    let at_ms = self.now_ms + 5;
+                    let refusal = Message::NotLeader { caller, group, leader: None };
+                    self.schedule(at_ms, Event::Deliver { from: to, to: from, message: refusal });
+                    return;
+                }
+            }
+        }
         if let (Endpoint::Member(_), Message::Part { message: part, .. }) = (from, &message) {
             if let PartRequest::Reserve { lines, .. } = &part.request {
                 self.history.attempt(&part.attempt, &part.order, lines.iter().map(|(sku, _)| sku.clone()));
@@ -710,6 +734,9 @@ impl World {
                     self.history.answered(now_ms, caller, &answer);
                     if self.interceptor.is_some() {
                         self.answers.entry(caller).or_default().push(answer.clone());
+                        if let Endpoint::Member(member) = from {
+                            self.answered_by.entry(caller).or_default().push(member);
+                        }
                     }
                     if (buyer as usize) < self.buyers.len() {
                         let catalogue = self.catalogue.clone();
@@ -777,6 +804,16 @@ impl World {
             }
             Event::BuyerWake { buyer } => {
                 let catalogue = self.catalogue.clone();
+                let state = &self.buyers[buyer as usize];
+                if let (Some(deadline_ms), Some(caller)) = (state.deadline_ms(), state.current_caller()) {
+                    // A request unanswered for long: its client tries
+                    // another replica next time.
+                    let group =
+                        self.history.request(caller).map(|request| self.placement.home_of_order(request.order()));
+                    if let (true, Some(group)) = (now_ms >= deadline_ms, group) {
+                        self.follow_hint(buyer, group, None);
+                    }
+                }
                 let state = &mut self.buyers[buyer as usize];
                 let next = match state.deadline_ms() {
                     Some(_) => state.answered(now_ms, 0, None, &catalogue),
@@ -1002,7 +1039,8 @@ impl Scripted {
             members,
             skus,
             replication_factor,
-            trace_lines_kept: 200,
+            readers: 0,
+            trace_lines_kept: 2_000,
             ..SimConfig::new(0)
         };
         let mut world = World::new(config);
@@ -1088,8 +1126,53 @@ impl Scripted {
         self.run_for(1_000);
         match self.answers(caller) {
             [answer] => answer.clone(),
-            other => panic!("expected one answer, got {other:?}"),
+            other => {
+                let trace: Vec<&String> =
+                    self.world.trace.iter().filter(|line| !line.contains("MsgHeartbeat")).collect();
+                panic!("expected one answer, got {other:?}; trace tail: {trace:#?}")
+            }
         }
+    }
+
+    /// The members that gave `caller`'s answers, in order.
+    pub fn answered_by(&self, caller: u64) -> &[u32] {
+        self.world.answered_by.get(&caller).map_or(&[], Vec::as_slice)
+    }
+
+    /// The member leading the group of `order`'s home, if one leads.
+    pub fn leader_of_home(&self, order: &str) -> Option<u32> {
+        let group = self.world.placement.home_of_order(&flashstock_engine::OrderId::new(order).expect("valid"));
+        self.world
+            .members
+            .iter()
+            .filter(|member| member.up)
+            .find(|member| member.leading().iter().any(|(led, _)| *led == group))
+            .map(|member| member.id)
+    }
+
+    /// Sends the client's next requests for `order` to `member` (as a
+    /// client with a stale map would).
+    pub fn route_to(&mut self, order: &str, member: u32) {
+        let group = self.world.placement.home_of_order(&flashstock_engine::OrderId::new(order).expect("valid"));
+        self.world.routes.insert((0, group), member);
+    }
+
+    /// Cuts `member` off from the other members; buyers still reach it.
+    pub fn cut_from_members(&mut self, member: u32) {
+        self.world.cut_from_members.insert(member);
+    }
+
+    /// Stops `member` (as SIGSTOP would) for `duration_ms`.
+    pub fn pause(&mut self, member: u32, duration_ms: u64) {
+        let resume_ms = self.world.now_ms + duration_ms;
+        self.world.paused.insert(member, resume_ms);
+        self.world.schedule(resume_ms, Event::Resume { member });
+    }
+
+    /// Ends every cut.
+    pub fn heal(&mut self) {
+        self.world.cut_from_members.clear();
+        self.world.isolated.clear();
     }
 
     pub fn crash(&mut self, member: u32) {

@@ -191,6 +191,11 @@ impl Buyer {
         self.next(now_ms, catalogue)
     }
 
+    /// The caller id of the request under way.
+    pub fn current_caller(&self) -> Option<u64> {
+        self.current.map(|(caller, _, _)| caller)
+    }
+
     /// When the current send gives up waiting.
     pub fn deadline_ms(&self) -> Option<u64> {
         self.current.map(|(_, _, deadline_ms)| deadline_ms)
