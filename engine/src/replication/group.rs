@@ -639,3 +639,154 @@ impl GroupMachine {
         any
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordination::{PartAnswer, PartRequest, Placement};
+    use crate::ids::{BuyerId, OrderId};
+    use crate::limits::Limits;
+    use crate::sku::{Quantity, SkuSettings};
+
+    const GROUP: GroupId = 1;
+
+    fn sku() -> SkuId {
+        SkuId::new("sku").expect("valid")
+    }
+
+    fn machines() -> Vec<GroupMachine> {
+        let limits = Limits::default();
+        let rules = ReplayRules { partition_count: 1, limits_unrecorded: limits.clone() };
+        let mut initial = ReplayedState::empty(rules.clone());
+        let settings = SkuSettings { initial_units: 10, ..SkuSettings::default() };
+        initial.apply(1, LogRecord::CreateSku { sku: sku(), settings, now_ms: 0, operation: None }).expect("new");
+        (1..=3)
+            .map(|member| {
+                let coordinator = CoordinatorConfig {
+                    own: GROUP,
+                    placement: Placement::new(vec![GROUP]),
+                    limits: limits.clone(),
+                    orders_max: 100,
+                    part_answer_ms_max: 1_000,
+                    resend_pause_ms_min: 20,
+                    resend_pause_ms_max: 500,
+                };
+                let replica = ReplicaConfig::new(GROUP, member, vec![1, 2, 3], 7);
+                let config = GroupConfig { replica, coordinator, rules: rules.clone() };
+                GroupMachine::start(config, &initial, &[]).expect("starts")
+            })
+            .collect()
+    }
+
+    /// Carries every raft message (but those `cut` says to drop) and
+    /// persists every write at once, for a bounded number of rounds;
+    /// returns the outputs for callers, by member.
+    fn exchange(machines: &mut [GroupMachine], now_ms: u64, cut: impl Fn(u64, u64) -> bool) -> Vec<(u64, GroupOutput)> {
+        let mut for_callers = Vec::new();
+        for _ in 0..50 {
+            let mut messages = Vec::new();
+            for (index, machine) in machines.iter_mut().enumerate() {
+                let member = index as u64 + 1;
+                for output in machine.take_outputs() {
+                    match output {
+                        GroupOutput::Raft(message) | GroupOutput::RaftAfterWrites(message) => messages.push(message),
+                        GroupOutput::Write { number: Some(number), .. } => machine.persisted(now_ms, number),
+                        GroupOutput::Write { number: None, .. } => {}
+                        other => for_callers.push((member, other)),
+                    }
+                }
+            }
+            if messages.is_empty() && machines.iter().all(|machine| machine.outputs.is_empty()) {
+                break;
+            }
+            for message in messages {
+                if !cut(message.from, message.to) {
+                    machines[message.to as usize - 1].raft(now_ms, message);
+                }
+            }
+        }
+        for_callers
+    }
+
+    fn reserve_step(attempt: &str) -> PartMessage {
+        PartMessage {
+            order: OrderId::new("order").expect("valid"),
+            attempt: OrderId::new(attempt).expect("valid"),
+            step: 1,
+            request: PartRequest::Reserve {
+                buyer: BuyerId::new("buyer").expect("valid"),
+                lines: vec![(sku(), Quantity::Exactly(2))],
+                ttl_ms: 60_000,
+            },
+        }
+    }
+
+    fn elect_first(machines: &mut [GroupMachine]) {
+        machines[0].campaign(0);
+        exchange(machines, 0, |_, _| false);
+        assert!(machines[0].leadership().leading, "member 1 won its election");
+    }
+
+    #[test]
+    fn a_part_step_is_answered_once_committed_and_every_replica_applies_it() {
+        let mut machines = machines();
+        elect_first(&mut machines);
+        machines[0].part(10, 99, reserve_step("~1.1.1"));
+        assert!(
+            !machines[0].outputs.iter().any(|output| matches!(output, GroupOutput::PartAnswer { .. })),
+            "nothing is answered before a majority has the entry"
+        );
+        let answered = exchange(&mut machines, 10, |_, _| false);
+        assert!(
+            matches!(&answered[..], [(1, GroupOutput::PartAnswer { caller: 99, reply })] if matches!(reply.answer, PartAnswer::Held { .. })),
+            "{answered:?}"
+        );
+        // A heartbeat round carries the commit index to the followers.
+        for machine in &mut machines {
+            for _ in 0..3 {
+                machine.tick(20);
+            }
+        }
+        exchange(&mut machines, 20, |_, _| false);
+        let leader_state = machines[0].applied().snapshot().encode();
+        for follower in &machines[1..] {
+            assert_eq!(follower.applied().skus[&sku()].stock().held, 2);
+            assert_eq!(follower.applied().snapshot().encode(), leader_state, "replicas agree byte for byte");
+        }
+    }
+
+    #[test]
+    fn a_leader_cut_off_from_its_followers_answers_nothing_and_steps_down() {
+        let mut machines = machines();
+        elect_first(&mut machines);
+        machines[0].part(10, 99, reserve_step("~1.1.1"));
+        let cut = |from: u64, to: u64| from == 1 || to == 1;
+        let mut answered = exchange(&mut machines, 10, cut);
+        for tick in 0..40 {
+            machines[0].tick(20 + tick * 10);
+            answered.extend(exchange(&mut machines, 20 + tick * 10, cut));
+        }
+        assert!(!machines[0].leadership().leading, "check-quorum deposed it");
+        assert!(
+            answered.iter().all(|(_, output)| matches!(output, GroupOutput::NotLeader { caller: 99, .. })),
+            "only told to go elsewhere: {answered:?}"
+        );
+        assert!(!answered.is_empty(), "the waiting caller is sent on");
+        assert_eq!(machines[1].applied().skus[&sku()].stock().held, 0, "the majority never saw the hold");
+    }
+
+    #[test]
+    fn a_follower_names_the_leader() {
+        let mut machines = machines();
+        elect_first(&mut machines);
+        machines[1].part(10, 5, reserve_step("~1.1.1"));
+        let outputs = machines[1].take_outputs();
+        assert!(
+            outputs.iter().any(|output| matches!(output, GroupOutput::NotLeader { caller: 5, leader: Some(1) })),
+            "{outputs:?}"
+        );
+        machines[1].read(10, 6, sku());
+        let outputs = machines[1].take_outputs();
+        assert!(outputs.iter().any(|output| matches!(output, GroupOutput::NotLeader { caller: 6, .. })), "{outputs:?}");
+    }
+}
