@@ -445,6 +445,9 @@ pub struct Coordinator {
     /// The `Epoch` record's token while it is not yet durable: no new
     /// attempt starts before it is.
     epoch_token: Option<u64>,
+    /// Steps decided before this life's epoch was durable: they leave once
+    /// it is (bounded by the orders known and their resends until then).
+    sends_after_epoch: Vec<Action>,
     next_attempt: u64,
     next_token: u64,
     durable_token: u64,
@@ -497,6 +500,7 @@ impl Coordinator {
                         parts,
                         expires_at_ms,
                         phase: Phase::Held,
+                        // Filled in below, once this life's epoch is known.
                         step: 0,
                         caller: None,
                         resend_at_ms: 0,
@@ -536,6 +540,7 @@ impl Coordinator {
             config,
             epoch: epoch + 1,
             epoch_token: None,
+            sends_after_epoch: Vec::new(),
             next_attempt: 0,
             next_token: 1,
             durable_token: 0,
@@ -552,6 +557,13 @@ impl Coordinator {
         coordinator.epoch_token = Some(token);
         let window_ms = coordinator.config.limits.idempotency_window_ms;
         for (order, mut entry) in orders {
+            // Steps of a recovered attempt count on from this life's epoch,
+            // so that a late answer to a step of an earlier life (numbered
+            // from 1, or from that life's epoch) never passes for an answer
+            // to one of this life (the simulator's seed 1315: a reserve's
+            // late answer taken for a commit's). No step leaves before the
+            // epoch is durable, so two lives never share one.
+            entry.step = coordinator.epoch << 32;
             let phase = std::mem::replace(&mut entry.phase, Phase::Held);
             let next = match phase {
                 Phase::Settled { at_ms, .. } if at_ms.saturating_add(window_ms) <= now_ms => continue,
@@ -640,7 +652,12 @@ impl Coordinator {
                 step: entry.step,
                 request: entry.part_request(part),
             };
-            self.actions.push(Action::Send { member: part.member, message });
+            let send = Action::Send { member: part.member, message };
+            if self.epoch_token.is_some() {
+                self.sends_after_epoch.push(send);
+            } else {
+                self.actions.push(send);
+            }
         }
     }
 
@@ -1180,6 +1197,7 @@ impl Coordinator {
         self.durable_token = self.durable_token.max(token);
         if self.epoch_token.is_some_and(|epoch| epoch <= self.durable_token) {
             self.epoch_token = None;
+            self.actions.append(&mut self.sends_after_epoch);
         }
         let waiting: Vec<OrderId> =
             self.recording.range(..=self.durable_token).map(|(_, order)| order.clone()).collect();

@@ -150,6 +150,9 @@ pub struct GroupMachine {
     outputs: Vec<GroupOutput>,
     /// Things that should never happen, for the simulator to report.
     anomalies: Vec<String>,
+    /// The leader's state was dropped after a refused proposal: it is
+    /// rebuilt at the next tick.
+    rebuild_at_tick: bool,
 }
 
 impl GroupMachine {
@@ -174,7 +177,16 @@ impl GroupMachine {
             ReplayedState::from_snapshot(config.rules.clone(), decoded)?
         };
         let replica = Replica::start(config.replica.clone(), storage, applied_index)?;
-        Ok(Self { config, replica, applied, applied_index, leading: None, outputs: Vec::new(), anomalies: Vec::new() })
+        Ok(Self {
+            config,
+            replica,
+            applied,
+            applied_index,
+            leading: None,
+            outputs: Vec::new(),
+            anomalies: Vec::new(),
+            rebuild_at_tick: false,
+        })
     }
 
     pub fn group(&self) -> GroupId {
@@ -214,7 +226,13 @@ impl GroupMachine {
 
     /// A checkout's request for an order homed here.
     pub fn request(&mut self, now_ms: u64, caller: CallerId, request: ClientRequest) {
+        let handing_over = self.replica.handing_over_to().is_some();
         match &mut self.leading {
+            // Handing over to another replica: proposals are refused.
+            Some(_) if handing_over => {
+                let answer = ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 });
+                self.outputs.push(GroupOutput::Answer { caller, answer });
+            }
             Some(Leading { coordinator: Some(coordinator), .. }) => coordinator.request(now_ms, caller, request),
             // A new leader whose earlier entries are not yet committed.
             Some(Leading { coordinator: None, .. }) => {
@@ -270,6 +288,11 @@ impl GroupMachine {
             self.outputs.push(GroupOutput::NotLeader { caller, leader });
             return;
         };
+        if self.replica.handing_over_to().is_some() {
+            // Proposals are refused while handing over; the coordinator
+            // sends the step again.
+            return;
+        }
         let (answer, records) = apply_part(&mut leading.skus, now_ms, &message.attempt, &message.request);
         if self.propose_all(&records).is_ok() {
             self.answer_when_applied(GroupOutput::PartAnswer { caller, reply: message.reply(answer) });
@@ -296,7 +319,9 @@ impl GroupMachine {
     /// expiry of holds whose time has come.
     pub fn tick(&mut self, now_ms: u64) {
         self.replica.tick();
-        if let Some(leading) = &mut self.leading {
+        self.rebuild_at_tick = false;
+        let handing_over = self.replica.handing_over_to().is_some();
+        if let Some(leading) = self.leading.as_mut().filter(|_| !handing_over) {
             if let Some(coordinator) = &mut leading.coordinator {
                 coordinator.tick(now_ms);
             }
@@ -427,7 +452,8 @@ impl GroupMachine {
             let leadership = self.replica.leadership();
             match (&self.leading, leadership.leading) {
                 (Some(leading), true) if leading.term == leadership.term => {}
-                (_, true) => self.become_leader(leadership.term),
+                (_, true) if !self.rebuild_at_tick => self.become_leader(leadership.term),
+                (_, true) => {}
                 (Some(_), false) => self.step_down(),
                 (None, false) => {}
             }
@@ -623,9 +649,12 @@ impl GroupMachine {
                         }
                         Err(error) => {
                             // The coordinator waits for a token that will
-                            // never come: it is rebuilt from the log.
+                            // never come: it is rebuilt from the log, at
+                            // the next tick (not at once: a leader that
+                            // refuses proposals would refuse again).
                             tracing::debug!(group = self.replica.group(), %error, "a coordinator record was refused");
-                            self.leading = None;
+                            self.step_down();
+                            self.rebuild_at_tick = true;
                             return true;
                         }
                     }

@@ -47,6 +47,14 @@ pub struct ReplicaConfig {
     pub uncommitted_bytes_max: u64,
     /// Seeds the election timeouts.
     pub seed: u64,
+    /// The replica that should lead when it can (leaders spread over the
+    /// members); a leader hands over to it once it has led for
+    /// `settle_ticks` and the preferred replica has every entry.
+    pub preferred_leader: Option<ReplicaId>,
+    /// Ticks a leader keeps leading before it hands over: long enough that
+    /// a member back from a crash has settled, and that handing over never
+    /// becomes churn.
+    pub settle_ticks: usize,
 }
 
 impl ReplicaConfig {
@@ -62,6 +70,8 @@ impl ReplicaConfig {
             inflight_messages_max: 256,
             uncommitted_bytes_max: 64 << 20,
             seed,
+            preferred_leader: None,
+            settle_ticks: 300,
         }
     }
 }
@@ -127,6 +137,8 @@ pub struct Replica {
     seen: Leadership,
     role_seen: StateRole,
     random: u64,
+    /// Ticks led since the last hand-over attempt.
+    ticks_leading: usize,
     /// Ticks each follower has been waiting on a snapshot (leader only).
     snapshot_waits: std::collections::BTreeMap<ReplicaId, usize>,
 }
@@ -178,6 +190,7 @@ impl Replica {
             seen: Leadership { term: 0, leader: None, leading: false },
             role_seen: StateRole::Follower,
             random,
+            ticks_leading: 0,
             snapshot_waits: std::collections::BTreeMap::new(),
         };
         replica.draw_election_timeout();
@@ -213,6 +226,12 @@ impl Replica {
         Leadership { term: raft.term, leader, leading: raft.state == StateRole::Leader }
     }
 
+    /// The replica this leader is handing leadership to, if any: until the
+    /// hand-over ends, raft-rs refuses proposals.
+    pub fn handing_over_to(&self) -> Option<ReplicaId> {
+        self.node.raft.lead_transferee
+    }
+
     /// Index and term of the last entry in this replica's log.
     pub fn last_index(&self) -> u64 {
         self.node.raft.raft_log.last_index()
@@ -231,6 +250,26 @@ impl Replica {
     pub fn tick(&mut self) {
         self.node.tick();
         self.unstick_snapshots();
+        self.hand_over_to_preferred();
+    }
+
+    /// Hands leadership to the preferred replica when this one has led for
+    /// a while and the preferred one is caught up (raft's leader transfer:
+    /// no election timeout, no term without a leader).
+    fn hand_over_to_preferred(&mut self) {
+        let raft = &self.node.raft;
+        let Some(preferred) = self.config.preferred_leader else { return };
+        if raft.state != StateRole::Leader || preferred == self.config.member {
+            self.ticks_leading = 0;
+            return;
+        }
+        self.ticks_leading += 1;
+        let caught_up =
+            raft.prs().get(preferred).is_some_and(|progress| progress.matched == raft.raft_log.last_index());
+        if self.ticks_leading >= self.config.settle_ticks && caught_up && raft.lead_transferee.is_none() {
+            self.ticks_leading = 0;
+            self.node.transfer_leader(preferred);
+        }
     }
 
     /// A leader that sent a follower a snapshot waits for that follower's

@@ -263,7 +263,8 @@ impl World {
                     };
                     let mut voter_ids: Vec<u64> = voters.iter().map(|&member| u64::from(member)).collect();
                     voter_ids.sort_unstable();
-                    let replica = ReplicaConfig::new(group, u64::from(own), voter_ids, election_seed);
+                    let mut replica = ReplicaConfig::new(group, u64::from(own), voter_ids, election_seed);
+                    replica.preferred_leader = Some(u64::from(voters[0]));
                     configs.insert(group, GroupConfig { replica, coordinator, rules: rules.clone() });
                     own_initial.insert(group, initial[&group].clone());
                 }
@@ -985,6 +986,16 @@ impl World {
             .map(|coordinator| coordinator.forgotten())
             .sum();
         *self.history.tally.entry("forgotten").or_default() += forgotten;
+        *self.history.tally.entry("leaders elected").or_default() += self.leaders_seen.len() as u64;
+        let preferred_leading = self
+            .replicas
+            .iter()
+            .filter(|(&group, replicas)| {
+                self.leader_of(group).is_some_and(|leader| leader.replica().member() == u64::from(replicas[0]))
+            })
+            .count();
+        *self.history.tally.entry("groups led by their preferred leader at the end").or_default() +=
+            preferred_leading as u64;
         let violations = self.check_final();
         self.report(violations)
     }
