@@ -153,6 +153,9 @@ pub struct GroupMachine {
     /// The leader's state was dropped after a refused proposal: it is
     /// rebuilt at the next tick.
     rebuild_at_tick: bool,
+    /// Ticks since the last snapshot was taken (snapshots a lagging
+    /// follower needs are taken at most once per 50 ticks).
+    ticks_since_snapshot: u32,
 }
 
 impl GroupMachine {
@@ -186,6 +189,7 @@ impl GroupMachine {
             outputs: Vec::new(),
             anomalies: Vec::new(),
             rebuild_at_tick: false,
+            ticks_since_snapshot: 0,
         })
     }
 
@@ -320,6 +324,10 @@ impl GroupMachine {
     pub fn tick(&mut self, now_ms: u64) {
         self.replica.tick();
         self.rebuild_at_tick = false;
+        self.ticks_since_snapshot = self.ticks_since_snapshot.saturating_add(1);
+        if self.ticks_since_snapshot > 50 && self.replica.needs_fresh_snapshot(self.applied_index) {
+            self.compact(now_ms);
+        }
         let handing_over = self.replica.handing_over_to().is_some();
         if let Some(leading) = self.leading.as_mut().filter(|_| !handing_over) {
             if let Some(coordinator) = &mut leading.coordinator {
@@ -355,6 +363,13 @@ impl GroupMachine {
         self.settle(now_ms);
     }
 
+    /// `member` lost its disk and asks for its new replica `replica` to
+    /// take the place of its old one (see [`Replica::propose_replacement`]).
+    pub fn replace(&mut self, now_ms: u64, member: u32, replica: ReplicaId) {
+        self.replica.propose_replacement(member, replica);
+        self.settle(now_ms);
+    }
+
     /// Stands for election now.
     pub fn campaign(&mut self, now_ms: u64) {
         self.replica.campaign();
@@ -376,6 +391,7 @@ impl GroupMachine {
         if self.applied_index <= held {
             return;
         }
+        self.ticks_since_snapshot = 0;
         let data = self.applied.snapshot().encode();
         let writes = self.replica.compact(self.applied_index, data);
         if !writes.is_empty() {
@@ -437,6 +453,7 @@ impl GroupMachine {
             for entry in output.committed {
                 self.apply_committed(&entry);
             }
+            self.replica.applied_to(self.applied_index);
             if let Some(leading) = &mut self.leading {
                 for (index, context) in output.reads {
                     let Ok(context) = <[u8; 8]>::try_from(context.as_slice()) else { continue };
@@ -483,9 +500,19 @@ impl GroupMachine {
             return;
         }
         self.applied_index = entry.index;
-        if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
-            // A new leader's empty entry, or a membership change (none are
-            // proposed yet): nothing for the state machine.
+        if entry.get_entry_type() != EntryType::EntryNormal {
+            // A membership change: raft's, not the state machine's. One
+            // raft-rs refuses (a second leader's request to leave a joint
+            // configuration already left) is refused alike on every
+            // replica, whose configurations are equal at this index, and
+            // changes nothing.
+            if let Err(error) = self.replica.apply_conf_change(entry) {
+                tracing::debug!(group = self.group(), index = entry.index, %error, "a membership change was refused");
+            }
+            return;
+        }
+        if entry.data.is_empty() {
+            // A new leader's empty entry.
             return;
         }
         let applied = LogRecord::decode(&entry.data)
@@ -500,7 +527,10 @@ impl GroupMachine {
     fn speculative_state(&self) -> ReplayedState {
         let mut state = self.applied.clone();
         for entry in self.replica.storage().entries_held() {
-            if entry.index <= self.applied_index || entry.data.is_empty() {
+            if entry.index <= self.applied_index
+                || entry.data.is_empty()
+                || entry.get_entry_type() != EntryType::EntryNormal
+            {
                 continue;
             }
             if let Ok(record) = LogRecord::decode(&entry.data) {

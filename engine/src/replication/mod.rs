@@ -25,5 +25,18 @@ pub use storage::{GroupStorage, ReplicaWrite};
 /// Numbered from 1, like members, so that an order's attempt ids
 /// (`~{group}.{epoch}.{n}`) never collide with another group's.
 pub type GroupId = u32;
-/// A replica's raft id: the id of the member it lives on.
+/// A replica's raft id: the member it lives on (low 32 bits) and the
+/// member's *generation* (high bits), which starts at 0 and changes when
+/// the member lost its disk and rejoins: a replica that forgot its votes
+/// and its log must never speak under the id that had them.
 pub type ReplicaId = u64;
+
+/// The raft id of `member`'s replicas in `generation`.
+pub fn replica_id(member: u32, generation: u32) -> ReplicaId {
+    (u64::from(generation) << 32) | u64::from(member)
+}
+
+/// The member a replica lives on.
+pub fn member_of(replica: ReplicaId) -> u32 {
+    u32::try_from(replica & 0xffff_ffff).expect("masked to 32 bits")
+}

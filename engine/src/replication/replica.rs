@@ -19,7 +19,7 @@ use raft::eraftpb::{Entry, Message, Snapshot};
 use raft::{RawNode, StateRole};
 
 use crate::replication::storage::{GroupStorage, ReplicaWrite};
-use crate::replication::{GroupId, ReplicaId};
+use crate::replication::{member_of, GroupId, ReplicaId};
 
 /// How one replica runs.
 #[derive(Debug, Clone)]
@@ -47,10 +47,10 @@ pub struct ReplicaConfig {
     pub uncommitted_bytes_max: u64,
     /// Seeds the election timeouts.
     pub seed: u64,
-    /// The replica that should lead when it can (leaders spread over the
-    /// members); a leader hands over to it once it has led for
+    /// The member whose replica should lead when it can (leaders spread
+    /// over the members); a leader hands over to it once it has led for
     /// `settle_ticks` and the preferred replica has every entry.
-    pub preferred_leader: Option<ReplicaId>,
+    pub preferred_leader: Option<u32>,
     /// Ticks a leader keeps leading before it hands over: long enough that
     /// a member back from a crash has settled, and that handing over never
     /// becomes churn.
@@ -258,7 +258,9 @@ impl Replica {
     /// no election timeout, no term without a leader).
     fn hand_over_to_preferred(&mut self) {
         let raft = &self.node.raft;
-        let Some(preferred) = self.config.preferred_leader else { return };
+        let Some(preferred_member) = self.config.preferred_leader else { return };
+        let preferred = raft.prs().conf().voters().ids().iter().find(|&id| member_of(id) == preferred_member);
+        let Some(preferred) = preferred else { return };
         if raft.state != StateRole::Leader || preferred == self.config.member {
             self.ticks_leading = 0;
             return;
@@ -340,10 +342,110 @@ impl Replica {
         self.node.read_index(context);
     }
 
+    /// Whether a follower needs entries this leader's log no longer holds
+    /// (so only a snapshot can bring it up), and the snapshot held is older
+    /// than `applied`: a fresh one should be taken. A follower added after
+    /// the held snapshot was taken refuses it (it is not in its
+    /// configuration), so without a fresh one it would never catch up.
+    pub fn needs_fresh_snapshot(&self, applied: u64) -> bool {
+        let raft = &self.node.raft;
+        let store = self.node.store();
+        let first = store.held_snapshot().get_metadata().index + 1;
+        raft.state == StateRole::Leader
+            && store.held_snapshot().get_metadata().index < applied
+            && raft.prs().iter().any(|(&id, progress)| {
+                id != self.config.member
+                    && (progress.state == raft::ProgressState::Snapshot || progress.next_idx < first)
+            })
+    }
+
+    /// The voters of the group's configuration as this replica applied it,
+    /// and whether it is a joint one (a replacement half done).
+    pub fn configuration(&self) -> (Vec<ReplicaId>, bool) {
+        let conf = self.node.raft.prs().conf();
+        let mut voters: Vec<ReplicaId> = conf.voters().ids().iter().collect();
+        voters.sort_unstable();
+        (voters, !conf.to_conf_state().voters_outgoing.is_empty())
+    }
+
+    /// Whether this replica votes in the group's configuration.
+    pub fn is_voter(&self) -> bool {
+        self.node.raft.prs().conf().voters().contains(self.config.member)
+    }
+
+    /// Replaces `member`'s replica in the configuration with `replica` (a
+    /// member that lost its disk and rejoins under a new generation), by
+    /// joint consensus: a majority of the old and of the new configuration
+    /// decide every entry until the change is done, so the forgotten
+    /// replica's votes and entries can never be counted twice. Only a
+    /// leader with no other change in progress proposes it; the member
+    /// asks again until it is a voter.
+    pub fn propose_replacement(&mut self, member: u32, replica: ReplicaId) {
+        let raft = &self.node.raft;
+        let voters = raft.prs().conf().voters().ids();
+        let old: Vec<u64> = voters.iter().filter(|&id| member_of(id) == member && id != replica).collect();
+        if raft.state != StateRole::Leader || raft.has_pending_conf() || voters.contains(replica) || old.len() != 1 {
+            return;
+        }
+        let changes = vec![
+            raft::prelude::ConfChangeSingle {
+                change_type: raft::prelude::ConfChangeType::RemoveNode,
+                node_id: old[0],
+                ..Default::default()
+            },
+            raft::prelude::ConfChangeSingle {
+                change_type: raft::prelude::ConfChangeType::AddNode,
+                node_id: replica,
+                ..Default::default()
+            },
+        ];
+        let change = raft::prelude::ConfChangeV2 {
+            transition: raft::prelude::ConfChangeTransition::Auto,
+            changes: changes.into(),
+            ..Default::default()
+        };
+        if let Err(error) = self.node.propose_conf_change(Vec::new(), change) {
+            tracing::debug!(group = self.config.group, %error, "a replacement was refused");
+        }
+    }
+
+    /// Applies a committed membership change entry.
+    ///
+    /// # Errors
+    /// An entry that does not decode, or a change raft-rs refuses.
+    pub fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), String> {
+        use protobuf::Message as _;
+        let change = match entry.get_entry_type() {
+            raft::eraftpb::EntryType::EntryConfChangeV2 => {
+                raft::prelude::ConfChangeV2::parse_from_bytes(&entry.data).map_err(|error| error.to_string())?
+            }
+            raft::eraftpb::EntryType::EntryConfChange => {
+                let change =
+                    raft::prelude::ConfChange::parse_from_bytes(&entry.data).map_err(|error| error.to_string())?;
+                raft_proto::ConfChangeI::into_v2(change)
+            }
+            raft::eraftpb::EntryType::EntryNormal => return Ok(()),
+        };
+        let conf_state = self.node.apply_conf_change(&change).map_err(|error| error.to_string())?;
+        self.node.mut_store().set_conf_state(conf_state);
+        Ok(())
+    }
+
     /// Stands for election now (an operator's or a test's choice).
     pub fn campaign(&mut self) {
         if let Err(error) = self.node.campaign() {
             tracing::debug!(group = self.config.group, %error, "campaign refused");
+        }
+    }
+
+    /// The state machine has applied every committed entry up to `index`
+    /// (told after applying them: raft-rs acts on what is applied — a
+    /// leader leaves a joint configuration once it sees the entry that
+    /// entered it applied, and told before, it never left).
+    pub fn applied_to(&mut self, index: u64) {
+        let raft_log = &self.node.raft.raft_log;
+        if index > raft_log.applied && index <= raft_log.committed.min(raft_log.persisted) {
+            self.node.advance_apply_to(index);
         }
     }
 
@@ -415,10 +517,6 @@ impl Replica {
                 output.committed.extend(light.take_committed_entries());
             } else {
                 self.node.advance_append_async(ready);
-            }
-            if let Some(index) = output.committed.last().map(Entry::get_index) {
-                // The driver applies what it is handed before its next input.
-                self.node.advance_apply_to(index);
             }
         }
         let now = self.leadership();

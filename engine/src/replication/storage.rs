@@ -138,6 +138,14 @@ impl GroupStorage {
         self.entries.get(usize::try_from(offset).ok()?).map(Entry::get_term)
     }
 
+    /// A membership change was applied: snapshots taken from now on carry
+    /// the new configuration. Not written to the log: a restart starts from
+    /// the snapshot's configuration and applies the changes after it again,
+    /// in order, as raft-rs delivers the committed entries again.
+    pub fn set_conf_state(&mut self, conf_state: ConfState) {
+        self.conf_state = conf_state;
+    }
+
     /// The hard state last written.
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state

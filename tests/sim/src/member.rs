@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 use flashstock_engine::coordination::{ClientAnswer, ClientRequest, MemberId, PartMessage, PartReply, Placement};
 use flashstock_engine::log::replay::ReplayedState;
-use flashstock_engine::replication::{GroupConfig, GroupId, GroupMachine, GroupOutput, Leadership, ReplicaWrite};
+use flashstock_engine::replication::{
+    member_of, replica_id, GroupConfig, GroupId, GroupMachine, GroupOutput, Leadership, ReplicaId, ReplicaWrite,
+};
 
 use flashstock_engine::{OrderError, SkuId, StockSnapshot};
 
@@ -69,6 +71,13 @@ pub enum Message {
         group: GroupId,
         message: raft::eraftpb::Message,
     },
+    /// A member that lost its disk asks for its new replica to replace
+    /// its old one in `group`.
+    Replace {
+        group: GroupId,
+        member: MemberId,
+        replica: ReplicaId,
+    },
 }
 
 /// Callers of a group's participant are members; the flag keeps their ids
@@ -97,6 +106,11 @@ pub struct Member {
     leaders: BTreeMap<GroupId, MemberId>,
     /// Replicas of every group (to try when no leader is known).
     pub replicas: BTreeMap<GroupId, Vec<MemberId>>,
+    /// Changes when the member lost its disk: its replicas' raft ids.
+    generation: u32,
+    /// Groups whose configuration does not yet count this member's
+    /// replica of the current generation, and ticks until it asks again.
+    rejoining: BTreeMap<GroupId, u32>,
 }
 
 impl Member {
@@ -121,6 +135,8 @@ impl Member {
             persist: Vec::new(),
             leaders: BTreeMap::new(),
             replicas,
+            generation: 0,
+            rejoining: BTreeMap::new(),
         };
         member.start_groups().expect("a new member starts");
         member
@@ -128,7 +144,9 @@ impl Member {
 
     fn start_groups(&mut self) -> Result<(), String> {
         self.groups.clear();
-        for (&group, config) in &self.configs {
+        let own = replica_id(self.id, self.generation);
+        for (&group, config) in &mut self.configs {
+            config.replica.member = own;
             let writes: Vec<ReplicaWrite> =
                 self.log.iter().filter(|(of, _)| *of == group).map(|(_, write)| write.clone()).collect();
             let machine = GroupMachine::start(config.clone(), &self.initial[&group], &writes)
@@ -143,7 +161,7 @@ impl Member {
     fn route(&self, group: GroupId) -> MemberId {
         if let Some(machine) = self.groups.get(&group) {
             if let Some(leader) = machine.leadership().leader {
-                return u32::try_from(leader).expect("member ids are u32");
+                return member_of(leader);
             }
         }
         if let Some(&leader) = self.leaders.get(&group) {
@@ -158,11 +176,11 @@ impl Member {
         for output in machine.take_outputs() {
             match output {
                 GroupOutput::Raft(message) => {
-                    let to = u32::try_from(message.to).expect("member ids are u32");
+                    let to = member_of(message.to);
                     outbox.push((Endpoint::Member(to), Message::Raft { group, message }));
                 }
                 GroupOutput::RaftAfterWrites(message) => {
-                    let to = u32::try_from(message.to).expect("member ids are u32");
+                    let to = member_of(message.to);
                     self.held_back.push((self.log.len(), Endpoint::Member(to), Message::Raft { group, message }));
                 }
                 GroupOutput::Write { number, writes } => {
@@ -188,7 +206,7 @@ impl Member {
                     outbox.push((Endpoint::Buyer(buyer), Message::ReadAnswer { caller, answer }));
                 }
                 GroupOutput::NotLeader { caller, leader } => {
-                    let leader = leader.map(|leader| u32::try_from(leader).expect("member ids are u32"));
+                    let leader = leader.map(member_of);
                     if caller & PART_CALLER != 0 {
                         let to = u32::try_from(caller & !PART_CALLER).expect("a member id");
                         outbox.push((Endpoint::Member(to), Message::PartNotLeader { group, leader }));
@@ -241,6 +259,11 @@ impl Member {
                 }
             }
             Message::PartNotLeader { group, leader } => self.learn_leader(group, leader),
+            Message::Replace { group, member, replica } => {
+                if let Some(machine) = self.groups.get_mut(&group) {
+                    machine.replace(now_ms, member, replica);
+                }
+            }
             Message::Read { caller, sku } => {
                 let group = self.placement.owner_of_sku(&sku);
                 match self.groups.get_mut(&group) {
@@ -285,6 +308,21 @@ impl Member {
         let mut outbox = Vec::new();
         for machine in self.groups.values_mut() {
             machine.tick(now_ms);
+        }
+        // A member that lost its disk asks every other replica (the leader
+        // acts) until the configuration counts its new replica.
+        let replica = replica_id(self.id, self.generation);
+        let groups = &self.groups;
+        self.rejoining.retain(|group, _| !groups.get(group).is_some_and(|machine| machine.replica().is_voter()));
+        for (&group, wait) in &mut self.rejoining {
+            if *wait > 0 {
+                *wait -= 1;
+                continue;
+            }
+            *wait = 20;
+            for &member in self.replicas[&group].iter().filter(|&&member| member != self.id) {
+                outbox.push((Endpoint::Member(member), Message::Replace { group, member: self.id, replica }));
+            }
         }
         self.drain_all(&mut outbox);
         outbox
@@ -351,6 +389,21 @@ impl Member {
         self.persist.clear();
         self.groups.clear();
         self.leaders.clear();
+    }
+
+    /// Dies and loses its disk: it will start empty, under a new
+    /// generation, and rejoin every group it replicates.
+    pub fn wipe(&mut self, rng: &mut Rng) {
+        self.crash(rng);
+        self.log.clear();
+        self.synced = 0;
+        self.generation += 1;
+        self.rejoining = self.configs.keys().map(|&group| (group, 0)).collect();
+    }
+
+    /// Whether the member is still rejoining after losing its disk.
+    pub fn rejoining(&self) -> bool {
+        !self.rejoining.is_empty()
     }
 
     /// Starts again from the log, at `now_ms`: every replica rebuilt from

@@ -182,6 +182,8 @@ struct World {
     /// Members stopped (SIGSTOP) until a time: no ticks, no syncs, their
     /// messages wait; they resume believing what they believed.
     paused: BTreeMap<u32, u64>,
+    /// Disks lost so far (at most one a run, and never with one copy).
+    wipes: u32,
     history: History,
     /// Members with a sync scheduled (a group commit under way).
     syncing: BTreeSet<u32>,
@@ -264,7 +266,7 @@ impl World {
                     let mut voter_ids: Vec<u64> = voters.iter().map(|&member| u64::from(member)).collect();
                     voter_ids.sort_unstable();
                     let mut replica = ReplicaConfig::new(group, u64::from(own), voter_ids, election_seed);
-                    replica.preferred_leader = Some(u64::from(voters[0]));
+                    replica.preferred_leader = Some(voters[0]);
                     configs.insert(group, GroupConfig { replica, coordinator, rules: rules.clone() });
                     own_initial.insert(group, initial[&group].clone());
                 }
@@ -302,6 +304,7 @@ impl World {
             cut_from_members: BTreeSet::new(),
             clock_skew_ms: vec![0; member_count],
             paused: BTreeMap::new(),
+            wipes: 0,
             history: History::default(),
             syncing: BTreeSet::new(),
             requests: 0,
@@ -598,7 +601,7 @@ impl World {
                 member = leaders[self.faults.below(leaders.len())];
             }
         }
-        match self.faults.below(13) {
+        match self.faults.below(14) {
             0..=3 if self.members[member as usize - 1].up => {
                 let mut rng = self.faults.fork();
                 self.member(member).crash(&mut rng);
@@ -619,6 +622,23 @@ impl World {
                     self.send_all(Endpoint::Member(member), outbox);
                     self.sync_soon(member);
                 }
+            }
+            11 if self.wipes == 0
+                && self.config.replication_factor >= 3
+                && self.faults.chance(200)
+                && self.members.iter().all(|state| state.up && !state.rejoining())
+                && self.paused.is_empty() =>
+            {
+                // A disk lost, once a run, with every other member up: the
+                // member starts empty and must get everything back from
+                // the others.
+                self.wipes += 1;
+                let mut rng = self.faults.fork();
+                self.member(member).wipe(&mut rng);
+                *self.history.tally.entry("disks lost").or_default() += 1;
+                let back_ms = self.now_ms + self.faults.between(50, 3_000);
+                self.trace(format!("{} member {member} loses its disk", self.now_ms));
+                self.schedule(back_ms, Event::Restart { member });
             }
             10 if !self.paused.contains_key(&member) && self.members[member as usize - 1].up => {
                 // Longer than an election timeout; half the time cut off
@@ -897,6 +917,16 @@ impl World {
                 continue;
             };
             skus.extend(leader.applied().skus.iter().map(|(sku, state)| (sku.clone(), state.clone())));
+            // Every replacement finished: one voter per replica member.
+            let (voters, joint) = leader.replica().configuration();
+            let mut members: Vec<u32> =
+                voters.iter().map(|&voter| flashstock_engine::replication::member_of(voter)).collect();
+            members.sort_unstable();
+            let mut expected = self.replicas[&group].clone();
+            expected.sort_unstable();
+            if joint || members != expected {
+                violations.push(format!("group {group}: configuration {voters:?} (joint {joint}) at the end"));
+            }
             let agreed = leader.applied().snapshot().encode();
             for &member in &self.replicas[&group] {
                 let Some(replica) = self.members[member as usize - 1].groups.get(&group) else { continue };
@@ -1184,6 +1214,20 @@ impl Scripted {
     pub fn heal(&mut self) {
         self.world.cut_from_members.clear();
         self.world.isolated.clear();
+    }
+
+    /// Kills `member` and deletes its data directory.
+    pub fn wipe(&mut self, member: u32) {
+        let mut rng = Rng::new(0);
+        self.world.member(member).wipe(&mut rng);
+        let now_ms = self.world.now_ms;
+        self.world.trace(format!("{now_ms} member {member} loses its disk"));
+    }
+
+    /// Whether `member` still waits to be counted again in some group
+    /// after losing its disk.
+    pub fn rejoining(&self, member: u32) -> bool {
+        self.world.members[member as usize - 1].rejoining()
     }
 
     pub fn crash(&mut self, member: u32) {

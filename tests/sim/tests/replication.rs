@@ -129,3 +129,42 @@ fn the_next_leader_of_a_home_finishes_an_order_its_predecessor_decided() {
     cluster.restart(home);
     assert_clean(cluster);
 }
+
+#[test]
+fn a_member_that_lost_its_disk_rejoins_empty_and_nothing_acknowledged_is_lost() {
+    let mut cluster = Scripted::replicated(MEMBERS, SKUS, 3);
+    let mut committed = Vec::new();
+    for index in 0..6 {
+        let order = format!("disk-{index}");
+        let sku = format!("sku-{}", index % SKUS);
+        cluster.call(reserve(&order, &[&sku], 30_000));
+        let answer = cluster.call(commit(&order));
+        assert!(matches!(answer, ClientAnswer::Committed { .. }), "{answer:?}");
+        committed.push(order);
+    }
+    let lost = cluster.leader_of_home("disk-0").expect("elected");
+    cluster.wipe(lost);
+    cluster.run_for(1_000);
+    cluster.restart(lost);
+    cluster.run_for(5_000);
+    assert!(!cluster.rejoining(lost), "member {lost} is counted again in every group");
+    // The survivors keep serving, and after the rejoin everything is there:
+    // the final checks compare every replica, the rejoined ones included.
+    for order in &committed {
+        let again = cluster.call(commit(order));
+        assert!(matches!(again, ClientAnswer::Committed { replayed: true, .. }), "{order}: {again:?}");
+    }
+    // Now the other two lose one member each in turn (a crash, disk kept):
+    // the rejoined member's copies are what keeps a majority.
+    for member in (1..=MEMBERS).filter(|&member| member != lost) {
+        cluster.crash(member);
+        cluster.run_for(2_000);
+        for order in &committed {
+            let again = cluster.call(commit(order));
+            assert!(matches!(again, ClientAnswer::Committed { replayed: true, .. }), "{order}: {again:?}");
+        }
+        cluster.restart(member);
+        cluster.run_for(2_000);
+    }
+    assert_clean(cluster);
+}
