@@ -67,6 +67,22 @@
 //!   not prepared and expire by their TTL.
 //! - `Decided` before a commit is acknowledged, `ReleaseDecided` before a
 //!   release is: after a restart the decision is carried out on every part.
+//! - `ExpiryDecided` before an expired order's parts are released.
+//!
+//! # One decision per order
+//!
+//! No step that ends an order on a part (commit or release) leaves before
+//! the decision it carries out is durable — in a replicated home, committed
+//! in its group. During a failover two coordinators of one home may live at
+//! once (a deposed leader that has not heard of its successor, paused or
+//! cut off), and a part obeys any of them; a decision that must be
+//! committed first cannot be made by the deposed one, so the two never
+//! carry out different decisions. (Expiry used to release the parts at
+//! once: the simulator's seed 2168 had a paused home leader release a line
+//! its successor had prepared and then committed — sold in part.) Steps
+//! that decide nothing may come from either: a reserve or a prepare of a
+//! deposed coordinator holds or prepares at most, and every such hold ends
+//! by its TTL or by the order's one decision.
 //! - `Ended` once every part has its outcome (not waited for: if it is lost,
 //!   the restart carries the decision out again, which replays).
 //! - `Epoch` at every start, durable before any new attempt id is given
@@ -290,6 +306,13 @@ pub enum CoordinatorRecord {
     ReleaseDecided {
         order: OrderId,
     },
+    /// The order's time passed before it was committed: every part is
+    /// released. Durable before any part is told, like every decision
+    /// that ends an order (see "One decision per order" in the module documentation).
+    ExpiryDecided {
+        order: OrderId,
+        expired_at_ms: u64,
+    },
     Ended {
         order: OrderId,
         outcome: Outcome,
@@ -320,8 +343,11 @@ enum Phase {
     Committing {
         units: Vec<u32>,
     },
+    /// Waiting for a release decision to be durable: a caller's release
+    /// (`expired_at_ms` none) or the order's expiry.
     RecordingRelease {
         token: u64,
+        expired_at_ms: Option<u64>,
     },
     /// Giving every part's units back: released (`expired_at_ms` none) or
     /// expired before it could be committed.
@@ -526,6 +552,11 @@ impl Coordinator {
                         entry.phase = Phase::Releasing { expired_at_ms: None };
                     }
                 }
+                CoordinatorRecord::ExpiryDecided { order, expired_at_ms } => {
+                    if let Some(entry) = orders.get_mut(&order) {
+                        entry.phase = Phase::Releasing { expired_at_ms: Some(expired_at_ms) };
+                    }
+                }
                 CoordinatorRecord::Ended { order, outcome, now_ms: at_ms } => {
                     if let Some(entry) = orders.get_mut(&order) {
                         entry.phase = Phase::Settled { outcome, at_ms };
@@ -659,6 +690,13 @@ impl Coordinator {
                 self.actions.push(send);
             }
         }
+    }
+
+    /// The order's time passed unsold: the expiry is logged, and its parts
+    /// are released once it is durable.
+    fn decide_expiry(&mut self, order: &OrderId, entry: &mut Entry, expired_at_ms: u64, now_ms: u64) {
+        let token = self.log(CoordinatorRecord::ExpiryDecided { order: order.clone(), expired_at_ms });
+        self.enter(order, entry, Phase::RecordingRelease { token, expired_at_ms: Some(expired_at_ms) }, now_ms);
     }
 
     /// Settles `entry` with `outcome` (logged, not waited for).
@@ -802,7 +840,7 @@ impl Coordinator {
             }
             Phase::RecordingHeld { token }
             | Phase::RecordingDecision { token, .. }
-            | Phase::RecordingRelease { token } => {
+            | Phase::RecordingRelease { token, .. } => {
                 self.recording.remove(&token);
                 self.open -= 1;
             }
@@ -832,7 +870,7 @@ impl Coordinator {
             }
             Phase::RecordingHeld { token }
             | Phase::RecordingDecision { token, .. }
-            | Phase::RecordingRelease { token } => {
+            | Phase::RecordingRelease { token, .. } => {
                 self.recording.insert(token, order.clone());
                 self.open += 1;
             }
@@ -889,11 +927,12 @@ impl Coordinator {
         match &entry.phase {
             Phase::Holding | Phase::RecordingHeld { .. } | Phase::Abandoning => Some(busy),
             Phase::Preparing { .. } | Phase::RecordingDecision { .. } => Some(busy),
-            Phase::RecordingRelease { .. } | Phase::Releasing { expired_at_ms: None } => {
+            Phase::RecordingRelease { expired_at_ms: None, .. } | Phase::Releasing { expired_at_ms: None } => {
                 Some(refused(OrderError::AlreadyReleased))
             }
             Phase::Settled { outcome: Outcome::Released, .. } => Some(refused(OrderError::AlreadyReleased)),
-            Phase::Releasing { expired_at_ms: Some(expired_at_ms) }
+            Phase::RecordingRelease { expired_at_ms: Some(expired_at_ms), .. }
+            | Phase::Releasing { expired_at_ms: Some(expired_at_ms) }
             | Phase::Settled { outcome: Outcome::Expired { expired_at_ms }, .. } => {
                 Some(refused(OrderError::Expired { expired_at_ms: *expired_at_ms }))
             }
@@ -930,7 +969,7 @@ impl Coordinator {
                 };
                 if now_ms >= entry.expires_at_ms {
                     let expired_at_ms = entry.expires_at_ms;
-                    self.enter(order, entry, Phase::Releasing { expired_at_ms: Some(expired_at_ms) }, now_ms);
+                    self.decide_expiry(order, entry, expired_at_ms, now_ms);
                     return Some(refused(OrderError::Expired { expired_at_ms }));
                 }
                 entry.caller = Some(caller);
@@ -957,13 +996,13 @@ impl Coordinator {
         let answer = match &entry.phase {
             Phase::Held if now_ms >= entry.expires_at_ms => {
                 let expired_at_ms = entry.expires_at_ms;
-                self.enter(&order, &mut entry, Phase::Releasing { expired_at_ms: Some(expired_at_ms) }, now_ms);
+                self.decide_expiry(&order, &mut entry, expired_at_ms, now_ms);
                 Some(ClientAnswer::Refused(OrderError::Expired { expired_at_ms }))
             }
             Phase::Held => {
                 let token = self.log(CoordinatorRecord::ReleaseDecided { order: order.clone() });
                 entry.caller = Some(caller);
-                self.enter(&order, &mut entry, Phase::RecordingRelease { token }, now_ms);
+                self.enter(&order, &mut entry, Phase::RecordingRelease { token, expired_at_ms: None }, now_ms);
                 None
             }
             Phase::Releasing { expired_at_ms: None } => {
@@ -974,7 +1013,8 @@ impl Coordinator {
                 let (lines, stock) = (entry.units(), entry.stock.clone());
                 Some(ClientAnswer::Released { order: order.clone(), lines, stock, replayed: true })
             }
-            Phase::Releasing { expired_at_ms: Some(expired_at_ms) }
+            Phase::RecordingRelease { expired_at_ms: Some(expired_at_ms), .. }
+            | Phase::Releasing { expired_at_ms: Some(expired_at_ms) }
             | Phase::Settled { outcome: Outcome::Expired { expired_at_ms }, .. } => {
                 Some(ClientAnswer::Refused(OrderError::Expired { expired_at_ms: *expired_at_ms }))
             }
@@ -987,7 +1027,9 @@ impl Coordinator {
             | Phase::Abandoning
             | Phase::RecordingHeld { .. }
             | Phase::Preparing { .. }
-            | Phase::RecordingRelease { .. } => Some(ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 5 })),
+            | Phase::RecordingRelease { expired_at_ms: None, .. } => {
+                Some(ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 5 }))
+            }
         };
         self.put(order, entry);
         answer
@@ -1099,7 +1141,7 @@ impl Coordinator {
                 };
                 let caller = entry.caller.take();
                 self.reply(caller, ClientAnswer::Refused(OrderError::Expired { expired_at_ms }));
-                self.enter(order, entry, Phase::Releasing { expired_at_ms: Some(expired_at_ms) }, now_ms);
+                self.decide_expiry(order, entry, expired_at_ms, now_ms);
             }
             (Phase::Preparing { .. }, _) => {
                 self.anomaly(order, entry, &answer);
@@ -1223,9 +1265,9 @@ impl Coordinator {
                     entry.caller = caller;
                     self.enter(&order, &mut entry, Phase::Committing { units }, now_ms);
                 }
-                Phase::RecordingRelease { .. } => {
+                Phase::RecordingRelease { expired_at_ms, .. } => {
                     entry.caller = caller;
-                    self.enter(&order, &mut entry, Phase::Releasing { expired_at_ms: None }, now_ms);
+                    self.enter(&order, &mut entry, Phase::Releasing { expired_at_ms }, now_ms);
                 }
                 _ => unreachable!("only recording phases wait for durability"),
             }
@@ -1252,8 +1294,8 @@ impl Coordinator {
                 }
                 Phase::Abandoning if entry.deadline_ms <= now_ms => continue,
                 Phase::Held if entry.expires_at_ms <= now_ms => {
-                    let expired_at_ms = Some(entry.expires_at_ms);
-                    self.enter(&order, &mut entry, Phase::Releasing { expired_at_ms }, now_ms);
+                    let expired_at_ms = entry.expires_at_ms;
+                    self.decide_expiry(&order, &mut entry, expired_at_ms, now_ms);
                 }
                 Phase::Holding if entry.deadline_ms <= now_ms => {
                     let error = entry.refused.take().map_or(OrderError::Unavailable, |(_, error)| error);

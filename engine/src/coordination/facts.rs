@@ -28,7 +28,9 @@ impl CoordinatorFacts {
             CoordinatorRecord::Held { order, .. } => {
                 self.orders.insert(order.clone(), vec![record]);
             }
-            CoordinatorRecord::Decided { order, .. } | CoordinatorRecord::ReleaseDecided { order } => {
+            CoordinatorRecord::Decided { order, .. }
+            | CoordinatorRecord::ReleaseDecided { order }
+            | CoordinatorRecord::ExpiryDecided { order, .. } => {
                 if let Some(records) = self.orders.get_mut(order) {
                     records.push(record.clone());
                 }

@@ -148,6 +148,10 @@ pub(crate) enum WireCoordinatorRecord {
     ReleaseDecided {
         order: String,
     },
+    ExpiryDecided {
+        order: String,
+        expired_at_ms: u64,
+    },
     Ended {
         order: String,
         /// Units sold per line (committed), or none and `expired_at_ms`.
@@ -192,6 +196,9 @@ impl WireCoordinatorRecord {
                 Self::Decided { order: order.as_str().to_owned(), units: units.clone() }
             }
             CoordinatorRecord::ReleaseDecided { order } => Self::ReleaseDecided { order: order.as_str().to_owned() },
+            CoordinatorRecord::ExpiryDecided { order, expired_at_ms } => {
+                Self::ExpiryDecided { order: order.as_str().to_owned(), expired_at_ms: *expired_at_ms }
+            }
             CoordinatorRecord::Ended { order, outcome, now_ms } => {
                 let (committed, expired_at_ms) = match outcome {
                     Outcome::Committed { units } => (Some(units.clone()), None),
@@ -241,6 +248,9 @@ impl WireCoordinatorRecord {
                 CoordinatorRecord::Decided { order: OrderId::new(order)?, units }
             }
             Self::ReleaseDecided { order } => CoordinatorRecord::ReleaseDecided { order: OrderId::new(order)? },
+            Self::ExpiryDecided { order, expired_at_ms } => {
+                CoordinatorRecord::ExpiryDecided { order: OrderId::new(order)?, expired_at_ms }
+            }
             Self::Ended { order, committed, expired_at_ms, now_ms } => {
                 let outcome = match (committed, expired_at_ms) {
                     (Some(units), None) if units.len() <= COORDINATOR_LINES_MAX => Outcome::Committed { units },
