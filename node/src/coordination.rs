@@ -114,6 +114,8 @@ struct Driver {
     direct: HashMap<OrderId, usize>,
     placement: Placement,
     failpoint: Option<Failpoint>,
+    /// Set by the `between-commits` failpoint.
+    abort_once_local_commit_lands: bool,
     open_orders: Arc<AtomicUsize>,
 }
 
@@ -165,6 +167,7 @@ impl Coordination {
             direct: HashMap::new(),
             placement: placement.clone(),
             failpoint: Failpoint::from_environment(),
+            abort_once_local_commit_lands: false,
             open_orders: open_orders.clone(),
         };
         tokio::spawn(driver.run(receiver, stopping.clone()));
@@ -319,7 +322,16 @@ impl Driver {
                 self.callers.insert(self.next_caller, (home_partition, reply));
                 self.coordinator.request(now_ms, self.next_caller, request);
             }
-            Input::PartAnswered { member, reply } => self.coordinator.part_answered(now_ms, member, reply),
+            Input::PartAnswered { member, reply } => {
+                if self.abort_once_local_commit_lands
+                    && member == self.own
+                    && matches!(reply.answer, flashstock_engine::coordination::PartAnswer::Committed { .. })
+                {
+                    tracing::error!(order = %reply.order, "failpoint between-commits: stopping dead");
+                    std::process::abort();
+                }
+                self.coordinator.part_answered(now_ms, member, reply);
+            }
             Input::Durable { token } => self.coordinator.durable(now_ms, token),
             Input::DirectDone { order } => {
                 if let Some(count) = self.direct.get_mut(&order) {
@@ -425,8 +437,11 @@ impl Driver {
             return;
         }
         if self.failpoint == Some(Failpoint::BetweenCommits) && matches!(message.request, PartRequest::Commit { .. }) {
-            tracing::error!(order = %message.order, "failpoint between-commits: stopping dead");
-            std::process::abort();
+            // Stop dead with this line unsent and the local line sold: the
+            // process ends once the local commit (sent before, on its own
+            // task) has landed, so the test does not race that task.
+            self.abort_once_local_commit_lands = true;
+            return;
         }
         let peers = self.peers.clone();
         tokio::spawn(async move {
