@@ -471,9 +471,10 @@ pub struct Coordinator {
     /// The `Epoch` record's token while it is not yet durable: no new
     /// attempt starts before it is.
     epoch_token: Option<u64>,
-    /// Steps decided before this life's epoch was durable: they leave once
-    /// it is (bounded by the orders known and their resends until then).
-    sends_after_epoch: Vec<Action>,
+    /// Steps decided before this life's epoch was durable, the newest per
+    /// order and part (a resend replaces the step it repeats, so this is
+    /// bounded by the orders known): they leave once the epoch is durable.
+    sends_after_epoch: BTreeMap<(OrderId, MemberId), PartMessage>,
     next_attempt: u64,
     next_token: u64,
     durable_token: u64,
@@ -571,7 +572,7 @@ impl Coordinator {
             config,
             epoch: epoch + 1,
             epoch_token: None,
-            sends_after_epoch: Vec::new(),
+            sends_after_epoch: BTreeMap::new(),
             next_attempt: 0,
             next_token: 1,
             durable_token: 0,
@@ -683,11 +684,10 @@ impl Coordinator {
                 step: entry.step,
                 request: entry.part_request(part),
             };
-            let send = Action::Send { member: part.member, message };
             if self.epoch_token.is_some() {
-                self.sends_after_epoch.push(send);
+                self.sends_after_epoch.insert((order.clone(), part.member), message);
             } else {
-                self.actions.push(send);
+                self.actions.push(Action::Send { member: part.member, message });
             }
         }
     }
@@ -1239,7 +1239,8 @@ impl Coordinator {
         self.durable_token = self.durable_token.max(token);
         if self.epoch_token.is_some_and(|epoch| epoch <= self.durable_token) {
             self.epoch_token = None;
-            self.actions.append(&mut self.sends_after_epoch);
+            let held = std::mem::take(&mut self.sends_after_epoch);
+            self.actions.extend(held.into_iter().map(|((_, member), message)| Action::Send { member, message }));
         }
         let waiting: Vec<OrderId> =
             self.recording.range(..=self.durable_token).map(|(_, order)| order.clone()).collect();

@@ -232,7 +232,7 @@ impl Replica {
         self.node.raft.lead_transferee
     }
 
-    /// Index and term of the last entry in this replica's log.
+    /// The index of the last entry in this replica's log.
     pub fn last_index(&self) -> u64 {
         self.node.raft.raft_log.last_index()
     }

@@ -328,14 +328,19 @@ impl Member {
         outbox
     }
 
-    /// `group`'s replica here stands for election now.
-    pub fn campaign(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
+    /// Runs `input` on `group`'s replica here (if any); returns what to send.
+    fn with_group(&mut self, group: GroupId, input: impl FnOnce(&mut GroupMachine)) -> Vec<(Endpoint, Message)> {
         let mut outbox = Vec::new();
         if let Some(machine) = self.groups.get_mut(&group) {
-            machine.campaign(now_ms);
+            input(machine);
         }
         self.drain_all(&mut outbox);
         outbox
+    }
+
+    /// `group`'s replica here stands for election now.
+    pub fn campaign(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
+        self.with_group(group, |machine| machine.campaign(now_ms))
     }
 
     /// Every group this member leads, with its term.
@@ -423,11 +428,6 @@ impl Member {
     /// Takes a snapshot of `group`'s applied state and drops the entries
     /// it covers (a compaction).
     pub fn compact(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
-        let mut outbox = Vec::new();
-        if let Some(machine) = self.groups.get_mut(&group) {
-            machine.compact(now_ms);
-        }
-        self.drain_all(&mut outbox);
-        outbox
+        self.with_group(group, |machine| machine.compact(now_ms))
     }
 }

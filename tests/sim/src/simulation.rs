@@ -498,7 +498,7 @@ impl World {
         let pause_ms = if leader.is_some() { self.network.between(1, 5) } else { self.network.between(20, 100) };
         let at_ms = self.now_ms + pause_ms;
         self.trace(format!("{} buyer {buyer} redirected to {next} for group {group}", self.now_ms));
-        self.schedule_resend(at_ms, buyer, caller, request);
+        self.schedule(at_ms, Event::Resend { buyer, caller, request });
     }
 
     /// A reader's next move: a new read now and then, or a retry of one
@@ -548,16 +548,6 @@ impl World {
             let next_ms = now_ms + self.readers_rng.between(20, 300);
             self.schedule(next_ms, Event::ReaderWake { reader });
         }
-    }
-
-    fn schedule_resend(
-        &mut self,
-        at_ms: u64,
-        buyer: u32,
-        caller: u64,
-        request: flashstock_engine::coordination::ClientRequest,
-    ) {
-        self.schedule(at_ms, Event::Resend { buyer, caller, request });
     }
 
     fn buyer_next(&mut self, buyer: u32, next: Next) {
