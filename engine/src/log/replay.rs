@@ -71,6 +71,11 @@ impl ReplayedState {
         self.limits_recorded = true;
     }
 
+    /// The limits commands are checked against from here on.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// The limits in force, if the log named them.
     pub fn limits_recorded(&self) -> Option<&Limits> {
         self.limits_recorded.then_some(&self.limits)

@@ -43,7 +43,9 @@ use raft::eraftpb::{Entry, EntryType, Message};
 use crate::coordination::{
     apply_part, Action, CallerId, ClientAnswer, ClientRequest, Coordinator, CoordinatorConfig, PartMessage, PartReply,
 };
+use crate::ids::OperationId;
 use crate::ids::SkuId;
+use crate::limits::Limits;
 use crate::log::record::LogRecord;
 use crate::log::replay::{ReplayRules, ReplayedState};
 use crate::log::snapshot::Snapshot;
@@ -51,7 +53,8 @@ use crate::order::OrderError;
 use crate::replication::replica::{Leadership, ProposeError, Replica, ReplicaConfig};
 use crate::replication::storage::{GroupStorage, ReplicaWrite};
 use crate::replication::{GroupId, ReplicaId};
-use crate::sku::{SkuCommand, SkuState, StockSnapshot};
+use crate::runtime::EngineError;
+use crate::sku::{AdminChange, SkuCommand, SkuError, SkuSettings, SkuState, StockSnapshot};
 
 /// How a group runs on this member.
 #[derive(Debug, Clone)]
@@ -61,6 +64,19 @@ pub struct GroupConfig {
     /// group's id, and its placement maps partitions to groups).
     pub coordinator: CoordinatorConfig,
     pub rules: ReplayRules,
+    /// The limits this member's configuration puts in force: a new leader
+    /// that finds others in force in the log proposes these before it
+    /// decides anything (the log, not the file, says what every record was
+    /// checked against). `None` leaves the log's limits as they are.
+    pub limits_in_force: Option<Limits>,
+}
+
+/// An operator's change to one SKU of the group, applied once per
+/// operation id (a retry answers with the counts and changes nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRequest {
+    Create { sku: SkuId, settings: SkuSettings, operation: OperationId },
+    Change { sku: SkuId, operation: OperationId, change: AdminChange },
 }
 
 /// What the driver must do for a group.
@@ -96,6 +112,11 @@ pub enum GroupOutput {
         caller: CallerId,
         leader: Option<ReplicaId>,
     },
+    /// The answer to [`GroupMachine::admin`].
+    Admin {
+        caller: CallerId,
+        answer: Result<StockSnapshot, EngineError>,
+    },
     /// The answer to [`GroupMachine::read`].
     Read {
         caller: CallerId,
@@ -118,6 +139,8 @@ struct Leading {
     term: u64,
     /// The applied state plus every entry of the log not yet applied.
     skus: BTreeMap<SkuId, SkuState>,
+    /// The limits in force at the end of the log (new SKUs get them).
+    limits: Limits,
     /// Started once `coordinator_from_index` is applied (see above).
     coordinator: Option<Coordinator>,
     coordinator_from_index: u64,
@@ -282,6 +305,69 @@ impl GroupMachine {
             }
         };
         self.outputs.extend(refusal);
+        self.settle(now_ms);
+    }
+
+    /// An operator's change to a SKU of this group: decided on the
+    /// leader's speculative state like every command, proposed, and
+    /// answered once committed, applied and confirmed (see above). The
+    /// operation id makes it exactly once: a retry, even at the next
+    /// leader, finds the operation in the SKU's state and changes nothing.
+    pub fn admin(&mut self, now_ms: u64, caller: CallerId, request: AdminRequest) {
+        let handing_over = self.replica.handing_over_to().is_some();
+        let busy = GroupOutput::Admin { caller, answer: Err(EngineError::Busy { retry_after_ms: 20 }) };
+        let leading = match &mut self.leading {
+            None => {
+                let leader = self.replica.leadership().leader;
+                self.outputs.push(GroupOutput::NotLeader { caller, leader });
+                return;
+            }
+            Some(Leading { coordinator: None, .. }) => {
+                self.outputs.push(busy);
+                return;
+            }
+            Some(_) if handing_over => {
+                self.outputs.push(busy);
+                return;
+            }
+            Some(leading) => leading,
+        };
+        let (answer, record) = match request {
+            AdminRequest::Create { sku, settings, operation } if !leading.skus.contains_key(&sku) => {
+                match SkuState::created(now_ms, settings.clone(), leading.limits.clone(), Some(operation.clone())) {
+                    Ok(state) => {
+                        let stock = state.stock();
+                        leading.skus.insert(sku.clone(), state);
+                        let record = LogRecord::CreateSku { sku, settings, now_ms, operation: Some(operation) };
+                        (Ok(stock), Some(record))
+                    }
+                    Err(error) => (Err(EngineError::Refused { sku, error, stock: StockSnapshot::default() }), None),
+                }
+            }
+            AdminRequest::Create { sku, settings, operation } => {
+                let command =
+                    SkuCommand::Admin { operation: Some(operation), change: AdminChange::Create { settings } };
+                match admin_on(leading, now_ms, sku.clone(), &command) {
+                    (
+                        Err(EngineError::Refused {
+                            error: SkuError::AlreadyCreated | SkuError::IdempotencyConflict,
+                            ..
+                        }),
+                        _,
+                    ) => (Err(EngineError::SkuExists { sku }), None),
+                    other => other,
+                }
+            }
+            AdminRequest::Change { sku, operation, change } => {
+                let command = SkuCommand::Admin { operation: Some(operation), change };
+                admin_on(leading, now_ms, sku, &command)
+            }
+        };
+        if self.propose_all(&Vec::from_iter(record)).is_ok() {
+            self.answer_when_applied(GroupOutput::Admin { caller, answer });
+        } else {
+            self.outputs.push(GroupOutput::Admin { caller, answer: Err(EngineError::Busy { retry_after_ms: 20 }) });
+        }
         self.settle(now_ms);
     }
 
@@ -547,6 +633,7 @@ impl GroupMachine {
         let state = self.speculative_state();
         self.leading = Some(Leading {
             term,
+            limits: state.limits().clone(),
             skus: state.skus,
             coordinator: None,
             // raft-rs appended the term's first (empty) entry on election.
@@ -571,7 +658,21 @@ impl GroupMachine {
         }
         let records = self.applied.coordinator_records();
         match Coordinator::recover(self.config.coordinator.clone(), records, now_ms) {
-            Ok(coordinator) => leading.coordinator = Some(coordinator),
+            Ok(coordinator) => {
+                leading.coordinator = Some(coordinator);
+                let wanted = self.config.limits_in_force.clone().filter(|limits| *limits != leading.limits);
+                if let Some(limits) = wanted {
+                    let record = LogRecord::RulesInForce { limits: limits.clone() };
+                    // Refused only by a full log: the next leader (or the
+                    // next term of this one) tries again.
+                    if self.replica.propose(record.encode()).is_ok() {
+                        for state in leading.skus.values_mut() {
+                            state.set_limits(limits.clone());
+                        }
+                        leading.limits = limits;
+                    }
+                }
+            }
             Err(error) => {
                 let group = self.replica.group();
                 self.anomalies.push(format!("group {group}: coordinator: {error}"));
@@ -591,7 +692,7 @@ impl GroupMachine {
             return;
         }
         let state = self.speculative_state();
-        self.leading = Some(Leading { skus: state.skus, ..leading });
+        self.leading = Some(Leading { limits: state.limits().clone(), skus: state.skus, ..leading });
     }
 
     /// Leadership lost: the speculative state goes, and every caller
@@ -609,7 +710,9 @@ impl GroupMachine {
             .chain(leading.confirming.into_values().flatten())
             .chain(leading.waiting)
             .filter_map(|(_, output)| match output {
-                GroupOutput::Answer { caller, .. } | GroupOutput::PartAnswer { caller, .. } => Some(caller),
+                GroupOutput::Answer { caller, .. }
+                | GroupOutput::PartAnswer { caller, .. }
+                | GroupOutput::Admin { caller, .. } => Some(caller),
                 _ => None,
             });
         let callers: Vec<CallerId> = reads.chain(confirmed).chain(answers).collect();
@@ -699,6 +802,24 @@ impl GroupMachine {
     }
 }
 
+/// Applies an admin `command` to `sku` in the leader's state: the answer,
+/// and the record to propose if it changed anything.
+fn admin_on(
+    leading: &mut Leading,
+    now_ms: u64,
+    sku: SkuId,
+    command: &SkuCommand,
+) -> (Result<StockSnapshot, EngineError>, Option<LogRecord>) {
+    let Some(state) = leading.skus.get_mut(&sku) else { return (Err(EngineError::UnknownSku { sku }), None) };
+    let (answer, recorded) = state.apply_recording(now_ms, command);
+    let record = recorded.map(|command| LogRecord::Apply { sku: sku.clone(), now_ms, command });
+    let answer = match answer.result {
+        Ok(_) => Ok(answer.stock),
+        Err(error) => Err(EngineError::Refused { sku, error, stock: answer.stock }),
+    };
+    (answer, record)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,7 +852,7 @@ mod tests {
                     resend_pause_ms_max: 500,
                 };
                 let replica = ReplicaConfig::new(GROUP, member, vec![1, 2, 3], 7);
-                let config = GroupConfig { replica, coordinator, rules: rules.clone() };
+                let config = GroupConfig { replica, coordinator, rules: rules.clone(), limits_in_force: None };
                 GroupMachine::start(config, &initial, &[]).expect("starts")
             })
             .collect()
@@ -847,5 +968,72 @@ mod tests {
         machines[1].read(10, 6, sku());
         let outputs = machines[1].take_outputs();
         assert!(outputs.iter().any(|output| matches!(output, GroupOutput::NotLeader { caller: 6, .. })), "{outputs:?}");
+    }
+
+    #[test]
+    fn admin_changes_apply_once_on_every_replica_and_the_configured_limits_come_into_force() {
+        let mut machines = machines();
+        let strict = Limits { line_units_max: 3, ..Limits::default() };
+        machines[0].config.limits_in_force = Some(strict.clone());
+        elect_first(&mut machines);
+        let new_sku = SkuId::new("new").expect("valid");
+        let operation = OperationId::new("op-1").expect("valid");
+        let create = AdminRequest::Create {
+            sku: new_sku.clone(),
+            settings: SkuSettings { initial_units: 5, ..SkuSettings::default() },
+            operation: operation.clone(),
+        };
+        machines[0].admin(10, 1, create.clone());
+        let add = AdminRequest::Change {
+            sku: new_sku.clone(),
+            operation: OperationId::new("op-2").expect("valid"),
+            change: AdminChange::AddStock { units: 7 },
+        };
+        machines[0].admin(10, 2, add.clone());
+        // The retry of the addition (a lost answer) and of the creation.
+        machines[0].admin(10, 3, add);
+        machines[0].admin(10, 4, create);
+        let conflicting = AdminRequest::Create {
+            sku: new_sku.clone(),
+            settings: SkuSettings { initial_units: 6, ..SkuSettings::default() },
+            operation: OperationId::new("op-3").expect("valid"),
+        };
+        machines[0].admin(10, 5, conflicting);
+        let answered = exchange(&mut machines, 10, |_, _| false);
+        let answer = |caller: CallerId| {
+            answered
+                .iter()
+                .find_map(|(_, output)| match output {
+                    GroupOutput::Admin { caller: of, answer } if *of == caller => Some(answer.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("caller {caller} answered: {answered:?}"))
+        };
+        assert_eq!(answer(1).expect("created").available, 5);
+        assert_eq!(answer(2).expect("added").available, 12);
+        assert_eq!(answer(3).expect("a retry answers").available, 12, "added once");
+        assert_eq!(answer(4).expect("a retry of the creation answers").available, 12);
+        assert!(matches!(answer(5), Err(EngineError::SkuExists { .. })), "{:?}", answer(5));
+        for machine in &mut machines {
+            for _ in 0..3 {
+                machine.tick(20);
+            }
+        }
+        exchange(&mut machines, 20, |_, _| false);
+        for machine in &machines {
+            assert_eq!(machine.applied().skus[&new_sku].stock().available, 12);
+            assert_eq!(machine.applied().limits_recorded(), Some(&strict), "the leader put its limits in force");
+        }
+        machines[1].admin(
+            30,
+            6,
+            AdminRequest::Change {
+                sku: new_sku,
+                operation: OperationId::new("op-4").expect("valid"),
+                change: AdminChange::AddStock { units: 1 },
+            },
+        );
+        let outputs = machines[1].take_outputs();
+        assert!(outputs.iter().any(|output| matches!(output, GroupOutput::NotLeader { caller: 6, leader: Some(1) })));
     }
 }

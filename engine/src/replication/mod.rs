@@ -17,7 +17,7 @@ pub mod group;
 pub mod replica;
 pub mod storage;
 
-pub use group::{GroupConfig, GroupMachine, GroupOutput};
+pub use group::{AdminRequest, GroupConfig, GroupMachine, GroupOutput};
 pub use replica::{Leadership, ProposeError, Replica, ReplicaConfig, ReplicaOutput};
 pub use storage::{GroupStorage, ReplicaWrite};
 

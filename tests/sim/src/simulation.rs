@@ -267,7 +267,10 @@ impl World {
                     voter_ids.sort_unstable();
                     let mut replica = ReplicaConfig::new(group, u64::from(own), voter_ids, election_seed);
                     replica.preferred_leader = Some(voters[0]);
-                    configs.insert(group, GroupConfig { replica, coordinator, rules: rules.clone() });
+                    configs.insert(
+                        group,
+                        GroupConfig { replica, coordinator, rules: rules.clone(), limits_in_force: None },
+                    );
                     own_initial.insert(group, initial[&group].clone());
                 }
                 Member::new(own, placement.clone(), replicas.clone(), configs, own_initial)
