@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::exchange::{exchange, ExchangeError};
-use crate::routing::{owner_of, partition_of};
+use crate::routing::{group_of_partition, owner_of, partition_of, replicas_of};
 use crate::tls::{self, Identity};
 use crate::wire::{
-    self, Hello, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireLineResult,
+    self, GroupLeader, Hello, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireLineResult,
     WireQuantity, WireStock, PROTOCOL_VERSION,
 };
 
@@ -403,6 +403,21 @@ enum Route {
     Anyone,
 }
 
+/// The member a request for `partition` goes to on try `attempt`: its
+/// owner in a single-copy cluster; in a replicated one the group's leader
+/// if known, otherwise its replicas in turn.
+fn route_member(map: &PartitionMap, partition: u32, attempt: u32) -> Option<u32> {
+    let ids: Vec<u32> = map.members.iter().map(|member| member.id).collect();
+    let Some(replication) = &map.replication else { return owner_of(partition, &ids) };
+    let group = group_of_partition(partition, replication.groups.max(1));
+    let known = replication.leaders.iter().find(|known| known.group == group).and_then(|known| known.leader);
+    if let Some(leader) = known {
+        return Some(leader);
+    }
+    let replicas = replicas_of(group, &ids, replication.factor as usize);
+    replicas.get(attempt as usize % replicas.len().max(1)).copied()
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -554,9 +569,9 @@ impl Client {
             Response::PartitionMap(map) => map,
             other => return Err(unexpected(&other)),
         };
-        let ids: Vec<u32> = map.members.iter().map(|member| member.id).collect();
         let owned = |id: u32| {
-            let count = (0..map.partition_count).filter(|partition| owner_of(*partition, &ids) == Some(id)).count();
+            let count =
+                (0..map.partition_count).filter(|&partition| route_member(&map, partition, 0) == Some(id)).count();
             u32::try_from(count).unwrap_or(u32::MAX)
         };
         *self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
@@ -598,12 +613,12 @@ impl Client {
         }
     }
 
-    /// The member that owns `sku`'s partition, by the current map.
+    /// The member that answers for `sku`'s partition, by the current map
+    /// (in a replicated cluster: its group's leader, as last known).
     pub fn owner_of(&self, sku: &str) -> Option<u32> {
         let partition = self.partition_of(sku).ok()?;
         let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ids: Vec<u32> = map.as_ref()?.members.iter().map(|member| member.id).collect();
-        owner_of(partition, &ids)
+        route_member(map.as_ref()?, partition, 0)
     }
 
     /// The partition of a SKU or of an order id (the same stable hash).
@@ -622,9 +637,8 @@ impl Client {
         let map = map.as_ref()?;
         let member = match route {
             Route::Partition(partition) => {
-                let ids: Vec<u32> = map.members.iter().map(|member| member.id).collect();
-                let owner = owner_of(partition, &ids)?;
-                map.members.iter().find(|member| member.id == owner)?
+                let id = route_member(map, partition, attempt)?;
+                map.members.iter().find(|member| member.id == id)?
             }
             Route::Anyone => {
                 let up: Vec<_> = map.members.iter().filter(|member| member.up).collect();
@@ -633,6 +647,34 @@ impl Client {
             }
         };
         member.address.parse().ok()
+    }
+
+    /// Learns who leads `group` from a refusal (`None`: nobody known, so
+    /// the next try goes round the replicas).
+    fn learn_leader(&self, group: u32, leader: Option<u32>) {
+        let mut map = self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(replication) = map.as_mut().and_then(|map| map.replication.as_mut()) else { return };
+        if let Some(known) = replication.leaders.iter_mut().find(|known| known.group == group) {
+            known.leader = leader;
+        } else {
+            replication.leaders.push(GroupLeader { group, leader, term: 0 });
+        }
+    }
+
+    /// A member did not answer: it no longer counts as the leader of the
+    /// groups it was thought to lead (the next try goes round the replicas).
+    fn suspect(&self, address: SocketAddr) {
+        let mut map = self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(map) = map.as_mut() else { return };
+        let Some(id) = map.members.iter().find(|member| member.address.parse() == Ok(address)).map(|member| member.id)
+        else {
+            return;
+        };
+        if let Some(replication) = map.replication.as_mut() {
+            for known in replication.leaders.iter_mut().filter(|known| known.leader == Some(id)) {
+                known.leader = None;
+            }
+        }
     }
 
     /// Sends `body` where `route` says, retrying by the policy.
@@ -669,6 +711,15 @@ impl Client {
                             let _ = self.refresh_map(Some(address)).await;
                             backoff = policy.backoff_initial / 4;
                         }
+                        // Replicated: straight to the leader named, or
+                        // round the replicas after the usual pause while
+                        // an election runs.
+                        Refusal::NotLeader { group, leader } => {
+                            self.learn_leader(group, leader);
+                            if leader.is_some() {
+                                backoff = policy.backoff_initial / 4;
+                            }
+                        }
                         Refusal::Busy { retry_after_ms } => {
                             backoff = backoff.max(Duration::from_millis(retry_after_ms));
                         }
@@ -682,6 +733,7 @@ impl Client {
                 Err(error @ (Error::Connection(_) | Error::DeadlineExceeded)) => {
                     tracing::debug!(attempt, %address, %error, "retrying");
                     self.forget(address);
+                    self.suspect(address);
                     last_error = error;
                 }
                 Err(error) => return Err(error),
@@ -742,8 +794,22 @@ impl Client {
         Ok((connection, welcome))
     }
 
-    fn adopt_map(&self, map: PartitionMap) {
+    /// Takes a member's map; of two views of a group's leader the one of
+    /// the higher term wins (a member behind on news must not undo what a
+    /// refusal taught).
+    fn adopt_map(&self, mut map: PartitionMap) {
         let mut current = self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let (Some(known), Some(fresh)) =
+            (current.as_ref().and_then(|map| map.replication.as_ref()), map.replication.as_mut())
+        {
+            for leader in &mut fresh.leaders {
+                if let Some(newer) =
+                    known.leaders.iter().find(|known| known.group == leader.group && known.term > leader.term)
+                {
+                    *leader = *newer;
+                }
+            }
+        }
         *current = Some(map);
     }
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 /// an operation id; version 3: an order's home is the partition of its id,
 /// and members drive each other's parts with `Part` steps. A member refuses a client of another version at the
 /// handshake with the versions it speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side sends or accepts. The biggest message (an
 /// order of the most lines, or a partition map of the most members) is a
@@ -87,6 +87,31 @@ pub struct PartitionMap {
     pub epoch: u64,
     pub partition_count: u32,
     pub members: Vec<Member>,
+    /// How partitions are replicated; `None` in a single-copy cluster
+    /// (each partition answered by its rendezvous owner).
+    #[serde(default)]
+    pub replication: Option<ReplicationMap>,
+}
+
+/// How a replicated cluster places its partitions: partition `p` belongs
+/// to group `p % groups + 1` ([`crate::routing::group_of_partition`]),
+/// replicated on [`crate::routing::replicas_of`] members; one of them
+/// leads it at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationMap {
+    pub factor: u32,
+    pub groups: u32,
+    /// Each group's leader as the answering member knows it, by group.
+    pub leaders: Vec<GroupLeader>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLeader {
+    pub group: u32,
+    /// `None` while the member knows of no leader (an election).
+    pub leader: Option<u32>,
+    /// The raft term the leader leads in: a higher term is newer news.
+    pub term: u64,
 }
 
 /// One member of the cluster as clients see it.
@@ -379,6 +404,13 @@ pub enum Refusal {
     WrongNode {
         owner: u32,
     },
+    /// This member does not lead the partition's replication `group`:
+    /// `leader` does, as far as it knows (`None`: an election is under
+    /// way). Nothing was done; the same request may go to the leader.
+    NotLeader {
+        group: u32,
+        leader: Option<u32>,
+    },
     DeadlineExceeded,
     /// The caller's identity may not do this.
     Forbidden,
@@ -404,6 +436,7 @@ impl Refusal {
             Self::Busy { .. } => "busy",
             Self::Unavailable { .. } => "unavailable",
             Self::WrongNode { .. } => "wrong_node",
+            Self::NotLeader { .. } => "not_leader",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Forbidden => "forbidden",
         }
@@ -414,7 +447,7 @@ impl Refusal {
     /// after a map refresh).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Refusal::WrongNode { .. } => true,
+            Refusal::WrongNode { .. } | Refusal::NotLeader { .. } => true,
             other => crate::Error::from(other.clone()).is_retryable(),
         }
     }
@@ -560,6 +593,11 @@ mod tests {
                 epoch: 1,
                 partition_count: 64,
                 members: vec![Member { id: 1, address: "127.0.0.1:7401".to_owned(), up: true }],
+                replication: Some(ReplicationMap {
+                    factor: 3,
+                    groups: 6,
+                    leaders: vec![GroupLeader { group: 1, leader: Some(2), term: 7 }],
+                }),
             },
         };
         assert_eq!(decode_frame::<Welcome>(&framed(&welcome)).expect("decodes"), welcome);

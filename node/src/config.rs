@@ -162,6 +162,37 @@ const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 pub struct ClusterSection {
     pub name: String,
     pub partitions: u32,
+    /// Members that hold each partition (raft, one leader at a time): 3
+    /// survives the loss of any one member; 1 is a single copy, answered
+    /// by the partition's rendezvous owner.
+    #[serde(default = "single_copy")]
+    pub replication_factor: u32,
+    /// Replication groups the partitions are dealt into (partition `p` to
+    /// group `p % groups + 1`); fixed for the life of a cluster, like the
+    /// partition count. Default: two per member, so that leaders spread.
+    #[serde(default)]
+    pub replication_groups: Option<u32>,
+}
+
+fn single_copy() -> u32 {
+    1
+}
+
+/// Most groups a cluster may have: each costs a raft replica (its
+/// heartbeats, its share of the log) on every member that holds it.
+const REPLICATION_GROUPS_MAX: u32 = 256;
+
+impl ClusterSection {
+    /// Whether partitions are replicated (a raft group per share of them).
+    pub fn replicated(&self) -> bool {
+        self.replication_factor > 1
+    }
+
+    /// The number of replication groups of a cluster of `members`.
+    pub fn group_count(&self, members: usize) -> u32 {
+        let default = u32::try_from(members.max(1) * 2).unwrap_or(REPLICATION_GROUPS_MAX);
+        self.replication_groups.unwrap_or(default).min(self.partitions)
+    }
 }
 
 /// Mirrors `EngineConfig` minus the limits; missing keys keep the defaults.
@@ -273,6 +304,7 @@ impl ClusterFile {
             sale.validate(&engine)?;
         }
         file.validate_members()?;
+        file.validate_replication()?;
         if let Some(storage) = &file.storage {
             if storage.segment_bytes_max < SEGMENT_BYTES_MIN {
                 bail!("`storage.segment_bytes_max`: at least {SEGMENT_BYTES_MIN} bytes");
@@ -282,6 +314,34 @@ impl ClusterFile {
             }
         }
         Ok(file)
+    }
+
+    fn validate_replication(&self) -> anyhow::Result<()> {
+        let cluster = &self.cluster;
+        let factor = cluster.replication_factor;
+        if factor == 0 {
+            bail!("`cluster.replication_factor`: at least 1 (1 is a single copy)");
+        }
+        if factor > 1 {
+            if factor % 2 == 0 {
+                bail!("`cluster.replication_factor`: {factor} is even; an even count tolerates no more failures than the odd one below it");
+            }
+            if factor as usize > self.members.len() {
+                bail!(
+                    "`cluster.replication_factor`: {factor} copies need at least {factor} `members` ({} given)",
+                    self.members.len()
+                );
+            }
+            if self.storage.is_none() {
+                bail!("`storage`: a replicated cluster keeps its raft log on disk (`[storage]`)");
+            }
+        }
+        if let Some(groups) = cluster.replication_groups {
+            if groups == 0 || groups > REPLICATION_GROUPS_MAX || groups > cluster.partitions {
+                bail!("`cluster.replication_groups`: between 1 and {REPLICATION_GROUPS_MAX}, and at most `cluster.partitions`");
+            }
+        }
+        Ok(())
     }
 
     fn validate_members(&self) -> anyhow::Result<()> {

@@ -80,6 +80,7 @@ impl Node {
         file.member(id)?;
         let members: Vec<u32> = file.members.iter().map(|member| member.id).collect();
         let map = PartitionMap {
+            replication: None,
             epoch: 1,
             partition_count: file.cluster.partitions,
             members: file

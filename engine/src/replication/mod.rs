@@ -5,6 +5,8 @@
 //!   [`ReplicaWrite`]s the member's one log holds for every group.
 //! - [`replica`]: one member's replica of one group (`RawNode`, sans-IO,
 //!   asynchronous persistence, seeded election timeouts).
+//! - [`codec`]: the bytes of a replica's writes (records of the member's
+//!   raft log) and of raft messages between members.
 //! - [`group`]: a group's state machine on one member: committed records
 //!   applied by every replica, and on the leader the speculative state,
 //!   the order coordinator and expiry, with every answer held until what
@@ -13,11 +15,14 @@
 //! Nothing here does IO or reads a clock: time comes in as `now_ms`, and
 //! ticks are the driver's.
 
+pub mod codec;
 pub mod group;
 pub mod replica;
 pub mod storage;
 
 pub use group::{AdminRequest, GroupConfig, GroupMachine, GroupOutput};
+/// raft-rs's message between replicas, for drivers that carry it.
+pub use raft::eraftpb::Message as RaftMessage;
 pub use replica::{Leadership, ProposeError, Replica, ReplicaConfig, ReplicaOutput};
 pub use storage::{GroupStorage, ReplicaWrite};
 

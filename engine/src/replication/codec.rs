@@ -1,0 +1,227 @@
+//! Bytes of what replication stores and sends: a [`ReplicaWrite`] as a
+//! record of the member's raft log, and raft messages between members.
+//!
+//! Both are decoded from bytes that may be torn (a crash mid-write) or
+//! come from a peer, so decoding checks every length against the bytes
+//! that follow before it allocates, and fails with a [`CodecError`],
+//! never a panic. raft-rs's own types travel in their protobuf encoding
+//! (the one raft-rs defines); the framing around them is ours.
+
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, HardState, Message, Snapshot};
+
+use crate::replication::storage::ReplicaWrite;
+use crate::replication::GroupId;
+
+/// Entries one write may hold: raft-rs appends in batches bounded by the
+/// message size; this only keeps a corrupt count from allocating.
+pub const WRITE_ENTRIES_MAX: usize = 1 << 20;
+
+/// Why bytes are not a write or a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("ends early: {needed} more bytes declared than present")]
+    Truncated { needed: usize },
+    #[error("unknown kind {0}")]
+    UnknownKind(u8),
+    #[error("{count} entries in one write exceed the limit of {limit}")]
+    TooManyEntries { count: usize, limit: usize },
+    #[error("undecodable raft type: {0}")]
+    Protobuf(String),
+    #[error("{0} bytes left over")]
+    Trailing(usize),
+}
+
+const KIND_ENTRIES: u8 = 1;
+const KIND_HARD_STATE: u8 = 2;
+const KIND_SNAPSHOT: u8 = 3;
+const KIND_COMPACT: u8 = 4;
+
+/// `write` of `group` as the payload of one log record.
+pub fn encode_write(group: GroupId, write: &ReplicaWrite) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&group.to_le_bytes());
+    match write {
+        ReplicaWrite::Entries(entries) => {
+            out.push(KIND_ENTRIES);
+            out.extend_from_slice(&u32::try_from(entries.len()).expect("a write's entries fit a u32").to_le_bytes());
+            for entry in entries {
+                put_bytes(&mut out, &protobuf_bytes(entry));
+            }
+        }
+        ReplicaWrite::HardState(state) => {
+            out.push(KIND_HARD_STATE);
+            put_bytes(&mut out, &protobuf_bytes(state));
+        }
+        ReplicaWrite::Snapshot(snapshot) => {
+            out.push(KIND_SNAPSHOT);
+            put_bytes(&mut out, &protobuf_bytes(snapshot));
+        }
+        ReplicaWrite::Compact { index } => {
+            out.push(KIND_COMPACT);
+            out.extend_from_slice(&index.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// The group and write of a log record's payload.
+///
+/// # Errors
+/// Bytes [`encode_write`] did not make.
+pub fn decode_write(bytes: &[u8]) -> Result<(GroupId, ReplicaWrite), CodecError> {
+    let mut reader = Reader { bytes };
+    let group = u32::from_le_bytes(reader.array()?);
+    let [kind] = reader.array()?;
+    let write = match kind {
+        KIND_ENTRIES => {
+            let count = u32::from_le_bytes(reader.array()?) as usize;
+            if count > WRITE_ENTRIES_MAX {
+                return Err(CodecError::TooManyEntries { count, limit: WRITE_ENTRIES_MAX });
+            }
+            // Each entry takes at least its 4-byte length: a count the
+            // bytes cannot hold is refused before anything is reserved.
+            if count.saturating_mul(4) > reader.bytes.len() {
+                return Err(CodecError::Truncated { needed: count * 4 - reader.bytes.len() });
+            }
+            let mut entries = Vec::with_capacity(count);
+            for _ in 0..count {
+                entries.push(parse::<Entry>(reader.bytes_prefixed()?)?);
+            }
+            ReplicaWrite::Entries(entries)
+        }
+        KIND_HARD_STATE => ReplicaWrite::HardState(parse::<HardState>(reader.bytes_prefixed()?)?),
+        KIND_SNAPSHOT => ReplicaWrite::Snapshot(parse::<Snapshot>(reader.bytes_prefixed()?)?),
+        KIND_COMPACT => ReplicaWrite::Compact { index: u64::from_le_bytes(reader.array()?) },
+        other => return Err(CodecError::UnknownKind(other)),
+    };
+    reader.finish()?;
+    Ok((group, write))
+}
+
+/// A raft message of `group` as bytes for a peer.
+pub fn encode_message(group: GroupId, message: &Message) -> Vec<u8> {
+    let mut out = group.to_le_bytes().to_vec();
+    out.extend_from_slice(&protobuf_bytes(message));
+    out
+}
+
+/// The group and raft message of a peer's bytes.
+///
+/// # Errors
+/// Bytes [`encode_message`] did not make.
+pub fn decode_message(bytes: &[u8]) -> Result<(GroupId, Message), CodecError> {
+    let mut reader = Reader { bytes };
+    let group = u32::from_le_bytes(reader.array()?);
+    Ok((group, parse::<Message>(reader.bytes)?))
+}
+
+fn protobuf_bytes(message: &impl protobuf::Message) -> Vec<u8> {
+    message.write_to_bytes().expect("raft's messages always encode")
+}
+
+fn parse<T: protobuf::Message>(bytes: &[u8]) -> Result<T, CodecError> {
+    T::parse_from_bytes(bytes).map_err(|error| CodecError::Protobuf(error.to_string()))
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&u32::try_from(bytes.len()).expect("a raft message fits a u32").to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, length: usize) -> Result<&'a [u8], CodecError> {
+        if length > self.bytes.len() {
+            return Err(CodecError::Truncated { needed: length - self.bytes.len() });
+        }
+        let (taken, rest) = self.bytes.split_at(length);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+
+    fn bytes_prefixed(&mut self) -> Result<&'a [u8], CodecError> {
+        let length = u32::from_le_bytes(self.array()?) as usize;
+        self.take(length)
+    }
+
+    fn finish(self) -> Result<(), CodecError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(CodecError::Trailing(self.bytes.len()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, data: &[u8]) -> Entry {
+        let mut entry = Entry::default();
+        entry.index = index;
+        entry.term = 3;
+        entry.data = data.to_vec().into();
+        entry
+    }
+
+    #[test]
+    fn every_write_round_trips() {
+        let mut hard_state = HardState::default();
+        hard_state.term = 4;
+        hard_state.vote = 2;
+        hard_state.commit = 9;
+        let mut snapshot = Snapshot::default();
+        snapshot.data = b"state".to_vec().into();
+        snapshot.mut_metadata().index = 7;
+        snapshot.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        let writes = [
+            ReplicaWrite::Entries(vec![entry(1, b"a"), entry(2, b""), entry(3, b"ccc")]),
+            ReplicaWrite::Entries(Vec::new()),
+            ReplicaWrite::HardState(hard_state),
+            ReplicaWrite::Snapshot(snapshot),
+            ReplicaWrite::Compact { index: 12 },
+        ];
+        for write in writes {
+            assert_eq!(decode_write(&encode_write(5, &write)), Ok((5, write)));
+        }
+    }
+
+    #[test]
+    fn torn_or_foreign_bytes_are_errors_not_panics() {
+        let bytes = encode_write(2, &ReplicaWrite::Entries(vec![entry(1, b"abc"), entry(2, b"def")]));
+        for cut in 0..bytes.len() {
+            assert!(decode_write(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut huge = 1u32.to_le_bytes().to_vec();
+        huge.push(KIND_ENTRIES);
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode_write(&huge), Err(CodecError::TooManyEntries { .. })));
+        let mut unknown = 1u32.to_le_bytes().to_vec();
+        unknown.push(99);
+        assert_eq!(decode_write(&unknown), Err(CodecError::UnknownKind(99)));
+        let mut trailing = encode_write(1, &ReplicaWrite::Compact { index: 1 });
+        trailing.push(0);
+        assert_eq!(decode_write(&trailing), Err(CodecError::Trailing(1)));
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let mut message = Message::default();
+        message.from = 1;
+        message.to = 2;
+        message.term = 5;
+        message.entries = vec![entry(4, b"x")].into();
+        let (group, decoded) = decode_message(&encode_message(3, &message)).expect("decodes");
+        assert_eq!((group, decoded), (3, message));
+        assert!(decode_message(&[1, 2]).is_err());
+    }
+}
