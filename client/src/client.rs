@@ -294,6 +294,7 @@ impl ClientBuilder {
             seeds: self.seeds,
             map: RwLock::new(None),
             connections: Mutex::new(HashMap::new()),
+            suspected: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             in_flight: tokio::sync::Semaphore::new(self.in_flight_max),
             connect_timeout: self.connect_timeout,
@@ -331,6 +332,8 @@ struct Inner {
     seeds: Vec<SocketAddr>,
     map: RwLock<Option<PartitionMap>>,
     connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Members that did not answer lately, since when.
+    suspected: Mutex<HashMap<u32, std::time::Instant>>,
     /// Held while a connection to the member is being opened.
     opening: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     in_flight: tokio::sync::Semaphore,
@@ -406,17 +409,29 @@ enum Route {
 /// The member a request for `partition` goes to on try `attempt`: its
 /// owner in a single-copy cluster; in a replicated one the group's leader
 /// if known, otherwise its replicas in turn.
-fn route_member(map: &PartitionMap, partition: u32, attempt: u32) -> Option<u32> {
+/// Members that did not answer lately are `suspected`: tried last.
+fn route_member(map: &PartitionMap, partition: u32, attempt: u32, suspected: &[u32]) -> Option<u32> {
     let ids: Vec<u32> = map.members.iter().map(|member| member.id).collect();
     let Some(replication) = &map.replication else { return owner_of(partition, &ids) };
     let group = group_of_partition(partition, replication.groups.max(1));
     let known = replication.leaders.iter().find(|known| known.group == group).and_then(|known| known.leader);
-    if let Some(leader) = known {
+    if let Some(leader) = known.filter(|leader| !suspected.contains(leader)) {
         return Some(leader);
     }
     let replicas = replicas_of(group, &ids, replication.factor as usize);
-    replicas.get(attempt as usize % replicas.len().max(1)).copied()
+    let trusted: Vec<u32> = replicas.iter().copied().filter(|member| !suspected.contains(member)).collect();
+    let candidates = if trusted.is_empty() { &replicas } else { &trusted };
+    candidates.get(attempt as usize % candidates.len().max(1)).copied()
 }
+
+/// How long a member that did not answer is tried last.
+const SUSPECTED_MS: u64 = 2_000;
+/// A replicated cluster's first try waits this long before it tries
+/// another replica (doubling each try, up to the request timeout): a dead
+/// leader's connection looks alive until it idles out, and the other
+/// replicas know the new leader within an election. Safe because every
+/// request is idempotent by its key.
+const REPLICATED_ATTEMPT_MS_MIN: u64 = 400;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -571,7 +586,7 @@ impl Client {
         };
         let owned = |id: u32| {
             let count =
-                (0..map.partition_count).filter(|&partition| route_member(&map, partition, 0) == Some(id)).count();
+                (0..map.partition_count).filter(|&partition| route_member(&map, partition, 0, &[]) == Some(id)).count();
             u32::try_from(count).unwrap_or(u32::MAX)
         };
         *self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
@@ -618,7 +633,7 @@ impl Client {
     pub fn owner_of(&self, sku: &str) -> Option<u32> {
         let partition = self.partition_of(sku).ok()?;
         let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        route_member(map.as_ref()?, partition, 0)
+        route_member(map.as_ref()?, partition, 0, &self.suspected())
     }
 
     /// The partition of a SKU or of an order id (the same stable hash).
@@ -637,7 +652,7 @@ impl Client {
         let map = map.as_ref()?;
         let member = match route {
             Route::Partition(partition) => {
-                let id = route_member(map, partition, attempt)?;
+                let id = route_member(map, partition, attempt, &self.suspected())?;
                 map.members.iter().find(|member| member.id == id)?
             }
             Route::Anyone => {
@@ -661,6 +676,14 @@ impl Client {
         }
     }
 
+    /// Members that did not answer in the last [`SUSPECTED_MS`].
+    fn suspected(&self) -> Vec<u32> {
+        let now = std::time::Instant::now();
+        let mut suspected = lock(&self.inner.suspected);
+        suspected.retain(|_, since| now.duration_since(*since) < Duration::from_millis(SUSPECTED_MS));
+        suspected.keys().copied().collect()
+    }
+
     /// A member did not answer: it no longer counts as the leader of the
     /// groups it was thought to lead (the next try goes round the replicas).
     fn suspect(&self, address: SocketAddr) {
@@ -670,6 +693,7 @@ impl Client {
         else {
             return;
         };
+        lock(&self.inner.suspected).insert(id, std::time::Instant::now());
         if let Some(replication) = map.replication.as_mut() {
             for known in replication.leaders.iter_mut().filter(|known| known.leader == Some(id)) {
                 known.leader = None;
@@ -700,7 +724,7 @@ impl Client {
                 let _ = self.refresh_map(None).await;
                 continue;
             };
-            match self.send(address, &body).await {
+            match self.send_within(address, &body, self.attempt_deadline(attempt)).await {
                 // The wire decides what may be retried; here only how.
                 Ok(Response::Refused(refusal)) if !refusal.is_retryable() => return Err(refusal.into()),
                 Ok(Response::Refused(refusal)) => {
@@ -744,10 +768,35 @@ impl Client {
 
     /// One try: a stream on the member's connection, the request, its answer.
     async fn send(&self, address: SocketAddr, body: &RequestBody) -> Result<Response, Error> {
+        self.send_within(address, body, self.deadline).await
+    }
+
+    async fn send_within(
+        &self,
+        address: SocketAddr,
+        body: &RequestBody,
+        deadline: Duration,
+    ) -> Result<Response, Error> {
         let connection = self.connection(address).await?;
-        let timeout_ms = u32::try_from(self.deadline.as_millis()).unwrap_or(u32::MAX);
+        let timeout_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
         let request = Request { timeout_ms, body: body.clone() };
-        exchange(&connection, &request, self.deadline).await.map_err(exchange_error)
+        exchange(&connection, &request, deadline).await.map_err(exchange_error)
+    }
+
+    /// How long try `attempt` waits (see [`REPLICATED_ATTEMPT_MS_MIN`]).
+    fn attempt_deadline(&self, attempt: u32) -> Duration {
+        let replicated = self
+            .inner
+            .map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|map| map.replication.is_some());
+        if !replicated {
+            return self.deadline;
+        }
+        let growing = Duration::from_millis(REPLICATED_ATTEMPT_MS_MIN.saturating_mul(1 << attempt.min(16)));
+        self.deadline.min(growing)
     }
 
     /// The live connection to `address`, opened (with the handshake) if
@@ -874,7 +923,7 @@ fn in_request_order(lines: &mut [WireLineResult], order: &Order) {
 }
 
 async fn hello(connection: &quinn::Connection, agent: &str, deadline: Duration) -> Result<Welcome, Error> {
-    let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: agent.to_owned() };
+    let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: agent.to_owned(), boot: None };
     match exchange(connection, &hello, deadline).await.map_err(exchange_error)? {
         welcome @ Welcome::Accepted { .. } => Ok(welcome),
         Welcome::Refused { supported } => Err(Error::Protocol(format!(

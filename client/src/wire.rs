@@ -64,6 +64,12 @@ pub struct Hello {
     /// What the sender is, for the logs (`checkout-eu-3`); identity itself
     /// comes from the TLS certificate.
     pub agent: String,
+    /// A member's links say which life of the member they come from (it
+    /// changes at every start), so that the others notice a restart at
+    /// once and redial it instead of sending into the old life's
+    /// connection until it idles out. `None` from clients.
+    #[serde(default)]
+    pub boot: Option<u64>,
 }
 
 /// The answer to [`Hello`].

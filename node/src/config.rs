@@ -332,9 +332,6 @@ impl ClusterFile {
                     self.members.len()
                 );
             }
-            if self.storage.is_none() {
-                bail!("`storage`: a replicated cluster keeps its raft log on disk (`[storage]`)");
-            }
         }
         if let Some(groups) = cluster.replication_groups {
             if groups == 0 || groups > REPLICATION_GROUPS_MAX || groups > cluster.partitions {

@@ -18,6 +18,11 @@
 //!   ends (mutual TLS), and the role a peer's certificate names.
 //! - [`peers`]: the long-lived links to the other members, and which of
 //!   them are up.
+//! - [`replication`]: the driver of the member's replication groups (the
+//!   engine's raft replicas and group state machines): requests, raft
+//!   batches between members, one raft log and one fsync per round.
+//! - [`raft_log`]: that log: one file of every group's replica writes,
+//!   checksummed, cut at a torn tail, rewritten from live state.
 //! - [`server`]: the QUIC endpoint of a member: handshake, one stream per
 //!   request, ownership checks.
 //! - [`coordination`]: the driver of the member's order coordinator (the
@@ -32,6 +37,8 @@ pub mod crash_load;
 pub mod local_cluster;
 pub mod operations;
 pub mod peers;
+pub mod raft_log;
+pub mod replication;
 pub mod sale;
 pub mod server;
 pub mod shop;

@@ -383,24 +383,50 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
         tokio::spawn(operations.clone().serve(listener));
     }
     let started = std::time::Instant::now();
-    let (engine, report) = Engine::open(file.engine_config()?, Arc::new(SystemClock), durability)
-        .with_context(|| format!("recovering {}", member.data_directory.display()))?;
-    tracing::info!(
-        from_snapshot = report.from_snapshot,
-        records = report.records,
-        skus = report.skus,
-        orders = report.orders,
-        transactions = report.transactions,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovered"
-    );
+    let engine = if file.cluster.replicated() {
+        // Replicated: the groups hold every SKU, in the raft log under the
+        // data directory; the engine of the single-copy path stays empty.
+        Engine::new(file.engine_config()?, Arc::new(SystemClock))?
+    } else {
+        let (engine, report) = Engine::open(file.engine_config()?, Arc::new(SystemClock), durability)
+            .with_context(|| format!("recovering {}", member.data_directory.display()))?;
+        tracing::info!(
+            from_snapshot = report.from_snapshot,
+            records = report.records,
+            skus = report.skus,
+            orders = report.orders,
+            transactions = report.transactions,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+        engine
+    };
     let endpoint = flashstock_node::server::endpoint(&file, id)?;
     let mut addresses = Vec::with_capacity(file.members.len());
     for member in &file.members {
         addresses.push((member.id, member.address.parse().context("member address")?));
     }
     let peers = flashstock_node::peers::Peers::start(&endpoint, id, &addresses);
-    let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone(), peers)?);
+    let replication = if file.cluster.replicated() {
+        let config = flashstock_node::replication::ReplicationConfig {
+            own: id,
+            members: file.members.iter().map(|member| member.id).collect(),
+            partition_count: file.cluster.partitions,
+            group_count: file.cluster.group_count(file.members.len()),
+            factor: file.cluster.replication_factor,
+            limits: file.engine_config()?.limits,
+            orders_max: file.network.spanning_orders_max,
+            data_directory: member.data_directory.clone(),
+        };
+        let replication =
+            flashstock_node::replication::Replication::start(config, peers.clone(), Arc::new(SystemClock))
+                .with_context(|| format!("recovering {}", member.data_directory.display()))?;
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "replication groups started");
+        Some(replication)
+    } else {
+        None
+    };
+    let node = Arc::new(flashstock_node::server::Node::new(&file, id, engine.clone(), peers, replication.clone())?);
     operations.ready(node.clone());
     // Ready: tests and scripts wait for this line.
     println!("node {id} serving on {}", endpoint.local_addr()?);
@@ -415,6 +441,9 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
         tracing::warn!(left, "requests still in flight after 5 s; their callers see the connection close");
     }
     node.coordination.stop();
+    if let Some(replication) = &replication {
+        replication.stop();
+    }
     endpoint.close(flashstock_node::server::close_code::SHUTTING_DOWN.into(), b"node shutting down");
     serving.abort();
     engine.shutdown().await;

@@ -10,7 +10,9 @@
 //!   serves; `503` while it recovers or stops (so a load balancer or a
 //!   rolling restart waits for it).
 //! - `GET /status`: JSON for people and scripts: the member, the others as
-//!   its links see them, its partitions, totals and hottest SKUs.
+//!   its links see them, its partitions, totals and hottest SKUs; in a
+//!   replicated cluster every group's leader, term, commit and applied
+//!   index and, on its leader, each replica's lag.
 //!
 //! Request counters and histograms are recorded where requests are served
 //! ([`record_request`]); gauges are read from the engine when scraped.
@@ -248,6 +250,9 @@ fn status_json(node: &Node) -> String {
         "requests_in_flight": node.in_flight(),
         "spanning_orders_open": node.coordination.open_orders(),
         "log": log,
+        // Replicated clusters: each group's leader, term, commit and
+        // applied index, and on its leader each replica's lag in entries.
+        "replication": node.replication.as_ref().map(|replication| replication.view()),
     });
     let mut text = status.to_string();
     text.push('\n');

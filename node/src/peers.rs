@@ -34,6 +34,8 @@ struct Link {
     up: AtomicBool,
     /// The connection while the link is up.
     connection: std::sync::Mutex<Option<quinn::Connection>>,
+    /// The life of the member its last link to us came from.
+    boot_seen: std::sync::Mutex<Option<u64>>,
 }
 
 /// Why a request to another member got no answer.
@@ -52,6 +54,8 @@ pub enum CallError {
 pub struct Peers {
     own_id: u32,
     links: Vec<Link>,
+    /// This life of the member (see [`Hello::boot`]).
+    boot: u64,
 }
 
 impl Peers {
@@ -62,9 +66,20 @@ impl Peers {
         let links = members
             .iter()
             .filter(|(id, _)| *id != own_id)
-            .map(|(id, _)| Link { id: *id, up: AtomicBool::new(false), connection: std::sync::Mutex::new(None) })
+            .map(|(id, _)| Link {
+                id: *id,
+                up: AtomicBool::new(false),
+                connection: std::sync::Mutex::new(None),
+                boot_seen: std::sync::Mutex::new(None),
+            })
             .collect();
-        let peers = Arc::new(Self { own_id, links });
+        // Different for every start of the process (not a protocol input:
+        // it only tells lives of a member apart).
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 40;
+        let peers = Arc::new(Self { own_id, links, boot });
         for (id, address) in members.iter().filter(|(id, _)| *id != own_id) {
             let (peers, endpoint, id, address) = (peers.clone(), endpoint.clone(), *id, *address);
             tokio::spawn(async move { peers.keep_link(&endpoint, id, address).await });
@@ -80,6 +95,29 @@ impl Peers {
     /// Whether member `id` is reachable now (this node always is).
     pub fn is_up(&self, id: u32) -> bool {
         id == self.own_id || self.links.iter().any(|link| link.id == id && link.up.load(Ordering::Acquire))
+    }
+
+    /// Member `id` dialled us from its life `boot`: if that is a new life
+    /// (it restarted), our link to it still points at the old one, which
+    /// only idles out later; it is closed now, and redialled.
+    pub fn dialled_by(&self, id: u32, boot: Option<u64>) {
+        let (Some(link), Some(boot)) = (self.links.iter().find(|link| link.id == id), boot) else { return };
+        let previous = link.boot_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).replace(boot);
+        if previous.is_some_and(|previous| previous != boot) {
+            let connection = link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            if let Some(connection) = connection {
+                tracing::info!(member = id, "the member restarted; redialling it");
+                connection.close(0u8.into(), b"you restarted");
+            }
+        }
+    }
+
+    /// The live connection to member `id`, if its link is up.
+    pub fn connection(&self, id: u32) -> Option<quinn::Connection> {
+        self.links
+            .iter()
+            .find(|link| link.id == id)
+            .and_then(|link| link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
     }
 
     /// Sends `body` to member `id` and waits at most `timeout` for its
@@ -118,7 +156,8 @@ impl Peers {
     async fn keep_link(&self, endpoint: &quinn::Endpoint, id: u32, address: std::net::SocketAddr) {
         let mut pause_ms = REDIAL_PAUSE_MS_MIN;
         loop {
-            let attempt = tokio::time::timeout(Duration::from_millis(DIAL_TIMEOUT_MS), dial(endpoint, id, address));
+            let attempt =
+                tokio::time::timeout(Duration::from_millis(DIAL_TIMEOUT_MS), dial(endpoint, id, address, self.boot));
             match attempt.await {
                 Ok(Ok(connection)) => {
                     self.set_connection(id, Some(connection.clone()));
@@ -143,9 +182,14 @@ impl Peers {
     }
 }
 
-async fn dial(endpoint: &quinn::Endpoint, id: u32, address: std::net::SocketAddr) -> anyhow::Result<quinn::Connection> {
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    id: u32,
+    address: std::net::SocketAddr,
+    boot: u64,
+) -> anyhow::Result<quinn::Connection> {
     let connection = endpoint.connect(address, &tls::node_name(id))?.await?;
-    let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "peer-link".to_owned() };
+    let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "peer-link".to_owned(), boot: Some(boot) };
     match exchange::<_, Welcome>(&connection, &hello, Duration::from_millis(DIAL_TIMEOUT_MS)).await? {
         Welcome::Accepted { node, .. } if node == id => Ok(connection),
         Welcome::Accepted { node, .. } => anyhow::bail!("expected member {id} at {address}, found {node}"),

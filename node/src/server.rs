@@ -22,19 +22,25 @@ use std::time::Duration;
 use anyhow::Context;
 use flashstock_client::routing::{owner_of, partition_of};
 use flashstock_client::wire::{
-    self, Hello, Member, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireStock,
-    PROTOCOL_VERSION,
+    self, Hello, Member, PartitionMap, Refusal, ReplicationMap, Request, RequestBody, Response, Welcome, WireLine,
+    WireStock, PROTOCOL_VERSION,
 };
+use flashstock_engine::coordination::ClientRequest;
+use flashstock_engine::replication::AdminRequest;
 use flashstock_engine::{
-    BuyerId, Engine, EngineError, Line, OperationId, OrderId, OrderRequest, SkuId, SkuSettings, StockSnapshot,
+    AdminChange, BuyerId, Engine, EngineError, Line, OperationId, OrderId, OrderRequest, SkuId, SkuSettings,
+    StockSnapshot,
 };
 use tokio::sync::Semaphore;
 
 use crate::config::{ClusterFile, NetworkSection};
 use crate::coordination::Coordination;
 use crate::peers::Peers;
+use crate::replication::{Replication, PEER_BATCH_BYTES_MAX};
 use crate::tls::{self, Role};
-use crate::translate::{engine_refusal, invalid, part_request, sku_id, wire_line, wire_part_answer, wire_stock};
+use crate::translate::{
+    client_response, engine_refusal, invalid, part_request, sku_id, wire_line, wire_part_answer, wire_stock,
+};
 
 /// QUIC error codes a node closes connections with.
 pub mod close_code {
@@ -54,8 +60,11 @@ pub struct Node {
     map: PartitionMap,
     network: NetworkSection,
     peers: Arc<Peers>,
-    /// The orders whose home is this member.
+    /// The orders whose home is this member (single copy).
     pub coordination: Arc<Coordination>,
+    /// In a replicated cluster: the groups this member holds, which
+    /// answer every request on a partition (the engine then holds nothing).
+    pub replication: Option<Arc<Replication>>,
     /// Set when the node begins to stop: new requests are refused.
     stopping: std::sync::atomic::AtomicBool,
     /// Requests being worked on, and a wake-up for when none are left.
@@ -76,7 +85,13 @@ impl Drop for InFlight<'_> {
 }
 
 impl Node {
-    pub fn new(file: &ClusterFile, id: u32, engine: Engine, peers: Arc<Peers>) -> anyhow::Result<Self> {
+    pub fn new(
+        file: &ClusterFile,
+        id: u32,
+        engine: Engine,
+        peers: Arc<Peers>,
+        replication: Option<Arc<Replication>>,
+    ) -> anyhow::Result<Self> {
         file.member(id)?;
         let members: Vec<u32> = file.members.iter().map(|member| member.id).collect();
         let map = PartitionMap {
@@ -105,6 +120,7 @@ impl Node {
             network: file.network.clone(),
             peers,
             coordination,
+            replication,
             stopping: std::sync::atomic::AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
@@ -191,6 +207,11 @@ impl Node {
         for member in &mut map.members {
             member.up = self.peers.is_up(member.id);
         }
+        map.replication = self.replication.as_ref().map(|replication| ReplicationMap {
+            factor: replication.factor(),
+            groups: replication.group_count(),
+            leaders: replication.leaders(),
+        });
         map
     }
 
@@ -225,6 +246,9 @@ impl Node {
             {
                 check_client_order_id(order)?;
             }
+        }
+        if let Some(replication) = &self.replication {
+            return self.dispatch_replicated(replication, body).await;
         }
         match body {
             RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
@@ -293,6 +317,77 @@ impl Node {
         }
     }
 
+    /// A request in a replicated cluster: every partition's requests go to
+    /// its group's leader (the group refuses `NotLeader` elsewhere).
+    async fn dispatch_replicated(&self, replication: &Replication, body: RequestBody) -> Result<Response, Refusal> {
+        match body {
+            RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
+            RequestBody::NodeStatus => Ok(self.replicated_status(replication)),
+            RequestBody::Reserve { order, buyer, lines, ttl_ms } => {
+                let home_partition = self.partition_of(&order);
+                let request = self.order_request(order, buyer, lines, ttl_ms)?;
+                let answer = replication.order(ClientRequest::Reserve(request), home_partition).await?;
+                client_response(home_partition, answer)
+            }
+            RequestBody::Commit { order, home_partition, fewer } => {
+                let order = self.check_order_home(&order, home_partition)?;
+                let fewer = fewer
+                    .into_iter()
+                    .map(|(sku, units)| Ok((sku_id(sku)?, units)))
+                    .collect::<Result<Vec<_>, Refusal>>()?;
+                let answer = replication.order(ClientRequest::Commit { order, fewer }, home_partition).await?;
+                client_response(home_partition, answer)
+            }
+            RequestBody::Release { order, home_partition } => {
+                let order = self.check_order_home(&order, home_partition)?;
+                let answer = replication.order(ClientRequest::Release { order }, home_partition).await?;
+                client_response(home_partition, answer)
+            }
+            RequestBody::Availability { sku } => {
+                let sku = sku_id(sku)?;
+                let partition = self.partition_of(sku.as_str());
+                let stock = replication.read(partition, sku.clone()).await?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+            RequestBody::Part { .. } => {
+                Err(invalid("request", "a replicated cluster carries part steps on its raft links".to_owned()))
+            }
+            admin => {
+                let (sku, request) = admin_request(admin)?;
+                let partition = self.partition_of(sku.as_str());
+                let stock = replication.admin(partition, request).await?;
+                Ok(Response::Stock { sku: sku.as_str().to_owned(), stock: wire_stock(stock) })
+            }
+        }
+    }
+
+    /// This member's totals over the groups it leads, and its view of
+    /// the others' (their counts are given by their leaders).
+    fn replicated_status(&self, replication: &Replication) -> Response {
+        let view = replication.view();
+        let led = view.groups.iter().filter(|group| group.leading);
+        let (mut skus, mut stock) = (0, WireStock::default());
+        for group in led {
+            skus += group.skus;
+            stock.available += group.available;
+            stock.held += group.held;
+            stock.sold += group.sold;
+        }
+        Response::NodeStatus { node: self.id, skus, stock, sees_down: self.peers.down(), hottest_skus: Vec::new() }
+    }
+
+    /// The order id of a commit or release: the partition named must be
+    /// the order id's (its home, wherever that is served).
+    fn check_order_home(&self, order: &str, home_partition: u32) -> Result<OrderId, Refusal> {
+        if home_partition != self.partition_of(order) {
+            return Err(invalid(
+                "home_partition",
+                format!("order {order}'s home is partition {}", self.partition_of(order)),
+            ));
+        }
+        order_id(order.to_owned())
+    }
+
     /// The order id of a commit or release, once its home is known to be
     /// this member: the partition named must be the order id's.
     fn check_home(&self, order: &str, home_partition: u32) -> Result<OrderId, Refusal> {
@@ -321,8 +416,20 @@ impl Node {
         ttl_ms: u64,
     ) -> Result<Response, Refusal> {
         let home_partition = self.partition_of(&order);
-        let order = order_id(order)?;
         self.check_owned(home_partition)?;
+        let request = self.order_request(order, buyer, lines, ttl_ms)?;
+        self.coordination.reserve(request, home_partition).await
+    }
+
+    /// A reserve's order, checked.
+    fn order_request(
+        &self,
+        order: String,
+        buyer: String,
+        lines: Vec<WireLine>,
+        ttl_ms: u64,
+    ) -> Result<OrderRequest, Refusal> {
+        let order = order_id(order)?;
         let buyer = BuyerId::new(buyer).map_err(|error| invalid("buyer", error.to_string()))?;
         if lines.len() > self.engine.config().limits.lines_per_order_max {
             let limit = self.engine.config().limits.lines_per_order_max;
@@ -333,7 +440,33 @@ impl Node {
             engine_lines
                 .push(Line { sku: sku_id(line.sku)?, quantity: crate::translate::engine_quantity(line.quantity) });
         }
-        self.coordination.reserve(OrderRequest { order, buyer, lines: engine_lines, ttl_ms }, home_partition).await
+        Ok(OrderRequest { order, buyer, lines: engine_lines, ttl_ms })
+    }
+}
+
+/// An admin request as a group's change, with the SKU it concerns.
+fn admin_request(body: RequestBody) -> Result<(SkuId, AdminRequest), Refusal> {
+    let change = |sku: String, operation: String, change: AdminChange| {
+        let sku = sku_id(sku)?;
+        Ok((sku.clone(), AdminRequest::Change { sku, operation: operation_id(operation)?, change }))
+    };
+    match body {
+        RequestBody::CreateSku { sku, initial_units, units_per_buyer_max, opens_at_ms, operation } => {
+            let sku = sku_id(sku)?;
+            let settings = SkuSettings { initial_units, units_per_buyer_max, opens_at_ms };
+            Ok((sku.clone(), AdminRequest::Create { sku, settings, operation: operation_id(operation)? }))
+        }
+        RequestBody::AddStock { sku, units, operation } => change(sku, operation, AdminChange::AddStock { units }),
+        RequestBody::RemoveStock { sku, units, operation } => {
+            change(sku, operation, AdminChange::RemoveStock { units })
+        }
+        RequestBody::SetBuyerLimit { sku, units_per_buyer_max, operation } => {
+            change(sku, operation, AdminChange::SetBuyerLimit { units_per_buyer_max })
+        }
+        RequestBody::OpenSale { sku, opens_at_ms, operation } => {
+            change(sku, operation, AdminChange::OpenSale { opens_at_ms })
+        }
+        other => Err(invalid("request", format!("{} is not an admin request", other.kind()))),
     }
 }
 
@@ -383,8 +516,9 @@ pub fn transport_config(network: &NetworkSection) -> anyhow::Result<quinn::Trans
     let mut transport = quinn::TransportConfig::default();
     // One stream per request: the stream limit is the in-flight limit.
     transport.max_concurrent_bidi_streams(network.requests_per_connection_max.into());
-    // Nothing travels on unidirectional streams.
-    transport.max_concurrent_uni_streams(0u8.into());
+    // Members send each other raft batches on unidirectional streams (one
+    // per batch; only a member's connection has them read).
+    transport.max_concurrent_uni_streams(64u8.into());
     // A stream carries one request frame: twice the largest frame is
     // enough window and bounds what one stream can make the node buffer.
     let frame_window = u32::try_from(2 * wire::FRAME_BYTES_MAX).expect("small");
@@ -479,16 +613,36 @@ async fn connection(node: Arc<Node>, incoming: quinn::Incoming) -> anyhow::Resul
         connection.close(close_code::NO_COMMON_VERSION.into(), b"no common protocol version");
         anyhow::bail!("no common version with {:?} ({})", hello.versions, hello.agent);
     }
+    if let Role::Node(member) = role {
+        node.peers.dialled_by(member, hello.boot);
+    }
     let welcome = Welcome::Accepted { version: PROTOCOL_VERSION, node: node.id, map: node.current_map() };
     wire::write_message(&mut send, &welcome).await?;
     send.finish()?;
     drop(_entered);
+    if let (Role::Node(member), Some(replication)) = (role, node.replication.clone()) {
+        tokio::spawn(peer_batches(connection.clone(), member, replication));
+    }
     loop {
         let (send, receive) = connection.accept_bi().await?;
         let node = node.clone();
         tokio::spawn(async move {
             if let Err(error) = request(node, role, send, receive).await {
                 tracing::debug!(%error, "request stream failed");
+            }
+        });
+    }
+}
+
+/// Reads the raft batches member `from` sends on its connection, each on a
+/// unidirectional stream of its own, until the connection closes.
+async fn peer_batches(connection: quinn::Connection, from: u32, replication: Arc<Replication>) {
+    while let Ok(mut stream) = connection.accept_uni().await {
+        let replication = replication.clone();
+        tokio::spawn(async move {
+            match stream.read_to_end(PEER_BATCH_BYTES_MAX).await {
+                Ok(bytes) => replication.deliver(from, &bytes),
+                Err(error) => tracing::debug!(member = from, %error, "a peer's batch was cut off"),
             }
         });
     }

@@ -144,8 +144,18 @@ fn part_line_sku(request: &PartRequest, line: usize) -> Option<SkuId> {
 
 /// A part's answer for the wire.
 pub(crate) fn wire_part_answer(request: &PartRequest, answer: PartAnswer) -> WirePartAnswer {
+    wire_part_answer_naming(|line| part_line_sku(request, line), answer)
+}
+
+/// A part's answer for the wire where the step is not at hand: a refused
+/// line is named by its index only (all a coordinator reads of it).
+pub(crate) fn wire_part_answer_unnamed(answer: PartAnswer) -> WirePartAnswer {
+    wire_part_answer_naming(|_| None, answer)
+}
+
+fn wire_part_answer_naming(line_sku: impl Fn(usize) -> Option<SkuId>, answer: PartAnswer) -> WirePartAnswer {
     let index = |line: usize| u32::try_from(line).unwrap_or(u32::MAX);
-    let sku = |line: usize| part_line_sku(request, line).unwrap_or_else(|| SkuId::new("?").expect("valid"));
+    let sku = |line: usize| line_sku(line).unwrap_or_else(|| SkuId::new("?").expect("valid"));
     match answer {
         PartAnswer::Held { units, stock, expires_at_ms } => {
             WirePartAnswer::Held { units, stock: stock.into_iter().map(wire_stock).collect(), expires_at_ms }

@@ -284,7 +284,7 @@ fn peers_without_a_certificate_from_the_cluster_ca_are_refused() {
         let attempt = async {
             let connection = endpoint.connect(cluster.address(1), &tls::node_name(1))?.await?;
             let (mut send, mut receive) = connection.open_bi().await?;
-            let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "stranger".to_owned() };
+            let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "stranger".to_owned(), boot: None };
             wire::write_message(&mut send, &hello).await?;
             send.finish()?;
             let welcome: Welcome = wire::read_message(&mut receive).await?;

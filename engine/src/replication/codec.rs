@@ -7,7 +7,6 @@
 //! never a panic. raft-rs's own types travel in their protobuf encoding
 //! (the one raft-rs defines); the framing around them is ours.
 
-use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState, Message, Snapshot};
 
 use crate::replication::storage::ReplicaWrite;

@@ -133,6 +133,9 @@ pub const READS_PENDING_MAX: usize = 4_096;
 /// `Unavailable` (the caller retries, maybe at a new leader).
 pub const READ_WAIT_MS_MAX: u64 = 2_000;
 
+/// Anomalies a group keeps for its driver to report.
+pub const ANOMALIES_MAX: usize = 1_000;
+
 /// What only the leader holds.
 #[derive(Debug)]
 struct Leading {
@@ -244,6 +247,14 @@ impl GroupMachine {
 
     pub fn anomalies(&self) -> &[String] {
         &self.anomalies
+    }
+
+    /// Keeps the first [`ANOMALIES_MAX`]: a long-running member must not
+    /// grow a list of repeats (the driver logs each as it comes).
+    fn note_anomaly(&mut self, anomaly: String) {
+        if self.anomalies.len() < ANOMALIES_MAX {
+            self.anomalies.push(anomaly);
+        }
     }
 
     /// Takes what the driver must do.
@@ -566,7 +577,7 @@ impl GroupMachine {
                 return;
             }
         }
-        self.anomalies.push(format!("group {}: did not settle within 64 rounds", self.group()));
+        self.note_anomaly(format!("group {}: did not settle within 64 rounds", self.group()));
     }
 
     fn install(&mut self, snapshot: &raft::eraftpb::Snapshot) {
@@ -577,7 +588,7 @@ impl GroupMachine {
                 self.applied = state;
                 self.applied_index = snapshot.get_metadata().index;
             }
-            Err(error) => self.anomalies.push(format!("group {}: a snapshot received: {error}", self.group())),
+            Err(error) => self.note_anomaly(format!("group {}: a snapshot received: {error}", self.group())),
         }
     }
 
@@ -605,7 +616,7 @@ impl GroupMachine {
             .map_err(|error| error.to_string())
             .and_then(|record| self.applied.apply(self.applied.last_sequence + 1, record));
         if let Err(error) = applied {
-            self.anomalies.push(format!("group {}: entry {}: {error}", self.group(), entry.index));
+            self.note_anomaly(format!("group {}: entry {}: {error}", self.group(), entry.index));
         }
     }
 
@@ -675,7 +686,7 @@ impl GroupMachine {
             }
             Err(error) => {
                 let group = self.replica.group();
-                self.anomalies.push(format!("group {group}: coordinator: {error}"));
+                self.note_anomaly(format!("group {group}: coordinator: {error}"));
                 self.leading = None;
             }
         }

@@ -237,6 +237,15 @@ impl Replica {
         self.node.raft.raft_log.last_index()
     }
 
+    /// On the leader, how far each replica's log is known to match its
+    /// own (its lag is `last_index` minus that); empty on a follower.
+    pub fn progress(&self) -> Vec<(ReplicaId, u64)> {
+        if self.node.raft.state != StateRole::Leader {
+            return Vec::new();
+        }
+        self.node.raft.prs().iter().map(|(&replica, progress)| (replica, progress.matched)).collect()
+    }
+
     pub fn commit_index(&self) -> u64 {
         self.node.raft.raft_log.committed
     }

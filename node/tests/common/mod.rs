@@ -37,13 +37,23 @@ pub fn free_ports(count: usize) -> Vec<u16> {
 
 impl Cluster {
     pub fn start(name: &str, members: u32) -> Self {
+        Self::start_with(name, members, "")
+    }
+
+    /// A cluster whose every partition is held by `factor` members.
+    pub fn start_replicated(name: &str, members: u32, factor: u32) -> Self {
+        Self::start_with(name, members, &format!("replication_factor = {factor}\n"))
+    }
+
+    /// A cluster with `cluster_keys` added to its `[cluster]` section.
+    pub fn start_with(name: &str, members: u32, cluster_keys: &str) -> Self {
         let root = std::env::temp_dir().join(format!("flashstock-cluster-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("scratch directory");
         let ports = free_ports(members as usize);
         let metrics_ports = free_tcp_ports(members as usize);
         let mut text = format!(
-            "[cluster]\nname = \"{name}\"\npartitions = {PARTITIONS}\n\n[tls]\ndirectory = {:?}\n\n\
+            "[cluster]\nname = \"{name}\"\npartitions = {PARTITIONS}\n{cluster_keys}\n[tls]\ndirectory = {:?}\n\n\
              [network]\nidle_timeout_ms = 3000\n",
             root.join("certs").display().to_string()
         );
@@ -274,7 +284,7 @@ pub async fn connect_speaking(
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let connection = endpoint.connect(address, &tls::node_name(node))?.await?;
-    let hello = Hello { versions, agent: "cluster-test".to_owned() };
+    let hello = Hello { versions, agent: "cluster-test".to_owned(), boot: None };
     let welcome: Welcome = exchange(&connection, &hello, Duration::from_secs(5)).await?;
     Ok(Connection { connection, welcome, _endpoint: endpoint })
 }

@@ -204,7 +204,7 @@ fn wire_seeds() -> Vec<Seed> {
     for (index, message) in responses.iter().enumerate() {
         add(format!("response-{index}"), payload(message));
     }
-    add("hello".to_owned(), payload(&Hello { versions: vec![PROTOCOL_VERSION], agent: "checkout-eu-3".to_owned() }));
+    add("hello".to_owned(), payload(&Hello { versions: vec![PROTOCOL_VERSION], agent: "checkout-eu-3".to_owned(), boot: None }));
     add("welcome-accepted".to_owned(), payload(&Welcome::Accepted { version: PROTOCOL_VERSION, node: 1, map }));
     add("welcome-refused".to_owned(), payload(&Welcome::Refused { supported: vec![1] }));
     add("frame-request".to_owned(), framed(&requests[0]));

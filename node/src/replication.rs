@@ -1,0 +1,946 @@
+//! The driver of the member's replication groups: one task owns every
+//! [`GroupMachine`] this member holds (the engine's pure raft replica and
+//! state machine, the same the simulator runs) and feeds it requests, raft
+//! messages, part steps, durability and ticks; it carries out what the
+//! machines ask — writes to the member's one raft log ([`crate::raft_log`],
+//! on a thread of its own: one `fdatasync` per round for every group),
+//! raft messages and part steps to other members (one batch per peer per
+//! round, on a unidirectional QUIC stream), answers to callers.
+//!
+//! Nothing a machine decides leaves before it may: a vote or an append's
+//! answer (`RaftAfterWrites`) waits until every write handed out before it
+//! is synced, and a machine hears that its writes are durable only after
+//! the sync returned. A failed write or sync stops the member (raft was
+//! promised something the disk may not hold).
+//!
+//! Time: the task reads the wall clock once per round and hands it to the
+//! machines as `now_ms` (expiry, TTLs); raft's own timing is in ticks of
+//! [`TICK_MS`], so a stalled task delays elections instead of starting them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flashstock_client::routing::{group_of_partition, preferred_leaders, replicas_of};
+use flashstock_client::wire::{GroupLeader, Refusal, WirePartAnswer, WirePartRequest};
+use flashstock_engine::coordination::{
+    CallerId, ClientAnswer, ClientRequest, CoordinatorConfig, PartMessage, PartReply, Placement,
+};
+use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
+use flashstock_engine::replication::codec::{decode_message, encode_message};
+use flashstock_engine::replication::{
+    member_of, replica_id, AdminRequest, GroupConfig, GroupId, GroupMachine, GroupOutput, RaftMessage, ReplicaConfig,
+    ReplicaWrite,
+};
+use flashstock_engine::{Clock, EngineError, Limits, OrderError, OrderId, SkuId, StockSnapshot};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::peers::Peers;
+use crate::raft_log::{frame_write, RaftLog};
+use crate::translate::{
+    engine_refusal, order_refusal, part_answer, part_request, wire_part_answer_unnamed, wire_part_request,
+};
+
+/// One raft tick. Elections time out after 10 to 20 ticks without a
+/// leader's word (300 to 600 ms), heartbeats go every 2 ticks: slow enough
+/// that a loaded 2-core machine does not start elections by itself, fast
+/// enough that a dead leader is replaced well within two seconds.
+pub const TICK_MS: u64 = 30;
+const ELECTION_TICKS: usize = 10;
+const HEARTBEAT_TICKS: usize = 2;
+/// Inputs waiting for the driver; a request beyond it is refused `Busy`.
+const INBOX_CAPACITY: usize = 16_384;
+/// Inputs taken per round before the machines' outputs are carried out:
+/// bounds a round's latency and the batch one fsync covers.
+const ROUND_INPUTS_MAX: usize = 1_024;
+/// Batches waiting to be sent to one peer; beyond it batches are dropped
+/// (raft sends again; a peer that cannot keep up must not grow our memory).
+const PEER_QUEUE_BATCHES_MAX: usize = 256;
+/// How long one batch may take to leave before it counts as lost.
+const PEER_SEND_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// Bytes of one batch from a peer read at most (a snapshot of a group is
+/// the largest thing in one).
+pub const PEER_BATCH_BYTES_MAX: usize = 256 << 20;
+/// A group takes a snapshot once this many entries were applied since its
+/// last, so that its log (and a restart's replay) stays short.
+const SNAPSHOT_ENTRIES: u64 = 20_000;
+/// The raft log is rewritten from the groups' live state once it holds
+/// this many bytes more than that state took at the last rewrite.
+const REWRITE_BYTES_MIN: u64 = 64 << 20;
+/// How often the view for status pages and the handshake is refreshed.
+const VIEW_EVERY_TICKS: u64 = 5;
+/// Callers' ids of part steps from other members carry this bit (the rest
+/// is the member's id), apart from this member's own callers.
+const PART_CALLER: CallerId = 1 << 63;
+
+/// What the server asks of a group.
+#[derive(Debug)]
+pub enum GroupRequest {
+    Order(ClientRequest),
+    Read(SkuId),
+    Admin(AdminRequest),
+}
+
+/// A group's answer to a [`GroupRequest`].
+#[derive(Debug)]
+pub enum GroupAnswer {
+    Order(ClientAnswer),
+    Read(Result<StockSnapshot, OrderError>),
+    Admin(Result<StockSnapshot, EngineError>),
+}
+
+/// What the driver needs to start.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    pub own: u32,
+    pub members: Vec<u32>,
+    pub partition_count: u32,
+    pub group_count: u32,
+    pub factor: u32,
+    pub limits: Limits,
+    pub orders_max: usize,
+    pub data_directory: std::path::PathBuf,
+}
+
+/// One group as this member sees it, for status pages and the handshake.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroupView {
+    pub group: GroupId,
+    pub replicas: Vec<u32>,
+    pub preferred_leader: u32,
+    /// Whether this member holds a replica of the group.
+    pub held_here: bool,
+    pub leader: Option<u32>,
+    pub term: u64,
+    pub leading: bool,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    /// On the leader: entries each replica is behind its log.
+    pub lag: Vec<(u32, u64)>,
+    pub skus: u64,
+    pub available: u64,
+    pub held: u64,
+    pub sold: u64,
+}
+
+/// What the driver publishes for the rest of the member.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct View {
+    pub groups: Vec<GroupView>,
+    pub log_bytes: u64,
+    pub syncs: u64,
+    pub writes_synced: u64,
+}
+
+/// Between members: what one round sends one peer.
+#[derive(Debug, Serialize, Deserialize)]
+enum PeerItem {
+    /// A part step for the participant of `group`.
+    Part { group: GroupId, order: String, attempt: String, step: u64, request: WirePartRequest },
+    /// The participant of `group` answered a step of an order homed in
+    /// the receiver's group.
+    PartReply { group: GroupId, order: String, attempt: String, step: u64, answer: WirePartAnswer },
+    /// The receiver sent a part step for `group` here, but `leader` leads it.
+    PartNotLeader { group: GroupId, leader: Option<u32> },
+}
+
+/// A batch's items: raft messages in raft-rs's own encoding (most of the
+/// bytes), the rest in MessagePack.
+const ITEM_RAFT: u8 = 1;
+const ITEM_OTHER: u8 = 2;
+
+enum Input {
+    Call { group: GroupId, request: GroupRequest, reply: oneshot::Sender<Result<GroupAnswer, Refusal>> },
+    Peer { from: u32, raft: Vec<(GroupId, RaftMessage)>, items: Vec<PeerItem> },
+    Synced { through: u64, elapsed: Duration },
+}
+
+/// The handle the server uses; cheap to share.
+#[derive(Debug)]
+pub struct Replication {
+    own: u32,
+    members: Vec<u32>,
+    partition_count: u32,
+    group_count: u32,
+    factor: u32,
+    inbox: mpsc::Sender<Input>,
+    view: Arc<RwLock<View>>,
+    stopping: Arc<AtomicBool>,
+}
+
+struct LogJob {
+    framed: Vec<u8>,
+    /// Replaces the file instead of appending (a compaction).
+    rewrite: bool,
+    through: u64,
+}
+
+struct Driver {
+    own: u32,
+    placement: Placement,
+    replicas: BTreeMap<GroupId, Vec<u32>>,
+    machines: BTreeMap<GroupId, GroupMachine>,
+    clock: Arc<dyn Clock>,
+    callers: HashMap<CallerId, (GroupId, oneshot::Sender<Result<GroupAnswer, Refusal>>)>,
+    next_caller: CallerId,
+    /// Who leads each group, as far as this member knows (for groups it
+    /// does not hold, and for part steps).
+    leaders: BTreeMap<GroupId, (Option<u32>, u64)>,
+    /// Writes framed since the last job went to the log thread.
+    framed: Vec<u8>,
+    /// Writes handed out so far, and how many of them are durable.
+    written: u64,
+    synced: u64,
+    sync_in_flight: bool,
+    log_jobs: std::sync::mpsc::SyncSender<LogJob>,
+    /// Messages that may leave once `synced` reaches the count beside them.
+    held_back: Vec<(u64, u32, RaftMessage, GroupId)>,
+    /// Groups' persisted numbers, reported once `synced` reaches the count.
+    persist: Vec<(u64, GroupId, u64)>,
+    /// Per peer, what this round sends it.
+    outgoing: BTreeMap<u32, (Vec<(GroupId, RaftMessage)>, Vec<PeerItem>)>,
+    senders: BTreeMap<u32, mpsc::Sender<Vec<u8>>>,
+    view: Arc<RwLock<View>>,
+    ticks: u64,
+    log_bytes: u64,
+    live_bytes_at_rewrite: u64,
+    syncs: u64,
+    applied_at_snapshot: BTreeMap<GroupId, u64>,
+    /// Anomalies of each group already logged.
+    anomalies_reported: BTreeMap<GroupId, usize>,
+}
+
+impl Replication {
+    /// Reads the member's raft log, starts a replica of every group the
+    /// member holds and the task that drives them.
+    ///
+    /// # Errors
+    /// The log cannot be read, or holds writes no replica of ours made.
+    pub fn start(config: ReplicationConfig, peers: Arc<Peers>, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<Self>> {
+        let directory = config.data_directory.join("raft");
+        let (log, recovered) = RaftLog::open(&directory)?;
+        tracing::info!(records = recovered.records, cut_bytes = recovered.cut_bytes, "raft log read");
+        let placement = Placement::new(
+            (0..config.partition_count).map(|partition| group_of_partition(partition, config.group_count)).collect(),
+        );
+        let preferred = preferred_leaders(config.group_count, &config.members, config.factor as usize);
+        let rules = ReplayRules { partition_count: config.partition_count, limits_unrecorded: Limits::default() };
+        let initial = ReplayedState::empty(rules.clone());
+        let mut replicas = BTreeMap::new();
+        let mut machines = BTreeMap::new();
+        for group in 1..=config.group_count {
+            let members = replicas_of(group, &config.members, config.factor as usize);
+            let preferred_leader = preferred[group as usize - 1];
+            if members.contains(&config.own) {
+                let mut voters: Vec<u64> = members.iter().map(|&member| replica_id(member, 0)).collect();
+                voters.sort_unstable();
+                let mut replica = ReplicaConfig::new(
+                    group,
+                    replica_id(config.own, 0),
+                    voters,
+                    u64::from(config.own) << 32 | u64::from(group),
+                );
+                replica.election_ticks = ELECTION_TICKS;
+                replica.heartbeat_ticks = HEARTBEAT_TICKS;
+                replica.preferred_leader = Some(preferred_leader);
+                let coordinator = CoordinatorConfig {
+                    own: group,
+                    placement: placement.clone(),
+                    limits: config.limits.clone(),
+                    orders_max: config.orders_max,
+                    part_answer_ms_max: 2_000,
+                    resend_pause_ms_min: 20,
+                    resend_pause_ms_max: 500,
+                };
+                let group_config = GroupConfig {
+                    replica,
+                    coordinator,
+                    rules: rules.clone(),
+                    limits_in_force: Some(config.limits.clone()),
+                };
+                let writes = recovered.writes.get(&group).map_or(&[][..], Vec::as_slice);
+                let machine = GroupMachine::start(group_config, &initial, writes)
+                    .map_err(|error| anyhow::anyhow!("group {group}: {error}"))
+                    .with_context(|| format!("starting from {}", directory.display()))?;
+                machines.insert(group, machine);
+            }
+            replicas.insert(group, members);
+        }
+        let (inbox, receiver) = mpsc::channel(INBOX_CAPACITY);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let view = Arc::new(RwLock::new(View::default()));
+        let log_jobs = start_log_thread(log, inbox.clone(), stopping.clone());
+        let mut senders = BTreeMap::new();
+        for &member in config.members.iter().filter(|&&member| member != config.own) {
+            let (sender, queue) = mpsc::channel(PEER_QUEUE_BATCHES_MAX);
+            tokio::spawn(send_to_peer(peers.clone(), member, queue));
+            senders.insert(member, sender);
+        }
+        let driver = Driver {
+            own: config.own,
+            placement,
+            replicas,
+            machines,
+            clock,
+            callers: HashMap::new(),
+            next_caller: 1,
+            leaders: BTreeMap::new(),
+            framed: Vec::new(),
+            written: 0,
+            synced: 0,
+            sync_in_flight: false,
+            log_jobs,
+            held_back: Vec::new(),
+            persist: Vec::new(),
+            outgoing: BTreeMap::new(),
+            senders,
+            view: view.clone(),
+            ticks: 0,
+            log_bytes: 0,
+            live_bytes_at_rewrite: 0,
+            syncs: 0,
+            applied_at_snapshot: BTreeMap::new(),
+            anomalies_reported: BTreeMap::new(),
+        };
+        let handle = Arc::new(Self {
+            own: config.own,
+            members: config.members,
+            partition_count: config.partition_count,
+            group_count: config.group_count,
+            factor: config.factor,
+            inbox,
+            view,
+            stopping: stopping.clone(),
+        });
+        tokio::spawn(driver.run(receiver, stopping));
+        Ok(handle)
+    }
+
+    pub fn group_of_partition(&self, partition: u32) -> GroupId {
+        group_of_partition(partition, self.group_count)
+    }
+
+    pub fn factor(&self) -> u32 {
+        self.factor
+    }
+
+    pub fn group_count(&self) -> u32 {
+        self.group_count
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.partition_count
+    }
+
+    /// Whether this member holds a replica of `group`.
+    pub fn holds(&self, group: GroupId) -> bool {
+        replicas_of(group, &self.members, self.factor as usize).contains(&self.own)
+    }
+
+    /// The latest view of every group.
+    pub fn view(&self) -> View {
+        self.view.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Each group's leader and term as this member knows them.
+    pub fn leaders(&self) -> Vec<GroupLeader> {
+        self.view()
+            .groups
+            .iter()
+            .map(|group| GroupLeader { group: group.group, leader: group.leader, term: group.term })
+            .collect()
+    }
+
+    /// The refusal for a group this member does not hold: the leader if
+    /// known, else the preferred one.
+    pub fn not_here(&self, group: GroupId) -> Refusal {
+        let view = self.view();
+        let known = view.groups.iter().find(|view| view.group == group);
+        let leader = known.and_then(|view| view.leader).or_else(|| known.map(|view| view.preferred_leader));
+        Refusal::NotLeader { group, leader }
+    }
+
+    /// Asks `group`'s replica here; `NotLeader` if it does not lead.
+    pub async fn call(&self, group: GroupId, request: GroupRequest) -> Result<GroupAnswer, Refusal> {
+        if !self.holds(group) {
+            return Err(self.not_here(group));
+        }
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(Refusal::Unavailable { reason: format!("member {} is stopping", self.own) });
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.inbox.try_send(Input::Call { group, request, reply }).is_err() {
+            return Err(Refusal::Busy { retry_after_ms: 20 });
+        }
+        answer.await.unwrap_or_else(|_| Err(Refusal::Unavailable { reason: "the replication task stopped".to_owned() }))
+    }
+
+    /// An order request, answered for the wire.
+    pub async fn order(&self, request: ClientRequest, home_partition: u32) -> Result<ClientAnswer, Refusal> {
+        match self.call(self.group_of_partition(home_partition), GroupRequest::Order(request)).await? {
+            GroupAnswer::Order(ClientAnswer::Refused(error)) => Err(order_refusal(error)),
+            GroupAnswer::Order(answer) => Ok(answer),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A linearizable read of a SKU's counts.
+    pub async fn read(&self, partition: u32, sku: SkuId) -> Result<StockSnapshot, Refusal> {
+        match self.call(self.group_of_partition(partition), GroupRequest::Read(sku)).await? {
+            GroupAnswer::Read(answer) => answer.map_err(order_refusal),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// An operator's change to a SKU.
+    pub async fn admin(&self, partition: u32, request: AdminRequest) -> Result<StockSnapshot, Refusal> {
+        match self.call(self.group_of_partition(partition), GroupRequest::Admin(request)).await? {
+            GroupAnswer::Admin(answer) => answer.map_err(engine_refusal),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A batch a peer sent (see [`encode_batch`]); bytes that do not
+    /// decode are dropped with a warning (raft sends again).
+    pub fn deliver(&self, from: u32, bytes: &[u8]) {
+        match decode_batch(bytes) {
+            Ok((raft, items)) => {
+                // Full: dropped, like a lost packet; raft and the
+                // coordinators send again.
+                let _ = self.inbox.try_send(Input::Peer { from, raft, items });
+            }
+            Err(error) => tracing::warn!(member = from, %error, "a peer's batch did not decode"),
+        }
+    }
+
+    /// Stops taking requests and stops the task (what is synced stays).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+}
+
+fn unexpected(answer: &GroupAnswer) -> Refusal {
+    Refusal::Unavailable { reason: format!("internal: unexpected answer {answer:?}") }
+}
+
+/// A peer batch's bytes: items each `kind (u8) | length (u32 LE) | bytes`.
+fn encode_batch(raft: &[(GroupId, RaftMessage)], items: &[PeerItem]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut put = |kind: u8, bytes: &[u8]| {
+        out.push(kind);
+        out.extend_from_slice(&u32::try_from(bytes.len()).expect("an item fits a u32").to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    for (group, message) in raft {
+        put(ITEM_RAFT, &encode_message(*group, message));
+    }
+    for item in items {
+        put(ITEM_OTHER, &rmp_serde::to_vec_named(item).expect("peer items encode"));
+    }
+    out
+}
+
+fn decode_batch(mut bytes: &[u8]) -> anyhow::Result<(Vec<(GroupId, RaftMessage)>, Vec<PeerItem>)> {
+    let (mut raft, mut items) = (Vec::new(), Vec::new());
+    while !bytes.is_empty() {
+        anyhow::ensure!(bytes.len() >= 5, "an item header is cut short");
+        let kind = bytes[0];
+        let length = u32::from_le_bytes(bytes[1..5].try_into().expect("4 bytes")) as usize;
+        anyhow::ensure!(bytes.len() - 5 >= length, "an item of {length} bytes is cut short");
+        let item = &bytes[5..5 + length];
+        match kind {
+            ITEM_RAFT => raft.push(decode_message(item)?),
+            ITEM_OTHER => items.push(flashstock_client::wire::decode_payload::<PeerItem>(item)?),
+            other => anyhow::bail!("unknown item kind {other}"),
+        }
+        bytes = &bytes[5 + length..];
+    }
+    Ok((raft, items))
+}
+
+/// Sends each batch queued for `member` on a stream of its own. A batch
+/// that cannot be sent in time is reset, never cut short: the peer sees a
+/// reset stream, not a truncated batch.
+async fn send_to_peer(peers: Arc<Peers>, member: u32, mut queue: mpsc::Receiver<Vec<u8>>) {
+    while let Some(batch) = queue.recv().await {
+        let Some(connection) = peers.connection(member) else { continue };
+        let opened = tokio::time::timeout(PEER_SEND_TIMEOUT, connection.open_uni()).await;
+        let Ok(Ok(mut stream)) = opened else {
+            tracing::debug!(member, "no stream to a peer in time; a batch was lost");
+            continue;
+        };
+        match tokio::time::timeout(PEER_SEND_TIMEOUT, stream.write_all(&batch)).await {
+            Ok(Ok(())) => {
+                let _ = stream.finish();
+            }
+            outcome => {
+                tracing::debug!(member, ?outcome, "a batch to a peer was lost");
+                let _ = stream.reset(0u8.into());
+            }
+        }
+    }
+}
+
+/// The thread that writes and syncs the raft log: each job is appended
+/// (or replaces the file) and synced, then reported to the driver.
+fn start_log_thread(
+    mut log: RaftLog,
+    inbox: mpsc::Sender<Input>,
+    stopping: Arc<AtomicBool>,
+) -> std::sync::mpsc::SyncSender<LogJob> {
+    let (jobs, receiver) = std::sync::mpsc::sync_channel::<LogJob>(4);
+    std::thread::Builder::new()
+        .name("raft-log".to_owned())
+        .spawn(move || {
+            while let Ok(job) = receiver.recv() {
+                let started = Instant::now();
+                let outcome = if job.rewrite {
+                    log.rewrite(&job.framed)
+                } else {
+                    log.append(&job.framed).and_then(|()| log.sync())
+                };
+                if let Err(error) = outcome {
+                    // Raft was promised these writes: a member that cannot
+                    // keep them must not go on voting or acknowledging.
+                    tracing::error!(%error, "the raft log failed; the member stops");
+                    stopping.store(true, Ordering::Release);
+                    std::process::exit(70);
+                }
+                let elapsed = started.elapsed();
+                metrics::histogram!("flashstock_raft_log_sync_seconds").record(elapsed.as_secs_f64());
+                if inbox.blocking_send(Input::Synced { through: job.through, elapsed }).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the raft log thread");
+    jobs
+}
+
+impl Driver {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Input>, stopping: Arc<AtomicBool>) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(TICK_MS));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first round delivers what the log holds committed.
+        let now_ms = self.clock.now_ms();
+        for machine in self.machines.values_mut() {
+            machine.tick(now_ms);
+        }
+        self.carry_out();
+        let mut inputs = Vec::with_capacity(ROUND_INPUTS_MAX);
+        loop {
+            tokio::select! {
+                received = receiver.recv_many(&mut inputs, ROUND_INPUTS_MAX) => {
+                    if received == 0 {
+                        return;
+                    }
+                    let now_ms = self.clock.now_ms();
+                    for input in inputs.drain(..) {
+                        self.handle(now_ms, input);
+                    }
+                }
+                _ = ticker.tick() => self.tick(),
+            }
+            if stopping.load(Ordering::Acquire) {
+                // What was synced stays; callers still waiting are told.
+                for (_, (_, reply)) in self.callers.drain() {
+                    let _ = reply.send(Err(Refusal::Unavailable { reason: "the member is stopping".to_owned() }));
+                }
+                return;
+            }
+            self.carry_out();
+        }
+    }
+
+    fn handle(&mut self, now_ms: u64, input: Input) {
+        match input {
+            Input::Call { group, request, reply } => {
+                let Some(machine) = self.machines.get_mut(&group) else {
+                    let leader = self.leaders.get(&group).and_then(|(leader, _)| *leader);
+                    let _ = reply.send(Err(Refusal::NotLeader { group, leader }));
+                    return;
+                };
+                let caller = self.next_caller;
+                self.next_caller += 1;
+                self.callers.insert(caller, (group, reply));
+                match request {
+                    GroupRequest::Order(request) => machine.request(now_ms, caller, request),
+                    GroupRequest::Read(sku) => machine.read(now_ms, caller, sku),
+                    GroupRequest::Admin(request) => machine.admin(now_ms, caller, request),
+                }
+            }
+            Input::Peer { from, raft, items } => {
+                for (group, message) in raft {
+                    if member_of(message.from) != from {
+                        tracing::warn!(member = from, "a raft message named another sender; dropped");
+                        continue;
+                    }
+                    if let Some(machine) = self.machines.get_mut(&group) {
+                        machine.raft(now_ms, message);
+                    }
+                }
+                for item in items {
+                    self.peer_item(now_ms, from, item);
+                }
+            }
+            Input::Synced { through, elapsed } => {
+                self.sync_in_flight = false;
+                self.synced = self.synced.max(through);
+                self.syncs += 1;
+                tracing::trace!(through, elapsed_us = elapsed.as_micros() as u64, "raft log synced");
+                let synced = self.synced;
+                let mut persisted: BTreeMap<GroupId, u64> = BTreeMap::new();
+                self.persist.retain(|&(needed, group, number)| {
+                    if needed <= synced {
+                        persisted.insert(group, number);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                for (group, number) in persisted {
+                    if let Some(machine) = self.machines.get_mut(&group) {
+                        machine.persisted(now_ms, number);
+                    }
+                }
+            }
+        }
+    }
+
+    fn peer_item(&mut self, now_ms: u64, from: u32, item: PeerItem) {
+        match item {
+            PeerItem::Part { group, order, attempt, step, request } => {
+                let (Ok(order), Ok(attempt), Ok(request)) =
+                    (OrderId::new(order), OrderId::new(attempt), part_request(request))
+                else {
+                    tracing::warn!(member = from, "a part step did not decode; dropped");
+                    return;
+                };
+                let message = PartMessage { order, attempt, step, request };
+                match self.machines.get_mut(&group) {
+                    Some(machine) => machine.part(now_ms, PART_CALLER | CallerId::from(from), message),
+                    None => {
+                        let leader = self.leaders.get(&group).and_then(|(leader, _)| *leader);
+                        self.queue_item(from, PeerItem::PartNotLeader { group, leader });
+                    }
+                }
+            }
+            PeerItem::PartReply { group, order, attempt, step, answer } => {
+                let (Ok(order), Ok(attempt), Some(answer)) =
+                    (OrderId::new(order), OrderId::new(attempt), part_answer(answer))
+                else {
+                    tracing::warn!(member = from, "a part answer did not decode; dropped");
+                    return;
+                };
+                let home = self.placement.home_of_order(&order);
+                if let Some(machine) = self.machines.get_mut(&home) {
+                    machine.part_answered(now_ms, group, PartReply { order, attempt, step, answer });
+                }
+            }
+            PeerItem::PartNotLeader { group, leader } => self.learn_leader(group, leader),
+        }
+    }
+
+    fn learn_leader(&mut self, group: GroupId, leader: Option<u32>) {
+        let term = self.leaders.get(&group).map_or(0, |(_, term)| *term);
+        match leader {
+            Some(leader) => {
+                self.leaders.insert(group, (Some(leader), term));
+            }
+            None => {
+                // Try the next replica.
+                let replicas = &self.replicas[&group];
+                let current = self.leaders.get(&group).and_then(|(leader, _)| *leader).unwrap_or(replicas[0]);
+                let at = replicas.iter().position(|&member| member == current).unwrap_or(0);
+                self.leaders.insert(group, (Some(replicas[(at + 1) % replicas.len()]), term));
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now_ms = self.clock.now_ms();
+        self.ticks += 1;
+        for (&group, machine) in &mut self.machines {
+            machine.tick(now_ms);
+            let applied = machine.applied_index();
+            let at_snapshot = self.applied_at_snapshot.entry(group).or_insert(applied);
+            if applied.saturating_sub(*at_snapshot) >= SNAPSHOT_ENTRIES {
+                machine.compact(now_ms);
+                *at_snapshot = applied;
+            }
+        }
+        if self.ticks % VIEW_EVERY_TICKS == 0 {
+            self.publish_view();
+        }
+    }
+
+    /// The member the steps for `group` go to.
+    fn route(&self, group: GroupId) -> u32 {
+        if let Some(leader) = self.machines.get(&group).and_then(|machine| machine.leadership().leader) {
+            return member_of(leader);
+        }
+        if let Some((Some(leader), _)) = self.leaders.get(&group) {
+            return *leader;
+        }
+        self.replicas[&group][0]
+    }
+
+    fn queue_item(&mut self, to: u32, item: PeerItem) {
+        self.outgoing.entry(to).or_default().1.push(item);
+    }
+
+    /// Carries out every machine's outputs, then sends this round's
+    /// batches and hands the round's writes to the log thread.
+    fn carry_out(&mut self) {
+        let now_ms = self.clock.now_ms();
+        // Outputs of a machine may be inputs of another on this member
+        // (a part step for a group led here): bounded rounds.
+        for _ in 0..8 {
+            let mut local = Vec::new();
+            let groups: Vec<GroupId> = self.machines.keys().copied().collect();
+            for group in groups {
+                let outputs = self.machines.get_mut(&group).map(GroupMachine::take_outputs).unwrap_or_default();
+                for output in outputs {
+                    self.output(group, output, &mut local);
+                }
+            }
+            if local.is_empty() {
+                break;
+            }
+            for (from, item) in local {
+                self.peer_item(now_ms, from, item);
+            }
+        }
+        self.release_synced();
+        self.flush_peers();
+        self.submit_writes();
+    }
+
+    fn output(&mut self, group: GroupId, output: GroupOutput, local: &mut Vec<(u32, PeerItem)>) {
+        match output {
+            GroupOutput::Raft(message) => {
+                let to = member_of(message.to);
+                self.outgoing.entry(to).or_default().0.push((group, message));
+            }
+            GroupOutput::RaftAfterWrites(message) => {
+                let to = member_of(message.to);
+                self.held_back.push((self.written, to, message, group));
+            }
+            GroupOutput::Write { number, writes } => {
+                for write in &writes {
+                    frame_write(group, write, &mut self.framed);
+                    self.written += 1;
+                }
+                if let Some(number) = number {
+                    self.persist.push((self.written, group, number));
+                }
+            }
+            GroupOutput::Part { group: to_group, message } => {
+                let item = PeerItem::Part {
+                    group: to_group,
+                    order: message.order.as_str().to_owned(),
+                    attempt: message.attempt.as_str().to_owned(),
+                    step: message.step,
+                    request: wire_part_request(&message.request),
+                };
+                let to = self.route(to_group);
+                if to == self.own {
+                    local.push((self.own, item));
+                } else {
+                    self.queue_item(to, item);
+                }
+            }
+            GroupOutput::PartAnswer { caller, reply } => {
+                let to = u32::try_from(caller & !PART_CALLER).expect("a member id");
+                let item = PeerItem::PartReply {
+                    group,
+                    order: reply.order.as_str().to_owned(),
+                    attempt: reply.attempt.as_str().to_owned(),
+                    step: reply.step,
+                    answer: wire_part_answer_unnamed(reply.answer),
+                };
+                if to == self.own {
+                    local.push((self.own, item));
+                } else {
+                    self.queue_item(to, item);
+                }
+            }
+            GroupOutput::NotLeader { caller, leader } if caller & PART_CALLER != 0 => {
+                let to = u32::try_from(caller & !PART_CALLER).expect("a member id");
+                let item = PeerItem::PartNotLeader { group, leader: leader.map(member_of) };
+                if to == self.own {
+                    local.push((self.own, item));
+                } else {
+                    self.queue_item(to, item);
+                }
+            }
+            GroupOutput::NotLeader { caller, leader } => {
+                self.answer(caller, Err(Refusal::NotLeader { group, leader: leader.map(member_of) }));
+            }
+            GroupOutput::Answer { caller, answer } => self.answer(caller, Ok(GroupAnswer::Order(answer))),
+            GroupOutput::Read { caller, answer, .. } => self.answer(caller, Ok(GroupAnswer::Read(answer))),
+            GroupOutput::Admin { caller, answer } => self.answer(caller, Ok(GroupAnswer::Admin(answer))),
+        }
+    }
+
+    fn answer(&mut self, caller: CallerId, answer: Result<GroupAnswer, Refusal>) {
+        if let Some((_, reply)) = self.callers.remove(&caller) {
+            // The caller may have given up (its deadline): nothing to do.
+            let _ = reply.send(answer);
+        }
+    }
+
+    fn release_synced(&mut self) {
+        let synced = self.synced;
+        let mut index = 0;
+        while index < self.held_back.len() {
+            if self.held_back[index].0 <= synced {
+                let (_, to, message, group) = self.held_back.swap_remove(index);
+                self.outgoing.entry(to).or_default().0.push((group, message));
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    fn flush_peers(&mut self) {
+        for (to, (raft, items)) in std::mem::take(&mut self.outgoing) {
+            if raft.is_empty() && items.is_empty() {
+                continue;
+            }
+            if let Some(sender) = self.senders.get(&to) {
+                // A full queue drops the batch, as a lost packet.
+                let _ = sender.try_send(encode_batch(&raft, &items));
+            }
+        }
+    }
+
+    /// Hands the writes framed since the last job to the log thread (one
+    /// job in flight: what comes meanwhile goes in the next, so one sync
+    /// covers a whole round's writes of every group).
+    fn submit_writes(&mut self) {
+        if self.sync_in_flight || (self.framed.is_empty() && self.synced == self.written) {
+            return;
+        }
+        let live = self.live_bytes();
+        let rewrite = self.log_bytes > self.live_bytes_at_rewrite.saturating_mul(2).max(REWRITE_BYTES_MIN);
+        let job = if rewrite {
+            self.framed.clear();
+            self.live_bytes_at_rewrite = live.len() as u64;
+            self.log_bytes = live.len() as u64;
+            LogJob { framed: live, rewrite: true, through: self.written }
+        } else {
+            self.log_bytes += self.framed.len() as u64;
+            LogJob { framed: std::mem::take(&mut self.framed), rewrite: false, through: self.written }
+        };
+        self.sync_in_flight = true;
+        if self.log_jobs.send(job).is_err() {
+            tracing::error!("the raft log thread is gone");
+        }
+    }
+
+    /// Every group's live state framed as a log: what a rewrite keeps.
+    /// (Only computed when a rewrite is due: it copies every group's log.)
+    fn live_bytes(&self) -> Vec<u8> {
+        if self.log_bytes <= self.live_bytes_at_rewrite.saturating_mul(2).max(REWRITE_BYTES_MIN) {
+            return Vec::new();
+        }
+        let mut framed = Vec::new();
+        for (&group, machine) in &self.machines {
+            let storage = machine.replica().storage();
+            frame_write(group, &ReplicaWrite::Snapshot(storage.held_snapshot().clone()), &mut framed);
+            frame_write(group, &ReplicaWrite::HardState(storage.hard_state().clone()), &mut framed);
+            let entries = storage.entries_held();
+            if !entries.is_empty() {
+                frame_write(group, &ReplicaWrite::Entries(entries.to_vec()), &mut framed);
+            }
+        }
+        framed
+    }
+
+    fn publish_view(&mut self) {
+        let mut groups = Vec::with_capacity(self.replicas.len());
+        let preferred = {
+            let members: Vec<u32> = self.peers_and_self();
+            let factor = self.replicas.values().next().map_or(1, Vec::len);
+            preferred_leaders(self.replicas.len() as u32, &members, factor)
+        };
+        for (&group, replicas) in &self.replicas {
+            let mut view = GroupView {
+                group,
+                replicas: replicas.clone(),
+                preferred_leader: preferred[group as usize - 1],
+                ..GroupView::default()
+            };
+            if let Some(machine) = self.machines.get(&group) {
+                let leadership = machine.leadership();
+                let replica = machine.replica();
+                view.held_here = true;
+                view.leader = leadership.leader.map(member_of);
+                view.term = leadership.term;
+                view.leading = leadership.leading;
+                view.commit_index = replica.commit_index();
+                view.applied_index = machine.applied_index();
+                view.last_index = replica.last_index();
+                view.lag = replica
+                    .progress()
+                    .into_iter()
+                    .map(|(id, matched)| (member_of(id), view.last_index.saturating_sub(matched)))
+                    .collect();
+                let applied = machine.applied();
+                view.skus = applied.skus.len() as u64;
+                for state in applied.skus.values() {
+                    let stock = state.stock();
+                    view.available += stock.available;
+                    view.held += stock.held;
+                    view.sold += stock.sold;
+                }
+                if let Some(leader) = view.leader {
+                    self.leaders.insert(group, (Some(leader), view.term));
+                }
+                let previous = self.view.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let was_leading = previous.groups.iter().any(|old| old.group == group && old.leading);
+                drop(previous);
+                if view.leading && !was_leading {
+                    metrics::counter!("flashstock_leader_changes_total").increment(1);
+                    tracing::info!(group, term = view.term, "leading");
+                }
+                let anomalies = machine.anomalies();
+                let reported = self.anomalies_reported.entry(group).or_insert(0);
+                for anomaly in &anomalies[(*reported).min(anomalies.len())..] {
+                    tracing::error!(group, anomaly, "a replication group misbehaved");
+                }
+                *reported = anomalies.len();
+                metrics::gauge!("flashstock_group_applied_index", "group" => group.to_string())
+                    .set(view.applied_index as f64);
+                let lag_max = view.lag.iter().map(|(_, lag)| *lag).max().unwrap_or(0);
+                if view.leading {
+                    metrics::gauge!("flashstock_group_replication_lag_entries", "group" => group.to_string())
+                        .set(lag_max as f64);
+                }
+                metrics::gauge!("flashstock_group_leading", "group" => group.to_string()).set(if view.leading {
+                    1.0
+                } else {
+                    0.0
+                });
+            } else if let Some((leader, term)) = self.leaders.get(&group) {
+                view.leader = *leader;
+                view.term = *term;
+            }
+            groups.push(view);
+        }
+        let view = View { groups, log_bytes: self.log_bytes, syncs: self.syncs, writes_synced: self.synced };
+        *self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+    }
+
+    fn peers_and_self(&self) -> Vec<u32> {
+        let mut members: Vec<u32> = self.senders.keys().copied().collect();
+        members.push(self.own);
+        members.sort_unstable();
+        members
+    }
+}
