@@ -997,4 +997,30 @@ mod tests {
         let missing_files = Client::builder().tls_directory(Path::new("/nonexistent"), "checkout").connect().await;
         assert!(matches!(missing_files, Err(Error::Config(_))));
     }
+
+    #[test]
+    fn replicated_routes_go_to_the_known_leader_then_round_the_trusted_replicas() {
+        use crate::wire::{Member, ReplicationMap};
+        let members = (1..=3).map(|id| Member { id, address: format!("127.0.0.1:{}", 7000 + id), up: true }).collect();
+        let partition = 5;
+        let group = group_of_partition(partition, 6);
+        let leaders = vec![GroupLeader { group, leader: Some(2), term: 4 }];
+        let mut map = PartitionMap {
+            epoch: 1,
+            partition_count: 16,
+            members,
+            replication: Some(ReplicationMap { factor: 3, groups: 6, leaders }),
+        };
+        assert_eq!(route_member(&map, partition, 0, &[]), Some(2), "the known leader");
+        for attempt in 0..6 {
+            assert_ne!(route_member(&map, partition, attempt, &[2]), Some(2), "a silent leader is tried last");
+        }
+        assert_eq!(route_member(&map, partition, 0, &[1, 2, 3]), Some(2), "all silent: the leader still");
+        map.replication.as_mut().expect("replicated").leaders.clear();
+        let tried: std::collections::BTreeSet<u32> =
+            (0..3).filter_map(|attempt| route_member(&map, partition, attempt, &[])).collect();
+        assert_eq!(tried.len(), 3, "no leader known: every replica in turn");
+        map.replication = None;
+        assert_eq!(route_member(&map, partition, 0, &[]), owner_of(partition, &[1, 2, 3]), "single copy: the owner");
+    }
 }

@@ -416,8 +416,9 @@ impl Node {
         ttl_ms: u64,
     ) -> Result<Response, Refusal> {
         let home_partition = self.partition_of(&order);
-        self.check_owned(home_partition)?;
+        // Bad input is refused as such wherever it arrives.
         let request = self.order_request(order, buyer, lines, ttl_ms)?;
+        self.check_owned(home_partition)?;
         self.coordination.reserve(request, home_partition).await
     }
 

@@ -201,6 +201,7 @@ impl Member {
                     let to = u32::try_from(caller & !PART_CALLER).expect("a member id");
                     outbox.push((Endpoint::Member(to), Message::PartReply { group, reply }));
                 }
+                GroupOutput::Admin { .. } => unreachable!("the simulated members make no admin changes"),
                 GroupOutput::Read { caller, answer, .. } => {
                     let buyer = u32::try_from(caller >> 32).expect("a reader index");
                     outbox.push((Endpoint::Buyer(buyer), Message::ReadAnswer { caller, answer }));
