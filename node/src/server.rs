@@ -272,10 +272,7 @@ impl Node {
             RequestBody::Reserve { order, buyer, lines, ttl_ms } => self.reserve(order, buyer, lines, ttl_ms).await,
             RequestBody::Commit { order, home_partition, fewer } => {
                 let order = self.check_home(&order, home_partition)?;
-                let fewer = fewer
-                    .into_iter()
-                    .map(|(sku, units)| Ok((sku_id(sku)?, units)))
-                    .collect::<Result<Vec<_>, Refusal>>()?;
+                let fewer = engine_fewer(fewer)?;
                 self.coordination.commit(order, fewer, home_partition).await
             }
             RequestBody::Release { order, home_partition } => {
@@ -331,10 +328,7 @@ impl Node {
             }
             RequestBody::Commit { order, home_partition, fewer } => {
                 let order = self.check_order_home(&order, home_partition)?;
-                let fewer = fewer
-                    .into_iter()
-                    .map(|(sku, units)| Ok((sku_id(sku)?, units)))
-                    .collect::<Result<Vec<_>, Refusal>>()?;
+                let fewer = engine_fewer(fewer)?;
                 let answer = replication.order(ClientRequest::Commit { order, fewer }, home_partition).await?;
                 client_response(home_partition, answer)
             }
@@ -443,6 +437,11 @@ impl Node {
         }
         Ok(OrderRequest { order, buyer, lines: engine_lines, ttl_ms })
     }
+}
+
+/// A commit's lines to sell fewer units of, checked.
+fn engine_fewer(fewer: Vec<(String, u32)>) -> Result<Vec<(SkuId, u32)>, Refusal> {
+    fewer.into_iter().map(|(sku, units)| Ok((sku_id(sku)?, units))).collect()
 }
 
 /// An admin request as a group's change, with the SKU it concerns.
