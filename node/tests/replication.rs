@@ -215,5 +215,21 @@ fn a_leader_paused_past_an_election_acknowledges_nothing_and_catches_up() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(caught_up, "the resumed member applied what the others committed");
+        // Every replication series the dashboard reads is exported here.
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../dashboards/flashstock.json")).expect("the dashboard is JSON");
+        let (_, metrics) = cluster.http_get(successor, "/metrics");
+        let panels = dashboard["panels"].as_array().expect("panels");
+        for target in panels.iter().flat_map(|panel| panel["targets"].as_array().expect("targets")) {
+            let expression = target["expr"].as_str().expect("an expression");
+            for name in expression.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                let replicated = ["flashstock_group_", "flashstock_leader_", "flashstock_raft_"]
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix));
+                if replicated {
+                    assert!(metrics.contains(name), "the dashboard reads {name}, which a replicated member lacks");
+                }
+            }
+        }
     });
 }
