@@ -209,6 +209,18 @@ pub enum RequestBody {
         step: u64,
         request: WirePartRequest,
     },
+    /// Between members of a replicated cluster (refused unless the caller
+    /// is a member): what raft state do you hold? Asked by a member that
+    /// starts with no raft log, to tell a first start from a lost disk.
+    ReplicaProbe,
+}
+
+/// One group in a [`Response::ReplicaProbe`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbedGroup {
+    pub group: u32,
+    /// The raft ids of its voters (member and generation).
+    pub voters: Vec<u64>,
 }
 
 /// A step of a part (see `flashstock_engine::coordination`).
@@ -258,6 +270,7 @@ impl RequestBody {
             Self::SetBuyerLimit { .. } => "set_buyer_limit",
             Self::OpenSale { .. } => "open_sale",
             Self::Part { .. } => "part",
+            Self::ReplicaProbe => "replica_probe",
         }
     }
 
@@ -344,6 +357,13 @@ pub enum Response {
     Done,
     /// A part's answer to a step.
     Part(WirePartAnswer),
+    /// The answer to `ReplicaProbe`: whether the member holds raft state
+    /// (a log, or a group that has elected a leader), and its groups'
+    /// configurations as it knows them.
+    ReplicaProbe {
+        has_state: bool,
+        groups: Vec<ProbedGroup>,
+    },
     Refused(Refusal),
 }
 

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flashstock_client::routing::{group_of_partition, preferred_leaders, replicas_of};
-use flashstock_client::wire::{GroupLeader, Refusal, WirePartAnswer, WirePartRequest};
+use flashstock_client::wire::{
+    GroupLeader, ProbedGroup, Refusal, RequestBody, Response, WirePartAnswer, WirePartRequest,
+};
 use flashstock_engine::coordination::{
     CallerId, ClientAnswer, ClientRequest, CoordinatorConfig, PartMessage, PartReply, Placement,
 };
@@ -59,6 +61,11 @@ const ROUND_INPUTS_MAX: usize = 1_024;
 /// Batches waiting to be sent to one peer; beyond it batches are dropped
 /// (raft sends again; a peer that cannot keep up must not grow our memory).
 const PEER_QUEUE_BATCHES_MAX: usize = 256;
+/// How long a peer may take to answer a start's probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The file (in the raft directory) naming this member's generation.
+const GENERATION_FILE: &str = "generation";
+
 /// How long one batch may take to leave before it counts as lost.
 const PEER_SEND_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Bytes of one batch from a peer read at most (a snapshot of a group is
@@ -121,6 +128,9 @@ pub struct GroupView {
     pub last_index: u64,
     /// On the leader: entries each replica is behind its log.
     pub lag: Vec<(u32, u64)>,
+    /// The raft ids of the voters (member and generation), as this
+    /// replica knows the configuration.
+    pub voters: Vec<u64>,
     pub skus: u64,
     pub available: u64,
     pub held: u64,
@@ -146,6 +156,9 @@ enum PeerItem {
     PartReply { group: GroupId, order: String, attempt: String, step: u64, answer: WirePartAnswer },
     /// The receiver sent a part step for `group` here, but `leader` leads it.
     PartNotLeader { group: GroupId, leader: Option<u32> },
+    /// The sender lost its disk: its replica `replica` (a new generation)
+    /// asks to take its old one's place in `group`.
+    Replace { group: GroupId, replica: u64 },
 }
 
 /// A batch's items: raft messages in raft-rs's own encoding (most of the
@@ -170,6 +183,8 @@ pub struct Replication {
     inbox: mpsc::Sender<Input>,
     view: Arc<RwLock<View>>,
     stopping: Arc<AtomicBool>,
+    /// Whether the raft log held anything when the member started.
+    has_state: Arc<AtomicBool>,
 }
 
 struct LogJob {
@@ -212,6 +227,15 @@ struct Driver {
     applied_at_snapshot: BTreeMap<GroupId, u64>,
     /// Anomalies of each group already logged.
     anomalies_reported: BTreeMap<GroupId, usize>,
+    peers: Arc<Peers>,
+    /// This member's replicas' generation (see `replica_id`): bumped when
+    /// it starts again after losing its disk.
+    generation: u32,
+    generation_path: std::path::PathBuf,
+    /// Groups whose configuration does not yet count this member's replica
+    /// of the current generation, with ticks until it asks again.
+    rejoining: BTreeMap<GroupId, u32>,
+    initial: ReplayedState,
 }
 
 impl Replication {
@@ -230,8 +254,13 @@ impl Replication {
         let preferred = preferred_leaders(config.group_count, &config.members, config.factor as usize);
         let rules = ReplayRules { partition_count: config.partition_count, limits_unrecorded: Limits::default() };
         let initial = ReplayedState::empty(rules.clone());
+        let generation_path = directory.join(GENERATION_FILE);
+        let generation = read_generation(&generation_path)?;
+        // No log and no generation: a first start, or a member whose disk
+        // was lost — its peers tell which, before any replica starts.
+        let needs_probe = recovered.records == 0 && generation.is_none();
         let mut replicas = BTreeMap::new();
-        let mut machines = BTreeMap::new();
+        let mut pending = BTreeMap::new();
         for group in 1..=config.group_count {
             let members = replicas_of(group, &config.members, config.factor as usize);
             let preferred_leader = preferred[group as usize - 1];
@@ -262,11 +291,8 @@ impl Replication {
                     rules: rules.clone(),
                     limits_in_force: Some(config.limits.clone()),
                 };
-                let writes = recovered.writes.get(&group).map_or(&[][..], Vec::as_slice);
-                let machine = GroupMachine::start(group_config, &initial, writes)
-                    .map_err(|error| anyhow::anyhow!("group {group}: {error}"))
-                    .with_context(|| format!("starting from {}", directory.display()))?;
-                machines.insert(group, machine);
+                let writes = recovered.writes.get(&group).cloned().unwrap_or_default();
+                pending.insert(group, (group_config, writes));
             }
             replicas.insert(group, members);
         }
@@ -280,11 +306,12 @@ impl Replication {
             tokio::spawn(send_to_peer(peers.clone(), member, queue));
             senders.insert(member, sender);
         }
-        let driver = Driver {
+        let has_state = Arc::new(AtomicBool::new(recovered.records > 0));
+        let mut driver = Driver {
             own: config.own,
             placement,
             replicas,
-            machines,
+            machines: BTreeMap::new(),
             clock,
             callers: HashMap::new(),
             next_caller: 1,
@@ -305,6 +332,17 @@ impl Replication {
             syncs: 0,
             applied_at_snapshot: BTreeMap::new(),
             anomalies_reported: BTreeMap::new(),
+            peers: peers.clone(),
+            generation: generation.unwrap_or(0),
+            generation_path,
+            rejoining: BTreeMap::new(),
+            initial,
+        };
+        let pending = if needs_probe {
+            Some(pending)
+        } else {
+            driver.start_machines(pending).with_context(|| format!("starting from {}", directory.display()))?;
+            None
         };
         let handle = Arc::new(Self {
             own: config.own,
@@ -315,8 +353,9 @@ impl Replication {
             inbox,
             view,
             stopping: stopping.clone(),
+            has_state,
         });
-        tokio::spawn(driver.run(receiver, stopping));
+        tokio::spawn(driver.run(receiver, stopping, pending));
         Ok(handle)
     }
 
@@ -417,6 +456,20 @@ impl Replication {
         }
     }
 
+    /// What this member tells a peer that starts without a raft log (see
+    /// `Driver::probe`).
+    pub fn probe_answer(&self) -> Response {
+        let view = self.view();
+        let elected = view.groups.iter().any(|group| group.held_here && group.term > 0);
+        let groups = view
+            .groups
+            .iter()
+            .filter(|group| group.held_here)
+            .map(|group| ProbedGroup { group: group.group, voters: group.voters.clone() })
+            .collect();
+        Response::ReplicaProbe { has_state: self.has_state.load(Ordering::Acquire) || elected, groups }
+    }
+
     /// Stops taking requests and stops the task (what is synced stays).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
@@ -425,6 +478,31 @@ impl Replication {
 
 fn unexpected(answer: &GroupAnswer) -> Refusal {
     Refusal::Unavailable { reason: format!("internal: unexpected answer {answer:?}") }
+}
+
+fn read_generation(path: &std::path::Path) -> anyhow::Result<Option<u32>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let generation = text.trim().parse().with_context(|| format!("{} is not a generation", path.display()))?;
+            Ok(Some(generation))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Records the generation durably before any replica of it starts.
+fn write_generation(path: &std::path::Path, generation: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let temporary = path.with_extension("new");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(format!("{generation}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(directory) = path.parent() {
+        std::fs::File::open(directory)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A peer batch's bytes: items each `kind (u8) | length (u32 LE) | bytes`.
@@ -522,14 +600,30 @@ fn start_log_thread(
 }
 
 impl Driver {
-    async fn run(mut self, mut receiver: mpsc::Receiver<Input>, stopping: Arc<AtomicBool>) {
+    async fn run(
+        mut self,
+        mut receiver: mpsc::Receiver<Input>,
+        stopping: Arc<AtomicBool>,
+        pending: Option<BTreeMap<GroupId, (GroupConfig, Vec<ReplicaWrite>)>>,
+    ) {
+        if let Some(pending) = pending {
+            let Some(generation) = self.probe(&stopping).await else { return };
+            if let Err(error) = write_generation(&self.generation_path, generation) {
+                tracing::error!(%error, "the generation could not be recorded; the member stops");
+                std::process::exit(70);
+            }
+            self.generation = generation;
+            if generation > 0 {
+                tracing::warn!(generation, "no raft log but the cluster has run: rejoining under a new generation");
+                self.rejoining = pending.keys().map(|&group| (group, 0)).collect();
+            }
+            if let Err(error) = self.start_machines(pending) {
+                tracing::error!(%error, "the replicas did not start; the member stops");
+                std::process::exit(70);
+            }
+        }
         let mut ticker = tokio::time::interval(Duration::from_millis(TICK_MS));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first round delivers what the log holds committed.
-        let now_ms = self.clock.now_ms();
-        for machine in self.machines.values_mut() {
-            machine.tick(now_ms);
-        }
         self.carry_out();
         let mut inputs = Vec::with_capacity(ROUND_INPUTS_MAX);
         loop {
@@ -642,6 +736,16 @@ impl Driver {
                 }
             }
             PeerItem::PartNotLeader { group, leader } => self.learn_leader(group, leader),
+            PeerItem::Replace { group, replica } => {
+                // A member may only replace its own replica.
+                if member_of(replica) != from {
+                    tracing::warn!(member = from, replica, "a replacement for another member's replica; dropped");
+                    return;
+                }
+                if let Some(machine) = self.machines.get_mut(&group) {
+                    machine.replace(now_ms, from, replica);
+                }
+            }
         }
     }
 
@@ -673,8 +777,98 @@ impl Driver {
                 *at_snapshot = applied;
             }
         }
+        self.ask_to_rejoin();
         if self.ticks % VIEW_EVERY_TICKS == 0 {
             self.publish_view();
+        }
+    }
+
+    /// Starts a replica of every group this member holds, under its
+    /// generation, from what the log holds for it.
+    fn start_machines(&mut self, pending: BTreeMap<GroupId, (GroupConfig, Vec<ReplicaWrite>)>) -> anyhow::Result<()> {
+        let own = replica_id(self.own, self.generation);
+        for (group, (mut config, writes)) in pending {
+            config.replica.member = own;
+            let machine = GroupMachine::start(config, &self.initial, &writes)
+                .map_err(|error| anyhow::anyhow!("group {group}: {error}"))?;
+            self.machines.insert(group, machine);
+        }
+        // The first round delivers what the log holds committed.
+        let now_ms = self.clock.now_ms();
+        for machine in self.machines.values_mut() {
+            machine.tick(now_ms);
+        }
+        Ok(())
+    }
+
+    /// Asks the other members what they hold, until they tell: a peer with
+    /// raft state means the cluster has run, so this member (with none)
+    /// lost its disk and must not start under the ids whose votes and
+    /// entries it forgot — it takes the next generation; every peer
+    /// without state means a first start (generation 0). `None` if the
+    /// member stops meanwhile.
+    async fn probe(&self, stopping: &AtomicBool) -> Option<u32> {
+        let peers: Vec<u32> = self.senders.keys().copied().collect();
+        for round in 0u64.. {
+            if stopping.load(Ordering::Acquire) {
+                return None;
+            }
+            let mut without_state = 0;
+            let mut generation_seen = None;
+            for &peer in &peers {
+                let answer = self.peers.call(peer, RequestBody::ReplicaProbe, PROBE_TIMEOUT).await;
+                match answer {
+                    Ok(Response::ReplicaProbe { has_state: false, .. }) => without_state += 1,
+                    Ok(Response::ReplicaProbe { has_state: true, groups }) if !groups.is_empty() => {
+                        let mine = groups
+                            .iter()
+                            .flat_map(|group| &group.voters)
+                            .filter(|&&voter| member_of(voter) == self.own)
+                            .map(|&voter| (voter >> 32) as u32)
+                            .max()
+                            .unwrap_or(0);
+                        generation_seen = Some(generation_seen.unwrap_or(0).max(mine));
+                    }
+                    // State, but its groups not yet published: ask again.
+                    Ok(_) | Err(_) => {}
+                }
+            }
+            if let Some(seen) = generation_seen {
+                return Some(seen + 1);
+            }
+            if without_state == peers.len() {
+                return Some(0);
+            }
+            if round % 25 == 0 {
+                tracing::info!(
+                    peers_without_state = without_state,
+                    "waiting for the other members to tell a first start from a lost disk"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
+    /// A member that lost its disk asks every other replica of each group
+    /// (the leader acts) until the configuration counts its new replica.
+    fn ask_to_rejoin(&mut self) {
+        let machines = &self.machines;
+        self.rejoining.retain(|group, _| !machines.get(group).is_some_and(|machine| machine.replica().is_voter()));
+        let replica = replica_id(self.own, self.generation);
+        let mut asks = Vec::new();
+        for (&group, wait) in &mut self.rejoining {
+            if *wait > 0 {
+                *wait -= 1;
+                continue;
+            }
+            *wait = 20;
+            for &member in self.replicas[&group].iter().filter(|&&member| member != self.own) {
+                asks.push((member, PeerItem::Replace { group, replica }));
+            }
+        }
+        for (member, item) in asks {
+            self.queue_item(member, item);
         }
     }
 
@@ -886,6 +1080,7 @@ impl Driver {
                 view.commit_index = replica.commit_index();
                 view.applied_index = machine.applied_index();
                 view.last_index = replica.last_index();
+                view.voters = replica.configuration().0;
                 view.lag = replica
                     .progress()
                     .into_iter()

@@ -235,7 +235,7 @@ impl Node {
         if is_admin_request && role != Role::Admin {
             return Err(Refusal::Forbidden);
         }
-        let is_member_request = matches!(body, RequestBody::Part { .. });
+        let is_member_request = matches!(body, RequestBody::Part { .. } | RequestBody::ReplicaProbe);
         if !matches!(role, Role::Node(_)) {
             if is_member_request {
                 return Err(Refusal::Forbidden);
@@ -279,6 +279,7 @@ impl Node {
                 let order = self.check_home(&order, home_partition)?;
                 self.coordination.release(order, home_partition).await
             }
+            RequestBody::ReplicaProbe => Err(invalid("request", "this cluster is not replicated".to_owned())),
             RequestBody::Part { order: _, attempt, step: _, request } => {
                 let attempt = order_id(attempt)?;
                 let request = part_request(request)?;
@@ -346,6 +347,7 @@ impl Node {
             RequestBody::Part { .. } => {
                 Err(invalid("request", "a replicated cluster carries part steps on its raft links".to_owned()))
             }
+            RequestBody::ReplicaProbe => Ok(replication.probe_answer()),
             admin => {
                 let (sku, request) = admin_request(admin)?;
                 let partition = self.partition_of(sku.as_str());

@@ -233,3 +233,54 @@ fn a_leader_paused_past_an_election_acknowledges_nothing_and_catches_up() {
         }
     });
 }
+
+#[test]
+fn a_member_whose_data_directory_was_deleted_rejoins_and_nothing_is_lost() {
+    let mut cluster = Cluster::start_replicated("replicated-wipe", 3, 3);
+    let runtime = runtime();
+    let (admin, checkout) = runtime.block_on(async {
+        let admin = client_with_retries(&cluster, "admin", 40).await;
+        let checkout = client_with_retries(&cluster, "checkout", 40).await;
+        for index in 0..SKUS {
+            admin.create_sku(&sku(index), UNITS, None, 0).await.expect("created");
+        }
+        (admin, checkout)
+    });
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = runtime.spawn(buyers(checkout.clone(), ledger.clone(), stop.clone(), 0));
+    std::thread::sleep(Duration::from_millis(1_000));
+    // Member 3 loses its disk and comes back empty.
+    cluster.kill(3);
+    std::fs::remove_dir_all(cluster.root.join("node-3")).expect("the data directory is deleted");
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.start_node(3);
+    // It rejoins every group under a new generation and catches up.
+    let mut rejoined = false;
+    for _ in 0..300 {
+        let views = groups_seen_by(&cluster, 3);
+        let counted = views.iter().all(|view| {
+            view["voters"].as_array().is_some_and(|voters| {
+                voters.iter().any(|voter| voter.as_u64().is_some_and(|id| id & 0xffff_ffff == 3 && id >> 32 >= 1))
+            })
+        });
+        if !views.is_empty() && counted {
+            rejoined = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rejoined, "member 3 rejoined every group under a new generation: {:?}", groups_seen_by(&cluster, 3));
+    std::thread::sleep(Duration::from_millis(1_500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    runtime.block_on(async { load.await.expect("buyers finish") });
+    // Now only members 2 and 3 remain: everything acknowledged must be on
+    // the rejoined member, or member 2 alone could not make a majority.
+    cluster.kill(1);
+    runtime.block_on(async {
+        let ledger = ledger.lock().expect("ledger");
+        assert!(!ledger.committed.is_empty());
+        check_books(&admin, &checkout, &ledger).await;
+        println!("{} commits acknowledged before and while member 3 rejoined", ledger.committed.len());
+    });
+}
