@@ -323,7 +323,7 @@ impl ClusterFile {
             bail!("`cluster.replication_factor`: at least 1 (1 is a single copy)");
         }
         if factor > 1 {
-            if factor % 2 == 0 {
+            if factor.is_multiple_of(2) {
                 bail!("`cluster.replication_factor`: {factor} is even; an even count tolerates no more failures than the odd one below it");
             }
             if factor as usize > self.members.len() {

@@ -161,6 +161,13 @@ enum PeerItem {
     Replace { group: GroupId, replica: u64 },
 }
 
+/// What one round sends one peer.
+#[derive(Debug, Default)]
+struct PeerBatch {
+    raft: Vec<(GroupId, RaftMessage)>,
+    items: Vec<PeerItem>,
+}
+
 /// A batch's items: raft messages in raft-rs's own encoding (most of the
 /// bytes), the rest in MessagePack.
 const ITEM_RAFT: u8 = 1;
@@ -217,7 +224,7 @@ struct Driver {
     /// Groups' persisted numbers, reported once `synced` reaches the count.
     persist: Vec<(u64, GroupId, u64)>,
     /// Per peer, what this round sends it.
-    outgoing: BTreeMap<u32, (Vec<(GroupId, RaftMessage)>, Vec<PeerItem>)>,
+    outgoing: BTreeMap<u32, PeerBatch>,
     senders: BTreeMap<u32, mpsc::Sender<Vec<u8>>>,
     view: Arc<RwLock<View>>,
     ticks: u64,
@@ -447,7 +454,7 @@ impl Replication {
     /// decode are dropped with a warning (raft sends again).
     pub fn deliver(&self, from: u32, bytes: &[u8]) {
         match decode_batch(bytes) {
-            Ok((raft, items)) => {
+            Ok(PeerBatch { raft, items }) => {
                 // Full: dropped, like a lost packet; raft and the
                 // coordinators send again.
                 let _ = self.inbox.try_send(Input::Peer { from, raft, items });
@@ -522,7 +529,7 @@ fn encode_batch(raft: &[(GroupId, RaftMessage)], items: &[PeerItem]) -> Vec<u8> 
     out
 }
 
-fn decode_batch(mut bytes: &[u8]) -> anyhow::Result<(Vec<(GroupId, RaftMessage)>, Vec<PeerItem>)> {
+fn decode_batch(mut bytes: &[u8]) -> anyhow::Result<PeerBatch> {
     let (mut raft, mut items) = (Vec::new(), Vec::new());
     while !bytes.is_empty() {
         anyhow::ensure!(bytes.len() >= 5, "an item header is cut short");
@@ -537,7 +544,7 @@ fn decode_batch(mut bytes: &[u8]) -> anyhow::Result<(Vec<(GroupId, RaftMessage)>
         }
         bytes = &bytes[5 + length..];
     }
-    Ok((raft, items))
+    Ok(PeerBatch { raft, items })
 }
 
 /// Sends each batch queued for `member` on a stream of its own. A batch
@@ -778,7 +785,7 @@ impl Driver {
             }
         }
         self.ask_to_rejoin();
-        if self.ticks % VIEW_EVERY_TICKS == 0 {
+        if self.ticks.is_multiple_of(VIEW_EVERY_TICKS) {
             self.publish_view();
         }
     }
@@ -884,7 +891,7 @@ impl Driver {
     }
 
     fn queue_item(&mut self, to: u32, item: PeerItem) {
-        self.outgoing.entry(to).or_default().1.push(item);
+        self.outgoing.entry(to).or_default().items.push(item);
     }
 
     /// Carries out every machine's outputs, then sends this round's
@@ -918,7 +925,7 @@ impl Driver {
         match output {
             GroupOutput::Raft(message) => {
                 let to = member_of(message.to);
-                self.outgoing.entry(to).or_default().0.push((group, message));
+                self.outgoing.entry(to).or_default().raft.push((group, message));
             }
             GroupOutput::RaftAfterWrites(message) => {
                 let to = member_of(message.to);
@@ -994,7 +1001,7 @@ impl Driver {
         while index < self.held_back.len() {
             if self.held_back[index].0 <= synced {
                 let (_, to, message, group) = self.held_back.swap_remove(index);
-                self.outgoing.entry(to).or_default().0.push((group, message));
+                self.outgoing.entry(to).or_default().raft.push((group, message));
             } else {
                 index += 1;
             }
@@ -1002,7 +1009,7 @@ impl Driver {
     }
 
     fn flush_peers(&mut self) {
-        for (to, (raft, items)) in std::mem::take(&mut self.outgoing) {
+        for (to, PeerBatch { raft, items }) in std::mem::take(&mut self.outgoing) {
             if raft.is_empty() && items.is_empty() {
                 continue;
             }

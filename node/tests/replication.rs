@@ -153,7 +153,7 @@ fn killing_leaders_during_a_sale_loses_no_acknowledged_commit() {
         for task in load {
             task.await.expect("buyers finish");
         }
-        let ledger = ledger.lock().expect("ledger");
+        let ledger = std::mem::take(&mut *ledger.lock().expect("ledger"));
         assert!(ledger.committed.len() > 50, "the sale went on through the kills: {}", ledger.committed.len());
         check_books(&admin, &checkout, &ledger).await;
         println!("{} commits acknowledged through {rounds} leader kills", ledger.committed.len());
@@ -278,7 +278,7 @@ fn a_member_whose_data_directory_was_deleted_rejoins_and_nothing_is_lost() {
     // the rejoined member, or member 2 alone could not make a majority.
     cluster.kill(1);
     runtime.block_on(async {
-        let ledger = ledger.lock().expect("ledger");
+        let ledger = std::mem::take(&mut *ledger.lock().expect("ledger"));
         assert!(!ledger.committed.is_empty());
         check_books(&admin, &checkout, &ledger).await;
         println!("{} commits acknowledged before and while member 3 rejoined", ledger.committed.len());

@@ -165,21 +165,13 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, data: &[u8]) -> Entry {
-        let mut entry = Entry::default();
-        entry.index = index;
-        entry.term = 3;
-        entry.data = data.to_vec().into();
-        entry
+        Entry { index, term: 3, data: data.to_vec().into(), ..Entry::default() }
     }
 
     #[test]
     fn every_write_round_trips() {
-        let mut hard_state = HardState::default();
-        hard_state.term = 4;
-        hard_state.vote = 2;
-        hard_state.commit = 9;
-        let mut snapshot = Snapshot::default();
-        snapshot.data = b"state".to_vec().into();
+        let hard_state = HardState { term: 4, vote: 2, commit: 9, ..HardState::default() };
+        let mut snapshot = Snapshot { data: b"state".to_vec().into(), ..Snapshot::default() };
         snapshot.mut_metadata().index = 7;
         snapshot.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
         let writes = [
@@ -214,11 +206,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let mut message = Message::default();
-        message.from = 1;
-        message.to = 2;
-        message.term = 5;
-        message.entries = vec![entry(4, b"x")].into();
+        let message = Message { from: 1, to: 2, term: 5, entries: vec![entry(4, b"x")].into(), ..Message::default() };
         let (group, decoded) = decode_message(&encode_message(3, &message)).expect("decodes");
         assert_eq!((group, decoded), (3, message));
         assert!(decode_message(&[1, 2]).is_err());

@@ -345,7 +345,7 @@ impl GroupMachine {
         };
         let (answer, record) = match request {
             AdminRequest::Create { sku, settings, operation } if !leading.skus.contains_key(&sku) => {
-                match SkuState::created(now_ms, settings.clone(), leading.limits.clone(), Some(operation.clone())) {
+                match SkuState::created(now_ms, settings, leading.limits.clone(), Some(operation.clone())) {
                     Ok(state) => {
                         let stock = state.stock();
                         leading.skus.insert(sku.clone(), state);
