@@ -119,6 +119,11 @@ fn wire_seeds() -> Vec<Seed> {
             Member { id: 1, address: "127.0.0.1:7401".to_owned(), up: true },
             Member { id: 2, address: "127.0.0.1:7402".to_owned(), up: false },
         ],
+        replication: Some(ReplicationMap {
+            factor: 3,
+            groups: 6,
+            leaders: vec![GroupLeader { group: 1, leader: Some(2), term: 7 }],
+        }),
     };
     let stock = WireStock { available: 7, held: 2, sold: 1 };
     let line_result = WireLineResult { sku: "tv".to_owned(), units: 2, stock };
