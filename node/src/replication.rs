@@ -183,7 +183,8 @@ enum Input {
 #[derive(Debug)]
 pub struct Replication {
     own: u32,
-    members: Vec<u32>,
+    /// The groups this member holds a replica of (fixed: placement is).
+    held: std::collections::BTreeSet<GroupId>,
     partition_count: u32,
     group_count: u32,
     factor: u32,
@@ -345,6 +346,7 @@ impl Replication {
             rejoining: BTreeMap::new(),
             initial,
         };
+        let pending_groups = pending.keys().copied().collect();
         let pending = if needs_probe {
             Some(pending)
         } else {
@@ -353,7 +355,7 @@ impl Replication {
         };
         let handle = Arc::new(Self {
             own: config.own,
-            members: config.members,
+            held: pending_groups,
             partition_count: config.partition_count,
             group_count: config.group_count,
             factor: config.factor,
@@ -384,7 +386,7 @@ impl Replication {
 
     /// Whether this member holds a replica of `group`.
     pub fn holds(&self, group: GroupId) -> bool {
-        replicas_of(group, &self.members, self.factor as usize).contains(&self.own)
+        self.held.contains(&group)
     }
 
     /// The latest view of every group.
