@@ -215,10 +215,9 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(async {
                 let mut cluster = LocalCluster::start(&config, &members, false).await?;
                 println!("cluster of {} members running; Ctrl-C stops it", members.len());
-                let signal = shutdown_signal();
-                tokio::pin!(signal);
+                let mut signal = ShutdownSignal::install()?;
                 let died = tokio::select! {
-                    received = &mut signal => { received?; None }
+                    () = signal.received() => None,
                     died = cluster.first_exit() => Some(died),
                 };
                 cluster.stop().await;
@@ -356,7 +355,7 @@ async fn sale_on_cluster(
             addresses(file),
             tls.directory.display()
         );
-        shutdown_signal().await?;
+        ShutdownSignal::install()?.received().await;
     }
     cluster.stop().await;
     outcome
@@ -370,6 +369,7 @@ fn addresses(file: &config::ClusterFile) -> String {
 /// new connections, requests in flight answered or refused, the log made
 /// durable and the directory released) and exit 0.
 async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
+    let mut signal = ShutdownSignal::install()?;
     let member = file.member(id)?.clone();
     let storage = file.storage.clone().unwrap_or_else(|| config::StorageSection::at(&member.data_directory));
     let durability = storage.durability(member.data_directory.clone());
@@ -431,7 +431,7 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     // Ready: tests and scripts wait for this line.
     println!("node {id} serving on {}", endpoint.local_addr()?);
     let serving = tokio::spawn(flashstock_node::server::serve(endpoint.clone(), node.clone()));
-    shutdown_signal().await?;
+    signal.received().await;
     tracing::info!("stopping");
     operations.stopping();
     // Requests in flight get their answers (their records are durable once
@@ -452,13 +452,26 @@ async fn serve(file: config::ClusterFile, id: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        interrupted = tokio::signal::ctrl_c() => interrupted?,
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM, listened for from the moment this is made: a signal
+/// that arrives while the process is still starting waits here instead of
+/// killing it by default (scripts send SIGTERM as soon as "serving on" shows).
+struct ShutdownSignal {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self { terminate: signal(SignalKind::terminate())?, interrupt: signal(SignalKind::interrupt())? })
     }
-    Ok(())
+
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }
 
 async fn admin(file: &config::ClusterFile, operation_id: Option<String>, action: AdminAction) -> anyhow::Result<()> {
