@@ -22,7 +22,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use flashstock_engine::replication::codec::{decode_write, encode_write};
+use flashstock_engine::replication::codec::{decode_write, encode_write, CodecError};
 use flashstock_engine::replication::{GroupId, ReplicaWrite};
 
 const HEADER_BYTES: usize = 8;
@@ -81,7 +81,7 @@ impl RaftLog {
             .with_context(|| format!("opening {}", path.display()))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
-        let (recovered, good) = read_records(&bytes);
+        let (recovered, good) = read_records(&bytes).with_context(|| format!("recovering {}", path.display()))?;
         if good < bytes.len() {
             tracing::warn!(cut = bytes.len() - good, "the raft log's tail did not check out; cut there");
             file.set_len(good as u64).context("cutting the raft log's torn tail")?;
@@ -134,9 +134,25 @@ impl RaftLog {
     }
 }
 
-/// The records of `bytes` up to the first that does not check out, and
-/// how many bytes those good records take.
-fn read_records(bytes: &[u8]) -> (Recovered, usize) {
+/// A record whose checksum matches but which is not a write: not a torn
+/// tail (a torn record fails its checksum) but a bug or a foreign file.
+/// Recovery stops there rather than cut: what follows may be votes and
+/// entries raft was promised.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the raft log's record at byte {offset} checks out but is not a write ({error}); not cutting acknowledged state"
+)]
+pub struct UndecodableRecord {
+    pub offset: usize,
+    pub error: CodecError,
+}
+
+/// The records of `bytes` up to the first that is torn (short or failing
+/// its checksum), and how many bytes those good records take.
+///
+/// # Errors
+/// A record that checks out does not decode ([`UndecodableRecord`]).
+pub fn read_records(bytes: &[u8]) -> Result<(Recovered, usize), UndecodableRecord> {
     let mut recovered = Recovered::default();
     let mut at = 0;
     while bytes.len() - at >= HEADER_BYTES {
@@ -149,12 +165,12 @@ fn read_records(bytes: &[u8]) -> (Recovered, usize) {
         if crc32c::crc32c(payload) != checksum {
             break;
         }
-        let Ok((group, write)) = decode_write(payload) else { break };
+        let (group, write) = decode_write(payload).map_err(|error| UndecodableRecord { offset: at, error })?;
         recovered.writes.entry(group).or_default().push(write);
         recovered.records += 1;
         at += HEADER_BYTES + length;
     }
-    (recovered, at)
+    Ok((recovered, at))
 }
 
 fn sync_directory(directory: &Path) -> anyhow::Result<()> {
@@ -204,6 +220,27 @@ mod tests {
         drop(log);
         let (_, recovered) = RaftLog::open(&directory).expect("reopens");
         assert_eq!(recovered.writes[&2], vec![compact(2), compact(4)]);
+        let _ = std::fs::remove_dir_all(&directory);
+    }
+
+    #[test]
+    fn a_record_that_checks_out_but_does_not_decode_stops_recovery_without_cutting() {
+        let directory = temporary_directory("undecodable");
+        let (mut log, _) = RaftLog::open(&directory).expect("opens");
+        let mut framed = Vec::new();
+        frame_write(1, &compact(1), &mut framed);
+        let offset = framed.len();
+        // A write of an unknown kind, with a good checksum.
+        frame(&[1, 0, 0, 0, 99], &mut framed);
+        frame_write(1, &compact(2), &mut framed);
+        log.append(&framed).expect("appends");
+        log.sync().expect("syncs");
+        drop(log);
+        let error = RaftLog::open(&directory).expect_err("refuses");
+        let undecodable = error.downcast_ref::<UndecodableRecord>().expect("typed");
+        assert_eq!(undecodable, &UndecodableRecord { offset, error: CodecError::UnknownKind(99) });
+        let bytes = std::fs::read(directory.join(FILE_NAME)).expect("reads");
+        assert_eq!(bytes, framed, "nothing was cut");
         let _ = std::fs::remove_dir_all(&directory);
     }
 
