@@ -284,3 +284,274 @@ fn a_member_whose_data_directory_was_deleted_rejoins_and_nothing_is_lost() {
         println!("{} commits acknowledged before and while member 3 rejoined", ledger.committed.len());
     });
 }
+
+/// Three network namespaces joined by a bridge in the test's own, with
+/// real addresses: the test reaches every member, and a partition between
+/// members is made of routes that drop their packets to each other.
+struct Network {
+    namespaces: Vec<String>,
+    bridge: String,
+    /// `10.a.b.` of the members' `10.a.b.<member>` (the bridge is `.254`).
+    prefix: String,
+    cuts: Vec<(String, String)>,
+}
+
+fn ip(arguments: &[&str]) -> Result<(), String> {
+    let output = std::process::Command::new("ip")
+        .args(arguments)
+        .output()
+        .map_err(|error| format!("`ip` does not run: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("`ip {}`: {}", arguments.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+impl Network {
+    /// The namespaces for `members`, or why they cannot be made here (not
+    /// root, no `ip`, no permission for network namespaces).
+    fn create(members: u32) -> Result<Self, String> {
+        let tag = std::process::id() % 100_000;
+        let prefix = format!("10.{}.{}.", 200 + tag % 50, (tag / 50) % 250);
+        let mut network = Self { namespaces: Vec::new(), bridge: format!("fsb{tag}"), prefix, cuts: Vec::new() };
+        ip(&["link", "add", &network.bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{}254/24", network.prefix), "dev", &network.bridge])?;
+        ip(&["link", "set", &network.bridge, "up"])?;
+        for member in 1..=members {
+            let namespace = format!("flashstock-{tag}-{member}");
+            ip(&["netns", "add", &namespace])?;
+            network.namespaces.push(namespace.clone());
+            let link = format!("fs{tag}m{member}");
+            ip(&["link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &namespace])?;
+            ip(&["link", "set", &link, "master", &network.bridge, "up"])?;
+            ip(&["-n", &namespace, "addr", "add", &format!("{}{member}/24", network.prefix), "dev", "eth0"])?;
+            ip(&["-n", &namespace, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &namespace, "link", "set", "lo", "up"])?;
+        }
+        Ok(network)
+    }
+
+    fn address(&self, member: u32, port: u16) -> std::net::SocketAddr {
+        format!("{}{member}:{port}", self.prefix).parse().expect("an address")
+    }
+
+    fn hosts(&self) -> Vec<common::Host> {
+        (1..=self.namespaces.len() as u32)
+            .map(|member| common::Host {
+                address: self.address(member, 7400),
+                metrics_address: self.address(member, 9400),
+                launcher: ["ip", "netns", "exec", &self.namespaces[member as usize - 1]].map(str::to_owned).to_vec(),
+            })
+            .collect()
+    }
+
+    /// Cuts `member` off from `others`, both ways: each side's packets to
+    /// the other are dropped by a blackhole route. The test's namespace
+    /// (the clients) still reaches everyone.
+    fn cut(&mut self, member: u32, others: &[u32]) {
+        for &other in others {
+            for (from, to) in [(member, other), (other, member)] {
+                let namespace = self.namespaces[from as usize - 1].clone();
+                let route = format!("{}{to}/32", self.prefix);
+                ip(&["-n", &namespace, "route", "add", "blackhole", &route]).expect("a route added");
+                self.cuts.push((namespace, route));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        for (namespace, route) in std::mem::take(&mut self.cuts) {
+            ip(&["-n", &namespace, "route", "del", "blackhole", &route]).expect("a route removed");
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for namespace in &self.namespaces {
+            // Deleting the namespace deletes its end of the veth, and so both.
+            let _ = ip(&["netns", "del", namespace]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+#[test]
+fn a_leader_cut_off_by_a_network_partition_acknowledges_nothing_and_the_members_converge() {
+    let mut network = match Network::create(3) {
+        Ok(network) => network,
+        Err(reason) => {
+            println!("skipped: network namespaces are not available here ({reason})");
+            return;
+        }
+    };
+    let cluster = Cluster::start_on("replicated-partition", "replication_factor = 3\n", network.hosts());
+    let runtime = runtime();
+    runtime.block_on(async {
+        let admin = client_with_retries(&cluster, "admin", 40).await;
+        let checkout = client_with_retries(&cluster, "checkout", 40).await;
+        common::wait_all_up(&admin).await;
+        let target = sku(0);
+        admin.create_sku(&target, UNITS, None, 0).await.expect("created");
+        let partition = flashstock_client::routing::partition_of(&target, common::PARTITIONS);
+        let group = u64::from(flashstock_client::routing::group_of_partition(partition, 6));
+        let mut acknowledged = Vec::new();
+        let sell = |tag: &'static str, client: Client| async move {
+            let mut sold = Vec::new();
+            for number in 0..5 {
+                let order = Order {
+                    id: format!("{tag}-{number}"),
+                    buyer: format!("{tag}-buyer-{number}"),
+                    lines: vec![OrderLine { sku: sku(0), quantity: Quantity::Exactly(1) }],
+                    hold_ttl: Duration::from_secs(60),
+                };
+                let held = client.reserve(&order).await.expect("reserved");
+                client.commit(&held.id).await.expect("committed");
+                sold.push(held.id);
+            }
+            sold
+        };
+        acknowledged.extend(sell("before-cut", checkout.clone()).await);
+        // Bare connections, one per member, that only ever ask that member
+        // (a client would move on to the majority). The member to cut off
+        // is the one that answers a read of the SKU now: only the leader
+        // can (leadership may still be moving to the preferred member).
+        let mut direct = BTreeMap::new();
+        for member in cluster.members() {
+            let connection = common::connect(&cluster.certs(), "checkout", member, cluster.address(member))
+                .await
+                .expect("connects to the member");
+            direct.insert(member, connection);
+        }
+        let read = flashstock_client::wire::Request {
+            timeout_ms: 1_000,
+            body: flashstock_client::wire::RequestBody::Availability { sku: target.clone() },
+        };
+        let mut leading = None;
+        for _ in 0..100 {
+            let candidate = leader_of_group(&cluster, group, &cluster.members());
+            let answer = flashstock_client::exchange::exchange::<_, flashstock_client::wire::Response>(
+                &direct[&candidate].connection,
+                &read,
+                Duration::from_secs(3),
+            )
+            .await;
+            if matches!(answer, Ok(flashstock_client::wire::Response::Stock { .. })) {
+                leading = Some(candidate);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = leading.expect("a member answers reads of the SKU as its leader");
+        let others: Vec<u32> = cluster.members().into_iter().filter(|&member| member != leader).collect();
+        let direct = direct.remove(&leader).expect("connected");
+        network.cut(leader, &others);
+        let cut_at = Instant::now();
+        // Asked at once, while it may still think it leads, and again after
+        // the majority moved on: it must acknowledge none of them.
+        let ask_the_cut_off_leader = |attempt: u32| {
+            let request = flashstock_client::wire::Request {
+                timeout_ms: 1_000,
+                body: flashstock_client::wire::RequestBody::Reserve {
+                    order: format!("on-the-cut-off-leader-{attempt}"),
+                    buyer: "cut-off".to_owned(),
+                    lines: vec![flashstock_client::wire::WireLine {
+                        sku: target.clone(),
+                        quantity: flashstock_client::wire::WireQuantity::Exactly(1),
+                    }],
+                    ttl_ms: 60_000,
+                },
+            };
+            let connection = direct.connection.clone();
+            async move {
+                let answer = flashstock_client::exchange::exchange::<_, flashstock_client::wire::Response>(
+                    &connection,
+                    &request,
+                    Duration::from_secs(3),
+                )
+                .await;
+                println!("the cut-off leader answered reservation {attempt} with {answer:?}");
+                assert!(
+                    !matches!(answer, Ok(flashstock_client::wire::Response::Reserved { .. })),
+                    "the cut-off leader acknowledged a reservation: {answer:?}"
+                );
+            }
+        };
+        // A read is linearizable: the cut-off member cannot learn that it
+        // still leads, so it must not answer from what it holds.
+        let read_on_the_cut_off_leader = || {
+            let request = read.clone();
+            let connection = direct.connection.clone();
+            async move {
+                let answer = flashstock_client::exchange::exchange::<_, flashstock_client::wire::Response>(
+                    &connection,
+                    &request,
+                    Duration::from_secs(3),
+                )
+                .await;
+                println!("the cut-off leader answered a read with {answer:?}");
+                assert!(
+                    !matches!(answer, Ok(flashstock_client::wire::Response::Stock { .. })),
+                    "the cut-off leader answered a read it could not know was current: {answer:?}"
+                );
+            }
+        };
+        read_on_the_cut_off_leader().await;
+        ask_the_cut_off_leader(0).await;
+        let successor = leader_of_group(&cluster, group, &others);
+        println!("the majority elected member {successor} {} ms after the cut", cut_at.elapsed().as_millis());
+        for attempt in 1..3 {
+            ask_the_cut_off_leader(attempt).await;
+        }
+        // The majority sells meanwhile, through a client that only knows it.
+        let majority = Client::builder()
+            .seed(cluster.address(others[0]))
+            .seed(cluster.address(others[1]))
+            .tls_directory(&cluster.certs(), "checkout")
+            .request_timeout(Duration::from_secs(3))
+            .retry(flashstock_client::RetryPolicy {
+                attempts_max: 40,
+                backoff_initial: Duration::from_millis(20),
+                backoff_max: Duration::from_millis(250),
+            })
+            .connect()
+            .await
+            .expect("connects to the majority");
+        acknowledged.extend(sell("during-cut", majority).await);
+        read_on_the_cut_off_leader().await;
+        network.heal();
+        // Every member converges on the same applied state, and the old
+        // leader follows.
+        let mut converged = None;
+        for _ in 0..200 {
+            let views: Vec<serde_json::Value> = cluster
+                .members()
+                .into_iter()
+                .filter_map(|member| {
+                    groups_seen_by(&cluster, member).into_iter().find(|view| view["group"].as_u64() == Some(group))
+                })
+                .collect();
+            let applied: Vec<Option<u64>> = views.iter().map(|view| view["applied_index"].as_u64()).collect();
+            let sold: Vec<Option<u64>> = views.iter().map(|view| view["sold"].as_u64()).collect();
+            let old_leader_follows = views.get(leader as usize - 1).is_some_and(|view| view["leading"] == false);
+            if views.len() == 3 && applied.windows(2).all(|pair| pair[0] == pair[1]) && old_leader_follows {
+                converged = Some(sold);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sold = converged.expect("the members converged after the cut healed");
+        assert!(sold.iter().all(|&sold| sold == Some(10)), "every member applied the 10 sales: {sold:?}");
+        for reservation in &acknowledged {
+            match checkout.commit(reservation).await {
+                Ok(settled) => assert!(settled.replayed, "{reservation}: not a replay"),
+                Err(Error::AlreadyCommitted) => {}
+                Err(error) => panic!("{reservation}: an acknowledged commit is lost: {error}"),
+            }
+        }
+        let stock = checkout.availability(&target).await.expect("readable");
+        // Nothing the cut-off leader was asked holds stock.
+        assert_eq!((stock.sold, stock.held, stock.available), (10, 0, UNITS - 10), "{stock:?}");
+    });
+}

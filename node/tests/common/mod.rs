@@ -25,7 +25,17 @@ pub struct Cluster {
     pub addresses: Vec<(u32, SocketAddr)>,
     /// Each member's `/metrics`, `/health` and `/status` address.
     pub metrics_addresses: Vec<(u32, SocketAddr)>,
+    /// The command each member's process runs under (empty: directly).
+    pub launchers: Vec<(u32, Vec<String>)>,
     pub nodes: Vec<(u32, Child)>,
+}
+
+/// Where a member runs: its addresses, and the command that starts its
+/// process (e.g. `ip netns exec <namespace>`; empty runs it directly).
+pub struct Host {
+    pub address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub launcher: Vec<String>,
 }
 
 /// Loopback ports the OS says are free now. Each test asks for its own, so
@@ -47,28 +57,43 @@ impl Cluster {
 
     /// A cluster with `cluster_keys` added to its `[cluster]` section.
     pub fn start_with(name: &str, members: u32, cluster_keys: &str) -> Self {
+        let ports = free_ports(members as usize);
+        let metrics_ports = free_tcp_ports(members as usize);
+        let hosts = ports
+            .iter()
+            .zip(&metrics_ports)
+            .map(|(&port, &metrics_port)| Host {
+                address: SocketAddr::from(([127, 0, 0, 1], port)),
+                metrics_address: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+                launcher: Vec::new(),
+            })
+            .collect();
+        Self::start_on(name, cluster_keys, hosts)
+    }
+
+    /// A cluster of one member per host (member `i + 1` on `hosts[i]`).
+    pub fn start_on(name: &str, cluster_keys: &str, hosts: Vec<Host>) -> Self {
         let root = std::env::temp_dir().join(format!("flashstock-cluster-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("scratch directory");
-        let ports = free_ports(members as usize);
-        let metrics_ports = free_tcp_ports(members as usize);
         let mut text = format!(
             "[cluster]\nname = \"{name}\"\npartitions = {PARTITIONS}\n{cluster_keys}\n[tls]\ndirectory = {:?}\n\n\
              [network]\nidle_timeout_ms = 3000\n",
             root.join("certs").display().to_string()
         );
-        let (mut addresses, mut metrics_addresses) = (Vec::new(), Vec::new());
-        for (index, (port, metrics_port)) in ports.iter().zip(&metrics_ports).enumerate() {
+        let (mut addresses, mut metrics_addresses, mut launchers) = (Vec::new(), Vec::new(), Vec::new());
+        for (index, host) in hosts.into_iter().enumerate() {
             let id = index as u32 + 1;
-            let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-            let metrics_address: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().expect("address");
-            addresses.push((id, address));
-            metrics_addresses.push((id, metrics_address));
             text.push_str(&format!(
-                "\n[[members]]\nid = {id}\naddress = \"{address}\"\nmetrics_address = \"{metrics_address}\"\n\
+                "\n[[members]]\nid = {id}\naddress = \"{}\"\nmetrics_address = \"{}\"\n\
                  data_directory = {:?}\n",
+                host.address,
+                host.metrics_address,
                 root.join(format!("node-{id}")).display().to_string()
             ));
+            addresses.push((id, host.address));
+            metrics_addresses.push((id, host.metrics_address));
+            launchers.push((id, host.launcher));
         }
         let config = root.join("cluster.toml");
         std::fs::write(&config, text).expect("config");
@@ -79,7 +104,8 @@ impl Cluster {
             .status()
             .expect("dev-certs runs");
         assert!(status.success());
-        let mut cluster = Self { root, config, addresses, metrics_addresses, nodes: Vec::new() };
+        let members = addresses.len() as u32;
+        let mut cluster = Self { root, config, addresses, metrics_addresses, launchers, nodes: Vec::new() };
         for id in 1..=members {
             cluster.start_node(id);
         }
@@ -93,7 +119,16 @@ impl Cluster {
 
     /// Starts member `id` with extra environment variables (failpoints).
     pub fn start_node_with(&mut self, id: u32, environment: &[(&str, &str)]) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flashstock-node"))
+        let launcher = self.launchers.iter().find(|(member, _)| *member == id).map(|(_, launcher)| launcher.clone());
+        let mut command = match launcher.as_deref() {
+            Some([program, arguments @ ..]) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(env!("CARGO_BIN_EXE_flashstock-node"));
+                command
+            }
+            _ => Command::new(env!("CARGO_BIN_EXE_flashstock-node")),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&self.config)
             .args(["--id", &id.to_string()])
@@ -281,7 +316,11 @@ pub async fn connect_speaking(
     let roots = tls::load_roots(certs)?;
     let crypto = tls::client_crypto(roots, tls::Identity::load(certs, identity)?)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let mut endpoint = quinn::Endpoint::client(if address.ip().is_loopback() {
+        "127.0.0.1:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    })?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let connection = endpoint.connect(address, &tls::node_name(node))?.await?;
     let hello = Hello { versions, agent: "cluster-test".to_owned(), boot: None };
