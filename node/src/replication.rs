@@ -147,8 +147,8 @@ pub struct View {
 }
 
 /// Between members: what one round sends one peer.
-#[derive(Debug, Serialize, Deserialize)]
-enum PeerItem {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerItem {
     /// A part step for the participant of `group`.
     Part { group: GroupId, order: String, attempt: String, step: u64, request: WirePartRequest },
     /// The participant of `group` answered a step of an order homed in
@@ -162,10 +162,10 @@ enum PeerItem {
 }
 
 /// What one round sends one peer.
-#[derive(Debug, Default)]
-struct PeerBatch {
-    raft: Vec<(GroupId, RaftMessage)>,
-    items: Vec<PeerItem>,
+#[derive(Debug, Default, PartialEq)]
+pub struct PeerBatch {
+    pub raft: Vec<(GroupId, RaftMessage)>,
+    pub items: Vec<PeerItem>,
 }
 
 /// A batch's items: raft messages in raft-rs's own encoding (most of the
@@ -515,7 +515,7 @@ fn write_generation(path: &std::path::Path, generation: u32) -> std::io::Result<
 }
 
 /// A peer batch's bytes: items each `kind (u8) | length (u32 LE) | bytes`.
-fn encode_batch(raft: &[(GroupId, RaftMessage)], items: &[PeerItem]) -> Vec<u8> {
+pub fn encode_batch(raft: &[(GroupId, RaftMessage)], items: &[PeerItem]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut put = |kind: u8, bytes: &[u8]| {
         out.push(kind);
@@ -531,7 +531,11 @@ fn encode_batch(raft: &[(GroupId, RaftMessage)], items: &[PeerItem]) -> Vec<u8> 
     out
 }
 
-fn decode_batch(mut bytes: &[u8]) -> anyhow::Result<PeerBatch> {
+/// A peer batch from its bytes (public for the fuzz target).
+///
+/// # Errors
+/// Bytes [`encode_batch`] did not make.
+pub fn decode_batch(mut bytes: &[u8]) -> anyhow::Result<PeerBatch> {
     let (mut raft, mut items) = (Vec::new(), Vec::new());
     while !bytes.is_empty() {
         anyhow::ensure!(bytes.len() >= 5, "an item header is cut short");

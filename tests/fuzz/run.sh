@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 seconds=${1:?usage: tests/fuzz/run.sh SECONDS_PER_TARGET [TARGET...]}
 shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire_decode log_scan snapshot_decode config_parse)
+[ ${#targets[@]} -gt 0 ] || targets=(wire_decode log_scan snapshot_decode raft_decode config_parse)
 cargo_fuzz_version=0.13.1
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

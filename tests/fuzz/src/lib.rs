@@ -392,12 +392,56 @@ fn config_seeds(shipped_cluster_toml: &str) -> Vec<Seed> {
         .collect()
 }
 
+fn raft_seeds() -> Vec<Seed> {
+    use flashstock_engine::replication::codec::{encode_message, encode_write};
+    use flashstock_engine::replication::{RaftMessage, ReplicaWrite};
+    use flashstock_node::replication::{encode_batch, PeerItem};
+    use raft_proto::eraftpb::{Entry, HardState, MessageType, Snapshot};
+
+    let entry = |index: u64, data: &[u8]| Entry { index, term: 2, data: data.to_vec().into(), ..Entry::default() };
+    let mut snapshot = Snapshot { data: b"snapshot".to_vec().into(), ..Snapshot::default() };
+    snapshot.mut_metadata().index = 9;
+    snapshot.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+    let writes = [
+        ReplicaWrite::Entries(vec![entry(1, b"first"), entry(2, b""), entry(3, &[0x92, 0x01, 0x02])]),
+        ReplicaWrite::HardState(HardState { term: 3, vote: 1, commit: 2, ..HardState::default() }),
+        ReplicaWrite::Snapshot(snapshot),
+        ReplicaWrite::Compact { index: 4 },
+    ];
+    let append = RaftMessage {
+        msg_type: MessageType::MsgAppend,
+        from: 1,
+        to: 2,
+        term: 2,
+        log_term: 2,
+        index: 1,
+        commit: 1,
+        entries: vec![entry(2, b"x"), entry(3, b"yz")].into(),
+        ..RaftMessage::default()
+    };
+    let heartbeat = RaftMessage { msg_type: MessageType::MsgHeartbeat, from: 1, to: 3, term: 2, ..RaftMessage::default() };
+    let mut seeds = Vec::new();
+    let mut log = Vec::new();
+    for (index, write) in writes.iter().enumerate() {
+        let payload = encode_write(1 + index as u32, write);
+        flashstock_node::raft_log::frame(&payload, &mut log);
+        seeds.push(Seed { target: "raft_decode", name: format!("write-{index}"), bytes: payload });
+    }
+    seeds.push(Seed { target: "raft_decode", name: "log".to_owned(), bytes: log });
+    seeds.push(Seed { target: "raft_decode", name: "message".to_owned(), bytes: encode_message(2, &append) });
+    let items = [PeerItem::PartNotLeader { group: 2, leader: Some(3) }, PeerItem::Replace { group: 1, replica: 1 << 32 | 3 }];
+    let batch = encode_batch(&[(1, append), (2, heartbeat)], &items);
+    seeds.push(Seed { target: "raft_decode", name: "batch".to_owned(), bytes: batch });
+    seeds
+}
+
 /// Every seed, for every target; `shipped_cluster_toml` is the text of the
 /// repository's `cluster.toml`.
 pub fn seeds(shipped_cluster_toml: &str) -> Vec<Seed> {
     let mut seeds = wire_seeds();
     seeds.extend(log_seeds());
     seeds.extend(snapshot_seeds());
+    seeds.extend(raft_seeds());
     seeds.extend(config_seeds(shipped_cluster_toml));
     seeds
 }
