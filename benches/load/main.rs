@@ -72,6 +72,9 @@ enum WorkloadName {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum TargetName {
     Flashstock,
+    /// The same cluster with every partition on three members
+    /// (`replication_factor = 3`), side by side with the single copy.
+    FlashstockReplicated,
     RedisAlways,
     RedisEverysec,
 }
@@ -504,6 +507,10 @@ fn describe(workload: WorkloadName, in_flight: usize, outcome: &Outcome) -> Stri
     text
 }
 
+/// The replicated cluster's name in the tables: compared with the single
+/// copy (the price of three copies), not the other way round.
+const REPLICATED: &str = "flashstock-replicated";
+
 /// The side-by-side tables, in Markdown.
 fn report(rows: &[Row], open_rows: &[OpenRow]) -> String {
     let ours = "flashstock";
@@ -518,7 +525,11 @@ fn report(rows: &[Row], open_rows: &[OpenRow]) -> String {
         text.push_str(&format!(" {target} pairs/s (p50 / p99) |"));
     }
     for target in targets.iter().filter(|target| **target != ours) {
-        text.push_str(&format!(" ours / {target} |"));
+        if *target == REPLICATED {
+            text.push_str(" replicated / single copy |");
+        } else {
+            text.push_str(&format!(" ours / {target} |"));
+        }
     }
     text.push('\n');
     text.push_str(&"|---".repeat(2 + targets.len() * 2 - 1));
@@ -552,7 +563,9 @@ fn report(rows: &[Row], open_rows: &[OpenRow]) -> String {
             }
         }
         for target in targets.iter().filter(|target| **target != ours) {
-            match (find(ours), find(target)) {
+            let (numerator, denominator) =
+                if *target == REPLICATED { (find(target), find(ours)) } else { (find(ours), find(target)) };
+            match (numerator, denominator) {
                 (Some(our_row), Some(their_row)) if their_row.outcome.pairs > 0 => text.push_str(&format!(
                     " {:.2}x |",
                     our_row.outcome.pairs_per_second() / their_row.outcome.pairs_per_second()
@@ -584,15 +597,46 @@ fn report(rows: &[Row], open_rows: &[OpenRow]) -> String {
     text
 }
 
+/// `text` with its `[cluster]` section's replication factor set.
+fn with_replication_factor(text: &str, factor: u32) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut in_cluster = false;
+    let mut set = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            in_cluster = trimmed.starts_with("[cluster]");
+        }
+        if in_cluster && trimmed.starts_with("replication_factor") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+        if trimmed.starts_with("[cluster]") && !set {
+            out.push_str(&format!("replication_factor = {factor}\n"));
+            set = true;
+        }
+    }
+    anyhow::ensure!(set, "the configuration has no [cluster] section");
+    Ok(out)
+}
+
 async fn start_cluster(
     arguments: &Arguments,
+    replication_factor: u32,
 ) -> anyhow::Result<(flashstock_node::local_cluster::LocalCluster, Cluster)> {
     let mut file = flashstock_node::config::ClusterFile::load(&arguments.config)?;
     let mut config = arguments.config.clone();
+    if replication_factor != file.cluster.replication_factor {
+        let text = with_replication_factor(&std::fs::read_to_string(&arguments.config)?, replication_factor)?;
+        config = std::env::temp_dir().join(format!("flashstock-load-replication-{replication_factor}.toml"));
+        std::fs::write(&config, text)?;
+        file = flashstock_node::config::ClusterFile::load(&config)?;
+    }
     if let Some(count) = arguments.members.filter(|&count| count < file.members.len()) {
         anyhow::ensure!(count > 0, "--members must be at least 1");
         // A copy of the configuration with the first `count` members.
-        let text = std::fs::read_to_string(&arguments.config)?;
+        let text = std::fs::read_to_string(&config)?;
         let mut kept = 0;
         let trimmed: Vec<&str> = text
             .split("[[members]]")
@@ -606,7 +650,8 @@ async fn start_cluster(
             })
             .map(|(_, part)| part)
             .collect();
-        config = std::env::temp_dir().join(format!("flashstock-load-{count}-members.toml"));
+        config =
+            std::env::temp_dir().join(format!("flashstock-load-{count}-members-replication-{replication_factor}.toml"));
         std::fs::write(&config, trimmed.join("[[members]]"))?;
         file = flashstock_node::config::ClusterFile::load(&config)?;
     }
@@ -639,7 +684,9 @@ async fn start_cluster(
         }
         builder.connect()
     };
-    let target = Cluster { admin: connect("admin").await?, checkout: connect("checkout").await? };
+    let name = if replication_factor > 1 { "flashstock-replicated" } else { "flashstock" };
+    let target =
+        Cluster { name: name.to_owned(), admin: connect("admin").await?, checkout: connect("checkout").await? };
     flashstock_node::local_cluster::wait_until_linked(&target.admin, Duration::from_secs(10)).await;
     Ok((cluster, target))
 }
@@ -652,8 +699,9 @@ fn main() -> anyhow::Result<()> {
         let mut open_rows = Vec::new();
         for &target in &arguments.targets {
             match target {
-                TargetName::Flashstock => {
-                    let (mut cluster, client) = start_cluster(&arguments).await?;
+                TargetName::Flashstock | TargetName::FlashstockReplicated => {
+                    let factor = if target == TargetName::Flashstock { 1 } else { 3 };
+                    let (mut cluster, client) = start_cluster(&arguments, factor).await?;
                     let checkout = client.checkout.clone();
                     let owner_of = move |sku: &str| checkout.owner_of(sku);
                     let outcome = run_target(Arc::new(client), &arguments, &owner_of, &mut rows, &mut open_rows).await;

@@ -37,6 +37,8 @@ const HOLD_TTL_MS: u64 = 120_000;
 /// admin for creating SKUs).
 #[derive(Debug, Clone)]
 pub struct Cluster {
+    /// `flashstock`, or `flashstock-replicated` for three copies.
+    pub name: String,
     pub admin: Client,
     pub checkout: Client,
 }
@@ -45,7 +47,7 @@ impl Target for Cluster {
     type Token = ReservationId;
 
     fn name(&self) -> &str {
-        "flashstock"
+        &self.name
     }
 
     async fn create(&self, sku: &str, units: u64) -> anyhow::Result<()> {
