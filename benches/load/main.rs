@@ -22,6 +22,7 @@
 
 mod targets;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +103,9 @@ struct Outcome {
     pairs: u64,
     sold_out: u64,
     errors: u64,
+    /// The errors by kind (their message, cut short), so a run with errors
+    /// says what went wrong.
+    error_kinds: BTreeMap<String, u64>,
     elapsed: Duration,
     pair_latency: Histogram<u64>,
     sold_out_latency: Histogram<u64>,
@@ -191,6 +195,7 @@ async fn closed_loop<T: Target>(
             let mut choices = Choices::new(0x5eed ^ (buyer as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let (mut pair_latency, mut sold_out_latency) = (histogram(), histogram());
             let (mut pairs, mut sold_out, mut sold_out_after, mut errors) = (0u64, 0u64, 0u64, 0u64);
+            let mut error_kinds = BTreeMap::new();
             let mut number = 0u64;
             while Instant::now() < deadline && errors < ERRORS_MAX {
                 number += 1;
@@ -204,7 +209,10 @@ async fn closed_loop<T: Target>(
                             pairs += 1;
                             live.pairs.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(_) => errors += 1,
+                        Err(error) => {
+                            errors += 1;
+                            count_kind(&mut error_kinds, &error);
+                        }
                     },
                     Ok(Reserved::SoldOut) => {
                         sold_out_latency.saturating_record(micros(begun.elapsed()));
@@ -216,16 +224,20 @@ async fn closed_loop<T: Target>(
                             sold_out_after += 1;
                         }
                     }
-                    Err(_) => errors += 1,
+                    Err(error) => {
+                        errors += 1;
+                        count_kind(&mut error_kinds, &error);
+                    }
                 }
             }
-            (pairs, sold_out, sold_out_after, errors, pair_latency, sold_out_latency)
+            (pairs, sold_out, sold_out_after, errors, error_kinds, pair_latency, sold_out_latency)
         });
     }
     let mut outcome = Outcome {
         pairs: 0,
         sold_out: 0,
         errors: 0,
+        error_kinds: BTreeMap::new(),
         elapsed: Duration::ZERO,
         pair_latency: histogram(),
         sold_out_latency: histogram(),
@@ -234,11 +246,14 @@ async fn closed_loop<T: Target>(
         dropped: 0,
     };
     while let Some(joined) = buyers.join_next().await {
-        let (pairs, sold_out, sold_out_after, errors, pair_latency, sold_out_latency) = joined?;
+        let (pairs, sold_out, sold_out_after, errors, error_kinds, pair_latency, sold_out_latency) = joined?;
         outcome.pairs += pairs;
         outcome.sold_out += sold_out;
         outcome.sold_out_after += sold_out_after;
         outcome.errors += errors;
+        for (kind, count) in error_kinds {
+            *outcome.error_kinds.entry(kind).or_default() += count;
+        }
         outcome.pair_latency.add(pair_latency)?;
         outcome.sold_out_latency.add(sold_out_latency)?;
     }
@@ -262,7 +277,7 @@ async fn open_loop<T: Target>(
     let live = Arc::new(Live::default());
     let progress = progress_bar(label, duration, live.clone());
     let latencies = Arc::new(Mutex::new(histogram()));
-    let errors = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(BTreeMap::new()));
     let in_flight = Arc::new(AtomicU64::new(0));
     let mut dropped = 0u64;
     let mut choices = Choices::new(0x0be1);
@@ -294,8 +309,8 @@ async fn open_loop<T: Target>(
                     latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).saturating_record(latency);
                     live.pairs.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(_) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                Err(error) => {
+                    count_kind(&mut errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner), &error);
                 }
             }
             in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -307,10 +322,12 @@ async fn open_loop<T: Target>(
     progress.finish_and_clear();
     let pair_latency =
         std::mem::replace(&mut *latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner), histogram());
+    let error_kinds = std::mem::take(&mut *errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     Ok(Outcome {
         pairs: live.pairs.load(Ordering::Relaxed),
         sold_out: 0,
-        errors: errors.load(Ordering::Relaxed),
+        errors: error_kinds.values().sum(),
+        error_kinds,
         elapsed: started.elapsed(),
         pair_latency,
         sold_out_latency: histogram(),
@@ -502,9 +519,27 @@ fn describe(workload: WorkloadName, in_flight: usize, outcome: &Outcome) -> Stri
         ));
     }
     if outcome.errors > 0 {
-        text.push_str(&format!(" ({} errors)", outcome.errors));
+        text.push_str(&format!(" ({} errors: {})", outcome.errors, kinds(&outcome.error_kinds)));
     }
     text
+}
+
+/// Kinds of error kept apart in a run's tally; the rest are counted as one.
+const ERROR_KINDS_MAX: usize = 16;
+
+fn count_kind(kinds: &mut BTreeMap<String, u64>, error: &anyhow::Error) {
+    let mut kind: String = error.to_string().chars().take(80).collect();
+    if !kinds.contains_key(&kind) && kinds.len() >= ERROR_KINDS_MAX {
+        kind = "other".to_owned();
+    }
+    *kinds.entry(kind).or_default() += 1;
+}
+
+/// The commonest kinds first.
+fn kinds(kinds: &BTreeMap<String, u64>) -> String {
+    let mut sorted: Vec<(&String, &u64)> = kinds.iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(a.1));
+    sorted.iter().take(3).map(|(kind, count)| format!("{count} x {kind}")).collect::<Vec<_>>().join("; ")
 }
 
 /// The replicated cluster's name in the tables: compared with the single

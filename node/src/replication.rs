@@ -72,7 +72,9 @@ const PEER_SEND_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// the largest thing in one).
 pub const PEER_BATCH_BYTES_MAX: usize = 256 << 20;
 /// A group takes a snapshot once this many entries were applied since its
-/// last, so that its log (and a restart's replay) stays short.
+/// last (and they take as many bytes as that snapshot: see
+/// `GroupMachine::snapshot_due`), so that its log (and a restart's replay)
+/// stays short.
 const SNAPSHOT_ENTRIES: u64 = 20_000;
 /// The raft log is rewritten from the groups' live state once it holds
 /// this many bytes more than that state took at the last rewrite.
@@ -232,7 +234,6 @@ struct Driver {
     log_bytes: u64,
     live_bytes_at_rewrite: u64,
     syncs: u64,
-    applied_at_snapshot: BTreeMap<GroupId, u64>,
     /// Anomalies of each group already logged.
     anomalies_reported: BTreeMap<GroupId, usize>,
     peers: Arc<Peers>,
@@ -338,7 +339,6 @@ impl Replication {
             log_bytes: 0,
             live_bytes_at_rewrite: 0,
             syncs: 0,
-            applied_at_snapshot: BTreeMap::new(),
             anomalies_reported: BTreeMap::new(),
             peers: peers.clone(),
             generation: generation.unwrap_or(0),
@@ -553,26 +553,89 @@ pub fn decode_batch(mut bytes: &[u8]) -> anyhow::Result<PeerBatch> {
     Ok(PeerBatch { raft, items })
 }
 
-/// Sends each batch queued for `member` on a stream of its own. A batch
-/// that cannot be sent in time is reset, never cut short: the peer sees a
-/// reset stream, not a truncated batch.
+/// Bytes of batches sent to a peer in one frame at most: what queued
+/// while the last frame was being written goes out together, up to this.
+const PEER_FRAME_BYTES_MAX: usize = 8 << 20;
+/// Batches taken off a peer's queue for one frame at most.
+const PEER_FRAME_BATCHES_MAX: usize = 256;
+
+/// Sends the batches queued for `member` in order on one long-lived
+/// unidirectional stream per connection, each frame `length (u32 LE) |
+/// batches`; whatever queued while a frame was being written goes in the
+/// next, so a slow link sends fewer, larger frames instead of a queue of
+/// streams. (A stream per batch, read by a task per stream, delivered
+/// appends out of order and queued heartbeats behind appends: under load
+/// followers refused the appends as gaps, leaders fell back to resending
+/// megabytes, heartbeats came late and leaders changed every few
+/// seconds.) A frame that cannot be written in time resets the stream: the
+/// peer never sees a frame cut short, and the next frame opens a new one.
 async fn send_to_peer(peers: Arc<Peers>, member: u32, mut queue: mpsc::Receiver<Vec<u8>>) {
-    while let Some(batch) = queue.recv().await {
-        let Some(connection) = peers.connection(member) else { continue };
-        let opened = tokio::time::timeout(PEER_SEND_TIMEOUT, connection.open_uni()).await;
-        let Ok(Ok(mut stream)) = opened else {
-            tracing::debug!(member, "no stream to a peer in time; a batch was lost");
+    let mut stream: Option<(usize, quinn::SendStream)> = None;
+    let mut batches = Vec::with_capacity(PEER_FRAME_BATCHES_MAX);
+    let mut pending = std::collections::VecDeque::with_capacity(PEER_FRAME_BATCHES_MAX);
+    loop {
+        if pending.is_empty() {
+            if queue.recv_many(&mut batches, PEER_FRAME_BATCHES_MAX).await == 0 {
+                return;
+            }
+            pending.extend(batches.drain(..));
+        }
+        let mut frame = vec![0u8; 4];
+        while let Some(batch) = pending.front() {
+            if frame.len() > 4 && frame.len() + batch.len() > PEER_FRAME_BYTES_MAX {
+                break;
+            }
+            frame.extend_from_slice(&pending.pop_front().expect("looked at"));
+        }
+        let length = u32::try_from(frame.len() - 4).expect("a frame is bounded");
+        frame[..4].copy_from_slice(&length.to_le_bytes());
+        let Some(connection) = peers.connection(member) else {
+            stream = None;
             continue;
         };
-        match tokio::time::timeout(PEER_SEND_TIMEOUT, stream.write_all(&batch)).await {
-            Ok(Ok(())) => {
-                let _ = stream.finish();
-            }
-            outcome => {
-                tracing::debug!(member, ?outcome, "a batch to a peer was lost");
-                let _ = stream.reset(0u8.into());
+        if stream.as_ref().is_none_or(|(id, _)| *id != connection.stable_id()) {
+            match tokio::time::timeout(PEER_SEND_TIMEOUT, connection.open_uni()).await {
+                Ok(Ok(opened)) => stream = Some((connection.stable_id(), opened)),
+                _ => {
+                    tracing::debug!(member, "no stream to a peer in time; a frame was lost");
+                    stream = None;
+                    continue;
+                }
             }
         }
+        let (_, open) = stream.as_mut().expect("opened above");
+        match tokio::time::timeout(PEER_SEND_TIMEOUT, open.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            outcome => {
+                tracing::debug!(member, ?outcome, "a frame to a peer was lost");
+                if let Some((_, mut broken)) = stream.take() {
+                    let _ = broken.reset(0u8.into());
+                }
+            }
+        }
+    }
+}
+
+/// Reads the frames of one stream [`send_to_peer`] opened, in order,
+/// handing each to `deliver`, until the stream ends or breaks.
+pub async fn read_peer_frames(mut stream: quinn::RecvStream, mut deliver: impl FnMut(&[u8])) {
+    let mut header = [0u8; 4];
+    let mut frame = Vec::new();
+    loop {
+        if stream.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let length = u32::from_le_bytes(header) as usize;
+        if length > PEER_BATCH_BYTES_MAX {
+            tracing::warn!(length, "a peer's frame is larger than allowed; the stream is dropped");
+            let _ = stream.stop(0u8.into());
+            return;
+        }
+        frame.resize(length, 0);
+        if stream.read_exact(&mut frame).await.is_err() {
+            return;
+        }
+        deliver(&frame);
     }
 }
 
@@ -781,13 +844,10 @@ impl Driver {
     fn tick(&mut self) {
         let now_ms = self.clock.now_ms();
         self.ticks += 1;
-        for (&group, machine) in &mut self.machines {
+        for machine in self.machines.values_mut() {
             machine.tick(now_ms);
-            let applied = machine.applied_index();
-            let at_snapshot = self.applied_at_snapshot.entry(group).or_insert(applied);
-            if applied.saturating_sub(*at_snapshot) >= SNAPSHOT_ENTRIES {
+            if machine.snapshot_due(SNAPSHOT_ENTRIES) {
                 machine.compact(now_ms);
-                *at_snapshot = applied;
             }
         }
         self.ask_to_rejoin();

@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 use crate::config::{ClusterFile, NetworkSection};
 use crate::coordination::Coordination;
 use crate::peers::Peers;
-use crate::replication::{Replication, PEER_BATCH_BYTES_MAX};
+use crate::replication::Replication;
 use crate::tls::{self, Role};
 use crate::translate::{
     client_response, engine_refusal, invalid, part_request, sku_id, wire_line, wire_part_answer, wire_stock,
@@ -636,16 +636,14 @@ async fn connection(node: Arc<Node>, incoming: quinn::Incoming) -> anyhow::Resul
     }
 }
 
-/// Reads the raft batches member `from` sends on its connection, each on a
-/// unidirectional stream of its own, until the connection closes.
+/// Reads the raft frames member `from` sends on its connection: one
+/// stream at a time in the normal case (a new one after a frame timed
+/// out), each read in order by a task of its own.
 async fn peer_batches(connection: quinn::Connection, from: u32, replication: Arc<Replication>) {
-    while let Ok(mut stream) = connection.accept_uni().await {
+    while let Ok(stream) = connection.accept_uni().await {
         let replication = replication.clone();
         tokio::spawn(async move {
-            match stream.read_to_end(PEER_BATCH_BYTES_MAX).await {
-                Ok(bytes) => replication.deliver(from, &bytes),
-                Err(error) => tracing::debug!(member = from, %error, "a peer's batch was cut off"),
-            }
+            crate::replication::read_peer_frames(stream, |frame| replication.deliver(from, frame)).await;
         });
     }
 }

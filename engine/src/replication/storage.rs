@@ -38,6 +38,13 @@ pub struct GroupStorage {
     snapshot: Snapshot,
     /// Entries after the snapshot's index, contiguous.
     entries: Vec<Entry>,
+    /// Bytes of the entries' data (kept as they change: the driver asks
+    /// every tick whether a snapshot is due).
+    entry_bytes: u64,
+}
+
+fn data_bytes(entries: &[Entry]) -> u64 {
+    entries.iter().map(|entry| entry.data.len() as u64).sum()
 }
 
 impl GroupStorage {
@@ -93,8 +100,10 @@ impl GroupStorage {
             return Err(format!("entries from {} leave a gap after {}", first.index, self.last()));
         }
         let keep = usize::try_from(first.index - self.first()).expect("an in-memory log");
+        self.entry_bytes -= data_bytes(&self.entries[keep.min(self.entries.len())..]);
         self.entries.truncate(keep);
         self.entries.extend_from_slice(entries);
+        self.entry_bytes += data_bytes(entries);
         Ok(())
     }
 
@@ -115,6 +124,7 @@ impl GroupStorage {
         if !matches {
             self.entries.clear();
         }
+        self.entry_bytes = data_bytes(&self.entries);
         self.conf_state = metadata.get_conf_state().clone();
         self.hard_state.commit = self.hard_state.commit.max(index);
         self.hard_state.term = self.hard_state.term.max(metadata.term);
@@ -128,6 +138,7 @@ impl GroupStorage {
     fn compact(&mut self, index: u64) {
         let keep_from = index.min(self.snapshot_index() + 1);
         self.entries.retain(|entry| entry.index >= keep_from);
+        self.entry_bytes = data_bytes(&self.entries);
     }
 
     fn term_of(&self, index: u64) -> Option<u64> {
@@ -161,6 +172,11 @@ impl GroupStorage {
         &self.entries
     }
 
+    /// Bytes of data in [`Self::entries_held`].
+    pub fn entry_bytes_held(&self) -> u64 {
+        self.entry_bytes
+    }
+
     /// Records a snapshot of the state machine taken at `index` (applied
     /// here, so `index` is committed and held).
     pub fn snapshot_taken(&self, index: u64, data: Vec<u8>) -> Option<Snapshot> {
@@ -192,8 +208,20 @@ impl raft::Storage for GroupStorage {
         assert!(high <= self.last() + 1, "raft asked for entries up to {high}, past {}", self.last());
         let from = usize::try_from(low - self.first()).expect("an in-memory log");
         let to = usize::try_from(high - self.first()).expect("an in-memory log");
-        let mut entries = self.entries[from..to].to_vec();
-        raft::util::limit_size(&mut entries, max_size.into());
+        // Cloned only as far as `max_size` allows (at least one entry, as
+        // raft-rs wants): a follower far behind asks for the whole log
+        // past its match, and cloning all of it to keep the first
+        // megabyte cost the leader most of its CPU under load.
+        let budget = max_size.into().unwrap_or(u64::MAX);
+        let mut entries = Vec::new();
+        let mut size = 0u64;
+        for entry in &self.entries[from..to] {
+            size += u64::from(protobuf::Message::compute_size(entry));
+            if !entries.is_empty() && size > budget {
+                break;
+            }
+            entries.push(entry.clone());
+        }
         Ok(entries)
     }
 
@@ -256,5 +284,38 @@ mod tests {
         storage.apply(&ReplicaWrite::Snapshot(other)).expect("newer");
         assert_eq!(storage.last_index().expect("held"), 4, "entry 5 of term 1 diverged from the snapshot");
         assert!(storage.entries_held().is_empty());
+    }
+
+    fn entry_of(index: u64, bytes: usize) -> Entry {
+        Entry { index, term: 1, data: vec![7u8; bytes].into(), ..Entry::default() }
+    }
+
+    #[test]
+    fn the_bytes_held_follow_appends_overwrites_snapshots_and_compactions() {
+        let mut storage = GroupStorage::initial(&[1, 2, 3]);
+        storage.apply(&ReplicaWrite::Entries((1..=4).map(|index| entry_of(index, 10)).collect())).expect("fits");
+        assert_eq!(storage.entry_bytes_held(), 40);
+        // 3 and 4 replaced by a longer 3.
+        storage.apply(&ReplicaWrite::Entries(vec![entry_of(3, 25)])).expect("fits");
+        assert_eq!(storage.entry_bytes_held(), 45);
+        let snapshot = storage.snapshot_taken(2, b"state".to_vec()).expect("held");
+        storage.apply(&ReplicaWrite::Snapshot(snapshot)).expect("newer");
+        assert_eq!(storage.entry_bytes_held(), 25, "only entry 3 is after the snapshot");
+        storage.apply(&ReplicaWrite::Compact { index: 3 }).expect("compacts");
+        assert_eq!(storage.entry_bytes_held(), data_bytes(storage.entries_held()));
+    }
+
+    #[test]
+    fn entries_are_cloned_only_up_to_the_size_asked_for_but_always_one() {
+        let mut storage = GroupStorage::initial(&[1, 2, 3]);
+        storage.apply(&ReplicaWrite::Entries((1..=100).map(|index| entry_of(index, 100)).collect())).expect("fits");
+        let context = GetEntriesContext::empty(false);
+        let few = storage.entries(1, 101, 350, context).expect("held");
+        let size_of_one = u64::from(protobuf::Message::compute_size(&few[0]));
+        assert_eq!(few.len() as u64, 350 / size_of_one);
+        let one = storage.entries(1, 101, 1, GetEntriesContext::empty(false)).expect("held");
+        assert_eq!(one.len(), 1, "raft-rs needs progress even past the limit");
+        let all = storage.entries(1, 101, None, GetEntriesContext::empty(false)).expect("held");
+        assert_eq!(all.len(), 100);
     }
 }
