@@ -211,8 +211,12 @@ pub enum RequestBody {
     },
     /// Between members of a replicated cluster (refused unless the caller
     /// is a member): what raft state do you hold? Asked by a member that
-    /// starts with no raft log, to tell a first start from a lost disk.
-    ReplicaProbe,
+    /// starts with no raft log, to tell a first start from a lost disk;
+    /// `boot` names the asker's life (see [`Hello::boot`]).
+    ReplicaProbe {
+        #[serde(default)]
+        boot: u64,
+    },
 }
 
 /// One group in a [`Response::ReplicaProbe`].
@@ -270,7 +274,7 @@ impl RequestBody {
             Self::SetBuyerLimit { .. } => "set_buyer_limit",
             Self::OpenSale { .. } => "open_sale",
             Self::Part { .. } => "part",
-            Self::ReplicaProbe => "replica_probe",
+            Self::ReplicaProbe { .. } => "replica_probe",
         }
     }
 
@@ -359,10 +363,18 @@ pub enum Response {
     Part(WirePartAnswer),
     /// The answer to `ReplicaProbe`: whether the member holds raft state
     /// (a log, or a group that has elected a leader), and its groups'
-    /// configurations as it knows them.
+    /// configurations as it knows them; `boot` is the answerer's life,
+    /// and `started_with_you` says that its state began at a first start
+    /// it decided with the asker, in the asker's present life, among the
+    /// members that had no state (so the asker's replicas never ran
+    /// before: it starts them as they are, not under a new generation).
     ReplicaProbe {
         has_state: bool,
         groups: Vec<ProbedGroup>,
+        #[serde(default)]
+        boot: u64,
+        #[serde(default)]
+        started_with_you: bool,
     },
     Refused(Refusal),
 }

@@ -88,6 +88,11 @@ impl Peers {
     }
 
     /// The other members whose links are down now.
+    /// This life of the member: different for every start of the process.
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
     pub fn down(&self) -> Vec<u32> {
         self.links.iter().filter(|link| !link.up.load(Ordering::Acquire)).map(|link| link.id).collect()
     }

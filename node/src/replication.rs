@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -53,6 +53,11 @@ use crate::translate::{
 pub const TICK_MS: u64 = 30;
 const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 2;
+/// Ticks a leader that is not its group's preferred one leads before it
+/// hands over (3 s): a member back from a crash, once caught up, takes its
+/// groups back soon, and a fresh cluster whose first elections went to
+/// whoever started first spreads its leaders before a sale begins.
+const SETTLE_TICKS: usize = 100;
 /// Inputs waiting for the driver; a request beyond it is refused `Busy`.
 const INBOX_CAPACITY: usize = 16_384;
 /// Inputs taken per round before the machines' outputs are carried out:
@@ -195,6 +200,11 @@ pub struct Replication {
     stopping: Arc<AtomicBool>,
     /// Whether the raft log held anything when the member started.
     has_state: Arc<AtomicBool>,
+    /// The other members' lives at the first start this member decided
+    /// (every member without state), if it decided one in this life.
+    first_start_with: Arc<RwLock<BTreeMap<u32, u64>>>,
+    /// This member's life (see [`Peers::boot`]).
+    boot: u64,
 }
 
 struct LogJob {
@@ -245,6 +255,8 @@ struct Driver {
     /// of the current generation, with ticks until it asks again.
     rejoining: BTreeMap<GroupId, u32>,
     initial: ReplayedState,
+    /// Shared with [`Replication::probe_answer`].
+    first_start_with: Arc<RwLock<BTreeMap<u32, u64>>>,
 }
 
 impl Replication {
@@ -285,6 +297,7 @@ impl Replication {
                 replica.election_ticks = ELECTION_TICKS;
                 replica.heartbeat_ticks = HEARTBEAT_TICKS;
                 replica.preferred_leader = Some(preferred_leader);
+                replica.settle_ticks = SETTLE_TICKS;
                 let coordinator = CoordinatorConfig {
                     own: group,
                     placement: placement.clone(),
@@ -316,6 +329,7 @@ impl Replication {
             senders.insert(member, sender);
         }
         let has_state = Arc::new(AtomicBool::new(recovered.records > 0));
+        let first_start_with = Arc::new(RwLock::new(BTreeMap::new()));
         let mut driver = Driver {
             own: config.own,
             placement,
@@ -345,6 +359,7 @@ impl Replication {
             generation_path,
             rejoining: BTreeMap::new(),
             initial,
+            first_start_with: first_start_with.clone(),
         };
         let pending_groups = pending.keys().copied().collect();
         let pending = if needs_probe {
@@ -363,6 +378,8 @@ impl Replication {
             view,
             stopping: stopping.clone(),
             has_state,
+            first_start_with,
+            boot: peers.boot(),
         });
         tokio::spawn(driver.run(receiver, stopping, pending));
         Ok(handle)
@@ -465,9 +482,9 @@ impl Replication {
         }
     }
 
-    /// What this member tells a peer that starts without a raft log (see
-    /// `Driver::probe`).
-    pub fn probe_answer(&self) -> Response {
+    /// What this member tells a peer, `asker` in its life `asker_boot`,
+    /// that starts without a raft log (see `Driver::probe`).
+    pub fn probe_answer(&self, asker: u32, asker_boot: u64) -> Response {
         let view = self.view();
         let elected = view.groups.iter().any(|group| group.held_here && group.term > 0);
         let groups = view
@@ -476,7 +493,14 @@ impl Replication {
             .filter(|group| group.held_here)
             .map(|group| ProbedGroup { group: group.group, voters: group.voters.clone() })
             .collect();
-        Response::ReplicaProbe { has_state: self.has_state.load(Ordering::Acquire) || elected, groups }
+        let started_with_you =
+            self.first_start_with.read().unwrap_or_else(PoisonError::into_inner).get(&asker) == Some(&asker_boot);
+        Response::ReplicaProbe {
+            has_state: self.has_state.load(Ordering::Acquire) || elected,
+            groups,
+            boot: self.boot,
+            started_with_you,
+        }
     }
 
     /// Stops taking requests and stops the task (what is synced stays).
@@ -878,21 +902,40 @@ impl Driver {
     /// raft state means the cluster has run, so this member (with none)
     /// lost its disk and must not start under the ids whose votes and
     /// entries it forgot — it takes the next generation; every peer
-    /// without state means a first start (generation 0). `None` if the
-    /// member stops meanwhile.
+    /// without state means a first start (generation 0). A peer whose
+    /// state began at a first start it decided with this member, in this
+    /// life, counts as one without state: this member's replicas have not
+    /// run yet (it was still asking), so they forgot nothing. (Without that
+    /// rule a member started a moment after the others found them already
+    /// elected and rejoined a brand-new cluster under a new generation,
+    /// replacing its replicas in every group during the first sale.)
+    /// `None` if the member stops meanwhile.
     async fn probe(&self, stopping: &AtomicBool) -> Option<u32> {
         let peers: Vec<u32> = self.senders.keys().copied().collect();
+        let boot = self.peers.boot();
         for round in 0u64.. {
             if stopping.load(Ordering::Acquire) {
                 return None;
             }
-            let mut without_state = 0;
+            let mut without_state = BTreeMap::new();
+            let mut started_with_us = 0;
             let mut generation_seen = None;
+            // Every peer at once: one that does not answer yet must not
+            // hold up the others' answers.
+            let mut asks = tokio::task::JoinSet::new();
             for &peer in &peers {
-                let answer = self.peers.call(peer, RequestBody::ReplicaProbe, PROBE_TIMEOUT).await;
+                let links = self.peers.clone();
+                asks.spawn(
+                    async move { (peer, links.call(peer, RequestBody::ReplicaProbe { boot }, PROBE_TIMEOUT).await) },
+                );
+            }
+            while let Some(Ok((peer, answer))) = asks.join_next().await {
                 match answer {
-                    Ok(Response::ReplicaProbe { has_state: false, .. }) => without_state += 1,
-                    Ok(Response::ReplicaProbe { has_state: true, groups }) if !groups.is_empty() => {
+                    Ok(Response::ReplicaProbe { has_state: false, boot, .. }) => {
+                        without_state.insert(peer, boot);
+                    }
+                    Ok(Response::ReplicaProbe { has_state: true, started_with_you: true, .. }) => started_with_us += 1,
+                    Ok(Response::ReplicaProbe { has_state: true, groups, .. }) if !groups.is_empty() => {
                         let mine = groups
                             .iter()
                             .flat_map(|group| &group.voters)
@@ -909,12 +952,15 @@ impl Driver {
             if let Some(seen) = generation_seen {
                 return Some(seen + 1);
             }
-            if without_state == peers.len() {
+            if without_state.len() + started_with_us == peers.len() {
+                if started_with_us == 0 {
+                    *self.first_start_with.write().unwrap_or_else(PoisonError::into_inner) = without_state;
+                }
                 return Some(0);
             }
             if round % 25 == 0 {
                 tracing::info!(
-                    peers_without_state = without_state,
+                    peers_without_state = without_state.len(),
                     "waiting for the other members to tell a first start from a lost disk"
                 );
             }

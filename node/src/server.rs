@@ -235,7 +235,7 @@ impl Node {
         if is_admin_request && role != Role::Admin {
             return Err(Refusal::Forbidden);
         }
-        let is_member_request = matches!(body, RequestBody::Part { .. } | RequestBody::ReplicaProbe);
+        let is_member_request = matches!(body, RequestBody::Part { .. } | RequestBody::ReplicaProbe { .. });
         if !matches!(role, Role::Node(_)) {
             if is_member_request {
                 return Err(Refusal::Forbidden);
@@ -248,7 +248,7 @@ impl Node {
             }
         }
         if let Some(replication) = &self.replication {
-            return self.dispatch_replicated(replication, body).await;
+            return self.dispatch_replicated(replication, role, body).await;
         }
         match body {
             RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
@@ -279,7 +279,7 @@ impl Node {
                 let order = self.check_home(&order, home_partition)?;
                 self.coordination.release(order, home_partition).await
             }
-            RequestBody::ReplicaProbe => Err(invalid("request", "this cluster is not replicated".to_owned())),
+            RequestBody::ReplicaProbe { .. } => Err(invalid("request", "this cluster is not replicated".to_owned())),
             RequestBody::Part { order: _, attempt, step: _, request } => {
                 let attempt = order_id(attempt)?;
                 let request = part_request(request)?;
@@ -317,7 +317,12 @@ impl Node {
 
     /// A request in a replicated cluster: every partition's requests go to
     /// its group's leader (the group refuses `NotLeader` elsewhere).
-    async fn dispatch_replicated(&self, replication: &Replication, body: RequestBody) -> Result<Response, Refusal> {
+    async fn dispatch_replicated(
+        &self,
+        replication: &Replication,
+        role: Role,
+        body: RequestBody,
+    ) -> Result<Response, Refusal> {
         match body {
             RequestBody::PartitionMap => Ok(Response::PartitionMap(self.current_map())),
             RequestBody::NodeStatus => Ok(self.replicated_status(replication)),
@@ -347,7 +352,10 @@ impl Node {
             RequestBody::Part { .. } => {
                 Err(invalid("request", "a replicated cluster carries part steps on its raft links".to_owned()))
             }
-            RequestBody::ReplicaProbe => Ok(replication.probe_answer()),
+            RequestBody::ReplicaProbe { boot } => match role {
+                Role::Node(asker) => Ok(replication.probe_answer(asker, boot)),
+                _ => Err(Refusal::Forbidden),
+            },
             admin => {
                 let (sku, request) = admin_request(admin)?;
                 let partition = self.partition_of(sku.as_str());
