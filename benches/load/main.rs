@@ -723,6 +723,9 @@ async fn start_cluster(
     let target =
         Cluster { name: name.to_owned(), admin: connect("admin").await?, checkout: connect("checkout").await? };
     flashstock_node::local_cluster::wait_until_linked(&target.admin, Duration::from_secs(10)).await;
+    // Replicated: measure with the leaders spread as they stay, not while
+    // they move to their preferred members.
+    flashstock_node::local_cluster::wait_until_leaders_spread(&target.admin, &members, Duration::from_secs(10)).await;
     Ok((cluster, target))
 }
 

@@ -144,6 +144,20 @@ pub struct MemberStatus {
 pub struct ClusterStatus {
     pub partition_count: u32,
     pub members: Vec<MemberStatus>,
+    /// Members holding each partition (1: a single copy).
+    pub replication_factor: u32,
+    /// In a replicated cluster, each replication group's leader as the
+    /// answering member knows it; empty for a single copy.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// A replication group as the answering member sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub group: u32,
+    /// `None` during an election.
+    pub leader: Option<u32>,
+    pub term: u64,
 }
 
 /// Which calls are retried, how often and how far apart. Only calls that
@@ -618,7 +632,18 @@ impl Client {
                 hottest_skus,
             });
         }
-        Ok(ClusterStatus { partition_count: map.partition_count, members })
+        let (replication_factor, groups) = match &map.replication {
+            Some(replication) => (
+                replication.factor,
+                replication
+                    .leaders
+                    .iter()
+                    .map(|known| GroupStatus { group: known.group, leader: known.leader, term: known.term })
+                    .collect(),
+            ),
+            None => (1, Vec::new()),
+        };
+        Ok(ClusterStatus { partition_count: map.partition_count, members, replication_factor, groups })
     }
 
     async fn stock_call(&self, sku: &str, body: RequestBody) -> Result<Stock, Error> {

@@ -70,7 +70,7 @@ pub mod tls;
 pub mod wire;
 
 pub use client::{
-    Client, ClientBuilder, ClusterStatus, LineResult, MemberStatus, Order, OrderLine, Quantity, Reservation,
-    ReservationId, RetryPolicy, Settlement, Stock,
+    Client, ClientBuilder, ClusterStatus, GroupStatus, LineResult, MemberStatus, Order, OrderLine, Quantity,
+    Reservation, ReservationId, RetryPolicy, Settlement, Stock,
 };
 pub use error::Error;

@@ -111,7 +111,8 @@ impl LocalCluster {
 }
 
 /// Waits (at most `timeout`) until every member answers and sees every
-/// other one up: orders that span members need every link. Returns whether
+/// other one up (orders that span members need every link) and, in a
+/// replicated cluster, every group has elected a leader. Returns whether
 /// that happened.
 pub async fn wait_until_linked(client: &flashstock_client::Client, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -119,10 +120,43 @@ pub async fn wait_until_linked(client: &flashstock_client::Client, timeout: Dura
         let linked = |member: &flashstock_client::MemberStatus| {
             member.up && member.sees_down.as_ref().is_some_and(Vec::is_empty)
         };
-        if client.cluster_status().await.is_ok_and(|status| status.members.iter().all(linked)) {
+        let ready = |status: &flashstock_client::ClusterStatus| {
+            status.members.iter().all(linked)
+                && status.groups.iter().all(|group| group.leader.is_some())
+                && (status.replication_factor == 1 || !status.groups.is_empty())
+        };
+        if client.cluster_status().await.is_ok_and(|status| ready(&status)) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Waits (at most `timeout`) until every replication group is led by its
+/// preferred leader (see `routing::preferred_leaders`): the first
+/// elections go to whichever member started first, and leaders move to
+/// their preferred members a few seconds later. A sale started before
+/// that would see every group hand over in its middle. Returns whether
+/// that happened (at once for a single copy).
+pub async fn wait_until_leaders_spread(client: &flashstock_client::Client, members: &[u32], timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(status) = client.cluster_status().await {
+            if status.groups.is_empty() {
+                return status.replication_factor == 1;
+            }
+            let group_count = u32::try_from(status.groups.len()).unwrap_or(u32::MAX);
+            let factor = status.replication_factor as usize;
+            let preferred = flashstock_client::routing::preferred_leaders(group_count, members, factor);
+            let spread = status.groups.iter().all(|group| {
+                group.leader.is_some() && group.leader == preferred.get(group.group as usize - 1).copied()
+            });
+            if spread {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
 }

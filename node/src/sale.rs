@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 
 use crate::config::SaleSection;
-use crate::shop::{Counts, ReserveOutcome, SaleLine, SaleOrder, Shop};
+use crate::shop::{CommitOutcome, Counts, ReserveOutcome, SaleLine, SaleOrder, Shop};
 
 /// SplitMix64: tiny, seedable, and good enough to pick SKUs and behaviours.
 #[derive(Debug)]
@@ -96,6 +96,12 @@ struct Tally {
     limited: u64,
     gave_up_busy: u64,
     busy_retries: u64,
+    /// Buyers told to try again later: no answer in time.
+    gave_up_unanswered: u64,
+    /// Holds that ran out before their buyer's payment came.
+    expired_before_paying: u64,
+    /// Commits and releases asked again after no answer came in time.
+    settle_retries: u64,
     units_committed: u64,
     /// Buyers who came before the opening and waited for it.
     early: u64,
@@ -113,6 +119,9 @@ impl Tally {
         self.limited += other.limited;
         self.gave_up_busy += other.gave_up_busy;
         self.busy_retries += other.busy_retries;
+        self.gave_up_unanswered += other.gave_up_unanswered;
+        self.expired_before_paying += other.expired_before_paying;
+        self.settle_retries += other.settle_retries;
         self.units_committed += other.units_committed;
         self.early += other.early;
     }
@@ -130,6 +139,12 @@ fn wall_clock_ms() -> u64 {
 /// Attempts per buyer while the engine answers `Busy`: a real checkout
 /// retries a few times and then shows "try again"; so do we.
 const BUSY_ATTEMPTS_MAX: u32 = 50;
+/// Times a buyer asks again for a commit that got no answer in time (each
+/// ask is itself retried by the client for a few seconds), a pause
+/// between: a payment whose outcome is unknown must be asked until it is
+/// known; past this the sale stops and says so.
+const SETTLE_ASKS_MAX: u32 = 10;
+const SETTLE_PAUSE_MS: u64 = 200;
 
 struct Sale<S> {
     shop: Arc<S>,
@@ -187,7 +202,9 @@ impl<S: Shop> Sale<S> {
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 match &answer {
                     ReserveOutcome::Held(_) => tally.held_latencies_us.push(latency_us),
-                    ReserveOutcome::Busy { .. } | ReserveOutcome::NotOpen { .. } => {}
+                    ReserveOutcome::Busy { .. }
+                    | ReserveOutcome::NotOpen { .. }
+                    | ReserveOutcome::Unanswered { .. } => {}
                     ReserveOutcome::SoldOut | ReserveOutcome::LimitExceeded => {
                         tally.refused_latencies_us.push(latency_us);
                     }
@@ -217,6 +234,10 @@ impl<S: Shop> Sale<S> {
                         tally.limited += 1;
                         break;
                     }
+                    ReserveOutcome::Unanswered { .. } => {
+                        tally.gave_up_unanswered += 1;
+                        break;
+                    }
                 }
             }
             let Some(reservation) = reservation else {
@@ -228,14 +249,50 @@ impl<S: Shop> Sale<S> {
             tally.held += 1;
             let roll = Choices(self.sale.seed.rotate_left(17) ^ buyer).below(100);
             if roll < u64::from(self.sale.pay_percent) {
-                let units = self.shop.commit(&reservation).await.with_context(|| format!("buyer {buyer}: commit"))?;
-                self.requests.fetch_add(1, Ordering::Relaxed);
-                tally.paid += 1;
-                tally.units_committed += units;
+                let mut asks = 0;
+                loop {
+                    let outcome =
+                        self.shop.commit(&reservation).await.with_context(|| format!("buyer {buyer}: commit"))?;
+                    self.requests.fetch_add(1, Ordering::Relaxed);
+                    match outcome {
+                        CommitOutcome::Sold(units) => {
+                            tally.paid += 1;
+                            tally.units_committed += units;
+                            break;
+                        }
+                        CommitOutcome::Expired => {
+                            tally.expired_before_paying += 1;
+                            break;
+                        }
+                        CommitOutcome::Unanswered { reason } => {
+                            asks += 1;
+                            ensure!(
+                                asks < SETTLE_ASKS_MAX,
+                                "buyer {buyer}: commit unanswered {asks} times, its outcome unknown: {reason}"
+                            );
+                            tally.settle_retries += 1;
+                            tokio::time::sleep(Duration::from_millis(SETTLE_PAUSE_MS)).await;
+                        }
+                    }
+                }
             } else if roll < u64::from(self.sale.pay_percent + self.sale.cancel_percent) {
-                self.shop.release(&reservation).await.with_context(|| format!("buyer {buyer}: release"))?;
-                self.requests.fetch_add(1, Ordering::Relaxed);
-                tally.cancelled += 1;
+                let mut released = false;
+                for _ in 0..SETTLE_ASKS_MAX {
+                    released =
+                        self.shop.release(&reservation).await.with_context(|| format!("buyer {buyer}: release"))?;
+                    self.requests.fetch_add(1, Ordering::Relaxed);
+                    if released {
+                        break;
+                    }
+                    tally.settle_retries += 1;
+                    tokio::time::sleep(Duration::from_millis(SETTLE_PAUSE_MS)).await;
+                }
+                // Unanswered throughout: the hold expires by itself.
+                if released {
+                    tally.cancelled += 1;
+                } else {
+                    tally.abandoned += 1;
+                }
             } else {
                 tally.abandoned += 1;
             }
@@ -392,6 +449,12 @@ pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow
         "  buyers: {} held stock ({} paid, {} cancelled, {} walked away), {} sold out, {} over their limit, {} gave up on Busy ({} Busy retries)",
         tally.held, tally.paid, tally.cancelled, tally.abandoned, tally.sold_out, tally.limited, tally.gave_up_busy, tally.busy_retries
     );
+    if tally.gave_up_unanswered + tally.expired_before_paying + tally.settle_retries > 0 {
+        println!(
+            "  {} buyers told to try again later (no answer in time), {} holds expired before their payment came, {} payments and cancellations asked again",
+            tally.gave_up_unanswered, tally.expired_before_paying, tally.settle_retries
+        );
+    }
     println!(
         "  {} buyers came before the hot SKUs opened ({} ms after creation), waited at the door and rushed in at once",
         tally.early, sale.opens_after_ms

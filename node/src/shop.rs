@@ -40,6 +40,24 @@ pub enum ReserveOutcome {
     NotOpen {
         opens_at_ms: u64,
     },
+    /// No answer in time, after the client's own retries (a member down,
+    /// a group electing): the buyer is told to try again later. If a hold
+    /// was placed after all, nobody pays for it and it expires.
+    Unanswered {
+        reason: String,
+    },
+}
+
+/// What a commit came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Sold: the units of every line.
+    Sold(u64),
+    /// The hold ran out before the payment came: nothing was sold.
+    Expired,
+    /// No answer in time: the commit may or may not have happened; the
+    /// buyer asks again with the same reservation (a retry sells once).
+    Unanswered { reason: String },
 }
 
 /// A SKU's counts.
@@ -67,9 +85,9 @@ pub trait Shop: Send + Sync + 'static {
         opens_at_ms: u64,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
     fn reserve(&self, order: &SaleOrder) -> impl Future<Output = anyhow::Result<ReserveOutcome>> + Send;
-    /// Commits; returns the units sold.
-    fn commit(&self, token: &str) -> impl Future<Output = anyhow::Result<u64>> + Send;
-    fn release(&self, token: &str) -> impl Future<Output = anyhow::Result<()>> + Send;
+    fn commit(&self, token: &str) -> impl Future<Output = anyhow::Result<CommitOutcome>> + Send;
+    /// Releases; `false` if no answer came in time (the hold then expires).
+    fn release(&self, token: &str) -> impl Future<Output = anyhow::Result<bool>> + Send;
     fn availability(&self, sku: &str) -> impl Future<Output = anyhow::Result<Counts>> + Send;
 }
 
@@ -106,18 +124,26 @@ impl Shop for Engine {
             Err(OrderError::Line { error: SkuError::NotOpen { opens_at_ms }, .. }) => {
                 ReserveOutcome::NotOpen { opens_at_ms }
             }
+            Err(OrderError::Unavailable) => ReserveOutcome::Unanswered { reason: OrderError::Unavailable.to_string() },
             Err(other) => bail!("unexpected answer to reserve: {other}"),
         })
     }
 
-    async fn commit(&self, token: &str) -> anyhow::Result<u64> {
-        let settled = Engine::commit(self, &OrderId::new(token)?).await?;
-        Ok(settled.lines.iter().map(|line| u64::from(line.units)).sum())
+    async fn commit(&self, token: &str) -> anyhow::Result<CommitOutcome> {
+        Ok(match Engine::commit(self, &OrderId::new(token)?).await {
+            Ok(settled) => CommitOutcome::Sold(settled.lines.iter().map(|line| u64::from(line.units)).sum()),
+            Err(OrderError::Expired { .. }) => CommitOutcome::Expired,
+            Err(OrderError::Unavailable) => CommitOutcome::Unanswered { reason: OrderError::Unavailable.to_string() },
+            Err(other) => bail!("unexpected answer to commit: {other}"),
+        })
     }
 
-    async fn release(&self, token: &str) -> anyhow::Result<()> {
-        Engine::release(self, &OrderId::new(token)?).await?;
-        Ok(())
+    async fn release(&self, token: &str) -> anyhow::Result<bool> {
+        match Engine::release(self, &OrderId::new(token)?).await {
+            Ok(_) => Ok(true),
+            Err(OrderError::Unavailable) => Ok(false),
+            Err(other) => bail!("unexpected answer to release: {other}"),
+        }
     }
 
     async fn availability(&self, sku: &str) -> anyhow::Result<Counts> {
@@ -164,22 +190,36 @@ impl Shop for ClusterShop {
             Err(Error::SoldOut { .. }) => ReserveOutcome::SoldOut,
             Err(Error::LimitExceeded { .. }) => ReserveOutcome::LimitExceeded,
             Err(Error::NotOpen { opens_at_ms, .. }) => ReserveOutcome::NotOpen { opens_at_ms },
+            Err(error) if unanswered(&error) => ReserveOutcome::Unanswered { reason: error.to_string() },
             Err(other) => bail!("unexpected answer to reserve: {other}"),
         })
     }
 
-    async fn commit(&self, token: &str) -> anyhow::Result<u64> {
-        let settled = self.checkout.commit(&token.parse::<ReservationId>()?).await?;
-        Ok(settled.lines.iter().map(|line| u64::from(line.units)).sum())
+    async fn commit(&self, token: &str) -> anyhow::Result<CommitOutcome> {
+        Ok(match self.checkout.commit(&token.parse::<ReservationId>()?).await {
+            Ok(settled) => CommitOutcome::Sold(settled.lines.iter().map(|line| u64::from(line.units)).sum()),
+            Err(Error::Expired { .. }) => CommitOutcome::Expired,
+            Err(error) if unanswered(&error) => CommitOutcome::Unanswered { reason: error.to_string() },
+            Err(other) => bail!("unexpected answer to commit: {other}"),
+        })
     }
 
-    async fn release(&self, token: &str) -> anyhow::Result<()> {
-        self.checkout.release(&token.parse::<ReservationId>()?).await?;
-        Ok(())
+    async fn release(&self, token: &str) -> anyhow::Result<bool> {
+        match self.checkout.release(&token.parse::<ReservationId>()?).await {
+            Ok(_) => Ok(true),
+            Err(error) if unanswered(&error) => Ok(false),
+            Err(other) => bail!("unexpected answer to release: {other}"),
+        }
     }
 
     async fn availability(&self, sku: &str) -> anyhow::Result<Counts> {
         let stock = self.checkout.availability(sku).await?;
         Ok(Counts { available: stock.available, held: stock.held, sold: stock.sold })
     }
+}
+
+/// Whether `error` means no answer came in time (after the client's own
+/// retries), rather than an answer.
+fn unanswered(error: &Error) -> bool {
+    matches!(error, Error::Unavailable { .. } | Error::DeadlineExceeded | Error::Connection(_))
 }
