@@ -141,6 +141,7 @@ fn killing_leaders_during_a_sale_loses_no_acknowledged_commit() {
         let killed_at = Instant::now();
         cluster.kill(leader);
         let failover = runtime.block_on(time_to_serve(&checkout, &target, killed_at));
+        println!("round {round}: killed node {leader}, the leader of group {group}; served again after {failover:?}");
         failovers.push(failover);
         cluster.start_node(leader);
         // Let the restarted member catch up before the next kill: losing a

@@ -277,6 +277,12 @@ impl GroupMachine {
                 let answer = ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 });
                 self.outputs.push(GroupOutput::Answer { caller, answer });
             }
+            // Raft elected this replica but it has not taken over yet (it
+            // rebuilds at the next tick): not a refusal that names itself.
+            None if self.replica.leadership().leading => {
+                let answer = ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 });
+                self.outputs.push(GroupOutput::Answer { caller, answer });
+            }
             None => {
                 let leader = self.replica.leadership().leader;
                 self.outputs.push(GroupOutput::NotLeader { caller, leader });
@@ -293,6 +299,11 @@ impl GroupMachine {
     /// which cannot get that confirmation, never answers.
     pub fn read(&mut self, now_ms: u64, caller: CallerId, sku: SkuId) {
         let refusal = match &mut self.leading {
+            None if self.replica.leadership().leading => Some(GroupOutput::Read {
+                caller,
+                sku: sku.clone(),
+                answer: Err(OrderError::Busy { retry_after_ms: 20 }),
+            }),
             None => Some(GroupOutput::NotLeader { caller, leader: self.replica.leadership().leader }),
             // raft-rs drops reads until the leader committed in its term.
             Some(Leading { coordinator: None, .. }) => Some(GroupOutput::Read {
@@ -328,6 +339,10 @@ impl GroupMachine {
         let handing_over = self.replica.handing_over_to().is_some();
         let busy = GroupOutput::Admin { caller, answer: Err(EngineError::Busy { retry_after_ms: 20 }) };
         let leading = match &mut self.leading {
+            None if self.replica.leadership().leading => {
+                self.outputs.push(busy);
+                return;
+            }
             None => {
                 let leader = self.replica.leadership().leader;
                 self.outputs.push(GroupOutput::NotLeader { caller, leader });
@@ -385,8 +400,11 @@ impl GroupMachine {
     /// A coordinator's step for this group's part of an order.
     pub fn part(&mut self, now_ms: u64, caller: CallerId, message: PartMessage) {
         let Some(leading) = &mut self.leading else {
-            let leader = self.replica.leadership().leader;
-            self.outputs.push(GroupOutput::NotLeader { caller, leader });
+            // Elected but not yet taken over: the coordinator sends again.
+            if !self.replica.leadership().leading {
+                let leader = self.replica.leadership().leader;
+                self.outputs.push(GroupOutput::NotLeader { caller, leader });
+            }
             return;
         };
         if self.replica.handing_over_to().is_some() {
