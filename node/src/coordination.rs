@@ -52,6 +52,10 @@ pub enum Failpoint {
     BeforeDecision,
     /// Decided, a commit about to be sent to another member.
     BetweenCommits,
+    /// Replicated, no raft log: the member's first probe of its peers
+    /// takes 3 s before it decides (it answers theirs meanwhile), as a
+    /// member started a moment after the others.
+    SlowFirstProbe,
 }
 
 impl Failpoint {
@@ -59,6 +63,7 @@ impl Failpoint {
         match std::env::var("FLASHSTOCK_FAILPOINT").ok()?.as_str() {
             "before-decision" => Some(Self::BeforeDecision),
             "between-commits" => Some(Self::BetweenCommits),
+            "slow-first-probe" => Some(Self::SlowFirstProbe),
             other => {
                 tracing::warn!(failpoint = other, "unknown FLASHSTOCK_FAILPOINT ignored");
                 None

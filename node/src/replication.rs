@@ -913,6 +913,8 @@ impl Driver {
     async fn probe(&self, stopping: &AtomicBool) -> Option<u32> {
         let peers: Vec<u32> = self.senders.keys().copied().collect();
         let boot = self.peers.boot();
+        let slow_first =
+            crate::coordination::Failpoint::from_environment() == Some(crate::coordination::Failpoint::SlowFirstProbe);
         for round in 0u64.. {
             if stopping.load(Ordering::Acquire) {
                 return None;
@@ -928,6 +930,11 @@ impl Driver {
                 asks.spawn(
                     async move { (peer, links.call(peer, RequestBody::ReplicaProbe { boot }, PROBE_TIMEOUT).await) },
                 );
+            }
+            if round == 0 && slow_first {
+                tracing::warn!("failpoint slow-first-probe: deciding in 3 s");
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                continue;
             }
             while let Some(Ok((peer, answer))) = asks.join_next().await {
                 match answer {

@@ -172,6 +172,55 @@ fn killing_leaders_during_a_sale_loses_no_acknowledged_commit() {
     assert!(*failovers.last().expect("rounds") < Duration::from_secs(30), "{failovers:?}");
 }
 
+/// A first start where one member decides late: the others heard it hold
+/// nothing and elected leaders while it was still asking. It must join
+/// as itself (generation 0), not as a member that lost its disk — the old
+/// rule rejoined it under a new generation, replacing its replica in
+/// every group of a brand-new cluster (the demo's first sale then saw
+/// leaders change under it).
+#[test]
+fn a_member_deciding_after_the_others_elected_joins_as_itself_not_under_a_new_generation() {
+    let slow: &[(&str, &str)] = &[("FLASHSTOCK_FAILPOINT", "slow-first-probe")];
+    let cluster = Cluster::start_replicated_with("replicated-late", 3, 3, &[(3, slow)]);
+    // The scenario: members 1 and 2 lead groups while member 3 waits.
+    let mut elected_before = false;
+    for _ in 0..50 {
+        if groups_seen_by(&cluster, 1).iter().any(|view| view["leader"].as_u64().is_some()) {
+            elected_before = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(elected_before, "members 1 and 2 elected while member 3 was still deciding");
+    // Member 3 takes part in every group under its first ids.
+    let mut joined = false;
+    for _ in 0..200 {
+        let views = groups_seen_by(&cluster, 3);
+        let held: Vec<&serde_json::Value> = views.iter().filter(|view| view["held_here"] == true).collect();
+        if !held.is_empty() && held.iter().all(|view| view["term"].as_u64().unwrap_or(0) > 0) {
+            joined = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(joined, "member 3 runs its replicas: {:?}", groups_seen_by(&cluster, 3));
+    // Long enough for a rejoin under a new generation to have shown.
+    std::thread::sleep(Duration::from_millis(1_500));
+    for member in cluster.members() {
+        for view in groups_seen_by(&cluster, member).iter().filter(|view| view["held_here"] == true) {
+            let mut voters: Vec<u64> =
+                view["voters"].as_array().expect("voters").iter().filter_map(serde_json::Value::as_u64).collect();
+            voters.sort_unstable();
+            assert_eq!(
+                voters,
+                vec![1, 2, 3],
+                "member {member}, group {}: every replica of generation 0",
+                view["group"]
+            );
+        }
+    }
+}
+
 #[test]
 fn a_leader_paused_past_an_election_acknowledges_nothing_and_catches_up() {
     let cluster = Cluster::start_replicated("replicated-pause", 3, 3);

@@ -55,11 +55,27 @@ impl Cluster {
         Self::start_with(name, members, &format!("replication_factor = {factor}\n"))
     }
 
+    /// A replicated cluster whose members start with extra environment
+    /// variables (failpoints), by member.
+    pub fn start_replicated_with(
+        name: &str,
+        members: u32,
+        factor: u32,
+        environment: &[(u32, &[(&str, &str)])],
+    ) -> Self {
+        let hosts = Self::loopback_hosts(members);
+        Self::start_on_with(name, &format!("replication_factor = {factor}\n"), hosts, environment)
+    }
+
     /// A cluster with `cluster_keys` added to its `[cluster]` section.
     pub fn start_with(name: &str, members: u32, cluster_keys: &str) -> Self {
+        Self::start_on(name, cluster_keys, Self::loopback_hosts(members))
+    }
+
+    fn loopback_hosts(members: u32) -> Vec<Host> {
         let ports = free_ports(members as usize);
         let metrics_ports = free_tcp_ports(members as usize);
-        let hosts = ports
+        ports
             .iter()
             .zip(&metrics_ports)
             .map(|(&port, &metrics_port)| Host {
@@ -67,12 +83,15 @@ impl Cluster {
                 metrics_address: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
                 launcher: Vec::new(),
             })
-            .collect();
-        Self::start_on(name, cluster_keys, hosts)
+            .collect()
     }
 
     /// A cluster of one member per host (member `i + 1` on `hosts[i]`).
     pub fn start_on(name: &str, cluster_keys: &str, hosts: Vec<Host>) -> Self {
+        Self::start_on_with(name, cluster_keys, hosts, &[])
+    }
+
+    fn start_on_with(name: &str, cluster_keys: &str, hosts: Vec<Host>, environment: &[(u32, &[(&str, &str)])]) -> Self {
         let root = std::env::temp_dir().join(format!("flashstock-cluster-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("scratch directory");
@@ -107,7 +126,8 @@ impl Cluster {
         let members = addresses.len() as u32;
         let mut cluster = Self { root, config, addresses, metrics_addresses, launchers, nodes: Vec::new() };
         for id in 1..=members {
-            cluster.start_node(id);
+            let extra = environment.iter().find(|(member, _)| *member == id).map_or(&[][..], |(_, extra)| *extra);
+            cluster.start_node_with(id, extra);
         }
         cluster
     }
