@@ -854,7 +854,9 @@ impl Client {
         // every call to it queued behind that one handshake.
         let connection = match tokio::time::timeout(deadline, self.connection(address)).await {
             Ok(connection) => connection?,
-            Err(_) => return Err(Error::Connection(format!("{address} was not reached within {deadline:?}"))),
+            // The try's time ran out before the member could be asked:
+            // the caller's deadline, as if it had been asked.
+            Err(_) => return Err(Error::DeadlineExceeded),
         };
         let timeout_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
         let request = Request { timeout_ms, body: body.clone() };
