@@ -1057,6 +1057,9 @@ impl std::fmt::Debug for Scripted {
     }
 }
 
+/// Times a scripted call asks again after `Busy`.
+const SCRIPTED_BUSY_ASKS_MAX: u32 = 20;
+
 impl Scripted {
     /// A cluster of `members` with `skus` SKUs of `units` each (`sku-0`,
     /// `sku-1`, ...); which member owns which is [`Self::owner_of`].
@@ -1156,16 +1159,24 @@ impl Scripted {
         &mut self,
         request: flashstock_engine::coordination::ClientRequest,
     ) -> flashstock_engine::coordination::ClientAnswer {
-        let caller = self.send(request);
-        self.run_for(1_000);
-        match self.answers(caller) {
-            [answer] => answer.clone(),
-            other => {
-                let trace: Vec<&String> =
-                    self.world.trace.iter().filter(|line| !line.contains("MsgHeartbeat")).collect();
-                panic!("expected one answer, got {other:?}; trace tail: {trace:#?}")
+        // `Busy` (a leader elected but not yet taken over, a hand-over)
+        // is asked again, as a client would, a bounded number of times.
+        for _ in 0..SCRIPTED_BUSY_ASKS_MAX {
+            let caller = self.send(request.clone());
+            self.run_for(1_000);
+            match self.answers(caller) {
+                [flashstock_engine::coordination::ClientAnswer::Refused(flashstock_engine::OrderError::Busy {
+                    ..
+                })] => continue,
+                [answer] => return answer.clone(),
+                other => {
+                    let trace: Vec<&String> =
+                        self.world.trace.iter().filter(|line| !line.contains("MsgHeartbeat")).collect();
+                    panic!("expected one answer, got {other:?}; trace tail: {trace:#?}")
+                }
             }
         }
+        panic!("Busy {SCRIPTED_BUSY_ASKS_MAX} times in a row")
     }
 
     /// The members that gave `caller`'s answers, in order.
