@@ -443,6 +443,11 @@ fn route_member(map: &PartitionMap, partition: u32, attempt: u32, suspected: &[u
     candidates.get(attempt as usize % candidates.len().max(1)).copied()
 }
 
+/// The id of the member at `address` in `map`.
+fn member_id_at(map: &PartitionMap, address: SocketAddr) -> Option<u32> {
+    map.members.iter().find(|member| member.address.parse() == Ok(address)).map(|member| member.id)
+}
+
 /// How long a member that did not answer is tried last.
 const SUSPECTED_MS: u64 = 2_000;
 /// How long a member that did not answer is given only the first try's
@@ -738,10 +743,7 @@ impl Client {
     fn suspect(&self, address: SocketAddr) {
         let mut map = self.inner.map.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(map) = map.as_mut() else { return };
-        let Some(id) = map.members.iter().find(|member| member.address.parse() == Ok(address)).map(|member| member.id)
-        else {
-            return;
-        };
+        let Some(id) = member_id_at(map, address) else { return };
         lock(&self.inner.suspected).insert(id, std::time::Instant::now());
         if let Some(replication) = map.replication.as_mut() {
             for known in replication.leaders.iter_mut().filter(|known| known.leader == Some(id)) {
@@ -753,7 +755,7 @@ impl Client {
     /// The member at `address`, by the current map.
     fn member_at(&self, address: SocketAddr) -> Option<u32> {
         let map = self.inner.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.as_ref()?.members.iter().find(|member| member.address.parse() == Ok(address)).map(|member| member.id)
+        member_id_at(map.as_ref()?, address)
     }
 
     /// Sends `body` where `route` says, retrying by the policy.

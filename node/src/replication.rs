@@ -936,7 +936,9 @@ impl Driver {
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 continue;
             }
-            while let Some(Ok((peer, answer))) = asks.join_next().await {
+            // A probe task that failed counts as a peer that did not answer.
+            while let Some(joined) = asks.join_next().await {
+                let Ok((peer, answer)) = joined else { continue };
                 match answer {
                     Ok(Response::ReplicaProbe { has_state: false, boot, .. }) => {
                         without_state.insert(peer, boot);

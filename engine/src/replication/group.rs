@@ -265,6 +265,7 @@ impl GroupMachine {
     /// A checkout's request for an order homed here.
     pub fn request(&mut self, now_ms: u64, caller: CallerId, request: ClientRequest) {
         let handing_over = self.replica.handing_over_to().is_some();
+        let taking_over = self.taking_over();
         match &mut self.leading {
             // Handing over to another replica: proposals are refused.
             Some(_) if handing_over => {
@@ -277,9 +278,7 @@ impl GroupMachine {
                 let answer = ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 });
                 self.outputs.push(GroupOutput::Answer { caller, answer });
             }
-            // Raft elected this replica but it has not taken over yet (it
-            // rebuilds at the next tick): not a refusal that names itself.
-            None if self.replica.leadership().leading => {
+            None if taking_over => {
                 let answer = ClientAnswer::Refused(OrderError::Busy { retry_after_ms: 20 });
                 self.outputs.push(GroupOutput::Answer { caller, answer });
             }
@@ -298,8 +297,9 @@ impl GroupMachine {
     /// change acknowledged before the read began, and a deposed leader,
     /// which cannot get that confirmation, never answers.
     pub fn read(&mut self, now_ms: u64, caller: CallerId, sku: SkuId) {
+        let taking_over = self.taking_over();
         let refusal = match &mut self.leading {
-            None if self.replica.leadership().leading => Some(GroupOutput::Read {
+            None if taking_over => Some(GroupOutput::Read {
                 caller,
                 sku: sku.clone(),
                 answer: Err(OrderError::Busy { retry_after_ms: 20 }),
@@ -338,8 +338,9 @@ impl GroupMachine {
     pub fn admin(&mut self, now_ms: u64, caller: CallerId, request: AdminRequest) {
         let handing_over = self.replica.handing_over_to().is_some();
         let busy = GroupOutput::Admin { caller, answer: Err(EngineError::Busy { retry_after_ms: 20 }) };
+        let taking_over = self.taking_over();
         let leading = match &mut self.leading {
-            None if self.replica.leadership().leading => {
+            None if taking_over => {
                 self.outputs.push(busy);
                 return;
             }
@@ -400,8 +401,8 @@ impl GroupMachine {
     /// A coordinator's step for this group's part of an order.
     pub fn part(&mut self, now_ms: u64, caller: CallerId, message: PartMessage) {
         let Some(leading) = &mut self.leading else {
-            // Elected but not yet taken over: the coordinator sends again.
-            if !self.replica.leadership().leading {
+            // Taking over: the coordinator sends the step again.
+            if !self.taking_over() {
                 let leader = self.replica.leadership().leader;
                 self.outputs.push(GroupOutput::NotLeader { caller, leader });
             }
@@ -512,6 +513,14 @@ impl GroupMachine {
         if !writes.is_empty() {
             self.outputs.push(GroupOutput::Write { number: None, writes });
         }
+    }
+
+    /// Raft elected this replica but it has not taken over yet (a refused
+    /// coordinator record defers that to the next tick): callers are told
+    /// `Busy`, never `NotLeader` naming this replica, which sent clients
+    /// back to it until their retries ran out.
+    fn taking_over(&self) -> bool {
+        self.leading.is_none() && self.replica.leadership().leading
     }
 
     /// Whether a snapshot is worth taking: at least `entries_min` entries
