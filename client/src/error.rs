@@ -91,7 +91,7 @@ impl From<Refusal> for Error {
             Refusal::WrongNode { owner } => {
                 Error::Unavailable { reason: format!("the partition map kept changing (last owner: node {owner})") }
             }
-            Refusal::NotLeader { group, leader } => Error::Unavailable {
+            Refusal::NotLeader { group, leader, .. } => Error::Unavailable {
                 reason: match leader {
                     Some(leader) => {
                         format!("replication group {group}'s leader kept changing (last named: node {leader})")

@@ -444,10 +444,14 @@ pub enum Refusal {
     },
     /// This member does not lead the partition's replication `group`:
     /// `leader` does, as far as it knows (`None`: an election is under
-    /// way). Nothing was done; the same request may go to the leader.
+    /// way), in raft `term` (0 when it knows none; a member of an older
+    /// version sends none). Nothing was done; the same request may go to
+    /// the leader.
     NotLeader {
         group: u32,
         leader: Option<u32>,
+        #[serde(default)]
+        term: u64,
     },
     DeadlineExceeded,
     /// The caller's identity may not do this.
@@ -667,6 +671,26 @@ mod tests {
         let mut payload = bytes[FRAME_HEADER_BYTES..].to_vec();
         payload.push(0xc0);
         assert!(decode_payload::<Request>(&payload).is_err(), "trailing bytes accepted");
+    }
+
+    /// A `NotLeader` from a member of the version before terms were
+    /// named reads with term 0 (no news), not as an error.
+    #[test]
+    fn a_not_leader_refusal_without_a_term_reads_as_term_zero() {
+        #[derive(Serialize)]
+        enum Before {
+            NotLeader { group: u32, leader: Option<u32> },
+        }
+        let mut frame = Vec::new();
+        encode_frame(&Before::NotLeader { group: 3, leader: Some(2) }, &mut frame).expect("encodes");
+        let refusal: Refusal = decode_frame(&frame).expect("decodes");
+        assert_eq!(refusal, Refusal::NotLeader { group: 3, leader: Some(2), term: 0 });
+        let mut frame = Vec::new();
+        encode_frame(&Refusal::NotLeader { group: 3, leader: None, term: 9 }, &mut frame).expect("encodes");
+        assert_eq!(
+            decode_frame::<Refusal>(&frame).expect("decodes"),
+            Refusal::NotLeader { group: 3, leader: None, term: 9 }
+        );
     }
 
     #[test]

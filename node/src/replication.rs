@@ -426,7 +426,8 @@ impl Replication {
         let view = self.view();
         let known = view.groups.iter().find(|view| view.group == group);
         let leader = known.and_then(|view| view.leader).or_else(|| known.map(|view| view.preferred_leader));
-        Refusal::NotLeader { group, leader }
+        let term = known.filter(|view| view.leader.is_some()).map_or(0, |view| view.term);
+        Refusal::NotLeader { group, leader, term }
     }
 
     /// Asks `group`'s replica here; `NotLeader` if it does not lead.
@@ -754,8 +755,8 @@ impl Driver {
         match input {
             Input::Call { group, request, reply } => {
                 let Some(machine) = self.machines.get_mut(&group) else {
-                    let leader = self.leaders.get(&group).and_then(|(leader, _)| *leader);
-                    let _ = reply.send(Err(Refusal::NotLeader { group, leader }));
+                    let (leader, term) = self.leaders.get(&group).copied().unwrap_or((None, 0));
+                    let _ = reply.send(Err(Refusal::NotLeader { group, leader, term }));
                     return;
                 };
                 let caller = self.next_caller;
@@ -1101,7 +1102,8 @@ impl Driver {
                 }
             }
             GroupOutput::NotLeader { caller, leader } => {
-                self.answer(caller, Err(Refusal::NotLeader { group, leader: leader.map(member_of) }));
+                let term = self.machines.get(&group).map_or(0, |machine| machine.leadership().term);
+                self.answer(caller, Err(Refusal::NotLeader { group, leader: leader.map(member_of), term }));
             }
             GroupOutput::Answer { caller, answer } => self.answer(caller, Ok(GroupAnswer::Order(answer))),
             GroupOutput::Read { caller, answer, .. } => self.answer(caller, Ok(GroupAnswer::Read(answer))),

@@ -15,7 +15,9 @@ use common::{client_with_retries, runtime, Cluster};
 use flashstock_client::{Client, Error, Order, OrderLine, Quantity, ReservationId};
 
 const SKUS: usize = 8;
-const UNITS: u64 = 400;
+/// Enough that the sale goes on through every kill (a sold-out sale tests
+/// nothing of failover).
+const UNITS: u64 = 2_000;
 
 fn sku(index: usize) -> String {
     format!("replicated-{index}")
