@@ -459,6 +459,11 @@ fn follow_refusal(known: &mut GroupLeader, named: Option<u32>, term: u64, named_
     followed
 }
 
+/// Whether `since` is less than `window_ms` ago.
+fn within(since: std::time::Instant, window_ms: u64) -> bool {
+    since.elapsed() < Duration::from_millis(window_ms)
+}
+
 /// The id of the member at `address` in `map`.
 fn member_id_at(map: &PartitionMap, address: SocketAddr) -> Option<u32> {
     map.members.iter().find(|member| member.address.parse() == Ok(address)).map(|member| member.id)
@@ -743,8 +748,8 @@ impl Client {
             }
         };
         let mut suspected = lock(&self.inner.suspected);
-        let suspected_now = |since: &std::time::Instant| since.elapsed() < Duration::from_millis(SUSPECTED_MS);
-        let named_suspected = leader.is_some_and(|named| suspected.get(&named).is_some_and(suspected_now));
+        let named_suspected =
+            leader.is_some_and(|named| suspected.get(&named).is_some_and(|since| within(*since, SUSPECTED_MS)));
         let followed = follow_refusal(&mut replication.leaders[position], leader, term, named_suspected);
         if let Some(named) = followed.filter(|&followed| named_suspected && Some(followed) == leader) {
             // Tried first again, but still with the short wait of a member
@@ -758,23 +763,16 @@ impl Client {
 
     /// Members that did not answer in the last [`SUSPECTED_MS`].
     fn suspected(&self) -> Vec<u32> {
-        let now = std::time::Instant::now();
         let mut suspected = lock(&self.inner.suspected);
-        suspected.retain(|_, since| now.duration_since(*since) < Duration::from_millis(RECENTLY_SUSPECTED_MS));
-        suspected
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) < Duration::from_millis(SUSPECTED_MS))
-            .map(|(&id, _)| id)
-            .collect()
+        suspected.retain(|_, since| within(*since, RECENTLY_SUSPECTED_MS));
+        suspected.iter().filter(|(_, since)| within(**since, SUSPECTED_MS)).map(|(&id, _)| id).collect()
     }
 
     /// Whether the member at `address` did not answer in the last
     /// [`RECENTLY_SUSPECTED_MS`].
     fn recently_suspected(&self, address: SocketAddr) -> bool {
         let Some(id) = self.member_at(address) else { return false };
-        lock(&self.inner.suspected)
-            .get(&id)
-            .is_some_and(|since| since.elapsed() < Duration::from_millis(RECENTLY_SUSPECTED_MS))
+        lock(&self.inner.suspected).get(&id).is_some_and(|since| within(*since, RECENTLY_SUSPECTED_MS))
     }
 
     /// A member did not answer: it no longer counts as the leader of the
