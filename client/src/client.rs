@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::error::Error;
 use crate::exchange::{exchange, ExchangeError};
 use crate::routing::{group_of_partition, owner_of, partition_of, replicas_of};
+use crate::session::{Session, SessionError};
 use crate::tls::{self, Identity};
 use crate::wire::{
     self, GroupLeader, Hello, PartitionMap, Refusal, Request, RequestBody, Response, Welcome, WireLine, WireLineResult,
@@ -336,7 +337,8 @@ impl ClientBuilder {
 }
 
 /// A connection pool to the cluster: one long-lived QUIC connection per
-/// member, requests pipelined over it (a stream each). Cheap to clone and
+/// member, and on it one session whose frames carry the concurrent calls
+/// to that member in batches. Cheap to clone and
 /// safe to share between tasks; clones share the connections.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -350,7 +352,7 @@ struct Inner {
     endpoint: quinn::Endpoint,
     seeds: Vec<SocketAddr>,
     map: RwLock<Option<PartitionMap>>,
-    connections: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    connections: Mutex<HashMap<SocketAddr, Link>>,
     /// Members that did not answer lately, since when.
     suspected: Mutex<HashMap<u32, std::time::Instant>>,
     /// Held while a connection to the member is being opened.
@@ -367,6 +369,19 @@ struct Inner {
     operation_tag: u64,
     /// Operation ids handed out so far.
     operations: AtomicU64,
+}
+
+/// A member's connection and the session the calls travel on.
+#[derive(Debug, Clone)]
+struct Link {
+    connection: quinn::Connection,
+    session: Arc<Session>,
+}
+
+impl Link {
+    fn is_alive(&self) -> bool {
+        self.connection.close_reason().is_none() && !self.session.is_closed()
+    }
 }
 
 /// Admin calls that share one operation id (from [`Client::admin`]).
@@ -881,7 +896,7 @@ impl Client {
         Err(last_error)
     }
 
-    /// One try: a stream on the member's connection, the request, its answer.
+    /// One try: the request on the member's session, and its answer.
     async fn send(&self, address: SocketAddr, body: &RequestBody) -> Result<Response, Error> {
         self.send_within(address, body, self.deadline).await.map_err(TryError::into_error)
     }
@@ -895,22 +910,29 @@ impl Client {
         // Dialling counts against the try's deadline too: a dead member's
         // handshake otherwise waited the whole connect timeout (2 s), and
         // every call to it queued behind that one handshake.
-        let connection = match tokio::time::timeout(deadline, self.connection(address)).await {
-            Ok(connection) => connection.map_err(TryError::Failed)?,
+        let link = match tokio::time::timeout(deadline, self.connection(address)).await {
+            Ok(link) => link.map_err(TryError::Failed)?,
             // The try's time ran out before the member could be asked:
             // the caller's deadline, as if it had been asked.
             Err(_) => return Err(TryError::Failed(Error::DeadlineExceeded)),
         };
         let timeout_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
         let request = Request { timeout_ms, body: body.clone() };
-        let heard_before = connection.stats().udp_rx.datagrams;
-        match exchange(&connection, &request, deadline).await.map_err(exchange_error) {
+        let heard_before = link.connection.stats().udp_rx.datagrams;
+        match link.session.call(request, deadline).await {
+            Ok(response) => Ok(response),
             // The member's QUIC stack acknowledges a request within a few
             // milliseconds while the process runs: something heard from it
             // during the try means it is alive and the answer is slow —
             // typically a leader waiting on another group's failover.
-            Err(Error::DeadlineExceeded) if connection.stats().udp_rx.datagrams > heard_before => Err(TryError::Slow),
-            outcome => outcome.map_err(TryError::Failed),
+            Err(SessionError::TimedOut) if link.connection.stats().udp_rx.datagrams > heard_before => {
+                Err(TryError::Slow)
+            }
+            Err(SessionError::TimedOut) => Err(TryError::Failed(Error::DeadlineExceeded)),
+            Err(SessionError::Closed(reason)) => {
+                Err(TryError::Failed(Error::Connection(format!("{address}: {reason}"))))
+            }
+            Err(SessionError::Request(error)) => Err(TryError::Failed(error)),
         }
     }
 
@@ -932,21 +954,21 @@ impl Client {
         self.deadline.min(growing)
     }
 
-    /// The live connection to `address`, opened (with the handshake) if
-    /// there is none.
-    async fn connection(&self, address: SocketAddr) -> Result<quinn::Connection, Error> {
-        if let Some(connection) = lock(&self.inner.connections).get(&address) {
-            if connection.close_reason().is_none() {
-                return Ok(connection.clone());
+    /// The live link to `address`, opened (handshake and session) if there
+    /// is none.
+    async fn connection(&self, address: SocketAddr) -> Result<Link, Error> {
+        if let Some(link) = lock(&self.inner.connections).get(&address) {
+            if link.is_alive() {
+                return Ok(link.clone());
             }
         }
         // One handshake per member at a time: the calls that find no
         // connection wait for the first one's instead of each opening one.
         let opening = lock(&self.inner.opening).entry(address).or_default().clone();
         let _opening = opening.lock().await;
-        if let Some(connection) = lock(&self.inner.connections).get(&address) {
-            if connection.close_reason().is_none() {
-                return Ok(connection.clone());
+        if let Some(link) = lock(&self.inner.connections).get(&address) {
+            if link.is_alive() {
+                return Ok(link.clone());
             }
         }
         let (connection, welcome) =
@@ -956,8 +978,10 @@ impl Client {
         if let Welcome::Accepted { map, .. } = welcome {
             self.adopt_map(map);
         }
-        lock(&self.inner.connections).insert(address, connection.clone());
-        Ok(connection)
+        let session = Session::open(&connection, self.inner.connect_timeout).await?;
+        let link = Link { connection, session: Arc::new(session) };
+        lock(&self.inner.connections).insert(address, link.clone());
+        Ok(link)
     }
 
     async fn handshake(&self, address: SocketAddr) -> Result<(quinn::Connection, Welcome), Error> {
@@ -1010,9 +1034,11 @@ impl Client {
         let mut last = Error::Unavailable { reason: "no seed answered".to_owned() };
         for address in candidates {
             let outcome = async {
-                let connection = self.connection(address).await?;
+                let link = self.connection(address).await?;
                 let request = Request { timeout_ms: self.inner.request_timeout_ms, body: RequestBody::PartitionMap };
-                exchange::<_, Response>(&connection, &request, self.inner.request_timeout).await.map_err(exchange_error)
+                exchange::<_, Response>(&link.connection, &request, self.inner.request_timeout)
+                    .await
+                    .map_err(exchange_error)
             };
             match tokio::time::timeout(self.inner.request_timeout, outcome).await {
                 Ok(Ok(Response::PartitionMap(map))) => {

@@ -38,3 +38,55 @@ where
     };
     tokio::time::timeout(deadline, attempt).await.unwrap_or(Err(ExchangeError::TimedOut(deadline)))
 }
+
+/// Writes what `queue` yields to `send` as batch frames until the queue
+/// closes (then finishes the stream) or the stream breaks: the first entry
+/// at once, then everything that queued meanwhile in the next frame, up to
+/// `entries_max` entries and the frame's byte bound. A client's session
+/// writes its calls so and a member its answers. An entry that can never
+/// fit a frame goes to `unsendable`, which may give a replacement to send
+/// under the same id (a member's refusal) or drop it (`None`).
+pub async fn write_batches<T, F>(
+    send: &mut quinn::SendStream,
+    queue: &mut tokio::sync::mpsc::Receiver<(u64, T)>,
+    entries_max: usize,
+    mut unsendable: F,
+) -> Result<(), ExchangeError>
+where
+    T: Serialize,
+    F: FnMut(u64, wire::CodecError) -> Option<T>,
+{
+    use crate::wire::{BatchEncoder, BatchPushError};
+    // An entry that did not fit the last frame opens the next one.
+    let mut carried: Option<(u64, T)> = None;
+    loop {
+        let first = match carried.take() {
+            Some(entry) => entry,
+            None => match queue.recv().await {
+                Some(entry) => entry,
+                None => break,
+            },
+        };
+        // Tasks woken together (callers by one frame of answers, requests
+        // by one batch of the engine) queue theirs now: one yield lets
+        // them, so they share this frame.
+        tokio::task::yield_now().await;
+        let mut frame = BatchEncoder::new(entries_max);
+        let mut next = Some(first);
+        while let Some((id, message)) = next.take().or_else(|| queue.try_recv().ok()) {
+            match frame.push(id, &message) {
+                Ok(()) => {}
+                Err(BatchPushError::Full) => {
+                    carried = Some((id, message));
+                    break;
+                }
+                Err(BatchPushError::Codec(error)) => next = unsendable(id, error).map(|message| (id, message)),
+            }
+        }
+        if !frame.is_empty() {
+            send.write_all(&frame.finish()).await.map_err(|error| ExchangeError::Connection(error.to_string()))?;
+        }
+    }
+    send.finish().map_err(|error| ExchangeError::Connection(error.to_string()))?;
+    Ok(())
+}

@@ -57,6 +57,9 @@
 //!   configuration of a connecting side.
 //! - `client` ([`Client`], [`ClientBuilder`]): connections, routing, retries.
 //! - `error` ([`Error`]): what can go wrong, typed.
+//! - `session`: the long-lived stream whose batch frames carry the calls
+//!   to one member (a writer that coalesces, a reader that routes answers
+//!   by id).
 //! - [`exchange`]: one request exchange on a connection (stream, frame,
 //!   answer, deadline), shared with the members' calls to their peers.
 //!
@@ -66,6 +69,7 @@ mod client;
 mod error;
 pub mod exchange;
 pub mod routing;
+mod session;
 pub mod tls;
 pub mod wire;
 

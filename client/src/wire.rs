@@ -5,8 +5,14 @@
 //! A frame is a 4-byte big-endian length followed by that many bytes of
 //! MessagePack (rmp-serde, fields by name so that fields can be added). A
 //! connection starts with [`Hello`] / [`Welcome`] to agree on the protocol
-//! version; after that every request travels on a stream of its own and is
-//! answered on it.
+//! version. After that a client opens a *session*: a long-lived stream
+//! that begins with [`RequestBody::OpenSession`] (answered
+//! [`Response::SessionOpened`]) and then carries batch frames both ways
+//! ([`BatchEncoder`], [`decode_batch`]): many requests, each with an id of
+//! the client's choosing, in one frame; their answers, in the order they
+//! complete, in as few frames as possible. A request outside a session
+//! (the handshake, a map refresh, the members' calls to each other)
+//! travels on a stream of its own and is answered on it.
 //!
 //! Decoding is for untrusted bytes: the length is checked against
 //! [`FRAME_BYTES_MAX`] before anything is read or allocated, every length
@@ -21,9 +27,11 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks. Version 2: admin requests carry
 /// an operation id; version 3: an order's home is the partition of its id,
-/// and members drive each other's parts with `Part` steps. A member refuses a client of another version at the
-/// handshake with the versions it speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// and members drive each other's parts with `Part` steps; version 4:
+/// `NotLeader` names its term; version 5: sessions of batch frames. A
+/// member refuses a client of another version at the handshake with the
+/// versions it speaks.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame either side sends or accepts. The biggest message (an
 /// order of the most lines, or a partition map of the most members) is a
@@ -54,6 +62,10 @@ pub enum CodecError {
     Decode(#[from] rmp_serde::decode::Error),
     #[error("message does not encode: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
+    /// A batch frame whose envelope (the list of ids and requests) is not
+    /// one; its requests cannot be told apart, so none is answered.
+    #[error("malformed batch: {0}")]
+    Batch(String),
 }
 
 /// First message on a connection, from the side that opened it.
@@ -217,6 +229,9 @@ pub enum RequestBody {
         #[serde(default)]
         boot: u64,
     },
+    /// Turns the stream it arrives on into a session (see the module's
+    /// documentation); answered with [`Response::SessionOpened`].
+    OpenSession,
 }
 
 /// One group in a [`Response::ReplicaProbe`].
@@ -275,6 +290,7 @@ impl RequestBody {
             Self::OpenSale { .. } => "open_sale",
             Self::Part { .. } => "part",
             Self::ReplicaProbe { .. } => "replica_probe",
+            Self::OpenSession => "open_session",
         }
     }
 
@@ -375,6 +391,14 @@ pub enum Response {
         boot: u64,
         #[serde(default)]
         started_with_you: bool,
+    },
+    /// The stream is a session now. The member works on at most
+    /// `requests_in_flight_max` of its requests at once (it reads no more
+    /// frames until some are answered) and takes at most
+    /// `batch_requests_max` requests in one frame.
+    SessionOpened {
+        requests_in_flight_max: u32,
+        batch_requests_max: u32,
     },
     Refused(Refusal),
 }
@@ -596,6 +620,165 @@ pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> 
     decode_payload(payload)
 }
 
+/// Most entries one batch frame holds: bounds what one frame makes its
+/// receiver decode and start at once (and the list it allocates for it).
+/// At 256 the fixed cost of a frame is already spread thin; the client's
+/// usual in-flight depth fits in one frame or two.
+pub const BATCH_REQUESTS_MAX: usize = 256;
+
+/// Bytes of a batch's list header: always a 32-bit array header, written
+/// before the count is known and filled in at the end.
+const BATCH_LIST_HEADER_BYTES: usize = 5;
+
+/// Bytes around each entry's message: a two-element array header, the id
+/// as a 64-bit unsigned integer and a 32-bit binary header.
+const BATCH_ENTRY_ENVELOPE_BYTES: usize = 1 + 9 + 5;
+
+/// Why a message was not added to a batch frame.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchPushError {
+    /// The frame holds as many entries or bytes as it may: send it and
+    /// push the message into the next one.
+    #[error("the batch frame is full")]
+    Full,
+    /// The message alone is larger than a frame (or does not encode): it
+    /// can never be sent.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// Builds one batch frame: a list of `[id, message]` entries, each message
+/// MessagePack (fields by name) inside a binary of its own. The binary
+/// wrapping lets the receiver split a frame into entries without decoding
+/// their messages, so one undecodable message is refused under its own id
+/// while the others in its frame are answered.
+#[derive(Debug)]
+pub struct BatchEncoder {
+    bytes: Vec<u8>,
+    entries: usize,
+    entries_max: usize,
+}
+
+impl BatchEncoder {
+    /// An empty frame that takes at most `entries_max` entries (capped at
+    /// [`BATCH_REQUESTS_MAX`]; at least one).
+    pub fn new(entries_max: usize) -> Self {
+        let mut bytes = Vec::with_capacity(4096);
+        bytes.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+        bytes.push(0xdd);
+        bytes.extend_from_slice(&[0; 4]);
+        Self { bytes, entries: 0, entries_max: entries_max.clamp(1, BATCH_REQUESTS_MAX) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Appends `message` under `id`, or leaves the frame as it was.
+    pub fn push<T: Serialize>(&mut self, id: u64, message: &T) -> Result<(), BatchPushError> {
+        if self.entries >= self.entries_max {
+            return Err(BatchPushError::Full);
+        }
+        let start = self.bytes.len();
+        self.bytes.push(0x92);
+        self.bytes.push(0xcf);
+        self.bytes.extend_from_slice(&id.to_be_bytes());
+        self.bytes.push(0xc6);
+        let length_at = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; 4]);
+        if let Err(error) = rmp_serde::encode::write_named(&mut self.bytes, message) {
+            self.bytes.truncate(start);
+            return Err(CodecError::from(error).into());
+        }
+        let length = self.bytes.len() - length_at - 4;
+        if self.bytes.len() - FRAME_HEADER_BYTES > FRAME_BYTES_MAX {
+            self.bytes.truncate(start);
+            let alone = BATCH_LIST_HEADER_BYTES + BATCH_ENTRY_ENVELOPE_BYTES + length;
+            if alone > FRAME_BYTES_MAX {
+                return Err(CodecError::FrameTooLarge { length: alone, limit: FRAME_BYTES_MAX }.into());
+            }
+            return Err(BatchPushError::Full);
+        }
+        let length = u32::try_from(length).expect("bounded by FRAME_BYTES_MAX");
+        self.bytes[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
+        self.entries += 1;
+        Ok(())
+    }
+
+    /// The whole frame, length prefix included, ready to write.
+    pub fn finish(mut self) -> Vec<u8> {
+        let payload = u32::try_from(self.bytes.len() - FRAME_HEADER_BYTES).expect("bounded by FRAME_BYTES_MAX");
+        self.bytes[..FRAME_HEADER_BYTES].copy_from_slice(&payload.to_be_bytes());
+        let entries = u32::try_from(self.entries).expect("bounded by BATCH_REQUESTS_MAX");
+        self.bytes[FRAME_HEADER_BYTES + 1..FRAME_HEADER_BYTES + BATCH_LIST_HEADER_BYTES]
+            .copy_from_slice(&entries.to_be_bytes());
+        self.bytes
+    }
+}
+
+/// Splits a batch frame's payload into its entries, each an id and its
+/// message's undecoded bytes (for [`decode_payload`]). Only the envelope is
+/// read here: at most [`BATCH_REQUESTS_MAX`] entries, each exactly
+/// `[id, binary]`, every binary within the payload, nothing after the last.
+pub fn decode_batch(payload: &[u8]) -> Result<Vec<(u64, &[u8])>, CodecError> {
+    fn malformed(error: impl std::fmt::Display) -> CodecError {
+        CodecError::Batch(error.to_string())
+    }
+    if payload.len() > FRAME_BYTES_MAX {
+        return Err(CodecError::FrameTooLarge { length: payload.len(), limit: FRAME_BYTES_MAX });
+    }
+    let mut rest = payload;
+    let count = rmp::decode::read_array_len(&mut rest).map_err(malformed)? as usize;
+    if count > BATCH_REQUESTS_MAX {
+        return Err(CodecError::Batch(format!("{count} entries; a frame holds at most {BATCH_REQUESTS_MAX}")));
+    }
+    let mut entries = Vec::with_capacity(count);
+    for _ in 0..count {
+        if rmp::decode::read_array_len(&mut rest).map_err(malformed)? != 2 {
+            return Err(CodecError::Batch("an entry is not [id, message]".to_owned()));
+        }
+        let id: u64 = rmp::decode::read_int(&mut rest).map_err(malformed)?;
+        let length = rmp::decode::read_bin_len(&mut rest).map_err(malformed)? as usize;
+        if length > rest.len() {
+            return Err(CodecError::Truncated { expected: length, found: rest.len() });
+        }
+        let (message, after) = rest.split_at(length);
+        entries.push((id, message));
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(CodecError::Batch(format!("{} bytes after the last entry", rest.len())));
+    }
+    Ok(entries)
+}
+
+/// Reads one frame's payload from `reader`, its length checked against
+/// [`FRAME_BYTES_MAX`] before anything is allocated; `None` when the
+/// stream ends cleanly between frames.
+pub async fn read_payload<R>(reader: &mut R) -> Result<Option<Vec<u8>>, StreamError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut header = [0; FRAME_HEADER_BYTES];
+    let mut filled = 0;
+    while filled < FRAME_HEADER_BYTES {
+        match reader.read(&mut header[filled..]).await? {
+            0 if filled == 0 => return Ok(None),
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            read => filled += read,
+        }
+    }
+    let length = frame_length(header)?;
+    let mut payload = vec![0; length];
+    reader.read_exact(&mut payload).await?;
+    Ok(Some(payload))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -750,6 +933,75 @@ mod tests {
         assert!(matches!(decode_payload::<Welcome>(&huge_map), Err(CodecError::Bounds(_))));
     }
 
+    fn batch_of(count: usize) -> Vec<u8> {
+        let mut batch = BatchEncoder::new(BATCH_REQUESTS_MAX);
+        for id in 0..count {
+            batch.push(id as u64 * 7, &reserve()).expect("fits");
+        }
+        batch.finish()
+    }
+
+    #[test]
+    fn a_batch_splits_into_its_entries_and_each_decodes() {
+        let frame = batch_of(3);
+        let length = frame_length(frame[..FRAME_HEADER_BYTES].try_into().expect("header")).expect("bounded");
+        assert_eq!(length, frame.len() - FRAME_HEADER_BYTES);
+        let entries = decode_batch(&frame[FRAME_HEADER_BYTES..]).expect("splits");
+        assert_eq!(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [0, 7, 14]);
+        for (_, bytes) in entries {
+            assert_eq!(decode_payload::<Request>(bytes).expect("decodes"), reserve());
+        }
+        assert!(decode_batch(&batch_of(0)[FRAME_HEADER_BYTES..]).expect("an empty batch").is_empty());
+    }
+
+    /// A full frame refuses the next entry without changing, so that the
+    /// entry opens the next frame; an entry that fits no frame is an error.
+    #[test]
+    fn a_batch_frame_stays_within_its_bounds() {
+        let mut batch = BatchEncoder::new(2);
+        batch.push(1, &reserve()).expect("fits");
+        batch.push(2, &reserve()).expect("fits");
+        assert!(matches!(batch.push(3, &reserve()), Err(BatchPushError::Full)));
+        assert_eq!(decode_batch(&batch.finish()[FRAME_HEADER_BYTES..]).expect("splits").len(), 2);
+
+        let big = |bytes: usize| Request {
+            timeout_ms: 1,
+            body: RequestBody::Release { order: "x".repeat(bytes), home_partition: 0 },
+        };
+        let mut batch = BatchEncoder::new(BATCH_REQUESTS_MAX);
+        batch.push(1, &big(FRAME_BYTES_MAX / 2)).expect("fits");
+        assert!(matches!(batch.push(2, &big(FRAME_BYTES_MAX / 2)), Err(BatchPushError::Full)));
+        assert!(matches!(
+            batch.push(3, &big(FRAME_BYTES_MAX)),
+            Err(BatchPushError::Codec(CodecError::FrameTooLarge { .. }))
+        ));
+        assert_eq!(batch.len(), 1);
+        let frame = batch.finish();
+        assert!(frame.len() - FRAME_HEADER_BYTES <= FRAME_BYTES_MAX);
+        assert_eq!(decode_batch(&frame[FRAME_HEADER_BYTES..]).expect("splits").len(), 1);
+    }
+
+    #[test]
+    fn malformed_batches_are_errors_not_panics() {
+        let payload = batch_of(2)[FRAME_HEADER_BYTES..].to_vec();
+        for cut in 0..payload.len() {
+            assert!(decode_batch(&payload[..cut]).is_err(), "cut at {cut} accepted");
+        }
+        let mut padded = payload.clone();
+        padded.push(0);
+        assert!(matches!(decode_batch(&padded), Err(CodecError::Batch(_))));
+        // More entries than a frame may hold, declared in five bytes.
+        assert!(matches!(decode_batch(&[0xdd, 0xff, 0xff, 0xff, 0xff]), Err(CodecError::Batch(_))));
+        // An entry of three fields; an id that is not an integer; a binary
+        // declared longer than the frame.
+        assert!(decode_batch(&[0x91, 0x93, 0x01, 0xc4, 0x00, 0x01]).is_err());
+        assert!(decode_batch(&[0x91, 0x92, 0xa1, b'x', 0xc4, 0x00]).is_err());
+        assert!(matches!(
+            decode_batch(&[0x91, 0x92, 0x01, 0xc6, 0x00, 0x01, 0x00, 0x00, 0x00]),
+            Err(CodecError::Truncated { expected: 65_536, found: 0 })
+        ));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
 
@@ -760,6 +1012,9 @@ mod tests {
             let _ = decode_payload::<Response>(&bytes);
             let _ = decode_payload::<Hello>(&bytes);
             let _ = decode_payload::<Welcome>(&bytes);
+            if let Ok(entries) = decode_batch(&bytes) {
+                prop_assert!(entries.len() <= BATCH_REQUESTS_MAX);
+            }
         }
 
         #[test]

@@ -2,11 +2,13 @@
 //!
 //! A connection is mutually authenticated (see [`crate::tls`]); its first
 //! stream carries the version handshake ([`Hello`] / [`Welcome`], which
-//! also hands the client the partition map). After that every request
-//! comes on a bidirectional stream of its own and is answered on it, so
-//! requests are pipelined without head-of-line blocking and a slow one
-//! delays nobody. QUIC's stream limit bounds the requests in flight per
-//! connection, and a semaphore bounds the connections.
+//! also hands the client the partition map). After that a client's calls
+//! come in a session: a long-lived stream of batch frames, whose requests
+//! one task starts and whose answers go back as they complete (a slow one
+//! delays nobody), in as few frames as they fit. Requests outside a
+//! session (a map refresh, the members' calls to each other) come on a
+//! bidirectional stream each. Each session bounds its requests in flight,
+//! QUIC's stream limit the streams, and a semaphore the connections.
 //!
 //! Routing: a SKU's partition is the stable hash of its id; a partition's
 //! owner is the rendezvous choice among the members. A node answers for the
@@ -280,6 +282,7 @@ impl Node {
                 self.coordination.release(order, home_partition).await
             }
             RequestBody::ReplicaProbe { .. } => Err(invalid("request", "this cluster is not replicated".to_owned())),
+            RequestBody::OpenSession => Err(session_inside_session()),
             RequestBody::Part { order: _, attempt, step: _, request } => {
                 let attempt = order_id(attempt)?;
                 let request = part_request(request)?;
@@ -352,6 +355,7 @@ impl Node {
             RequestBody::Part { .. } => {
                 Err(invalid("request", "a replicated cluster carries part steps on its raft links".to_owned()))
             }
+            RequestBody::OpenSession => Err(session_inside_session()),
             RequestBody::ReplicaProbe { boot } => match role {
                 Role::Node(asker) => Ok(replication.probe_answer(asker, boot)),
                 _ => Err(Refusal::Forbidden),
@@ -447,6 +451,11 @@ impl Node {
         }
         Ok(OrderRequest { order, buyer, lines: engine_lines, ttl_ms })
     }
+}
+
+/// `OpenSession` in a session's batch (or after a stream's first frame).
+fn session_inside_session() -> Refusal {
+    invalid("request", "a session opens on a stream of its own, not inside one".to_owned())
 }
 
 /// A commit's lines to sell fewer units of, checked.
@@ -656,51 +665,172 @@ async fn peer_batches(connection: quinn::Connection, from: u32, replication: Arc
     }
 }
 
+/// A stream of the peer's: one request and its answer, or a session.
 async fn request(
     node: Arc<Node>,
     role: Role,
     mut send: quinn::SendStream,
     mut receive: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let Some(_in_flight) = node.admit() else {
-        let reason = format!("node {} is shutting down", node.id);
-        wire::write_message(&mut send, &Response::Refused(Refusal::Unavailable { reason })).await?;
-        send.finish()?;
-        return Ok(());
-    };
-    let started = std::time::Instant::now();
-    let (kind, response) = match wire::read_message::<Request, _>(&mut receive).await {
-        // No time left: the caller has given up before the work could begin.
-        Ok(request) if request.timeout_ms == 0 => (request.body.kind(), Response::Refused(Refusal::DeadlineExceeded)),
-        Ok(request) => {
-            let kind = request.body.kind();
-            // One span per request, named by the order it concerns, so that
-            // an order can be followed from the client to its owner (and,
-            // for spanning orders, to the members holding its parts).
-            let span = tracing::info_span!("request", kind, order = tracing::field::Empty);
-            if let Some(order) = request.body.order() {
-                span.record("order", order);
-            }
-            let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);
-            // Past the deadline the caller has given up: the work is
-            // dropped (the engine puts back an order left half-way).
-            let work = tracing::Instrument::instrument(node.handle(role, request.body), span);
-            match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), work).await {
-                Ok(response) => (kind, response),
-                Err(_) => (kind, Response::Refused(Refusal::DeadlineExceeded)),
-            }
-        }
+    let response = match wire::read_message::<Request, _>(&mut receive).await {
+        Ok(Request { body: RequestBody::OpenSession, .. }) => return session(node, role, send, receive).await,
+        Ok(request) => answer(&node, role, request).await,
         Err(wire::StreamError::Codec(error)) => {
-            ("undecodable", Response::Refused(invalid("request", error.to_string())))
+            crate::operations::record_request("undecodable", "invalid", Duration::ZERO);
+            Response::Refused(invalid("request", error.to_string()))
         }
         Err(error) => return Err(error.into()),
+    };
+    wire::write_message(&mut send, &response).await?;
+    send.finish()?;
+    Ok(())
+}
+
+/// Answers one request, within the time its caller waits: the one path of
+/// every request, on a stream of its own or in a session's batch.
+async fn answer(node: &Node, role: Role, request: Request) -> Response {
+    let Some(_in_flight) = node.admit() else {
+        return Response::Refused(Refusal::Unavailable { reason: format!("node {} is shutting down", node.id) });
+    };
+    let started = std::time::Instant::now();
+    let kind = request.body.kind();
+    let response = if request.timeout_ms == 0 {
+        // No time left: the caller has given up before the work could begin.
+        Response::Refused(Refusal::DeadlineExceeded)
+    } else {
+        // One span per request, named by the order it concerns, so that
+        // an order can be followed from the client to its owner (and, for
+        // spanning orders, to the members holding its parts). At `debug`:
+        // a member logging at `info` pays nothing for it.
+        let span = tracing::debug_span!("request", kind, order = tracing::field::Empty);
+        if let Some(order) = request.body.order() {
+            span.record("order", order);
+        }
+        let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);
+        // Past the deadline the caller has given up: the work is dropped
+        // (the engine puts back an order left half-way).
+        let work = tracing::Instrument::instrument(node.handle(role, request.body), span);
+        match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), work).await {
+            Ok(response) => response,
+            Err(_) => Response::Refused(Refusal::DeadlineExceeded),
+        }
     };
     let outcome = match &response {
         Response::Refused(refusal) => refusal.name(),
         _ => "ok",
     };
     crate::operations::record_request(kind, outcome, started.elapsed());
-    wire::write_message(&mut send, &response).await?;
-    send.finish()?;
+    response
+}
+
+/// A request of a session being answered, and its id.
+type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Response)> + Send>>;
+
+/// Frames a session's reader holds for its dispatcher: one being worked
+/// on, one read ahead; beyond that QUIC's flow control holds the peer.
+const SESSION_FRAMES_READ_AHEAD_MAX: usize = 1;
+
+/// Serves a session (see [`wire`]): one task reads the peer's batch frames,
+/// this one starts their requests and gathers the answers as they complete
+/// (no task per request), and one writes the answers in as few frames as
+/// it can. No new frame is taken while `requests_per_connection_max` of the
+/// session's requests are being worked on.
+async fn session(
+    node: Arc<Node>,
+    role: Role,
+    mut send: quinn::SendStream,
+    receive: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let in_flight_max = usize::try_from(node.network.requests_per_connection_max).unwrap_or(usize::MAX);
+    let opened = Response::SessionOpened {
+        requests_in_flight_max: node.network.requests_per_connection_max,
+        batch_requests_max: u32::try_from(wire::BATCH_REQUESTS_MAX).expect("small"),
+    };
+    wire::write_message(&mut send, &opened).await?;
+    let (frames_sender, mut frames) = tokio::sync::mpsc::channel(SESSION_FRAMES_READ_AHEAD_MAX);
+    let reader = tokio::spawn(read_session_frames(receive, frames_sender));
+    // Every request started gives one answer: the bound of requests in
+    // flight (and one frame over it) bounds the answers queued.
+    let (answers, mut queued_answers) = tokio::sync::mpsc::channel(in_flight_max + wire::BATCH_REQUESTS_MAX);
+    let writer = tokio::spawn(async move {
+        let unsendable = |_, error: wire::CodecError| {
+            Some(Response::Refused(invalid("request", format!("its answer cannot be sent: {error}"))))
+        };
+        flashstock_client::exchange::write_batches(&mut send, &mut queued_answers, wire::BATCH_REQUESTS_MAX, unsendable)
+            .await
+    });
+    let mut running = futures_util::stream::FuturesUnordered::<Answering>::new();
+    let mut reading = true;
+    let ended = loop {
+        tokio::select! {
+            Some(answered) = running.next() => {
+                if answers.send(answered).await.is_err() {
+                    break Ok(());
+                }
+            }
+            frame = frames.recv(), if reading && running.len() < in_flight_max => match frame {
+                Some(Ok(payload)) => {
+                    if let Err(error) = start_batch(&node, role, &payload, &mut running) {
+                        break Err(error);
+                    }
+                }
+                Some(Err(error)) => break Err(error),
+                None => reading = false,
+            },
+            else => break Ok(()),
+        }
+    };
+    reader.abort();
+    drop(answers);
+    // The answers already gathered still go out before the stream ends.
+    let written = writer.await;
+    ended?;
+    written?.map_err(anyhow::Error::from)
+}
+
+/// Reads a session's frames for its dispatcher until the peer finishes.
+async fn read_session_frames(
+    mut receive: quinn::RecvStream,
+    frames: tokio::sync::mpsc::Sender<anyhow::Result<Vec<u8>>>,
+) {
+    loop {
+        let frame = match wire::read_payload(&mut receive).await {
+            Ok(Some(payload)) => Ok(payload),
+            Ok(None) => return,
+            Err(error) => Err(anyhow::Error::from(error).context("reading a session frame")),
+        };
+        let failed = frame.is_err();
+        if frames.send(frame).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Starts the requests of one batch frame. A request that does not decode
+/// is refused under its id; a frame whose envelope does not decode ends
+/// the session (its requests cannot be told apart to be answered).
+fn start_batch(
+    node: &Arc<Node>,
+    role: Role,
+    payload: &[u8],
+    running: &mut futures_util::stream::FuturesUnordered<Answering>,
+) -> anyhow::Result<()> {
+    let entries = wire::decode_batch(payload).context("a session frame")?;
+    let span = tracing::info_span!("batch", requests = entries.len());
+    let _entered = span.enter();
+    for (id, bytes) in entries {
+        match wire::decode_payload::<Request>(bytes) {
+            Ok(request) => {
+                let node = node.clone();
+                running.push(Box::pin(async move { (id, answer(&node, role, request).await) }));
+            }
+            Err(error) => {
+                crate::operations::record_request("undecodable", "invalid", Duration::ZERO);
+                let refused = Response::Refused(invalid("request", error.to_string()));
+                running.push(Box::pin(std::future::ready((id, refused))));
+            }
+        }
+    }
     Ok(())
 }

@@ -297,3 +297,57 @@ fn refused_retries_and_commits_of_a_spanning_order_change_nothing() {
         assert_eq!(counts(checkout.availability(&c).await.expect("counts")), (5, 0, 0), "the extra line never sold");
     });
 }
+
+/// Calls to one member travel in batch frames on one session: a request
+/// that waits (a spanning order whose other member is paused) must not
+/// hold up the answers of the calls that travelled with it. Planted bug
+/// that this catches: a member answering a frame's requests one after
+/// another instead of as each completes.
+#[test]
+fn a_slow_request_does_not_delay_the_others_on_its_session() {
+    let cluster = Cluster::start("spanning-slow-in-batch", 2);
+    let members = cluster.members();
+    let (local, remote) = (sku_owned_by(1, &members, 0), sku_owned_by(2, &members, 0));
+    let runtime = runtime();
+    let checkout = runtime.block_on(async {
+        let admin = client(&cluster, "admin", 40).await;
+        wait_all_up(&admin).await;
+        admin.create_sku(&local, 100, None, 0).await.expect("created");
+        admin.create_sku(&remote, 100, None, 0).await.expect("created");
+        // One try each: the slow call waits out its deadline instead of
+        // being retried, and nothing else is retried either.
+        client(&cluster, "checkout", 1).await
+    });
+    cluster.signal(2, "STOP");
+    let fast_count = 40;
+    let (slow, fast) = runtime.block_on(async {
+        let slow_id = common::order_homed_on(1, &members, "slow");
+        let slow = {
+            let (checkout, local, remote) = (checkout.clone(), local.clone(), remote.clone());
+            tokio::spawn(async move { checkout.reserve(&order(&slow_id, &[(&local, 1), (&remote, 1)])).await })
+        };
+        let mut fast = tokio::task::JoinSet::new();
+        for number in 0..fast_count {
+            let (checkout, local) = (checkout.clone(), local.clone());
+            let id = common::order_homed_on(1, &members, &format!("fast-{number}"));
+            fast.spawn(async move { checkout.reserve(&order(&id, &[(&local, 1)])).await });
+        }
+        let mut answered = Vec::new();
+        while let Some(joined) = fast.join_next().await {
+            answered.push(joined.expect("the call ends"));
+        }
+        (slow, answered)
+    });
+    let slow_pending = !slow.is_finished();
+    cluster.signal(2, "CONT");
+    assert_eq!(fast.iter().filter(|answer| answer.is_ok()).count(), fast_count, "{fast:?}");
+    assert!(slow_pending, "the spanning order answered before its paused member resumed");
+    runtime.block_on(async {
+        // Held after all (the member resumed in time) or given up: either
+        // way the stock adds up.
+        let _ = slow.await.expect("the call ends");
+        let counts = checkout.availability(&local).await.expect("counts");
+        assert!(counts.held >= fast_count as u64, "{counts:?}");
+        assert_eq!(counts.available + counts.held + counts.sold, 100, "{counts:?}");
+    });
+}

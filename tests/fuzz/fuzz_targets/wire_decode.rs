@@ -50,7 +50,22 @@ fn check<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(data: &[
     }
 }
 
+/// A batch frame's envelope: whatever splits re-encodes entry by entry to
+/// a frame that splits the same way, within the allocation bound.
+fn check_batch(data: &[u8]) {
+    let (entries, largest) = largest_allocation_during(|| wire::decode_batch(data).map(|entries| entries.len()));
+    assert!(largest <= allocation_bound(data.len()), "splitting {} bytes allocated {largest} at once", data.len());
+    let Ok(count) = entries else { return };
+    let entries = wire::decode_batch(data).expect("splits again");
+    assert_eq!(entries.len(), count);
+    assert!(count <= wire::BATCH_REQUESTS_MAX);
+    for (_, bytes) in &entries {
+        let _ = wire::decode_payload::<Request>(bytes);
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    check_batch(data);
     check::<Request>(data);
     check::<Response>(data);
     check::<Hello>(data);

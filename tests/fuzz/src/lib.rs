@@ -214,6 +214,11 @@ fn wire_seeds() -> Vec<Seed> {
     add("welcome-refused".to_owned(), payload(&Welcome::Refused { supported: vec![1] }));
     add("frame-request".to_owned(), framed(&requests[0]));
     add("frame-response".to_owned(), framed(&responses[3]));
+    let mut batch = wire::BatchEncoder::new(wire::BATCH_REQUESTS_MAX);
+    for (id, message) in requests.iter().enumerate() {
+        batch.push(id as u64, message).expect("fits");
+    }
+    add("batch-requests".to_owned(), batch.finish()[wire::FRAME_HEADER_BYTES..].to_vec());
     seeds
 }
 
