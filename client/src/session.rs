@@ -185,12 +185,21 @@ async fn read_answers(mut receive: quinn::RecvStream, waiting: Arc<Mutex<Waiting
             Ok(entries) => entries,
             Err(error) => break format!("the member sent a malformed frame: {error}"),
         };
+        // Decoded before the lock is taken: callers queueing their next
+        // calls take the same lock, and a frame holds up to 256 answers.
+        let answers: Vec<(u64, Answer)> = entries
+            .into_iter()
+            .map(|(id, bytes)| {
+                let answer = wire::decode_payload::<Response>(bytes)
+                    .map_err(|error| SessionError::Request(Error::Protocol(format!("undecodable answer: {error}"))));
+                (id, answer)
+            })
+            .collect();
         let mut waiting = lock(&waiting);
-        for (id, bytes) in entries {
-            let Some(caller) = waiting.callers.remove(&id) else { continue };
-            let answer = wire::decode_payload::<Response>(bytes)
-                .map_err(|error| SessionError::Request(Error::Protocol(format!("undecodable answer: {error}"))));
-            let _ = caller.send(answer);
+        for (id, answer) in answers {
+            if let Some(caller) = waiting.callers.remove(&id) {
+                let _ = caller.send(answer);
+            }
         }
     };
     lock(&waiting).close(&reason);
