@@ -17,6 +17,13 @@
 //! and `zipf`, whose latencies are measured from each operation's scheduled
 //! start (so a stall counts against every operation it delays).
 //!
+//! Server CPU per request: the CPU time (user + system, from `/proc`) of
+//! the processes this one started — the members, or Redis — over a closed
+//! loop, divided by the requests answered in it (a pair is two: reserve
+//! and commit; a `SoldOut` is one). It counts everything the server does
+//! for a request (transport, TLS, tasks, engine, log), nothing the client
+//! does.
+//!
 //! Build the member binary first: it is started from next to this one.
 //! `cargo build --release -p flashstock-node && cargo run --release -p flashstock-benches --bin load`
 
@@ -115,6 +122,9 @@ struct Outcome {
     sold_out_after: u64,
     /// Open loop only: operations not started because too many were in flight.
     dropped: u64,
+    /// Closed loop only: CPU time the servers (this process's children)
+    /// spent during the run.
+    server_cpu: Option<Duration>,
 }
 
 impl Outcome {
@@ -125,11 +135,53 @@ impl Outcome {
         self.pairs as f64 / selling.as_secs_f64().max(1e-9)
     }
 
+    /// Requests answered: a pair is a reserve and a commit.
+    fn requests(&self) -> u64 {
+        self.pairs * 2 + self.sold_out + self.errors
+    }
+
+    /// Server CPU per request answered, in microseconds.
+    fn server_cpu_per_request_us(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.requests() > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests() as f64)
+    }
+
     /// `SoldOut` answers per second after the first one.
     fn sold_out_per_second(&self) -> Option<f64> {
         let from = self.sold_out_from?;
         Some(self.sold_out_after as f64 / self.elapsed.saturating_sub(from).as_secs_f64().max(1e-9))
     }
+}
+
+/// Clock ticks per second of `/proc`'s CPU times: the kernel reports them
+/// in `USER_HZ`, which Linux fixes at 100 for user space on every
+/// architecture it supports.
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system, all threads) used so far by the live
+/// processes whose parent is this one: the servers a run started. `None`
+/// where `/proc` cannot be read.
+fn children_cpu() -> Option<Duration> {
+    let own = std::process::id();
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // `pid (command) state ppid ...`: the command may hold spaces and
+        // parentheses, so the fields are counted from the last `)`.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: state (0), ppid (1), ..., utime (11), stime (12).
+        let (Some(parent), Some(user), Some(system)) = (fields.get(1), fields.get(11), fields.get(12)) else {
+            continue;
+        };
+        if parent.parse::<u32>().ok() != Some(own) {
+            continue;
+        }
+        ticks += user.parse::<u64>().unwrap_or(0) + system.parse::<u64>().unwrap_or(0);
+    }
+    Some(Duration::from_secs_f64(ticks as f64 / USER_HZ))
 }
 
 fn histogram() -> Histogram<u64> {
@@ -181,6 +233,7 @@ async fn closed_loop<T: Target>(
     in_flight: usize,
     duration: Duration,
 ) -> anyhow::Result<Outcome> {
+    let cpu_before = children_cpu();
     let started = Instant::now();
     let deadline = started + duration;
     let live = Arc::new(Live::default());
@@ -244,6 +297,7 @@ async fn closed_loop<T: Target>(
         sold_out_from: None,
         sold_out_after: 0,
         dropped: 0,
+        server_cpu: None,
     };
     while let Some(joined) = buyers.join_next().await {
         let (pairs, sold_out, sold_out_after, errors, error_kinds, pair_latency, sold_out_latency) = joined?;
@@ -258,6 +312,7 @@ async fn closed_loop<T: Target>(
         outcome.sold_out_latency.add(sold_out_latency)?;
     }
     outcome.elapsed = started.elapsed();
+    outcome.server_cpu = children_cpu().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
     let first = first_sold_out_us.load(Ordering::Acquire);
     outcome.sold_out_from = (first != u64::MAX).then(|| Duration::from_micros(first));
     progress.finish_and_clear();
@@ -334,6 +389,7 @@ async fn open_loop<T: Target>(
         sold_out_from: None,
         sold_out_after: 0,
         dropped,
+        server_cpu: None,
     })
 }
 
@@ -518,6 +574,9 @@ fn describe(workload: WorkloadName, in_flight: usize, outcome: &Outcome) -> Stri
             ms(&outcome.sold_out_latency, 0.99)
         ));
     }
+    if let Some(cpu_us) = outcome.server_cpu_per_request_us() {
+        text.push_str(&format!("; server CPU {cpu_us:.1} us/request"));
+    }
     if outcome.errors > 0 {
         text.push_str(&format!(" ({} errors: {})", outcome.errors, kinds(&outcome.error_kinds)));
     }
@@ -606,6 +665,25 @@ fn report(rows: &[Row], open_rows: &[OpenRow]) -> String {
                     our_row.outcome.pairs_per_second() / their_row.outcome.pairs_per_second()
                 )),
                 _ => text.push_str(" - |"),
+            }
+        }
+        text.push('\n');
+    }
+    text.push_str("\nServer CPU per request answered (user + system of the server processes, over the closed loop), in microseconds:\n\n");
+    text.push_str("| workload | in flight |");
+    for target in &targets {
+        text.push_str(&format!(" {target} |"));
+    }
+    text.push('\n');
+    text.push_str(&"|---".repeat(2 + targets.len()));
+    text.push_str("|\n");
+    for &key in &seen {
+        text.push_str(&format!("| {:?} | {} |", key.0, key.1).to_lowercase());
+        for target in &targets {
+            let row = rows.iter().find(|row| (row.workload, row.in_flight) == key && row.target == *target);
+            match row.and_then(|row| row.outcome.server_cpu_per_request_us()) {
+                Some(cpu_us) => text.push_str(&format!(" {cpu_us:.1} |")),
+                None => text.push_str(" - |"),
             }
         }
         text.push('\n');
