@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{client_with_retries, runtime, sku_owned_by, wait_all_up, Cluster};
 use flashstock_client::{Client, Error, Order, OrderLine, Quantity, ReservationId, Stock};
@@ -300,9 +300,12 @@ fn refused_retries_and_commits_of_a_spanning_order_change_nothing() {
 
 /// Calls to one member travel in batch frames on one session: a request
 /// that waits (a spanning order whose other member is paused) must not
-/// hold up the answers of the calls that travelled with it. Planted bug
-/// that this catches: a member answering a frame's requests one after
-/// another instead of as each completes.
+/// hold up the answers of the calls that travelled with it. The slow one
+/// is answered when its home gives up on the paused member (the
+/// coordinator's part deadline, 2 s); the others must all be answered well
+/// before that. Planted bug that this catches (checked): a member giving
+/// out a session's answers in the order the requests came
+/// (`FuturesOrdered`), which holds every fast answer until the slow one's.
 #[test]
 fn a_slow_request_does_not_delay_the_others_on_its_session() {
     let cluster = Cluster::start("spanning-slow-in-batch", 2);
@@ -320,12 +323,19 @@ fn a_slow_request_does_not_delay_the_others_on_its_session() {
     });
     cluster.signal(2, "STOP");
     let fast_count = 40;
-    let (slow, fast) = runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         let slow_id = common::order_homed_on(1, &members, "slow");
         let slow = {
             let (checkout, local, remote) = (checkout.clone(), local.clone(), remote.clone());
-            tokio::spawn(async move { checkout.reserve(&order(&slow_id, &[(&local, 1), (&remote, 1)])).await })
+            tokio::spawn(async move {
+                let answer = checkout.reserve(&order(&slow_id, &[(&local, 1), (&remote, 1)])).await;
+                (answer, Instant::now())
+            })
         };
+        // The slow call is on its way (and being worked on) before the
+        // others are made: they travel after it on the same session, so a
+        // member that answers in the order it received would hold them.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let mut fast = tokio::task::JoinSet::new();
         for number in 0..fast_count {
             let (checkout, local) = (checkout.clone(), local.clone());
@@ -336,16 +346,23 @@ fn a_slow_request_does_not_delay_the_others_on_its_session() {
         while let Some(joined) = fast.join_next().await {
             answered.push(joined.expect("the call ends"));
         }
-        (slow, answered)
+        let fast_done_at = Instant::now();
+        // Given up by its home while the member is still paused.
+        let (slow_answer, slow_done_at) = slow.await.expect("the call ends");
+        (fast_done_at, slow_answer, slow_done_at, answered)
     });
-    let slow_pending = !slow.is_finished();
+    let (fast_done_at, slow_answer, slow_done_at, fast) = outcome;
     cluster.signal(2, "CONT");
     assert_eq!(fast.iter().filter(|answer| answer.is_ok()).count(), fast_count, "{fast:?}");
-    assert!(slow_pending, "the spanning order answered before its paused member resumed");
+    assert!(slow_answer.is_err(), "the spanning order was held while its member was paused: {slow_answer:?}");
+    let ahead = slow_done_at.saturating_duration_since(fast_done_at);
+    assert!(
+        ahead >= Duration::from_millis(500),
+        "the fast calls were answered only {ahead:?} before the slow one: they waited for it"
+    );
     runtime.block_on(async {
-        // Held after all (the member resumed in time) or given up: either
-        // way the stock adds up.
-        let _ = slow.await.expect("the call ends");
+        // Whatever the paused member did with the slow order's part, the
+        // stock adds up once it is back.
         let counts = checkout.availability(&local).await.expect("counts");
         assert!(counts.held >= fast_count as u64, "{counts:?}");
         assert_eq!(counts.available + counts.held + counts.sold, 100, "{counts:?}");
