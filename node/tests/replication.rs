@@ -45,7 +45,15 @@ fn leader_of_group(cluster: &Cluster, group: u64, running: &[u32]) -> u32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("group {group} has no leader");
+    // What each member sees of the group, so that a failure says why.
+    let views: Vec<(u32, Vec<serde_json::Value>)> = running
+        .iter()
+        .map(|&member| {
+            let seen = groups_seen_by(cluster, member).into_iter().filter(|view| view["group"].as_u64() == Some(group));
+            (member, seen.collect())
+        })
+        .collect();
+    panic!("group {group} has no leader among members {running:?}; they see {views:?}");
 }
 
 /// What the buyers were told.
