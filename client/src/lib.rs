@@ -57,9 +57,9 @@
 //!   configuration of a connecting side.
 //! - `client` ([`Client`], [`ClientBuilder`]): connections, routing, retries.
 //! - `error` ([`Error`]): what can go wrong, typed.
-//! - `session`: the long-lived stream whose batch frames carry the calls
+//! - [`session`]: the long-lived stream whose batch frames carry the calls
 //!   to one member (a writer that coalesces, a reader that routes answers
-//!   by id).
+//!   by id); the members use it for their calls to each other too.
 //! - [`exchange`]: one request exchange on a connection (stream, frame,
 //!   answer, deadline), shared with the members' calls to their peers.
 //!
@@ -69,7 +69,7 @@ mod client;
 mod error;
 pub mod exchange;
 pub mod routing;
-mod session;
+pub mod session;
 pub mod tls;
 pub mod wire;
 

@@ -30,7 +30,7 @@ const QUEUED_CALLS_MAX: usize = 4_096;
 
 /// Why a call on a session got no answer.
 #[derive(Debug)]
-pub(crate) enum SessionError {
+pub enum SessionError {
     /// The stream or the connection under it is gone.
     Closed(String),
     /// No answer within the call's deadline.
@@ -64,9 +64,11 @@ fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
     waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A session on one connection; dropping it finishes the stream.
+/// A session on one connection; dropping it finishes the stream. The
+/// client holds one per member; members hold one per peer for the calls
+/// they make to each other.
 #[derive(Debug)]
-pub(crate) struct Session {
+pub struct Session {
     queue: mpsc::Sender<(u64, Request)>,
     waiting: Arc<Mutex<Waiting>>,
     next_id: AtomicU64,
@@ -81,7 +83,7 @@ impl std::fmt::Debug for Waiting {
 impl Session {
     /// Opens a session on `connection`: a stream, `OpenSession` and the
     /// member's answer, within `deadline`.
-    pub(crate) async fn open(connection: &quinn::Connection, deadline: Duration) -> Result<Self, Error> {
+    pub async fn open(connection: &quinn::Connection, deadline: Duration) -> Result<Self, Error> {
         let opened = async {
             let (mut send, mut receive) =
                 connection.open_bi().await.map_err(|error| Error::Connection(error.to_string()))?;
@@ -104,12 +106,12 @@ impl Session {
     }
 
     /// Whether the stream is gone (calls on it fail at once).
-    pub(crate) fn is_closed(&self) -> bool {
+    pub fn is_closed(&self) -> bool {
         lock(&self.waiting).closed.is_some()
     }
 
     /// Sends `request` and waits at most `deadline` for its answer.
-    pub(crate) async fn call(&self, request: Request, deadline: Duration) -> Answer {
+    pub async fn call(&self, request: Request, deadline: Duration) -> Answer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         {

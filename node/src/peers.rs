@@ -9,13 +9,16 @@
 //! only while the owner is up, and answers `Unavailable` at once otherwise,
 //! instead of sending them to wait on a dead address; and a coordinator of
 //! an order spanning members sends the other parts' requests over it
-//! ([`Peers::call`]), a stream per request as clients do.
+//! ([`Peers::call`]), in a session opened with the link: concurrent calls
+//! to one member travel together in batch frames, as a client's do (a
+//! stream per call only while the session is gone and the connection not).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use flashstock_client::exchange::{exchange, ExchangeError};
+use flashstock_client::session::{Session, SessionError};
 use flashstock_client::wire::{Hello, Request, RequestBody, Response, Welcome, PROTOCOL_VERSION};
 
 use crate::tls;
@@ -32,8 +35,8 @@ const DIAL_TIMEOUT_MS: u64 = 2_000;
 struct Link {
     id: u32,
     up: AtomicBool,
-    /// The connection while the link is up.
-    connection: std::sync::Mutex<Option<quinn::Connection>>,
+    /// The connection while the link is up, and the session on it.
+    connection: std::sync::Mutex<Option<(quinn::Connection, Arc<Session>)>>,
     /// The life of the member its last link to us came from.
     boot_seen: std::sync::Mutex<Option<u64>>,
 }
@@ -110,7 +113,7 @@ impl Peers {
         let previous = link.boot_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).replace(boot);
         if previous.is_some_and(|previous| previous != boot) {
             let connection = link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-            if let Some(connection) = connection {
+            if let Some((connection, _)) = connection {
                 tracing::info!(member = id, "the member restarted; redialling it");
                 connection.close(0u8.into(), b"you restarted");
             }
@@ -119,6 +122,10 @@ impl Peers {
 
     /// The live connection to member `id`, if its link is up.
     pub fn connection(&self, id: u32) -> Option<quinn::Connection> {
+        self.link(id).map(|(connection, _)| connection)
+    }
+
+    fn link(&self, id: u32) -> Option<(quinn::Connection, Arc<Session>)> {
         self.links
             .iter()
             .find(|link| link.id == id)
@@ -128,21 +135,25 @@ impl Peers {
     /// Sends `body` to member `id` and waits at most `timeout` for its
     /// answer (the member drops the work at the same deadline).
     pub async fn call(&self, id: u32, body: RequestBody, timeout: Duration) -> Result<Response, CallError> {
-        let connection = self
-            .links
-            .iter()
-            .find(|link| link.id == id)
-            .and_then(|link| link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
-            .ok_or(CallError::Down(id))?;
+        let (connection, session) = self.link(id).ok_or(CallError::Down(id))?;
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        match exchange(&connection, &Request { timeout_ms, body }, timeout).await {
+        let request = Request { timeout_ms, body };
+        if !session.is_closed() {
+            return match session.call(request, timeout).await {
+                Ok(response) => Ok(response),
+                Err(SessionError::TimedOut) => Err(CallError::TimedOut(id)),
+                Err(SessionError::Closed(reason)) => Err(CallError::Broken { member: id, reason }),
+                Err(SessionError::Request(error)) => Err(CallError::Broken { member: id, reason: error.to_string() }),
+            };
+        }
+        match exchange(&connection, &request, timeout).await {
             Ok(response) => Ok(response),
             Err(ExchangeError::TimedOut(_)) => Err(CallError::TimedOut(id)),
             Err(error) => Err(CallError::Broken { member: id, reason: error.to_string() }),
         }
     }
 
-    fn set_connection(&self, id: u32, connection: Option<quinn::Connection>) {
+    fn set_connection(&self, id: u32, connection: Option<(quinn::Connection, Arc<Session>)>) {
         if let Some(link) = self.links.iter().find(|link| link.id == id) {
             *link.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
         }
@@ -164,8 +175,8 @@ impl Peers {
             let attempt =
                 tokio::time::timeout(Duration::from_millis(DIAL_TIMEOUT_MS), dial(endpoint, id, address, self.boot));
             match attempt.await {
-                Ok(Ok(connection)) => {
-                    self.set_connection(id, Some(connection.clone()));
+                Ok(Ok((connection, session))) => {
+                    self.set_connection(id, Some((connection.clone(), Arc::new(session))));
                     self.set(id, true);
                     pause_ms = REDIAL_PAUSE_MS_MIN;
                     let reason = connection.closed().await;
@@ -192,11 +203,14 @@ async fn dial(
     id: u32,
     address: std::net::SocketAddr,
     boot: u64,
-) -> anyhow::Result<quinn::Connection> {
+) -> anyhow::Result<(quinn::Connection, Session)> {
     let connection = endpoint.connect(address, &tls::node_name(id))?.await?;
     let hello = Hello { versions: vec![PROTOCOL_VERSION], agent: "peer-link".to_owned(), boot: Some(boot) };
     match exchange::<_, Welcome>(&connection, &hello, Duration::from_millis(DIAL_TIMEOUT_MS)).await? {
-        Welcome::Accepted { node, .. } if node == id => Ok(connection),
+        Welcome::Accepted { node, .. } if node == id => {
+            let session = Session::open(&connection, Duration::from_millis(DIAL_TIMEOUT_MS)).await?;
+            Ok((connection, session))
+        }
         Welcome::Accepted { node, .. } => anyhow::bail!("expected member {id} at {address}, found {node}"),
         Welcome::Refused { supported } => anyhow::bail!("member {id} speaks only {supported:?}"),
     }
