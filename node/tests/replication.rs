@@ -45,15 +45,27 @@ fn leader_of_group(cluster: &Cluster, group: u64, running: &[u32]) -> u32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // What each member sees of the group, so that a failure says why.
-    let views: Vec<(u32, Vec<serde_json::Value>)> = running
+    // What each member sees of the group, and how far its raft log's syncs
+    // got (a vote waits for its sync), so that a failure says why.
+    let views: Vec<String> = running
         .iter()
         .map(|&member| {
-            let seen = groups_seen_by(cluster, member).into_iter().filter(|view| view["group"].as_u64() == Some(group));
-            (member, seen.collect())
+            let (_, body) = cluster.http_get(member, "/status");
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let replication = &status["replication"];
+            let seen: Vec<&serde_json::Value> = replication["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|view| view["group"].as_u64() == Some(group))
+                .collect();
+            format!(
+                "member {member}: syncs {} writes synced {}, {seen:?}",
+                replication["syncs"], replication["writes_synced"]
+            )
         })
         .collect();
-    panic!("group {group} has no leader among members {running:?}; they see {views:?}");
+    panic!("group {group} has no leader among members {running:?}; they see {views:#?}");
 }
 
 /// What the buyers were told.
