@@ -76,23 +76,14 @@ impl Failpoint {
 type Answer = Result<Response, Refusal>;
 
 enum Input {
-    Client {
-        request: ClientRequest,
-        home_partition: u32,
-        reply: oneshot::Sender<Answer>,
-    },
-    PartAnswered {
-        member: u32,
-        reply: PartReply,
-    },
-    Durable {
-        token: u64,
-    },
-    /// A reserve on the engine's own path finished.
-    DirectDone {
-        order: OrderId,
-    },
+    Client { request: ClientRequest, home_partition: u32, reply: oneshot::Sender<Answer> },
+    PartAnswered { member: u32, reply: PartReply },
+    Durable { token: u64 },
 }
+
+/// A reserve on the engine's own path, being answered; it yields its
+/// order once its caller has the answer.
+type DirectReserve = std::pin::Pin<Box<dyn std::future::Future<Output = OrderId> + Send>>;
 
 /// The handle the server uses; cheap to share.
 #[derive(Debug)]
@@ -117,6 +108,9 @@ struct Driver {
     next_caller: CallerId,
     /// Reserves on the engine's own path under way, by order.
     direct: HashMap<OrderId, usize>,
+    /// Those reserves themselves, polled by this task (no task per
+    /// reserve); bounded by the requests the server lets in.
+    direct_running: futures_util::stream::FuturesUnordered<DirectReserve>,
     placement: Placement,
     failpoint: Option<Failpoint>,
     /// Set by the `between-commits` failpoint.
@@ -170,6 +164,7 @@ impl Coordination {
             callers: HashMap::new(),
             next_caller: 0,
             direct: HashMap::new(),
+            direct_running: futures_util::stream::FuturesUnordered::new(),
             placement: placement.clone(),
             failpoint: Failpoint::from_environment(),
             abort_once_local_commit_lands: false,
@@ -281,11 +276,17 @@ impl Coordination {
 
 impl Driver {
     async fn run(mut self, mut receiver: mpsc::Receiver<Input>, stopping: Arc<AtomicBool>) {
+        use futures_util::StreamExt;
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.carry_out();
         loop {
             tokio::select! {
+                Some(order) = self.direct_running.next(), if !self.direct_running.is_empty() => {
+                    self.direct_done(order);
+                    // Nothing of the coordinator's changed.
+                    continue;
+                }
                 input = receiver.recv() => match input {
                     Some(input) => self.handle(input),
                     None => return,
@@ -311,7 +312,7 @@ impl Driver {
                     if !self.coordinator.knows(order) {
                         if self.all_lines_here(order_request) {
                             let direct = order_request.clone();
-                            self.spawn_direct_reserve(direct, home_partition, reply);
+                            self.start_direct_reserve(direct, home_partition, reply);
                             return;
                         }
                         // Known to the engine's own path (or on its way
@@ -338,13 +339,15 @@ impl Driver {
                 self.coordinator.part_answered(now_ms, member, reply);
             }
             Input::Durable { token } => self.coordinator.durable(now_ms, token),
-            Input::DirectDone { order } => {
-                if let Some(count) = self.direct.get_mut(&order) {
-                    *count -= 1;
-                    if *count == 0 {
-                        self.direct.remove(&order);
-                    }
-                }
+        }
+    }
+
+    /// A reserve on the engine's own path was answered.
+    fn direct_done(&mut self, order: OrderId) {
+        if let Some(count) = self.direct.get_mut(&order) {
+            *count -= 1;
+            if *count == 0 {
+                self.direct.remove(&order);
             }
         }
     }
@@ -355,11 +358,13 @@ impl Driver {
         request.lines.iter().all(|line| self.placement.owner_of_sku(&line.sku) == self.own)
     }
 
-    fn spawn_direct_reserve(&mut self, request: OrderRequest, home_partition: u32, reply: oneshot::Sender<Answer>) {
+    /// Starts a reserve on the engine's own path; this task polls it
+    /// beside its inbox (see `direct_running`).
+    fn start_direct_reserve(&mut self, request: OrderRequest, home_partition: u32, reply: oneshot::Sender<Answer>) {
         let order = request.order.clone();
         *self.direct.entry(order.clone()).or_insert(0) += 1;
-        let (engine, inbox) = (self.engine.clone(), self.inbox.clone());
-        tokio::spawn(async move {
+        let engine = self.engine.clone();
+        self.direct_running.push(Box::pin(async move {
             let answer = match engine.reserve(request).await {
                 Ok(reservation) => Ok(Response::Reserved {
                     order: reservation.order.as_str().to_owned(),
@@ -370,9 +375,8 @@ impl Driver {
                 Err(error) => Err(order_refusal(error)),
             };
             let _ = reply.send(answer);
-            // The task may be gone when the node stops; nothing waits then.
-            let _ = inbox.send(Input::DirectDone { order }).await;
-        });
+            order
+        }));
     }
 
     fn carry_out(&mut self) {
