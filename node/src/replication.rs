@@ -938,8 +938,18 @@ impl Driver {
                 continue;
             }
             // A probe task that failed counts as a peer that did not answer.
+            let mut unsettled = Vec::new();
             while let Some(joined) = asks.join_next().await {
                 let Ok((peer, answer)) = joined else { continue };
+                let summary = match &answer {
+                    Ok(Response::ReplicaProbe { has_state, started_with_you, groups, .. }) => format!(
+                        "member {peer}: has state {has_state}, started with us {started_with_you}, {} groups",
+                        groups.len()
+                    ),
+                    Ok(other) => format!("member {peer}: {other:?}"),
+                    Err(error) => format!("member {peer}: {error}"),
+                };
+                unsettled.push(summary);
                 match answer {
                     Ok(Response::ReplicaProbe { has_state: false, boot, .. }) => {
                         without_state.insert(peer, boot);
@@ -959,18 +969,27 @@ impl Driver {
                     Ok(_) | Err(_) => {}
                 }
             }
+            // A peer that recorded this very life of ours when it decided
+            // on the first start proves we are part of it (this life has no
+            // log, so it never joined under another generation): decided,
+            // whoever else has not answered. Waiting for every peer instead
+            // left a member that could not reach one of them probing for
+            // ever while the other two ran the groups without it.
+            let first_start = started_with_us > 0 || without_state.len() == peers.len();
+            if first_start {
+                // Every member deciding on the first start vouches for the
+                // fresh members it heard from, not only the first to decide:
+                // a late member may reach only some of us.
+                self.first_start_with.write().unwrap_or_else(PoisonError::into_inner).extend(without_state);
+                return Some(0);
+            }
             if let Some(seen) = generation_seen {
                 return Some(seen + 1);
-            }
-            if without_state.len() + started_with_us == peers.len() {
-                if started_with_us == 0 {
-                    *self.first_start_with.write().unwrap_or_else(PoisonError::into_inner) = without_state;
-                }
-                return Some(0);
             }
             if round % 25 == 0 {
                 tracing::info!(
                     peers_without_state = without_state.len(),
+                    answers = ?unsettled,
                     "waiting for the other members to tell a first start from a lost disk"
                 );
             }
