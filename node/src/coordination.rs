@@ -56,6 +56,10 @@ pub enum Failpoint {
     /// takes 3 s before it decides (it answers theirs meanwhile), as a
     /// member started a moment after the others.
     SlowFirstProbe,
+    /// Replicated, no raft log: the member's probe never hears from its
+    /// highest-numbered peer, as one whose link to that peer does not come
+    /// up while the others' do.
+    ProbeMissesAPeer,
 }
 
 impl Failpoint {
@@ -64,6 +68,7 @@ impl Failpoint {
             "before-decision" => Some(Self::BeforeDecision),
             "between-commits" => Some(Self::BetweenCommits),
             "slow-first-probe" => Some(Self::SlowFirstProbe),
+            "probe-misses-a-peer" => Some(Self::ProbeMissesAPeer),
             other => {
                 tracing::warn!(failpoint = other, "unknown FLASHSTOCK_FAILPOINT ignored");
                 None

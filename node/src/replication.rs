@@ -914,8 +914,11 @@ impl Driver {
     async fn probe(&self, stopping: &AtomicBool) -> Option<u32> {
         let peers: Vec<u32> = self.senders.keys().copied().collect();
         let boot = self.peers.boot();
-        let slow_first =
-            crate::coordination::Failpoint::from_environment() == Some(crate::coordination::Failpoint::SlowFirstProbe);
+        let failpoint = crate::coordination::Failpoint::from_environment();
+        let slow_first = failpoint == Some(crate::coordination::Failpoint::SlowFirstProbe);
+        let missed_peer = (failpoint == Some(crate::coordination::Failpoint::ProbeMissesAPeer))
+            .then(|| peers.iter().copied().max())
+            .flatten();
         for round in 0u64.. {
             if stopping.load(Ordering::Acquire) {
                 return None;
@@ -926,7 +929,7 @@ impl Driver {
             // Every peer at once: one that does not answer yet must not
             // hold up the others' answers.
             let mut asks = tokio::task::JoinSet::new();
-            for &peer in &peers {
+            for &peer in peers.iter().filter(|&&peer| Some(peer) != missed_peer) {
                 let links = self.peers.clone();
                 asks.spawn(
                     async move { (peer, links.call(peer, RequestBody::ReplicaProbe { boot }, PROBE_TIMEOUT).await) },
