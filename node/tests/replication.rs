@@ -194,12 +194,39 @@ fn killing_leaders_during_a_sale_loses_no_acknowledged_commit() {
     assert!(*failovers.last().expect("rounds") < Duration::from_secs(30), "{failovers:?}");
 }
 
-/// A first start where one member decides late: the others heard it hold
-/// nothing and elected leaders while it was still asking. It must join
-/// as itself (generation 0), not as a member that lost its disk — the old
-/// rule rejoined it under a new generation, replacing its replica in
-/// every group of a brand-new cluster (the demo's first sale then saw
-/// leaders change under it).
+/// Waits (bounded) until `member` runs a replica of every group it holds,
+/// each with a leader elected; the views it reports when it does not.
+fn wait_until_it_runs_its_replicas(cluster: &Cluster, member: u32) {
+    for _ in 0..200 {
+        let views = groups_seen_by(cluster, member);
+        let held: Vec<&serde_json::Value> = views.iter().filter(|view| view["held_here"] == true).collect();
+        if !held.is_empty() && held.iter().all(|view| view["term"].as_u64().unwrap_or(0) > 0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("member {member} runs its replicas: {:?}", groups_seen_by(cluster, member));
+}
+
+/// Every member's every replica is of generation 0: nobody joined as a
+/// member that lost its disk (after long enough for such a rejoin to show).
+fn assert_every_replica_of_generation_zero(cluster: &Cluster) {
+    std::thread::sleep(Duration::from_millis(1_500));
+    for member in cluster.members() {
+        for view in groups_seen_by(cluster, member).iter().filter(|view| view["held_here"] == true) {
+            let mut voters: Vec<u64> =
+                view["voters"].as_array().expect("voters").iter().filter_map(serde_json::Value::as_u64).collect();
+            voters.sort_unstable();
+            assert_eq!(
+                voters,
+                vec![1, 2, 3],
+                "member {member}, group {}: every replica of generation 0",
+                view["group"]
+            );
+        }
+    }
+}
+
 /// A fresh member that hears from only some of its peers at the first
 /// start (its link to one does not come up) still decides, on the word of
 /// a peer that recorded it, and runs its replicas as itself. Before, it
@@ -210,30 +237,16 @@ fn killing_leaders_during_a_sale_loses_no_acknowledged_commit() {
 fn a_member_that_cannot_reach_one_peer_at_the_first_start_still_joins() {
     let blind: &[(&str, &str)] = &[("FLASHSTOCK_FAILPOINT", "probe-misses-a-peer")];
     let cluster = Cluster::start_replicated_with("replicated-blind", 3, 3, &[(1, blind)]);
-    let mut joined = false;
-    for _ in 0..200 {
-        let views = groups_seen_by(&cluster, 1);
-        let held: Vec<&serde_json::Value> = views.iter().filter(|view| view["held_here"] == true).collect();
-        if !held.is_empty() && held.iter().all(|view| view["term"].as_u64().unwrap_or(0) > 0) {
-            joined = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(joined, "member 1 runs its replicas: {:?}", groups_seen_by(&cluster, 1));
-    // As itself (generation 0 ids), not as a member that lost its disk:
-    // long enough for a rejoin under a new generation to have shown.
-    std::thread::sleep(Duration::from_millis(1_500));
-    for member in cluster.members() {
-        for view in groups_seen_by(&cluster, member).iter().filter(|view| view["held_here"] == true) {
-            let mut voters: Vec<u64> =
-                view["voters"].as_array().expect("voters").iter().filter_map(serde_json::Value::as_u64).collect();
-            voters.sort_unstable();
-            assert_eq!(voters, vec![1, 2, 3], "member {member}: every replica of generation 0: {view}");
-        }
-    }
+    wait_until_it_runs_its_replicas(&cluster, 1);
+    assert_every_replica_of_generation_zero(&cluster);
 }
 
+/// A first start where one member decides late: the others heard it hold
+/// nothing and elected leaders while it was still asking. It must join
+/// as itself (generation 0), not as a member that lost its disk — the old
+/// rule rejoined it under a new generation, replacing its replica in
+/// every group of a brand-new cluster (the demo's first sale then saw
+/// leaders change under it).
 #[test]
 fn a_member_deciding_after_the_others_elected_joins_as_itself_not_under_a_new_generation() {
     let slow: &[(&str, &str)] = &[("FLASHSTOCK_FAILPOINT", "slow-first-probe")];
@@ -249,32 +262,8 @@ fn a_member_deciding_after_the_others_elected_joins_as_itself_not_under_a_new_ge
     }
     assert!(elected_before, "members 1 and 2 elected while member 3 was still deciding");
     // Member 3 takes part in every group under its first ids.
-    let mut joined = false;
-    for _ in 0..200 {
-        let views = groups_seen_by(&cluster, 3);
-        let held: Vec<&serde_json::Value> = views.iter().filter(|view| view["held_here"] == true).collect();
-        if !held.is_empty() && held.iter().all(|view| view["term"].as_u64().unwrap_or(0) > 0) {
-            joined = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(joined, "member 3 runs its replicas: {:?}", groups_seen_by(&cluster, 3));
-    // Long enough for a rejoin under a new generation to have shown.
-    std::thread::sleep(Duration::from_millis(1_500));
-    for member in cluster.members() {
-        for view in groups_seen_by(&cluster, member).iter().filter(|view| view["held_here"] == true) {
-            let mut voters: Vec<u64> =
-                view["voters"].as_array().expect("voters").iter().filter_map(serde_json::Value::as_u64).collect();
-            voters.sort_unstable();
-            assert_eq!(
-                voters,
-                vec![1, 2, 3],
-                "member {member}, group {}: every replica of generation 0",
-                view["group"]
-            );
-        }
-    }
+    wait_until_it_runs_its_replicas(&cluster, 3);
+    assert_every_replica_of_generation_zero(&cluster);
 }
 
 #[test]
