@@ -941,18 +941,21 @@ impl Driver {
                 continue;
             }
             // A probe task that failed counts as a peer that did not answer.
-            let mut unsettled = Vec::new();
+            // Every 25th round the answers are logged if still undecided.
+            let logging = round % 25 == 0;
+            let mut answers_seen = Vec::new();
             while let Some(joined) = asks.join_next().await {
                 let Ok((peer, answer)) = joined else { continue };
-                let summary = match &answer {
-                    Ok(Response::ReplicaProbe { has_state, started_with_you, groups, .. }) => format!(
-                        "member {peer}: has state {has_state}, started with us {started_with_you}, {} groups",
-                        groups.len()
-                    ),
-                    Ok(other) => format!("member {peer}: {other:?}"),
-                    Err(error) => format!("member {peer}: {error}"),
-                };
-                unsettled.push(summary);
+                if logging {
+                    answers_seen.push(match &answer {
+                        Ok(Response::ReplicaProbe { has_state, started_with_you, groups, .. }) => format!(
+                            "member {peer}: has state {has_state}, started with us {started_with_you}, {} groups",
+                            groups.len()
+                        ),
+                        Ok(other) => format!("member {peer}: {other:?}"),
+                        Err(error) => format!("member {peer}: {error}"),
+                    });
+                }
                 match answer {
                     Ok(Response::ReplicaProbe { has_state: false, boot, .. }) => {
                         without_state.insert(peer, boot);
@@ -989,10 +992,10 @@ impl Driver {
             if let Some(seen) = generation_seen {
                 return Some(seen + 1);
             }
-            if round % 25 == 0 {
+            if logging {
                 tracing::info!(
                     peers_without_state = without_state.len(),
-                    answers = ?unsettled,
+                    answers = ?answers_seen,
                     "waiting for the other members to tell a first start from a lost disk"
                 );
             }
