@@ -30,6 +30,9 @@
 //!   slots, admission (`Busy`), admin changes, availability.
 //! - `orders` (private): all-or-nothing reserve, commit and release, the
 //!   sold-out hint.
+//! - `batch` (private): [`Engine::submit_batch`], a frame's requests in one
+//!   go: one admission and one push per SKU, answers through a
+//!   [`BatchSink`] instead of a future each.
 //! - `recovery` (private): [`Engine::open`], a durable engine rebuilt from
 //!   its log.
 //! - `parts` (private): [`Engine::apply_part`], the participant side of
@@ -41,12 +44,15 @@
 //!   participant side for coordinators on other members.
 //!
 //! Dependencies run one way: `slot` <- `actor`, `directory` <- `runtime`
-//! <- `orders`, `recovery`, `statistics`, `transaction`.
+//! <- `orders` <- `batch`, and `recovery`, `statistics`, `transaction` on
+//! `runtime`; the one loop is a request's reply in `slot`, which may be a
+//! batch's completion.
 //!
 //! The structures shared between threads without an actor live in the
 //! `flashstock-sync` crate, which is loom-checked on its own.
 
 pub mod actor;
+mod batch;
 pub mod clock;
 pub mod config;
 pub mod coordination;
@@ -66,6 +72,7 @@ mod slot;
 mod statistics;
 mod transaction;
 
+pub use batch::{BatchAnswer, BatchRequest, BatchSink};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::EngineConfig;
 pub use ids::{BuyerId, InvalidId, OperationId, OrderId, SkuId};

@@ -74,59 +74,76 @@ impl Engine {
     /// content is `IdempotencyConflict`. A refused order leaves no trace, so
     /// it may be retried with the same id.
     pub async fn reserve(&self, request: OrderRequest) -> Result<Reservation, OrderError> {
+        let lines = merge_lines(&request, &self.inner.config.limits)?;
+        let (plan, arrival) = match self.start_reserve(&request, lines, self.inner.clock.now_ms()) {
+            ReserveStart::Answered(answer) => return answer,
+            ReserveStart::Admitted { plan, arrival } => (plan, arrival),
+        };
+        let order = &request.order;
+        let directory = &self.order_partition(order).orders;
+        let interrupted = InterruptedOrder { directory, order, arrival, resting: OrderPhase::Held, finished: false };
+        let outcome = self.hold_all(order, &request.buyer, request.ttl_ms, &plan).await;
+        interrupted.finish();
+        self.finish_reserve(order, &outcome);
+        outcome
+    }
+
+    /// A reserve up to the moment its lines are asked: the answer if the
+    /// directory or the sold-out hint gives one, or else the order
+    /// admitted (`Reserving`) with its plan. Nothing is cloned before the
+    /// sold-out check: most requests in a flash sale end there.
+    pub(crate) fn start_reserve(&self, request: &OrderRequest, lines: Vec<MergedLine>, now_ms: u64) -> ReserveStart {
         let config = &self.inner.config;
-        let lines = merge_lines(&request, &config.limits)?;
-        let slots = lines
+        let slots = match lines
             .iter()
             .map(|line| self.slot(&line.sku).map_err(|error| error.into_order_error(line.index)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let directory = &self.order_partition(&request.order).orders;
-        let now_ms = self.inner.clock.now_ms();
-        // Nothing is cloned before the sold-out check: most requests in a
-        // flash sale end there.
-        let (order, buyer, ttl_ms, plan, arrival) = {
-            let mut orders = lock(directory);
-            // What is past its window is forgotten before the id is looked
-            // up: a reused id after the window is a new order.
-            orders.forget_old(now_ms, config);
-            // A retry is answered from the directory, before the hint: a
-            // held order stays held even once its SKU has sold out.
-            if let Some(answer) = Self::replay_reserve(&orders, &request, &lines) {
-                return answer;
-            }
-            for (line, slot) in lines.iter().zip(&slots) {
-                if let Some(sold_out) = Self::sold_out_from_hint(slot, line, now_ms) {
-                    return Err(sold_out);
-                }
-            }
-            let (order, buyer, ttl_ms) = (request.order.clone(), request.buyer.clone(), request.ttl_ms);
-            let content = OrderContent::of(&request.buyer, request.ttl_ms, &lines);
-            let plan = Arc::new(OrderPlan { lines, slots });
-            let record = |arrival| OrderRecord {
-                content,
-                arrival,
-                plan: plan.clone(),
-                phase: OrderPhase::Reserving,
-                reservation: None,
-                settlement: None,
-            };
-            let arrival = orders.admit(now_ms, &order, config, record)?;
-            (order, buyer, ttl_ms, plan, arrival)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(slots) => slots,
+            Err(error) => return ReserveStart::Answered(Err(error)),
         };
-        let interrupted =
-            InterruptedOrder { directory, order: &order, arrival, resting: OrderPhase::Held, finished: false };
-        let outcome = self.hold_all(&order, &buyer, ttl_ms, &plan).await;
-        interrupted.finish();
-        let mut orders = lock(directory);
-        let record = orders.records.get_mut(&order).expect("a reserving order stays in the directory");
-        match &outcome {
+        let mut orders = lock(&self.order_partition(&request.order).orders);
+        // What is past its window is forgotten before the id is looked
+        // up: a reused id after the window is a new order.
+        orders.forget_old(now_ms, config);
+        // A retry is answered from the directory, before the hint: a held
+        // order stays held even once its SKU has sold out.
+        if let Some(answer) = Self::replay_reserve(&orders, request, &lines) {
+            return ReserveStart::Answered(answer);
+        }
+        for (line, slot) in lines.iter().zip(&slots) {
+            if let Some(sold_out) = Self::sold_out_from_hint(slot, line, now_ms) {
+                return ReserveStart::Answered(Err(sold_out));
+            }
+        }
+        let content = OrderContent::of(&request.buyer, request.ttl_ms, &lines);
+        let plan = Arc::new(OrderPlan { lines, slots });
+        let record = |arrival| OrderRecord {
+            content,
+            arrival,
+            plan: plan.clone(),
+            phase: OrderPhase::Reserving,
+            reservation: None,
+            settlement: None,
+        };
+        match orders.admit(now_ms, &request.order, config, record) {
+            Ok(arrival) => ReserveStart::Admitted { plan, arrival },
+            Err(refused) => ReserveStart::Answered(Err(refused)),
+        }
+    }
+
+    /// Records how a reserve admitted by [`Self::start_reserve`] ended: held,
+    /// or forgotten (a refused order leaves no trace).
+    pub(crate) fn finish_reserve(&self, order: &OrderId, outcome: &Result<Reservation, OrderError>) {
+        let mut orders = lock(&self.order_partition(order).orders);
+        let record = orders.records.get_mut(order).expect("a reserving order stays in the directory");
+        match outcome {
             Ok(reservation) => {
                 record.phase = OrderPhase::Held;
                 record.reservation = Some(reservation.clone());
             }
-            Err(_) => orders.remove(&order),
+            Err(_) => orders.remove(order),
         }
-        outcome
     }
 
     pub(crate) fn replay_reserve(
@@ -176,23 +193,14 @@ impl Engine {
         let mut expires_at_ms = u64::MAX;
         for (position, answer) in pending {
             let (index, slot) = (plan.lines[position].index, &plan.slots[position]);
-            match answer.await {
-                Ok(SkuAnswer {
-                    result: Ok(SkuOutcome::Reserved { units, expires_at_ms: line_expiry_ms, .. }),
-                    stock,
-                }) => {
+            match held_line(index, &slot.sku, answer.await.ok()) {
+                Ok((line, line_expiry_ms)) => {
                     expires_at_ms = expires_at_ms.min(line_expiry_ms);
-                    held.push(ReservedLine { sku: slot.sku.clone(), units, stock });
+                    held.push(line);
                     held_slots.push(slot);
                 }
-                Ok(SkuAnswer { result: Err(error), stock }) => {
-                    failure.get_or_insert(OrderError::Line { index, sku: slot.sku.clone(), error, stock });
-                }
-                Ok(SkuAnswer { result: Ok(other), .. }) => {
-                    unreachable!("a reserve answered {other:?}")
-                }
-                Err(_) => {
-                    failure.get_or_insert(OrderError::Unavailable);
+                Err(error) => {
+                    failure.get_or_insert(error);
                 }
             }
         }
@@ -262,57 +270,12 @@ impl Engine {
 
     pub(crate) async fn settle(&self, order: &OrderId, how: Settle<'_>) -> Result<Settlement, OrderError> {
         let committing = matches!(how, Settle::Commit { .. });
-        if let Settle::Commit { fewer } = how {
-            for (index, (sku, _)) in fewer.iter().enumerate() {
-                if fewer[..index].iter().any(|(earlier, _)| earlier == sku) {
-                    return Err(OrderError::NotInOrder { sku: sku.clone() });
-                }
-            }
-        }
+        let (plan, resting, arrival) = match self.start_settle(order, how, false) {
+            SettleStart::Answered(answer) => return answer,
+            SettleStart::Begun { plan, resting, arrival } => (plan, resting, arrival),
+            SettleStart::Declined => unreachable!("only a batch declines an order of several lines"),
+        };
         let directory = &self.order_partition(order).orders;
-        let (plan, resting, arrival) = {
-            let mut orders = lock(directory);
-            let record = orders.records.get_mut(order).ok_or(OrderError::UnknownReservation)?;
-            match (record.phase, committing) {
-                (OrderPhase::Held | OrderPhase::Prepared, _) => {}
-                (OrderPhase::Committed, true) | (OrderPhase::Released, false) => {
-                    let mut settlement = record.settlement.clone().expect("a settled order has its settlement");
-                    settlement.replayed = true;
-                    return Ok(settlement);
-                }
-                (OrderPhase::Committed, false) => return Err(OrderError::AlreadyCommitted),
-                (OrderPhase::Released, true) => return Err(OrderError::AlreadyReleased),
-                (OrderPhase::Expired, _) => {
-                    let expired_at_ms = record.reservation.as_ref().map_or(0, |r| r.expires_at_ms);
-                    return Err(OrderError::Expired { expired_at_ms });
-                }
-                (OrderPhase::Reserving | OrderPhase::Settling, _) => {
-                    return Err(OrderError::Busy { retry_after_ms: 1 });
-                }
-            }
-            // Every requested count is checked against its hold before any
-            // line is touched: one line refusing while the others sell would
-            // split the order.
-            if let (Settle::Commit { fewer }, Some(reservation)) = (how, record.reservation.as_ref()) {
-                for (sku, units) in fewer {
-                    let held = reservation.lines.iter().find(|line| line.sku == *sku).map(|line| line.units);
-                    match held {
-                        None => return Err(OrderError::NotInOrder { sku: sku.clone() }),
-                        Some(held) if *units == 0 || *units > held => {
-                            return Err(OrderError::InvalidUnits { sku: sku.clone(), units: *units, held });
-                        }
-                        Some(_) => {}
-                    }
-                }
-            }
-            let resting = record.phase;
-            record.phase = OrderPhase::Settling;
-            (record.plan.clone(), resting, record.arrival)
-        };
-        let fewer_units = |sku: &SkuId| match how {
-            Settle::Commit { fewer } => fewer.iter().find(|(named, _)| named == sku).map(|&(_, units)| units),
-            Settle::Release => None,
-        };
         // Several lines held here are sold all or none by a transaction,
         // on its own task so that a caller who stops waiting cannot leave
         // it half done. (Lines prepared for a coordinator elsewhere follow
@@ -321,21 +284,76 @@ impl Engine {
             let lines = plan
                 .lines
                 .iter()
-                .map(|line| TransactionLine { sku: line.sku.clone(), units: fewer_units(&line.sku) })
+                .map(|line| TransactionLine { sku: line.sku.clone(), units: how.units_for(&line.sku) })
                 .collect();
             let (engine, order) = (self.clone(), order.clone());
             let task = tokio::spawn(async move { engine.commit_transaction(order, plan, lines).await });
             return task.await.unwrap_or_else(|failure| std::panic::resume_unwind(failure.into_panic()));
         }
         let interrupted = InterruptedOrder { directory, order, arrival, resting, finished: false };
-        let answers = self
-            .apply_to_lines(&plan, false, |line| match how {
-                Settle::Commit { .. } => SkuCommand::Commit { order: order.clone(), units: fewer_units(&line.sku) },
-                Settle::Release => SkuCommand::Release { order: order.clone() },
-            })
-            .await;
+        let answers = self.apply_to_lines(&plan, false, |line| how.command(order, &line.sku)).await;
         interrupted.finish();
         self.finish_settle(order, &plan, committing, resting, answers)
+    }
+
+    /// A commit or release up to the moment its lines are asked: the
+    /// answer if the directory gives one (a replay, a refusal), or else
+    /// the order marked `Settling` with its plan and the phase it rests in
+    /// if the settle is interrupted. With `single_line_only`, an order of
+    /// several lines is left untouched (`Declined`) for the caller's
+    /// awaited path.
+    pub(crate) fn start_settle(&self, order: &OrderId, how: Settle<'_>, single_line_only: bool) -> SettleStart {
+        let committing = matches!(how, Settle::Commit { .. });
+        if let Settle::Commit { fewer } = how {
+            for (index, (sku, _)) in fewer.iter().enumerate() {
+                if fewer[..index].iter().any(|(earlier, _)| earlier == sku) {
+                    return SettleStart::Answered(Err(OrderError::NotInOrder { sku: sku.clone() }));
+                }
+            }
+        }
+        let answered = |answer| SettleStart::Answered(answer);
+        let mut orders = lock(&self.order_partition(order).orders);
+        let Some(record) = orders.records.get_mut(order) else {
+            return answered(Err(OrderError::UnknownReservation));
+        };
+        match (record.phase, committing) {
+            (OrderPhase::Held | OrderPhase::Prepared, _) => {}
+            (OrderPhase::Committed, true) | (OrderPhase::Released, false) => {
+                let mut settlement = record.settlement.clone().expect("a settled order has its settlement");
+                settlement.replayed = true;
+                return answered(Ok(settlement));
+            }
+            (OrderPhase::Committed, false) => return answered(Err(OrderError::AlreadyCommitted)),
+            (OrderPhase::Released, true) => return answered(Err(OrderError::AlreadyReleased)),
+            (OrderPhase::Expired, _) => {
+                let expired_at_ms = record.reservation.as_ref().map_or(0, |r| r.expires_at_ms);
+                return answered(Err(OrderError::Expired { expired_at_ms }));
+            }
+            (OrderPhase::Reserving | OrderPhase::Settling, _) => {
+                return answered(Err(OrderError::Busy { retry_after_ms: 1 }));
+            }
+        }
+        // Every requested count is checked against its hold before any
+        // line is touched: one line refusing while the others sell would
+        // split the order.
+        if let (Settle::Commit { fewer }, Some(reservation)) = (how, record.reservation.as_ref()) {
+            for (sku, units) in fewer {
+                let held = reservation.lines.iter().find(|line| line.sku == *sku).map(|line| line.units);
+                match held {
+                    None => return answered(Err(OrderError::NotInOrder { sku: sku.clone() })),
+                    Some(held) if *units == 0 || *units > held => {
+                        return answered(Err(OrderError::InvalidUnits { sku: sku.clone(), units: *units, held }));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if single_line_only && record.plan.lines.len() > 1 {
+            return SettleStart::Declined;
+        }
+        let resting = record.phase;
+        record.phase = OrderPhase::Settling;
+        SettleStart::Begun { plan: record.plan.clone(), resting, arrival: record.arrival }
     }
 
     /// Records how a settle of `order` ended from its lines' answers, and
@@ -441,4 +459,64 @@ impl Engine {
 pub(crate) enum Settle<'a> {
     Commit { fewer: &'a [(SkuId, u32)] },
     Release,
+}
+
+impl Settle<'_> {
+    /// The units a commit sells of the line of `sku` (`None`: all held).
+    pub(crate) fn units_for(self, sku: &SkuId) -> Option<u32> {
+        match self {
+            Settle::Commit { fewer } => fewer.iter().find(|(named, _)| named == sku).map(|&(_, units)| units),
+            Settle::Release => None,
+        }
+    }
+
+    /// The command that settles `order` on the line of `sku`.
+    pub(crate) fn command(self, order: &OrderId, sku: &SkuId) -> SkuCommand {
+        match self {
+            Settle::Commit { .. } => SkuCommand::Commit { order: order.clone(), units: self.units_for(sku) },
+            Settle::Release => SkuCommand::Release { order: order.clone() },
+        }
+    }
+}
+
+/// Where [`Engine::start_reserve`] left a reserve.
+pub(crate) enum ReserveStart {
+    Answered(Result<Reservation, OrderError>),
+    /// In the directory as `Reserving`; its lines are to be held.
+    Admitted {
+        plan: Arc<OrderPlan>,
+        arrival: u64,
+    },
+}
+
+/// Where [`Engine::start_settle`] left a commit or release.
+pub(crate) enum SettleStart {
+    Answered(Result<Settlement, OrderError>),
+    /// In the directory as `Settling`; its lines are to be settled.
+    Begun {
+        plan: Arc<OrderPlan>,
+        resting: OrderPhase,
+        arrival: u64,
+    },
+    /// Several lines, and the caller asked for one only; nothing changed.
+    Declined,
+}
+
+/// One line's answer to a reserve, as the order's: the held line and when
+/// it expires, or the refusal (`None`: its owner stopped before answering).
+pub(crate) fn held_line(
+    index: usize,
+    sku: &SkuId,
+    answer: Option<SkuAnswer>,
+) -> Result<(ReservedLine, u64), OrderError> {
+    match answer {
+        Some(SkuAnswer { result: Ok(SkuOutcome::Reserved { units, expires_at_ms, .. }), stock }) => {
+            Ok((ReservedLine { sku: sku.clone(), units, stock }, expires_at_ms))
+        }
+        Some(SkuAnswer { result: Err(error), stock }) => {
+            Err(OrderError::Line { index, sku: sku.clone(), error, stock })
+        }
+        Some(SkuAnswer { result: Ok(other), .. }) => unreachable!("a reserve answered {other:?}"),
+        None => Err(OrderError::Unavailable),
+    }
 }

@@ -29,7 +29,7 @@ use crate::log::writer::{Append, LogSubmitter, LogWriter};
 use crate::order::OrderError;
 use crate::partition::partition_of;
 use crate::sku::{AdminChange, SkuAnswer, SkuCommand, SkuError, SkuSettings, SkuState, StockSnapshot};
-use crate::slot::{lock, reading_of, Request, SkuSlot};
+use crate::slot::{lock, reading_of, Reply, Request, SkuSlot};
 
 /// Why a SKU-level request (admin or query) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -277,8 +277,14 @@ impl Engine {
             return Err(busy);
         }
         let (reply, answer) = oneshot::channel();
-        let request = Request { command, reply };
-        match slot.queue.push(request) {
+        self.push_to_actor(slot, vec![Request { command, reply: Reply::Waiter(reply) }]);
+        Ok(answer)
+    }
+
+    /// Hands admitted `requests` to the SKU's actor in one push, with at
+    /// most one wake-up, starting an actor if none runs.
+    pub(crate) fn push_to_actor(&self, slot: &Arc<SkuSlot>, requests: Vec<Request>) {
+        match slot.queue.push_many(requests) {
             Pushed::ConsumerBusy => {}
             Pushed::WakeConsumer => slot.wake(),
             Pushed::StartConsumer => {
@@ -291,7 +297,6 @@ impl Engine {
                 });
             }
         }
-        Ok(answer)
     }
 
     pub(crate) async fn execute(&self, sku: &SkuId, command: SkuCommand) -> Result<SkuAnswer, EngineError> {

@@ -9,6 +9,7 @@ use flashstock_sync::{AdmissionGate, SnapshotReading, WakeQueue};
 use ractor::ActorRef;
 use tokio::sync::oneshot;
 
+use crate::batch::BatchCompletion;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::ids::SkuId;
@@ -31,14 +32,31 @@ pub enum SkuMessage {
 #[derive(Debug)]
 pub(crate) struct Request {
     pub(crate) command: SkuCommand,
-    pub(crate) reply: oneshot::Sender<SkuAnswer>,
+    pub(crate) reply: Reply,
+}
+
+/// Where a request's answer goes.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// To a future awaiting it.
+    Waiter(oneshot::Sender<SkuAnswer>),
+    /// Into a batch's completion, which finishes the order and answers the
+    /// batch's sink (see `batch.rs`).
+    Batch(BatchCompletion),
 }
 
 impl Request {
     /// Sends the answer; the caller then calls [`SkuSlot::admitted_done`].
+    /// Dropping a request unanswered tells its caller that the owner could
+    /// not answer.
     pub(crate) fn answer(self, answer: SkuAnswer) {
-        // The caller may have given up waiting; the answer then has no reader.
-        let _ = self.reply.send(answer);
+        match self.reply {
+            // The caller may have given up waiting; the answer then has no reader.
+            Reply::Waiter(reply) => {
+                let _ = reply.send(answer);
+            }
+            Reply::Batch(completion) => completion.complete(answer),
+        }
     }
 }
 

@@ -26,13 +26,23 @@ impl AdmissionGate {
     /// exactly once for every `true`.
     #[must_use]
     pub fn try_acquire(&self) -> bool {
+        self.try_acquire_up_to(1) == 1
+    }
+
+    /// Takes as many of `wanted` places as are free, in one step, and
+    /// returns how many it took (a batch's requests for one SKU are
+    /// admitted together; the ones beyond the count are refused). The
+    /// caller must give back exactly that many.
+    #[must_use]
+    pub fn try_acquire_up_to(&self, wanted: usize) -> usize {
         let mut current = self.in_flight.load(Ordering::Relaxed);
         loop {
-            if current >= self.limit {
-                return false;
+            let granted = self.limit.saturating_sub(current).min(wanted);
+            if granted == 0 {
+                return 0;
             }
-            match self.in_flight.compare_exchange(current, current + 1, Ordering::Acquire, Ordering::Relaxed) {
-                Ok(_) => return true,
+            match self.in_flight.compare_exchange(current, current + granted, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return granted,
                 Err(actual) => current = actual,
             }
         }
@@ -72,6 +82,18 @@ mod tests {
         gate.release();
         assert!(gate.try_acquire());
         assert_eq!(gate.in_flight(), 2);
+    }
+
+    #[test]
+    fn a_batch_takes_what_is_free_and_no_more() {
+        let gate = AdmissionGate::new(5);
+        assert!(gate.try_acquire());
+        assert_eq!(gate.try_acquire_up_to(3), 3);
+        assert_eq!(gate.try_acquire_up_to(3), 1);
+        assert_eq!(gate.try_acquire_up_to(3), 0);
+        gate.release_many(4);
+        assert_eq!(gate.try_acquire_up_to(0), 0);
+        assert_eq!(gate.in_flight(), 1);
     }
 
     #[test]

@@ -51,11 +51,25 @@ impl<T> WakeQueue<T> {
     /// Queues `item`. The caller bounds how many items may be queued (see
     /// [`crate::AdmissionGate`]); the count must stay below `PARKED`.
     pub fn push(&self, item: T) -> Pushed {
-        // The item is in the queue before it is announced, so a consumer that
-        // sees the announcement always finds the item.
-        self.items.push(item);
-        let previous = self.word.fetch_add(1, Ordering::AcqRel);
-        assert!((previous & !PARKED) < PARKED - 1, "wake queue count overflow");
+        self.push_many(std::iter::once(item))
+    }
+
+    /// Queues every item of `items` and announces them at once: a batch of
+    /// requests for one SKU pays for one announcement and at most one
+    /// wake-up. An empty batch changes nothing (`ConsumerBusy`).
+    pub fn push_many(&self, items: impl IntoIterator<Item = T>) -> Pushed {
+        // The items are in the queue before they are announced, so a
+        // consumer that sees the announcement always finds them.
+        let mut count = 0;
+        for item in items {
+            self.items.push(item);
+            count += 1;
+        }
+        if count == 0 {
+            return Pushed::ConsumerBusy;
+        }
+        let previous = self.word.fetch_add(count, Ordering::AcqRel);
+        assert!((previous & !PARKED) < PARKED - count, "wake queue count overflow");
         if previous == PARKED {
             // We moved the word out of "parked and empty": we start the
             // consumer. Clearing the bit now means no later push sees a count
@@ -118,6 +132,21 @@ impl<T> WakeQueue<T> {
 #[cfg(all(test, not(flashstock_loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_announced_once() {
+        let queue = WakeQueue::new_parked();
+        assert_eq!(queue.push_many(Vec::<u32>::new()), Pushed::ConsumerBusy);
+        assert!(queue.is_parked(), "an empty batch starts nobody");
+        assert_eq!(queue.push_many([1, 2, 3]), Pushed::StartConsumer);
+        assert_eq!(queue.push_many([4]), Pushed::ConsumerBusy);
+        let mut batch = Vec::new();
+        assert_eq!(queue.take_batch(10, &mut batch), 4);
+        assert_eq!(batch, vec![1, 2, 3, 4]);
+        assert!(!queue.finish_batch(4));
+        assert_eq!(queue.push_many([5, 6]), Pushed::WakeConsumer);
+        assert_eq!(queue.announced(), 2);
+    }
 
     #[test]
     fn first_push_starts_then_wakes_then_stays_quiet() {

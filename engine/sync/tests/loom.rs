@@ -23,30 +23,33 @@ fn model(test: impl Fn() + Sync + Send + 'static) {
     builder.check(test);
 }
 
-/// Never a false grant: three threads race for two places; at no moment are
-/// more than two inside, and every place comes back.
+/// Never a false grant: three threads race for two places, one of them for
+/// both at once; at no moment are more than two inside, and every place
+/// comes back.
 #[test]
 fn admission_gate_never_over_admits() {
     model(|| {
         let gate = Arc::new(AdmissionGate::new(2));
         let inside = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..3)
-            .map(|_| {
+            .map(|thread_index| {
                 let (gate, inside) = (gate.clone(), inside.clone());
                 thread::spawn(move || {
-                    let admitted = gate.try_acquire();
-                    if admitted {
-                        let now_inside = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    // One of the three asks for a batch of two places.
+                    let admitted =
+                        if thread_index == 0 { gate.try_acquire_up_to(2) } else { usize::from(gate.try_acquire()) };
+                    if admitted > 0 {
+                        let now_inside = inside.fetch_add(admitted, Ordering::SeqCst) + admitted;
                         assert!(now_inside <= 2, "gate admitted {now_inside} > 2");
-                        inside.fetch_sub(1, Ordering::SeqCst);
-                        gate.release();
+                        inside.fetch_sub(admitted, Ordering::SeqCst);
+                        gate.release_many(admitted);
                     }
                     admitted
                 })
             })
             .collect();
-        let granted = threads.into_iter().map(|handle| handle.join().expect("thread panicked"));
-        assert!(granted.filter(|&admitted| admitted).count() >= 2, "a place was lost");
+        let granted: usize = threads.into_iter().map(|handle| handle.join().expect("thread panicked")).sum();
+        assert!(granted >= 2, "a place was lost");
         assert_eq!(gate.in_flight(), 0);
     });
 }
@@ -89,7 +92,8 @@ enum Signal {
     Start,
 }
 
-/// No lost wake-up and never two consumers: two producers push while the
+/// No lost wake-up and never two consumers: two producers push (one an item,
+/// the other a batch announced at once) while the
 /// consumer drains in batches and tries to park whenever it goes idle. Every
 /// item is consumed exactly once; a `Wake` only ever reaches a live consumer
 /// and a `Start` only a parked one; the state handed over at parking is never
@@ -97,7 +101,8 @@ enum Signal {
 #[test]
 fn wake_queue_never_loses_a_wake_up_or_runs_two_consumers() {
     model(|| {
-        const ITEMS_PER_PRODUCER: usize = 1;
+        /// Producer 0 pushes one item; producer 1 a batch of two.
+        const BATCH_ITEMS: usize = 2;
         let queue = Arc::new(WakeQueue::<usize>::new_parked());
         let parked_state = Arc::new(Mutex::new(Some(0usize)));
         let (signals, mailbox) = mpsc::channel();
@@ -106,12 +111,15 @@ fn wake_queue_never_loses_a_wake_up_or_runs_two_consumers() {
             .map(|producer| {
                 let (queue, signals) = (queue.clone(), signals.clone());
                 thread::spawn(move || {
-                    for index in 0..ITEMS_PER_PRODUCER {
-                        match queue.push(producer * 10 + index) {
-                            Pushed::ConsumerBusy => {}
-                            Pushed::WakeConsumer => signals.send(Signal::Wake).expect("send"),
-                            Pushed::StartConsumer => signals.send(Signal::Start).expect("send"),
-                        }
+                    let pushed = if producer == 0 {
+                        queue.push(0)
+                    } else {
+                        queue.push_many((0..BATCH_ITEMS).map(|index| 10 + index))
+                    };
+                    match pushed {
+                        Pushed::ConsumerBusy => {}
+                        Pushed::WakeConsumer => signals.send(Signal::Wake).expect("send"),
+                        Pushed::StartConsumer => signals.send(Signal::Start).expect("send"),
                     }
                 })
             })
@@ -121,7 +129,7 @@ fn wake_queue_never_loses_a_wake_up_or_runs_two_consumers() {
         // The consumer: like an actor, it handles one signal at a time.
         let mut consumed = Vec::new();
         let mut live_state: Option<usize> = None;
-        while consumed.len() < 2 * ITEMS_PER_PRODUCER {
+        while consumed.len() < 1 + BATCH_ITEMS {
             match mailbox.recv().expect("a wake-up was lost") {
                 Signal::Start => {
                     assert!(live_state.is_none(), "started a second consumer");
@@ -152,9 +160,9 @@ fn wake_queue_never_loses_a_wake_up_or_runs_two_consumers() {
             handle.join().expect("producer panicked");
         }
         consumed.sort_unstable();
-        assert_eq!(consumed, vec![0, 10]);
+        assert_eq!(consumed, vec![0, 10, 11]);
         let final_state = live_state.or_else(|| *parked_state.lock().expect("lock"));
-        assert_eq!(final_state, Some(2), "state counts every item once");
+        assert_eq!(final_state, Some(3), "state counts every item once");
     });
 }
 
