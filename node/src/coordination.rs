@@ -24,7 +24,7 @@ use flashstock_engine::coordination::{
     PartRequest, Placement,
 };
 use flashstock_engine::log::record::OpenTransaction;
-use flashstock_engine::{Engine, EngineError, OrderId, OrderRequest, PartNotNow, SkuId};
+use flashstock_engine::{BatchRequest, BatchSink, Engine, EngineError, OrderId, OrderRequest, PartNotNow, SkuId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::peers::Peers;
@@ -78,12 +78,58 @@ impl Failpoint {
 }
 
 /// The answer a caller waits for.
-type Answer = Result<Response, Refusal>;
+pub type Answer = Result<Response, Refusal>;
+
+/// Where the answers of a frame's reserves go (a session's frame): the
+/// coordinator's answers by tag, and the engine's through its
+/// [`BatchSink`] side. Called from whichever task or thread answers; must
+/// not block.
+pub trait Replies: BatchSink {
+    fn reply(&self, tag: u64, kind: &'static str, answer: Answer);
+}
+
+/// Whom an answer goes to.
+enum Replier {
+    /// A caller awaiting it.
+    Waiting(oneshot::Sender<Answer>),
+    /// A request of a frame, by its tag.
+    Frame { replies: Arc<dyn Replies>, tag: u64 },
+}
+
+impl Replier {
+    fn send(self, answer: Answer) {
+        match self {
+            // The caller may have given up waiting.
+            Replier::Waiting(reply) => {
+                let _ = reply.send(answer);
+            }
+            Replier::Frame { replies, tag } => replies.reply(tag, "reserve", answer),
+        }
+    }
+}
+
+/// A frame's reserves whose home is this member: tag, order, home partition.
+pub type ReserveBatch = Vec<(u64, OrderRequest, u32)>;
 
 enum Input {
-    Client { request: ClientRequest, home_partition: u32, reply: oneshot::Sender<Answer> },
-    PartAnswered { member: u32, reply: PartReply },
-    Durable { token: u64 },
+    Client {
+        request: ClientRequest,
+        home_partition: u32,
+        reply: oneshot::Sender<Answer>,
+    },
+    /// A frame's reserves, in one message: the task decides each one's
+    /// path as for [`Input::Client`], and hands the engine's in one batch.
+    Reserves {
+        requests: ReserveBatch,
+        replies: Arc<dyn Replies>,
+    },
+    PartAnswered {
+        member: u32,
+        reply: PartReply,
+    },
+    Durable {
+        token: u64,
+    },
 }
 
 /// A reserve on the engine's own path, being answered; it yields its
@@ -109,7 +155,7 @@ struct Driver {
     peers: Arc<Peers>,
     coordinator: Coordinator,
     inbox: mpsc::Sender<Input>,
-    callers: HashMap<CallerId, (u32, oneshot::Sender<Answer>)>,
+    callers: HashMap<CallerId, (u32, Replier)>,
     next_caller: CallerId,
     /// Reserves on the engine's own path under way, by order.
     direct: HashMap<OrderId, usize>,
@@ -193,6 +239,18 @@ impl Coordination {
     /// Holds every line of an order whose home is this member.
     pub async fn reserve(&self, request: OrderRequest, home_partition: u32) -> Answer {
         self.ask(ClientRequest::Reserve(request), home_partition).await
+    }
+
+    /// Starts a frame's reserves whose home is this member; each is
+    /// answered through `replies` by its tag.
+    pub fn reserve_batch(&self, requests: ReserveBatch, replies: Arc<dyn Replies>) {
+        if let Err(refused) = self.inbox.try_send(Input::Reserves { requests, replies }) {
+            let (mpsc::error::TrySendError::Full(input) | mpsc::error::TrySendError::Closed(input)) = refused;
+            let Input::Reserves { requests, replies } = input else { unreachable!("the input just sent") };
+            for (tag, _, _) in requests {
+                replies.reply(tag, "reserve", Err(Refusal::Busy { retry_after_ms: 20 }));
+            }
+        }
     }
 
     /// Commits an order whose home is this member: on the engine's own path
@@ -312,6 +370,7 @@ impl Driver {
         let now_ms = self.engine.now_ms();
         match input {
             Input::Client { request, home_partition, reply } => {
+                let reply = Replier::Waiting(reply);
                 if let ClientRequest::Reserve(order_request) = &request {
                     let order = &order_request.order;
                     if !self.coordinator.knows(order) {
@@ -320,19 +379,15 @@ impl Driver {
                             self.start_direct_reserve(direct, home_partition, reply);
                             return;
                         }
-                        // Known to the engine's own path (or on its way
-                        // there): the same id with lines elsewhere is
-                        // another content.
-                        if self.direct.contains_key(order) || self.engine.order_status(order).is_some() {
-                            let _ = reply.send(Err(Refusal::IdempotencyConflict));
+                        if self.known_to_the_engine(order) {
+                            reply.send(Err(Refusal::IdempotencyConflict));
                             return;
                         }
                     }
                 }
-                self.next_caller += 1;
-                self.callers.insert(self.next_caller, (home_partition, reply));
-                self.coordinator.request(now_ms, self.next_caller, request);
+                self.coordinate(now_ms, request, home_partition, reply);
             }
+            Input::Reserves { requests, replies } => self.reserves(now_ms, requests, &replies),
             Input::PartAnswered { member, reply } => {
                 if self.abort_once_local_commit_lands
                     && member == self.own
@@ -345,6 +400,55 @@ impl Driver {
             }
             Input::Durable { token } => self.coordinator.durable(now_ms, token),
         }
+    }
+
+    /// A frame's reserves. Those on the engine's own path go to the engine
+    /// first, in one batch, so that the others' check of which ids the
+    /// engine knows already sees them (two reserves of one id in one
+    /// frame take one path, as two in a row would).
+    fn reserves(&mut self, now_ms: u64, requests: ReserveBatch, replies: &Arc<dyn Replies>) {
+        let mut direct = Vec::new();
+        let mut direct_homes = Vec::new();
+        let mut others = Vec::new();
+        for (tag, request, home_partition) in requests {
+            if !self.coordinator.knows(&request.order) && self.all_lines_here(&request) {
+                direct_homes.push((tag, home_partition));
+                direct.push((tag, BatchRequest::Reserve(request)));
+            } else {
+                others.push((tag, request, home_partition));
+            }
+        }
+        if !direct.is_empty() {
+            let sink: Arc<dyn BatchSink> = replies.clone();
+            // Orders of several lines come back, for the awaited path.
+            for (tag, given_back) in self.engine.submit_batch(direct, &sink) {
+                let BatchRequest::Reserve(request) = given_back else { unreachable!("only reserves were given") };
+                let home_partition = direct_homes.iter().find(|(given, _)| *given == tag).map(|(_, home)| *home);
+                let home_partition = home_partition.expect("a given-back reserve was in the batch");
+                self.start_direct_reserve(request, home_partition, Replier::Frame { replies: replies.clone(), tag });
+            }
+        }
+        for (tag, request, home_partition) in others {
+            let reply = Replier::Frame { replies: replies.clone(), tag };
+            if !self.coordinator.knows(&request.order) && self.known_to_the_engine(&request.order) {
+                reply.send(Err(Refusal::IdempotencyConflict));
+                continue;
+            }
+            self.coordinate(now_ms, ClientRequest::Reserve(request), home_partition, reply);
+        }
+    }
+
+    /// Whether the engine's own path knows `order` (or it is on its way
+    /// there): the same id with lines elsewhere is another content.
+    fn known_to_the_engine(&self, order: &OrderId) -> bool {
+        self.direct.contains_key(order) || self.engine.order_status(order).is_some()
+    }
+
+    /// Hands a request to the coordinator, which answers `reply` in time.
+    fn coordinate(&mut self, now_ms: u64, request: ClientRequest, home_partition: u32, reply: Replier) {
+        self.next_caller += 1;
+        self.callers.insert(self.next_caller, (home_partition, reply));
+        self.coordinator.request(now_ms, self.next_caller, request);
     }
 
     /// A reserve on the engine's own path was answered.
@@ -365,7 +469,7 @@ impl Driver {
 
     /// Starts a reserve on the engine's own path; this task polls it
     /// beside its inbox (see `direct_running`).
-    fn start_direct_reserve(&mut self, request: OrderRequest, home_partition: u32, reply: oneshot::Sender<Answer>) {
+    fn start_direct_reserve(&mut self, request: OrderRequest, home_partition: u32, reply: Replier) {
         let order = request.order.clone();
         *self.direct.entry(order.clone()).or_insert(0) += 1;
         let engine = self.engine.clone();
@@ -379,7 +483,7 @@ impl Driver {
                 }),
                 Err(error) => Err(order_refusal(error)),
             };
-            let _ = reply.send(answer);
+            reply.send(answer);
             order
         }));
     }
@@ -396,7 +500,7 @@ impl Driver {
                     Action::Log { token, record } => self.log(token, record),
                     Action::Reply { caller, answer } => {
                         if let Some((home_partition, reply)) = self.callers.remove(&caller) {
-                            let _ = reply.send(client_response(home_partition, answer));
+                            reply.send(client_response(home_partition, answer));
                         }
                     }
                 }

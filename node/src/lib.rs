@@ -23,8 +23,10 @@
 //!   batches between members, one raft log and one fsync per round.
 //! - [`raft_log`]: that log: one file of every group's replica writes,
 //!   checksummed, cut at a torn tail, rewritten from live state.
-//! - [`server`]: the QUIC endpoint of a member: handshake, one stream per
-//!   request, ownership checks.
+//! - [`server`]: the QUIC endpoint of a member: handshake, requests,
+//!   ownership checks.
+//! - `session` (private): a member's side of a client's (or peer's)
+//!   session: a frame's requests started in one go, answers gathered.
 //! - [`coordination`]: the driver of the member's order coordinator (the
 //!   engine's pure state machine): every order whose id's partition this
 //!   member owns; those with lines elsewhere by two-phase commit over the
@@ -41,6 +43,7 @@ pub mod raft_log;
 pub mod replication;
 pub mod sale;
 pub mod server;
+mod session;
 pub mod shop;
 pub mod tls;
 mod translate;

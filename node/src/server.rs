@@ -30,8 +30,8 @@ use flashstock_client::wire::{
 use flashstock_engine::coordination::ClientRequest;
 use flashstock_engine::replication::AdminRequest;
 use flashstock_engine::{
-    AdminChange, BuyerId, Engine, EngineError, Line, OperationId, OrderId, OrderRequest, SkuId, SkuSettings,
-    StockSnapshot,
+    AdminChange, BatchRequest, BuyerId, Engine, EngineError, Line, OperationId, OrderId, OrderRequest, SkuId,
+    SkuSettings, StockSnapshot,
 };
 use tokio::sync::Semaphore;
 
@@ -79,11 +79,18 @@ struct InFlight<'a>(&'a Node);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering;
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.stopping.load(Ordering::Acquire) {
-            self.0.drained.notify_waiters();
-        }
+        self.0.request_done();
     }
+}
+
+/// How a session starts a request (see [`Node::batchable`]).
+pub(crate) enum Batchable {
+    /// A reserve whose home is this member, for the coordinator's batch.
+    Reserve(OrderRequest, u32),
+    /// A commit or release whose home is this member, for the engine's batch.
+    Settle(BatchRequest),
+    /// Anything else, awaited on its own.
+    Awaited(RequestBody),
 }
 
 impl Node {
@@ -159,6 +166,101 @@ impl Node {
         (!self.stopping.load(Ordering::SeqCst)).then_some(guard)
     }
 
+    /// Counts in the `count` requests of a session's frame; `false` if the
+    /// node is stopping (they are counted all the same: each is answered,
+    /// `Unavailable`, and counted out by [`Self::request_done`]).
+    pub(crate) fn admit_many(&self, count: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.in_flight.fetch_add(count, Ordering::SeqCst);
+        !self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// A request counted in has been answered.
+    pub(crate) fn request_done(&self) {
+        use std::sync::atomic::Ordering;
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.stopping.load(Ordering::Acquire) {
+            self.drained.notify_waiters();
+        }
+    }
+
+    pub(crate) fn network(&self) -> &NetworkSection {
+        &self.network
+    }
+
+    /// The partition of an order's id: where it is coordinated.
+    pub(crate) fn home_partition(&self, order: &OrderId) -> u32 {
+        self.partition_of(order.as_str())
+    }
+
+    /// Answers one request within the time its caller waits (the work is
+    /// dropped past it; the engine puts back an order left half-way).
+    pub(crate) async fn answer_in_time(&self, role: Role, request: Request) -> Response {
+        if request.timeout_ms == 0 {
+            // No time left: the caller has given up before the work could begin.
+            return Response::Refused(Refusal::DeadlineExceeded);
+        }
+        // One span per request, named by the order it concerns, so that
+        // an order can be followed from the client to its owner (and, for
+        // spanning orders, to the members holding its parts). At `debug`:
+        // a member logging at `info` pays nothing for it.
+        let span = tracing::debug_span!("request", kind = request.body.kind(), order = tracing::field::Empty);
+        if let Some(order) = request.body.order() {
+            span.record("order", order);
+        }
+        let timeout_ms = request.timeout_ms.min(self.network.request_timeout_ms_max);
+        let work = tracing::Instrument::instrument(self.handle(role, request.body), span);
+        match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), work).await {
+            Ok(response) => response,
+            Err(_) => Response::Refused(Refusal::DeadlineExceeded),
+        }
+    }
+
+    /// How a session starts `body`: the reserves, commits and releases of
+    /// a single-copy cluster in batches (checked here as `dispatch` checks
+    /// them), everything else awaited through [`Self::answer_in_time`].
+    pub(crate) fn batchable(&self, role: Role, body: RequestBody) -> Result<Batchable, Refusal> {
+        if self.replication.is_some() {
+            return Ok(Batchable::Awaited(body));
+        }
+        self.check_role(role, &body)?;
+        match body {
+            RequestBody::Reserve { order, buyer, lines, ttl_ms } => {
+                let home_partition = self.partition_of(&order);
+                let request = self.order_request(order, buyer, lines, ttl_ms)?;
+                self.check_owned(home_partition)?;
+                Ok(Batchable::Reserve(request, home_partition))
+            }
+            RequestBody::Commit { order, home_partition, fewer } => {
+                let order = self.check_home(&order, home_partition)?;
+                Ok(Batchable::Settle(BatchRequest::Commit { order, fewer: engine_fewer(fewer)? }))
+            }
+            RequestBody::Release { order, home_partition } => {
+                let order = self.check_home(&order, home_partition)?;
+                Ok(Batchable::Settle(BatchRequest::Release { order }))
+            }
+            other => Ok(Batchable::Awaited(other)),
+        }
+    }
+
+    /// A commit or release the engine's batch gave back: the engine's
+    /// awaited path if it knows the order, else the coordinator's.
+    pub(crate) async fn settle(&self, request: BatchRequest) -> Result<Response, Refusal> {
+        match request {
+            BatchRequest::Commit { order, fewer } => {
+                let home_partition = self.home_partition(&order);
+                self.coordination.commit(order, fewer, home_partition).await
+            }
+            BatchRequest::Release { order } => {
+                let home_partition = self.home_partition(&order);
+                self.coordination.release(order, home_partition).await
+            }
+            BatchRequest::Reserve(request) => {
+                let home_partition = self.home_partition(&request.order);
+                self.coordination.reserve(request, home_partition).await
+            }
+        }
+    }
+
     /// Requests being worked on now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
@@ -225,7 +327,10 @@ impl Node {
         }
     }
 
-    async fn dispatch(&self, role: Role, body: RequestBody) -> Result<Response, Refusal> {
+    /// What a peer's role may ask: admin changes are the admin's, part
+    /// steps and probes the members', and a client's order ids may not
+    /// use the cluster's own prefix.
+    fn check_role(&self, role: Role, body: &RequestBody) -> Result<(), Refusal> {
         let is_admin_request = matches!(
             body,
             RequestBody::CreateSku { .. }
@@ -244,11 +349,16 @@ impl Node {
             }
             if let RequestBody::Reserve { order, .. }
             | RequestBody::Commit { order, .. }
-            | RequestBody::Release { order, .. } = &body
+            | RequestBody::Release { order, .. } = body
             {
                 check_client_order_id(order)?;
             }
         }
+        Ok(())
+    }
+
+    async fn dispatch(&self, role: Role, body: RequestBody) -> Result<Response, Refusal> {
+        self.check_role(role, &body)?;
         if let Some(replication) = &self.replication {
             return self.dispatch_replicated(replication, role, body).await;
         }
@@ -673,7 +783,9 @@ async fn request(
     mut receive: quinn::RecvStream,
 ) -> anyhow::Result<()> {
     let response = match wire::read_message::<Request, _>(&mut receive).await {
-        Ok(Request { body: RequestBody::OpenSession, .. }) => return session(node, role, send, receive).await,
+        Ok(Request { body: RequestBody::OpenSession, .. }) => {
+            return crate::session::serve(node, role, send, receive).await;
+        }
         Ok(request) => answer(&node, role, request).await,
         Err(wire::StreamError::Codec(error)) => {
             crate::operations::record_request("undecodable", "invalid", Duration::ZERO);
@@ -686,151 +798,19 @@ async fn request(
     Ok(())
 }
 
-/// Answers one request, within the time its caller waits: the one path of
-/// every request, on a stream of its own or in a session's batch.
+/// Answers one request on a stream of its own, within the time its caller
+/// waits.
 async fn answer(node: &Node, role: Role, request: Request) -> Response {
     let Some(_in_flight) = node.admit() else {
         return Response::Refused(Refusal::Unavailable { reason: format!("node {} is shutting down", node.id) });
     };
     let started = std::time::Instant::now();
     let kind = request.body.kind();
-    let response = if request.timeout_ms == 0 {
-        // No time left: the caller has given up before the work could begin.
-        Response::Refused(Refusal::DeadlineExceeded)
-    } else {
-        // One span per request, named by the order it concerns, so that
-        // an order can be followed from the client to its owner (and, for
-        // spanning orders, to the members holding its parts). At `debug`:
-        // a member logging at `info` pays nothing for it.
-        let span = tracing::debug_span!("request", kind, order = tracing::field::Empty);
-        if let Some(order) = request.body.order() {
-            span.record("order", order);
-        }
-        let timeout_ms = request.timeout_ms.min(node.network.request_timeout_ms_max);
-        // Past the deadline the caller has given up: the work is dropped
-        // (the engine puts back an order left half-way).
-        let work = tracing::Instrument::instrument(node.handle(role, request.body), span);
-        match tokio::time::timeout(Duration::from_millis(timeout_ms.into()), work).await {
-            Ok(response) => response,
-            Err(_) => Response::Refused(Refusal::DeadlineExceeded),
-        }
-    };
+    let response = node.answer_in_time(role, request).await;
     let outcome = match &response {
         Response::Refused(refusal) => refusal.name(),
         _ => "ok",
     };
     crate::operations::record_request(kind, outcome, started.elapsed());
     response
-}
-
-/// A request of a session being answered, and its id.
-type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Response)> + Send>>;
-
-/// Frames a session's reader holds for its dispatcher: one being worked
-/// on, one read ahead; beyond that QUIC's flow control holds the peer.
-const SESSION_FRAMES_READ_AHEAD_MAX: usize = 1;
-
-/// Serves a session (see [`wire`]): one task reads the peer's batch frames,
-/// this one starts their requests and gathers the answers as they complete
-/// (no task per request), and one writes the answers in as few frames as
-/// it can. No new frame is taken while `requests_per_connection_max` of the
-/// session's requests are being worked on.
-async fn session(
-    node: Arc<Node>,
-    role: Role,
-    mut send: quinn::SendStream,
-    receive: quinn::RecvStream,
-) -> anyhow::Result<()> {
-    use futures_util::StreamExt;
-    let in_flight_max = usize::try_from(node.network.requests_per_connection_max).unwrap_or(usize::MAX);
-    let opened = Response::SessionOpened {
-        requests_in_flight_max: node.network.requests_per_connection_max,
-        batch_requests_max: u32::try_from(wire::BATCH_REQUESTS_MAX).expect("small"),
-    };
-    wire::write_message(&mut send, &opened).await?;
-    let (frames_sender, mut frames) = tokio::sync::mpsc::channel(SESSION_FRAMES_READ_AHEAD_MAX);
-    let reader = tokio::spawn(read_session_frames(receive, frames_sender));
-    // Every request started gives one answer: the bound of requests in
-    // flight (and one frame over it) bounds the answers queued.
-    let (answers, mut queued_answers) = tokio::sync::mpsc::channel(in_flight_max + wire::BATCH_REQUESTS_MAX);
-    let writer = tokio::spawn(async move {
-        let unsendable = |_, error: wire::CodecError| {
-            Some(Response::Refused(invalid("request", format!("its answer cannot be sent: {error}"))))
-        };
-        flashstock_client::exchange::write_batches(&mut send, &mut queued_answers, wire::BATCH_REQUESTS_MAX, unsendable)
-            .await
-    });
-    let mut running = futures_util::stream::FuturesUnordered::<Answering>::new();
-    let mut reading = true;
-    let ended = loop {
-        tokio::select! {
-            Some(answered) = running.next() => {
-                if answers.send(answered).await.is_err() {
-                    break Ok(());
-                }
-            }
-            frame = frames.recv(), if reading && running.len() < in_flight_max => match frame {
-                Some(Ok(payload)) => {
-                    if let Err(error) = start_batch(&node, role, &payload, &mut running) {
-                        break Err(error);
-                    }
-                }
-                Some(Err(error)) => break Err(error),
-                None => reading = false,
-            },
-            else => break Ok(()),
-        }
-    };
-    reader.abort();
-    drop(answers);
-    // The answers already gathered still go out before the stream ends.
-    let written = writer.await;
-    ended?;
-    written?.map_err(anyhow::Error::from)
-}
-
-/// Reads a session's frames for its dispatcher until the peer finishes.
-async fn read_session_frames(
-    mut receive: quinn::RecvStream,
-    frames: tokio::sync::mpsc::Sender<anyhow::Result<Vec<u8>>>,
-) {
-    loop {
-        let frame = match wire::read_payload(&mut receive).await {
-            Ok(Some(payload)) => Ok(payload),
-            Ok(None) => return,
-            Err(error) => Err(anyhow::Error::from(error).context("reading a session frame")),
-        };
-        let failed = frame.is_err();
-        if frames.send(frame).await.is_err() || failed {
-            return;
-        }
-    }
-}
-
-/// Starts the requests of one batch frame. A request that does not decode
-/// is refused under its id; a frame whose envelope does not decode ends
-/// the session (its requests cannot be told apart to be answered).
-fn start_batch(
-    node: &Arc<Node>,
-    role: Role,
-    payload: &[u8],
-    running: &mut futures_util::stream::FuturesUnordered<Answering>,
-) -> anyhow::Result<()> {
-    let entries = wire::decode_batch(payload).context("a session frame")?;
-    let span = tracing::info_span!("batch", requests = entries.len());
-    let _entered = span.enter();
-    for (id, bytes) in entries {
-        match wire::decode_payload::<Request>(bytes) {
-            Ok(request) => {
-                let node = node.clone();
-                running.push(Box::pin(async move { (id, answer(&node, role, request).await) }));
-            }
-            Err(error) => {
-                crate::operations::record_request("undecodable", "invalid", Duration::ZERO);
-                let refused = Response::Refused(invalid("request", error.to_string()));
-                running.push(Box::pin(std::future::ready((id, refused))));
-            }
-        }
-    }
-    Ok(())
 }
