@@ -172,10 +172,41 @@ async fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &s
     stream.shutdown().await
 }
 
+/// The counter and latency histogram of one (kind, outcome) of request,
+/// registered once: the `counter!` macro with labels builds its key (a
+/// list of labels on the heap) and looks it up in the registry on every
+/// call, which a member answering a hundred thousand requests a second
+/// pays for twice per request.
+struct RequestMetrics {
+    answered: metrics::Counter,
+    seconds: metrics::Histogram,
+}
+
+/// Every (kind, outcome) seen so far: a few dozen at most, both being
+/// names from fixed lists.
+type RequestMetricsByName = std::sync::RwLock<std::collections::HashMap<(&'static str, &'static str), RequestMetrics>>;
+
+static REQUEST_METRICS: OnceLock<RequestMetricsByName> = OnceLock::new();
+
 /// Counts one answered request: by kind and outcome, and its latency.
 pub fn record_request(kind: &'static str, outcome: &'static str, elapsed: Duration) {
-    metrics::counter!("flashstock_requests_total", "kind" => kind, "outcome" => outcome).increment(1);
-    metrics::histogram!("flashstock_request_seconds", "kind" => kind).record(elapsed.as_secs_f64());
+    let cache = REQUEST_METRICS.get_or_init(Default::default);
+    let seconds = elapsed.as_secs_f64();
+    {
+        let known = cache.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(metrics) = known.get(&(kind, outcome)) {
+            metrics.answered.increment(1);
+            metrics.seconds.record(seconds);
+            return;
+        }
+    }
+    let metrics = RequestMetrics {
+        answered: metrics::counter!("flashstock_requests_total", "kind" => kind, "outcome" => outcome),
+        seconds: metrics::histogram!("flashstock_request_seconds", "kind" => kind),
+    };
+    metrics.answered.increment(1);
+    metrics.seconds.record(seconds);
+    cache.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert((kind, outcome), metrics);
 }
 
 /// Sets the gauges that are read from the engine rather than counted.
