@@ -23,7 +23,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::log::record::{EncodedRecord, LogRecord};
 use crate::log::writer::{Append, SubmitError, WriteFailure};
 use crate::sku::{SkuAnswer, SkuCommand, SkuState};
-use crate::slot::{Request, SkuSlot};
+use crate::slot::{Reply, Request, SkuSlot};
 
 // The mailbox's messages are defined beside the slot that sends them, so
 // that the slot never depends on the actor.
@@ -100,8 +100,19 @@ impl SkuActorState {
             on_durable: Box::new(move |outcome| {
                 match outcome {
                     Ok(_) => {
+                        // Waiting callers are woken from here; a batch's
+                        // completions are finished off this thread.
+                        let mut completed = Vec::new();
                         for (request, answer) in answered {
-                            request.answer(answer);
+                            match request.reply {
+                                Reply::Waiter(reply) => {
+                                    let _ = reply.send(answer);
+                                }
+                                Reply::Batch(completion) => completed.push((completion, answer)),
+                            }
+                        }
+                        if !completed.is_empty() {
+                            slot.completer.finish(completed);
                         }
                     }
                     // Dropping the requests tells their callers the owner

@@ -23,7 +23,9 @@
 //! an answer (its actor or the log failed) answers `Unavailable` and puts
 //! the order back as an interrupted future would.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::mpsc;
 
 use crate::directory::{OrderPhase, OrderPlan};
 use crate::ids::{FastMap, OrderId, SkuId};
@@ -74,6 +76,7 @@ impl Engine {
         requests: Vec<(u64, BatchRequest)>,
         sink: &Arc<dyn BatchSink>,
     ) -> Vec<(u64, BatchRequest)> {
+        self.inner.completer.start();
         let now_ms = self.inner.clock.now_ms();
         let mut groups: Vec<SkuGroup> = Vec::new();
         // By the slot's address: a batch names few SKUs (a hot one), or
@@ -307,5 +310,50 @@ impl Completion {
             None => BatchRequest::Release { order },
         };
         (self.tag, request)
+    }
+}
+
+/// Durable answers of batches, with their completions.
+type Completed = Vec<(BatchCompletion, SkuAnswer)>;
+
+/// Finishes the completions of durable answers on a task of the runtime
+/// rather than on the log writer's thread, which would otherwise do every
+/// order's directory work and answer between two `fdatasync`s, with a
+/// worker thread idle beside it. One hand-over per durable append.
+#[derive(Debug, Default)]
+pub(crate) struct Completer {
+    sender: OnceLock<mpsc::UnboundedSender<Completed>>,
+}
+
+impl Completer {
+    /// Starts the task, once (a batch is submitted inside the runtime).
+    /// Unbounded, because what it holds is bounded upstream: every
+    /// completion is a request its caller admitted and waits for.
+    fn start(&self) {
+        self.sender.get_or_init(|| {
+            let (sender, mut receiver) = mpsc::unbounded_channel::<Completed>();
+            tokio::spawn(async move {
+                while let Some(completed) = receiver.recv().await {
+                    for (completion, answer) in completed {
+                        completion.complete(answer);
+                    }
+                }
+            });
+            sender
+        });
+    }
+
+    /// Finishes `completed` on the task, or here if it is not running.
+    pub(crate) fn finish(&self, completed: Completed) {
+        let refused = match self.sender.get() {
+            Some(sender) => match sender.send(completed) {
+                Ok(()) => return,
+                Err(refused) => refused.0,
+            },
+            None => completed,
+        };
+        for (completion, answer) in refused {
+            completion.complete(answer);
+        }
     }
 }

@@ -81,6 +81,8 @@ pub(crate) struct Inner {
     /// The order coordinator's facts recovery found, for the node's
     /// coordinator to start from.
     pub(crate) recovered_coordinator: Mutex<Vec<crate::coordination::CoordinatorRecord>>,
+    /// Finishes batches' durable answers off the log writer's thread.
+    pub(crate) completer: Arc<crate::batch::Completer>,
 }
 
 /// The inventory engine of one process. Cheap to clone; all clones share
@@ -117,6 +119,7 @@ impl Engine {
             writer: Mutex::new(writer),
             recovered_transactions: Mutex::new(Vec::new()),
             recovered_coordinator: Mutex::new(Vec::new()),
+            completer: Arc::default(),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -255,6 +258,7 @@ impl Engine {
             queue: WakeQueue::new_parked(),
             parked: Mutex::new(Some(state)),
             actor: Mutex::new(None),
+            completer: self.inner.completer.clone(),
         })
     }
 

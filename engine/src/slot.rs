@@ -9,7 +9,7 @@ use flashstock_sync::{AdmissionGate, SnapshotReading, WakeQueue};
 use ractor::ActorRef;
 use tokio::sync::oneshot;
 
-use crate::batch::BatchCompletion;
+use crate::batch::{BatchCompletion, Completer};
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::ids::SkuId;
@@ -79,6 +79,8 @@ pub(crate) struct SkuSlot {
     pub(crate) parked: Mutex<Option<SkuState>>,
     /// The running actor, or the last one (only woken while it runs).
     pub(crate) actor: Mutex<Option<ActorRef<SkuMessage>>>,
+    /// Where durable answers of batches are finished.
+    pub(crate) completer: Arc<Completer>,
 }
 
 pub(crate) fn reading_of(state: &SkuState) -> SnapshotReading {
