@@ -2,6 +2,10 @@
 //! - `state_machine/reserve`: reserves per second on one SKU, no actors;
 //! - `actors/reserve_commit`: reserve + commit through the actors with 256
 //!   orders in flight, on one hot SKU and on 10,000 SKUs with Zipf demand;
+//! - `batch/reserve_commit`: the same pairs handed to the engine in frames
+//!   of 256 (`Engine::submit_batch`, answers through a sink), in memory:
+//!   the engine's side of a member's session, against the awaited path of
+//!   `actors/.../memory`;
 //! - `sold_out_hint`: `SoldOut` answers per second for a sold-out SKU.
 //!
 //! Run: `cargo bench -p flashstock-benches --bench engine`.
@@ -15,8 +19,8 @@ use flashstock_engine::log::storage::FileStorage;
 use flashstock_engine::log::writer::WriterConfig;
 use flashstock_engine::sku::ReserveLine;
 use flashstock_engine::{
-    BuyerId, Durability, Engine, EngineConfig, Limits, Line, LogStats, OperationId, OrderId, OrderRequest, Quantity,
-    SkuCommand, SkuId, SkuSettings, SkuState, SystemClock,
+    BatchAnswer, BatchRequest, BatchSink, BuyerId, Durability, Engine, EngineConfig, Limits, Line, LogStats,
+    OperationId, OrderId, OrderRequest, Quantity, SkuCommand, SkuId, SkuSettings, SkuState, SystemClock,
 };
 
 const IN_FLIGHT: usize = 256;
@@ -264,9 +268,109 @@ fn sold_out_hint(criterion: &mut Criterion) {
     group.finish();
 }
 
+/// Hands each answer's tag, and whether it was refused, to the loop.
+struct ForwardingSink(tokio::sync::mpsc::UnboundedSender<(u64, bool)>);
+
+impl BatchSink for ForwardingSink {
+    fn answer(&self, tag: u64, answer: BatchAnswer) {
+        let refused = match answer {
+            BatchAnswer::Reserved(outcome) => outcome.is_err(),
+            BatchAnswer::Committed(outcome) | BatchAnswer::Released(outcome) => outcome.is_err(),
+        };
+        let _ = self.0.send((tag, refused));
+    }
+}
+
+fn batch(criterion: &mut Criterion) {
+    const ORDERS_PER_RUN: usize = 51_200;
+    let runtime = runtime();
+    let mut group = criterion.benchmark_group("batch");
+    group.throughput(Throughput::Elements(ORDERS_PER_RUN as u64));
+    group.sample_size(10);
+    for (name, sku_count) in [("reserve_commit/hot_sku/memory", 1usize), ("reserve_commit/10k_zipf/memory", 10_000)] {
+        let skus: Vec<SkuId> =
+            (0..sku_count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect();
+        let picks = zipf_picks(sku_count, ORDERS_PER_RUN);
+        let mut run = 0u64;
+        group.bench_function(name, |bencher| {
+            bencher.iter_custom(|iterations| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    run += 1;
+                    let config = EngineConfig {
+                        limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() },
+                        ..EngineConfig::default()
+                    };
+                    let engine = Engine::new(config, Arc::new(SystemClock)).expect("valid config");
+                    let orders = order_ids(&format!("run{run}"), ORDERS_PER_RUN);
+                    let buyer = BuyerId::new("buyer").expect("valid id");
+                    total += runtime.block_on(async {
+                        for sku in &skus {
+                            let settings = SkuSettings { initial_units: 1_000_000, ..SkuSettings::default() };
+                            let operation = OperationId::new(format!("create-{sku}")).expect("valid id");
+                            engine.create_sku(sku.clone(), settings, operation).await.expect("created");
+                            // Untimed: start every SKU's actor, as a running sale has them.
+                            let operation = OperationId::new(format!("warm-up-{sku}")).expect("valid id");
+                            engine.add_stock(sku, 1, operation).await.expect("warm-up");
+                        }
+                        // As a member's session does: whatever was answered
+                        // while a frame was being handled makes the next
+                        // frame (a reserve's commit, or the next order's
+                        // reserve), 256 orders in flight throughout.
+                        let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+                        let sink: Arc<dyn BatchSink> = Arc::new(ForwardingSink(answers));
+                        let reserve = |index: usize| {
+                            let line = Line { sku: skus[picks[index]].clone(), quantity: Quantity::Exactly(1) };
+                            let order = orders[index].clone();
+                            let request =
+                                OrderRequest { order, buyer: buyer.clone(), lines: vec![line], ttl_ms: 60_000 };
+                            // Even tags: reserves; odd: commits.
+                            (2 * index as u64, BatchRequest::Reserve(request))
+                        };
+                        let started = Instant::now();
+                        let mut next_order = IN_FLIGHT;
+                        let (mut committed, mut refused) = (0, 0);
+                        let mut frame: Vec<_> = (0..IN_FLIGHT).map(reserve).collect();
+                        while committed < ORDERS_PER_RUN {
+                            if !frame.is_empty() {
+                                let given_back = engine.submit_batch(std::mem::take(&mut frame), &sink);
+                                assert!(given_back.is_empty(), "single lines of orders it holds are never given back");
+                            }
+                            let Some(first) = answered.recv().await else { break };
+                            let mut next = Some(first);
+                            while let Some((tag, was_refused)) = next.take().or_else(|| answered.try_recv().ok()) {
+                                refused += usize::from(was_refused);
+                                let index = (tag / 2) as usize;
+                                if tag % 2 == 0 {
+                                    let commit =
+                                        BatchRequest::Commit { order: orders[index].clone(), fewer: Vec::new() };
+                                    frame.push((tag + 1, commit));
+                                } else {
+                                    committed += 1;
+                                    if next_order < ORDERS_PER_RUN {
+                                        frame.push(reserve(next_order));
+                                        next_order += 1;
+                                    }
+                                }
+                            }
+                        }
+                        let elapsed = started.elapsed();
+                        assert_eq!(refused, 0, "every reserve and commit succeeds");
+                        eprintln!("  batch/{name}: {:.0} pairs/s", ORDERS_PER_RUN as f64 / elapsed.as_secs_f64());
+                        engine.shutdown().await;
+                        elapsed
+                    });
+                }
+                total
+            });
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
-    targets = state_machine, actors, sold_out_hint
+    targets = state_machine, actors, batch, sold_out_hint
 }
 criterion_main!(benches);
