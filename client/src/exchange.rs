@@ -45,25 +45,36 @@ where
 /// `entries_max` entries and the frame's byte bound. A client's session
 /// writes its calls so and a member its answers. An entry that can never
 /// fit a frame goes to `unsendable`, which may give a replacement to send
-/// under the same id (a member's refusal) or drop it (`None`).
-pub async fn write_batches<T, F>(
+/// under the same id (a member's refusal) or drop it (`None`). `written`
+/// hears how many entries left the queue with each frame once the frame
+/// is written (a member counts its answers out then, so that what waits
+/// here stays within its bound of requests in flight).
+pub async fn write_batches<T, F, W>(
     send: &mut quinn::SendStream,
     queue: &mut tokio::sync::mpsc::Receiver<(u64, T)>,
     entries_max: usize,
     mut unsendable: F,
+    mut written: W,
 ) -> Result<(), ExchangeError>
 where
     T: Serialize,
     F: FnMut(u64, wire::CodecError) -> Option<T>,
+    W: FnMut(usize),
 {
     use crate::wire::{BatchEncoder, BatchPushError};
     // An entry that did not fit the last frame opens the next one.
     let mut carried: Option<(u64, T)> = None;
     loop {
+        // Entries taken from the queue for this frame (a carried one was
+        // counted with the frame that could not take it).
+        let mut taken = 0;
         let first = match carried.take() {
             Some(entry) => entry,
             None => match queue.recv().await {
-                Some(entry) => entry,
+                Some(entry) => {
+                    taken += 1;
+                    entry
+                }
                 None => break,
             },
         };
@@ -73,7 +84,18 @@ where
         tokio::task::yield_now().await;
         let mut frame = BatchEncoder::new(entries_max);
         let mut next = Some(first);
-        while let Some((id, message)) = next.take().or_else(|| queue.try_recv().ok()) {
+        loop {
+            let entry = match next.take() {
+                Some(entry) => entry,
+                None => match queue.try_recv() {
+                    Ok(entry) => {
+                        taken += 1;
+                        entry
+                    }
+                    Err(_) => break,
+                },
+            };
+            let (id, message) = entry;
             match frame.push(id, &message) {
                 Ok(()) => {}
                 Err(BatchPushError::Full) => {
@@ -86,6 +108,7 @@ where
         if !frame.is_empty() {
             send.write_all(&frame.finish()).await.map_err(|error| ExchangeError::Connection(error.to_string()))?;
         }
+        written(taken);
     }
     send.finish().map_err(|error| ExchangeError::Connection(error.to_string()))?;
     Ok(())

@@ -169,7 +169,7 @@ async fn write_frames(
         }
         None
     };
-    if let Err(error) = write_batches(&mut send, &mut queued, batch_requests_max, unsendable).await {
+    if let Err(error) = write_batches(&mut send, &mut queued, batch_requests_max, unsendable, |_| {}).await {
         lock(&waiting).close(&format!("writing to the session: {error}"));
     }
 }

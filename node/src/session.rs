@@ -11,9 +11,10 @@
 //! awaited (admin changes, queries, spanning orders, what the engine gave
 //! back) becomes a future the dispatcher polls: no task per request, and
 //! for the engine's requests no future either. Every answer, whoever gives
-//! it, goes through the session's [`SessionAnswers`], which counts the
-//! requests in flight: no new frame is taken while
-//! `requests_per_connection_max` are.
+//! it, goes through the session's [`SessionAnswers`]; a request counts as
+//! in flight until the writer has sent its answer, and no new frame is
+//! taken while `requests_per_connection_max` are (a peer that does not
+//! read its answers is held back by QUIC's flow control, and loses none).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,17 +38,37 @@ type Awaited = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, &'static
 /// on, one read ahead; beyond that QUIC's flow control holds the peer.
 const SESSION_FRAMES_READ_AHEAD_MAX: usize = 1;
 
+/// A session's requests in flight: started and not yet written back.
+struct Outstanding {
+    count: AtomicUsize,
+    /// Woken when `count` falls below `max`.
+    room: Notify,
+    max: usize,
+}
+
+impl Outstanding {
+    fn has_room(&self) -> bool {
+        self.count.load(Ordering::Acquire) < self.max
+    }
+
+    /// `written` answers left with a frame the writer sent.
+    fn written(&self, written: usize) {
+        let previous = self.count.fetch_sub(written, Ordering::AcqRel);
+        if previous >= self.max && previous - written < self.max {
+            // Stored if the dispatcher is not waiting yet: never lost.
+            self.room.notify_one();
+        }
+    }
+}
+
 /// What every answer of a session goes through.
 pub(crate) struct SessionAnswers {
     node: Arc<Node>,
-    /// To the writer task. Never full: every request counted in
-    /// `outstanding` gives one answer, and it holds that many and a frame.
+    /// To the writer task. Never full: a request counts in `outstanding`
+    /// until the writer has sent its answer, no frame is taken while
+    /// `outstanding.max` are, and the queue holds that many and a frame.
     queue: mpsc::Sender<(u64, Response)>,
-    /// Requests started and not answered yet.
-    outstanding: AtomicUsize,
-    /// Woken when `outstanding` falls below `in_flight_max`.
-    room: Notify,
-    in_flight_max: usize,
+    outstanding: Arc<Outstanding>,
 }
 
 impl SessionAnswers {
@@ -55,12 +76,8 @@ impl SessionAnswers {
     /// drain); `false` if the node is stopping, when each must be answered
     /// `Unavailable`.
     fn started(&self, count: usize) -> bool {
-        self.outstanding.fetch_add(count, Ordering::AcqRel);
+        self.outstanding.count.fetch_add(count, Ordering::AcqRel);
         self.node.admit_many(count)
-    }
-
-    fn has_room(&self) -> bool {
-        self.outstanding.load(Ordering::Acquire) < self.in_flight_max
     }
 
     /// Answers request `id` of a frame that came at `started`.
@@ -70,15 +87,16 @@ impl SessionAnswers {
             _ => "ok",
         };
         crate::operations::record_request(kind, outcome, started.elapsed());
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send((id, response)) {
-            // Bounded by construction (see `queue`); an answer dropped here
-            // would leave its caller to its own timeout.
-            tracing::error!(id, "a session's answer queue was full; the answer is dropped");
-        }
-        // A closed queue: the session ended, nobody reads the answer.
-        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == self.in_flight_max {
-            // Stored if the dispatcher is not waiting yet: never lost.
-            self.room.notify_one();
+        match self.queue.try_send((id, response)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Bounded by construction (see `queue`); an answer dropped
+                // here would leave its caller to its own timeout.
+                tracing::error!(id, "a session's answer queue was full; the answer is dropped");
+                self.outstanding.written(1);
+            }
+            // The session ended: nobody reads the answer.
+            Err(mpsc::error::TrySendError::Closed(_)) => self.outstanding.written(1),
         }
         self.node.request_done();
     }
@@ -140,31 +158,34 @@ pub(crate) async fn serve(
     wire::write_message(&mut send, &opened).await?;
     let (frames_sender, mut frames) = mpsc::channel(SESSION_FRAMES_READ_AHEAD_MAX);
     let reader = tokio::spawn(read_frames(receive, frames_sender));
-    // A frame is taken while fewer than `in_flight_max` are outstanding,
-    // so at most that many and one frame's are ever queued.
+    // A frame is taken while fewer than `in_flight_max` are outstanding
+    // (started and not yet written back), so at most that many and one
+    // frame's are ever queued.
     let (queue, mut queued) = mpsc::channel(in_flight_max + wire::BATCH_REQUESTS_MAX);
+    let outstanding = Arc::new(Outstanding { count: AtomicUsize::new(0), room: Notify::new(), max: in_flight_max });
     // Ends once every holder of the queue is gone: the dispatcher, and
     // every frame whose answers are still to come.
-    let writer = tokio::spawn(async move {
-        let unsendable = |_, error: wire::CodecError| {
-            Some(Response::Refused(invalid("request", format!("its answer cannot be sent: {error}"))))
-        };
-        flashstock_client::exchange::write_batches(&mut send, &mut queued, wire::BATCH_REQUESTS_MAX, unsendable).await
+    let writer = tokio::spawn({
+        let outstanding = outstanding.clone();
+        async move {
+            let unsendable = |_, error: wire::CodecError| {
+                Some(Response::Refused(invalid("request", format!("its answer cannot be sent: {error}"))))
+            };
+            let written = |count| outstanding.written(count);
+            let batch_max = wire::BATCH_REQUESTS_MAX;
+            flashstock_client::exchange::write_batches(&mut send, &mut queued, batch_max, unsendable, written).await
+        }
     });
-    let answers = Arc::new(SessionAnswers {
-        node: node.clone(),
-        queue,
-        outstanding: AtomicUsize::new(0),
-        room: Notify::new(),
-        in_flight_max,
-    });
+    let answers = Arc::new(SessionAnswers { node: node.clone(), queue, outstanding: outstanding.clone() });
     let mut awaited = futures_util::stream::FuturesUnordered::<Awaited>::new();
     let mut reading = true;
     let ended = loop {
-        let has_room = answers.has_room();
+        let has_room = outstanding.has_room();
         tokio::select! {
             Some((id, kind, started, response)) = awaited.next() => answers.answer(id, kind, started, response),
-            () = answers.room.notified(), if reading && !has_room => {}
+            () = outstanding.room.notified(), if reading && !has_room => {}
+            // The writer stopped (the stream broke): nothing can be answered.
+            () = answers.queue.closed(), if reading => break Ok(()),
             frame = frames.recv(), if reading && has_room => match frame {
                 Some(Ok(payload)) => {
                     if let Err(error) = start_frame(&node, role, &answers, &payload, &mut awaited) {

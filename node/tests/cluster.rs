@@ -355,3 +355,62 @@ fn the_admin_commands_change_and_show_stock() {
     let (ok, _, stderr) = admin(&["create-skus", "--file", csv.to_str().expect("utf-8 path")]);
     assert!(!ok && stderr.contains("skus.csv:2"), "{stderr}");
 }
+
+/// A session whose client sends and does not read: the member stops
+/// taking its frames once its bound of requests in flight (answered but
+/// not yet sent back included) is reached, and when the client reads at
+/// last, every request has exactly one answer: none was dropped for want
+/// of room.
+#[test]
+fn a_session_that_does_not_read_its_answers_is_held_back_and_loses_none() {
+    /// Far more than a session's bound, its answer queue and the
+    /// stream's window together hold.
+    const REQUESTS: u64 = 20_000;
+    let cluster = Cluster::start("unread", 1);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let checkout = connect(&cluster.certs(), "checkout", 1, cluster.address(1)).await.expect("connects");
+        let (mut send, mut receive) = checkout.connection.open_bi().await.expect("a stream");
+        let open = Request { timeout_ms: 5_000, body: RequestBody::OpenSession };
+        wire::write_message(&mut send, &open).await.expect("sent");
+        let opened: Response = wire::read_message(&mut receive).await.expect("opened");
+        assert!(matches!(opened, Response::SessionOpened { .. }), "{opened:?}");
+        // Refused at once by the member (the prefix is the cluster's own),
+        // so the answers come as fast as the member can give them.
+        let writer = tokio::spawn(async move {
+            let mut id = 0;
+            while id < REQUESTS {
+                let mut frame = wire::BatchEncoder::new(wire::BATCH_REQUESTS_MAX);
+                while id < REQUESTS && frame.len() < wire::BATCH_REQUESTS_MAX {
+                    let request = Request { timeout_ms: 5_000, body: reserve(&format!("~unread-{id}"), &["sku"]) };
+                    frame.push(id, &request).expect("fits");
+                    id += 1;
+                }
+                send.write_all(&frame.finish()).await.expect("the member reads on");
+            }
+            send
+        });
+        // Not reading for a while: the member must hold the rest back.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(!writer.is_finished(), "the member took every frame without its answers being read");
+        let mut answered = vec![0u32; REQUESTS as usize];
+        let mut count = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while count < REQUESTS {
+            let payload = tokio::time::timeout_at(deadline, wire::read_payload(&mut receive))
+                .await
+                .unwrap_or_else(|_| panic!("only {count} of {REQUESTS} answers arrived"))
+                .expect("reads")
+                .expect("the member keeps the session open");
+            for (id, bytes) in wire::decode_batch(&payload).expect("a batch") {
+                let response: Response = wire::decode_payload(bytes).expect("an answer");
+                assert!(matches!(response, Response::Refused(Refusal::Invalid { .. })), "{response:?}");
+                answered[usize::try_from(id).expect("small")] += 1;
+                count += 1;
+            }
+        }
+        assert!(answered.iter().all(|&answers| answers == 1), "every request answered exactly once");
+        let mut send = tokio::time::timeout(Duration::from_secs(10), writer).await.expect("sent").expect("writer");
+        send.finish().expect("finished");
+    });
+}
