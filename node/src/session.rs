@@ -265,10 +265,10 @@ fn start_frame(
             Ok(Batchable::Reserve(order, home_partition)) => reserves.push((id, order, home_partition)),
             Ok(Batchable::Settle(settle)) => settles.push((id, settle)),
             Ok(Batchable::Awaited(body)) => {
-                let (node, span, started) = (node.clone(), request_span.clone(), frame.started);
+                // `answer_in_time` opens the request's span of its own.
+                let (node, started) = (node.clone(), frame.started);
                 let request = Request { timeout_ms: request.timeout_ms, body };
-                let work = async move { (id, kind, started, node.answer_in_time(role, request).await) };
-                awaited.push(Box::pin(tracing::Instrument::instrument(work, span)));
+                awaited.push(Box::pin(async move { (id, kind, started, node.answer_in_time(role, request).await) }));
             }
             Err(refusal) => frame.respond(id, kind, Err(refusal)),
         }
@@ -283,7 +283,8 @@ fn start_frame(
             let (node, started) = (node.clone(), frame.started);
             let kind = match given_back {
                 BatchRequest::Commit { .. } => "commit",
-                BatchRequest::Release { .. } | BatchRequest::Reserve(_) => "release",
+                BatchRequest::Release { .. } => "release",
+                BatchRequest::Reserve(_) => "reserve",
             };
             let timeout = Duration::from_millis(node.network().request_timeout_ms_max.into());
             let work = async move {
