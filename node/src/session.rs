@@ -237,6 +237,8 @@ fn start_frame(
     let accepting = answers.started(entries.len());
     let mut reserves = Vec::new();
     let mut settles = Vec::new();
+    // Each settle's time, for those the engine gives back to be awaited.
+    let mut settle_timeouts_ms = Vec::new();
     for (id, bytes) in entries {
         let request = match wire::decode_payload::<Request>(bytes) {
             Ok(request) => request,
@@ -263,7 +265,10 @@ fn start_frame(
         let _request_entered = request_span.enter();
         match node.batchable(role, request.body) {
             Ok(Batchable::Reserve(order, home_partition)) => reserves.push((id, order, home_partition)),
-            Ok(Batchable::Settle(settle)) => settles.push((id, settle)),
+            Ok(Batchable::Settle(settle)) => {
+                settles.push((id, settle));
+                settle_timeouts_ms.push((id, request.timeout_ms));
+            }
             Ok(Batchable::Awaited(body)) => {
                 // `answer_in_time` opens the request's span of its own.
                 let (node, started) = (node.clone(), frame.started);
@@ -286,7 +291,9 @@ fn start_frame(
                 BatchRequest::Release { .. } => "release",
                 BatchRequest::Reserve(_) => "reserve",
             };
-            let timeout = Duration::from_millis(node.network().request_timeout_ms_max.into());
+            let timeout_ms = settle_timeouts_ms.iter().find(|(settle, _)| *settle == id).map_or(0, |(_, ms)| *ms);
+            let timeout_ms = timeout_ms.min(node.network().request_timeout_ms_max);
+            let timeout = Duration::from_millis(timeout_ms.into());
             let work = async move {
                 let settled = tokio::time::timeout(timeout, node.settle(given_back)).await;
                 let response = settled.unwrap_or(Err(Refusal::DeadlineExceeded)).unwrap_or_else(Response::Refused);
