@@ -188,6 +188,16 @@ type RequestMetricsByName = std::sync::RwLock<std::collections::HashMap<(&'stati
 
 static REQUEST_METRICS: OnceLock<RequestMetricsByName> = OnceLock::new();
 
+/// Counts one answered request by its answer (`ok`, or the refusal's
+/// name), with its latency.
+pub fn record_answer(kind: &'static str, response: &flashstock_client::wire::Response, elapsed: Duration) {
+    let outcome = match response {
+        flashstock_client::wire::Response::Refused(refusal) => refusal.name(),
+        _ => "ok",
+    };
+    record_request(kind, outcome, elapsed);
+}
+
 /// Counts one answered request: by kind and outcome, and its latency.
 pub fn record_request(kind: &'static str, outcome: &'static str, elapsed: Duration) {
     let cache = REQUEST_METRICS.get_or_init(Default::default);

@@ -807,10 +807,6 @@ async fn answer(node: &Node, role: Role, request: Request) -> Response {
     let started = std::time::Instant::now();
     let kind = request.body.kind();
     let response = node.answer_in_time(role, request).await;
-    let outcome = match &response {
-        Response::Refused(refusal) => refusal.name(),
-        _ => "ok",
-    };
-    crate::operations::record_request(kind, outcome, started.elapsed());
+    crate::operations::record_answer(kind, &response, started.elapsed());
     response
 }

@@ -82,11 +82,7 @@ impl SessionAnswers {
 
     /// Answers request `id` of a frame that came at `started`.
     fn answer(&self, id: u64, kind: &'static str, started: Instant, response: Response) {
-        let outcome = match &response {
-            Response::Refused(refusal) => refusal.name(),
-            _ => "ok",
-        };
-        crate::operations::record_request(kind, outcome, started.elapsed());
+        crate::operations::record_answer(kind, &response, started.elapsed());
         match self.queue.try_send((id, response)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
