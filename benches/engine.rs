@@ -29,6 +29,15 @@ fn order_ids(prefix: &str, count: usize) -> Vec<OrderId> {
     (0..count).map(|index| OrderId::new(format!("{prefix}-{index}")).expect("valid id")).collect()
 }
 
+fn sku_ids(count: usize) -> Vec<SkuId> {
+    (0..count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect()
+}
+
+/// The engine of the actor benchmarks: a SKU remembers every order of a run.
+fn sale_config() -> EngineConfig {
+    EngineConfig { limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() }, ..EngineConfig::default() }
+}
+
 fn state_machine(criterion: &mut Criterion) {
     const BATCH: usize = 10_000;
     let limits = Limits { finished_per_sku_max: 100_000, ..Limits::default() };
@@ -106,8 +115,7 @@ fn actors(criterion: &mut Criterion) {
         ("reserve_commit/10k_zipf/durable", 10_000, true),
     ];
     for (name, sku_count, durable) in cases {
-        let skus: Vec<SkuId> =
-            (0..sku_count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect();
+        let skus = sku_ids(sku_count);
         let picks = Arc::new(zipf_picks(sku_count, ORDERS_PER_RUN));
         let mut run = 0u64;
         group.bench_function(name, |bencher| {
@@ -115,10 +123,7 @@ fn actors(criterion: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iterations {
                     run += 1;
-                    let config = EngineConfig {
-                        limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() },
-                        ..EngineConfig::default()
-                    };
+                    let config = sale_config();
                     let data = std::env::temp_dir().join(format!("flashstock-bench-{}-{run}", std::process::id()));
                     let engine = if durable {
                         let durability = Durability {
@@ -288,8 +293,7 @@ fn batch(criterion: &mut Criterion) {
     group.throughput(Throughput::Elements(ORDERS_PER_RUN as u64));
     group.sample_size(10);
     for (name, sku_count) in [("reserve_commit/hot_sku/memory", 1usize), ("reserve_commit/10k_zipf/memory", 10_000)] {
-        let skus: Vec<SkuId> =
-            (0..sku_count).map(|index| SkuId::new(format!("sku-{index}")).expect("valid id")).collect();
+        let skus = sku_ids(sku_count);
         let picks = zipf_picks(sku_count, ORDERS_PER_RUN);
         let mut run = 0u64;
         group.bench_function(name, |bencher| {
@@ -297,10 +301,7 @@ fn batch(criterion: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iterations {
                     run += 1;
-                    let config = EngineConfig {
-                        limits: Limits { finished_per_sku_max: 100_000, ..Limits::default() },
-                        ..EngineConfig::default()
-                    };
+                    let config = sale_config();
                     let engine = Engine::new(config, Arc::new(SystemClock)).expect("valid config");
                     let orders = order_ids(&format!("run{run}"), ORDERS_PER_RUN);
                     let buyer = BuyerId::new("buyer").expect("valid id");
