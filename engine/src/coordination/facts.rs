@@ -2,17 +2,18 @@
 //! what replay keeps and what a snapshot carries, so that compaction can
 //! drop the log they came from.
 
-use std::collections::BTreeMap;
-
 use crate::coordination::CoordinatorRecord;
-use crate::ids::OrderId;
+use crate::ids::{FastMap, OrderId};
 
 /// The coordinator facts of a log, as of its last record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CoordinatorFacts {
     epoch: u64,
-    /// Each known order's records, from its `Held` on.
-    orders: BTreeMap<OrderId, Vec<CoordinatorRecord>>,
+    /// Each known order's records, from its `Held` on. Hashed: every
+    /// replica folds in every record of its group, so this is looked up
+    /// once per record, and walked only by [`Self::records`] (a snapshot,
+    /// a coordinator's start), which sorts.
+    orders: FastMap<OrderId, Vec<CoordinatorRecord>>,
     /// The newest time a record named: orders that ended a window before
     /// it are forgotten, as the coordinator forgets them.
     newest_ms: u64,
@@ -22,28 +23,30 @@ impl CoordinatorFacts {
     /// Folds in the next record. A fact about an order the facts do not
     /// hold (it was forgotten) has nothing left to say.
     pub fn apply(&mut self, record: CoordinatorRecord) {
-        match &record {
-            CoordinatorRecord::Epoch { epoch } => self.epoch = self.epoch.max(*epoch),
+        let order = match &record {
+            CoordinatorRecord::Epoch { epoch } => {
+                self.epoch = self.epoch.max(*epoch);
+                return;
+            }
             // A new attempt of an order forgotten before starts afresh.
             CoordinatorRecord::Held { order, .. } => {
                 self.orders.insert(order.clone(), vec![record]);
-            }
-            CoordinatorRecord::Decided { order, .. }
-            | CoordinatorRecord::ReleaseDecided { order }
-            | CoordinatorRecord::ExpiryDecided { order, .. } => {
-                if let Some(records) = self.orders.get_mut(order) {
-                    records.push(record.clone());
-                }
+                return;
             }
             CoordinatorRecord::Forgotten { order } => {
                 self.orders.remove(order);
+                return;
             }
             CoordinatorRecord::Ended { order, now_ms, .. } => {
                 self.newest_ms = self.newest_ms.max(*now_ms);
-                if let Some(records) = self.orders.get_mut(order) {
-                    records.push(record.clone());
-                }
+                order
             }
+            CoordinatorRecord::Decided { order, .. }
+            | CoordinatorRecord::ReleaseDecided { order }
+            | CoordinatorRecord::ExpiryDecided { order, .. } => order,
+        };
+        if let Some(records) = self.orders.get_mut(order) {
+            records.push(record);
         }
     }
 
@@ -55,7 +58,11 @@ impl CoordinatorFacts {
         if self.epoch > 0 {
             records.push(CoordinatorRecord::Epoch { epoch: self.epoch });
         }
-        for order_records in self.orders.values() {
+        // Sorted by order id: a snapshot's bytes are canonical, and a
+        // coordinator started from them walks its orders in one order.
+        let mut orders: Vec<(&OrderId, &Vec<CoordinatorRecord>)> = self.orders.iter().collect();
+        orders.sort_unstable_by_key(|(order, _)| *order);
+        for (_, order_records) in orders {
             let forgotten = order_records.iter().any(|record| {
                 matches!(record, CoordinatorRecord::Ended { now_ms, .. }
                     if now_ms.saturating_add(window_ms) <= self.newest_ms)
