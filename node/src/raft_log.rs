@@ -22,7 +22,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use flashstock_engine::replication::codec::{decode_write, encode_write, CodecError};
+use flashstock_engine::replication::codec::{decode_write, encode_write_into, CodecError};
 use flashstock_engine::replication::{GroupId, ReplicaWrite};
 
 const HEADER_BYTES: usize = 8;
@@ -58,9 +58,16 @@ pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
-/// Frames `write` of `group`, appended to `out`.
+/// Frames `write` of `group`, appended to `out` (encoded in place).
 pub fn frame_write(group: GroupId, write: &ReplicaWrite, out: &mut Vec<u8>) {
-    frame(&encode_write(group, write), out);
+    let at = out.len();
+    out.extend_from_slice(&[0; HEADER_BYTES]);
+    encode_write_into(group, write, out);
+    let payload = &out[at + HEADER_BYTES..];
+    let length = u32::try_from(payload.len()).expect("a record fits a u32");
+    let checksum = crc32c::crc32c(payload);
+    out[at..at + 4].copy_from_slice(&length.to_le_bytes());
+    out[at + 4..at + 8].copy_from_slice(&checksum.to_le_bytes());
 }
 
 impl RaftLog {

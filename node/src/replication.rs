@@ -31,7 +31,7 @@ use flashstock_engine::coordination::{
     CallerId, ClientAnswer, ClientRequest, CoordinatorConfig, PartMessage, PartReply, Placement,
 };
 use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
-use flashstock_engine::replication::codec::{decode_message, encode_message};
+use flashstock_engine::replication::codec::{decode_message, encode_message_into};
 use flashstock_engine::replication::{
     member_of, replica_id, AdminRequest, GroupConfig, GroupId, GroupMachine, GroupOutput, RaftMessage, ReplicaConfig,
     ReplicaWrite,
@@ -84,6 +84,9 @@ const SNAPSHOT_ENTRIES: u64 = 20_000;
 /// The raft log is rewritten from the groups' live state once it holds
 /// this many bytes more than that state took at the last rewrite.
 const REWRITE_BYTES_MIN: u64 = 64 << 20;
+/// A job's buffer larger than this (a rewrite's, a snapshot's round) is
+/// let go rather than kept for the next round.
+const SPARE_BUFFER_BYTES_MAX: usize = 16 << 20;
 /// How often the view for status pages and the handshake is refreshed.
 const VIEW_EVERY_TICKS: u64 = 5;
 /// Callers' ids of part steps from other members carry this bit (the rest
@@ -181,9 +184,23 @@ const ITEM_RAFT: u8 = 1;
 const ITEM_OTHER: u8 = 2;
 
 enum Input {
-    Call { group: GroupId, request: GroupRequest, reply: oneshot::Sender<Result<GroupAnswer, Refusal>> },
-    Peer { from: u32, raft: Vec<(GroupId, RaftMessage)>, items: Vec<PeerItem> },
-    Synced { through: u64, elapsed: Duration },
+    Call {
+        group: GroupId,
+        request: GroupRequest,
+        reply: oneshot::Sender<Result<GroupAnswer, Refusal>>,
+    },
+    Peer {
+        from: u32,
+        raft: Vec<(GroupId, RaftMessage)>,
+        items: Vec<PeerItem>,
+    },
+    /// The log thread synced the writes through `through`; `buffer` is
+    /// the job's, emptied, for the driver to frame the next round into.
+    Synced {
+        through: u64,
+        elapsed: Duration,
+        buffer: Vec<u8>,
+    },
 }
 
 /// The handle the server uses; cheap to share.
@@ -227,6 +244,11 @@ struct Driver {
     leaders: BTreeMap<GroupId, (Option<u32>, u64)>,
     /// Writes framed since the last job went to the log thread.
     framed: Vec<u8>,
+    /// The buffer of the last job, back from the log thread: the next
+    /// round frames into it. (A fresh buffer per round grew page by page
+    /// out of memory the allocator had returned to the system: the kernel
+    /// zeroing those pages was a tenth of a loaded member's CPU.)
+    spare_buffer: Vec<u8>,
     /// Writes handed out so far, and how many of them are durable.
     written: u64,
     synced: u64,
@@ -340,6 +362,7 @@ impl Replication {
             next_caller: 1,
             leaders: BTreeMap::new(),
             framed: Vec::new(),
+            spare_buffer: Vec::new(),
             written: 0,
             synced: 0,
             sync_in_flight: false,
@@ -542,16 +565,23 @@ fn write_generation(path: &std::path::Path, generation: u32) -> std::io::Result<
 /// A peer batch's bytes: items each `kind (u8) | length (u32 LE) | bytes`.
 pub fn encode_batch(raft: &[(GroupId, RaftMessage)], items: &[PeerItem]) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut put = |kind: u8, bytes: &[u8]| {
+    // Each item is encoded in place after its header, whose length is
+    // filled in after.
+    let mut put = |kind: u8, encode: &mut dyn FnMut(&mut Vec<u8>)| {
         out.push(kind);
-        out.extend_from_slice(&u32::try_from(bytes.len()).expect("an item fits a u32").to_le_bytes());
-        out.extend_from_slice(bytes);
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        encode(&mut out);
+        let length = u32::try_from(out.len() - at - 4).expect("an item fits a u32");
+        out[at..at + 4].copy_from_slice(&length.to_le_bytes());
     };
     for (group, message) in raft {
-        put(ITEM_RAFT, &encode_message(*group, message));
+        put(ITEM_RAFT, &mut |out| encode_message_into(*group, message, out));
     }
     for item in items {
-        put(ITEM_OTHER, &rmp_serde::to_vec_named(item).expect("peer items encode"));
+        put(ITEM_OTHER, &mut |out| {
+            rmp_serde::encode::write_named(out, item).expect("peer items encode");
+        });
     }
     out
 }
@@ -598,6 +628,8 @@ async fn send_to_peer(peers: Arc<Peers>, member: u32, mut queue: mpsc::Receiver<
     let mut stream: Option<(usize, quinn::SendStream)> = None;
     let mut batches = Vec::with_capacity(PEER_FRAME_BATCHES_MAX);
     let mut pending = std::collections::VecDeque::with_capacity(PEER_FRAME_BATCHES_MAX);
+    // One buffer for every frame (see `Driver::spare_buffer`).
+    let mut frame = Vec::new();
     loop {
         if pending.is_empty() {
             if queue.recv_many(&mut batches, PEER_FRAME_BATCHES_MAX).await == 0 {
@@ -605,7 +637,8 @@ async fn send_to_peer(peers: Arc<Peers>, member: u32, mut queue: mpsc::Receiver<
             }
             pending.extend(batches.drain(..));
         }
-        let mut frame = vec![0u8; 4];
+        frame.clear();
+        frame.extend_from_slice(&[0u8; 4]);
         while let Some(batch) = pending.front() {
             if frame.len() > 4 && frame.len() + batch.len() > PEER_FRAME_BYTES_MAX {
                 break;
@@ -675,7 +708,7 @@ fn start_log_thread(
     std::thread::Builder::new()
         .name("raft-log".to_owned())
         .spawn(move || {
-            while let Ok(job) = receiver.recv() {
+            while let Ok(mut job) = receiver.recv() {
                 let started = Instant::now();
                 let outcome = if job.rewrite {
                     log.rewrite(&job.framed)
@@ -691,7 +724,9 @@ fn start_log_thread(
                 }
                 let elapsed = started.elapsed();
                 metrics::histogram!("flashstock_raft_log_sync_seconds").record(elapsed.as_secs_f64());
-                if inbox.blocking_send(Input::Synced { through: job.through, elapsed }).is_err() {
+                job.framed.clear();
+                let buffer = job.framed;
+                if inbox.blocking_send(Input::Synced { through: job.through, elapsed, buffer }).is_err() {
                     return;
                 }
             }
@@ -782,7 +817,10 @@ impl Driver {
                     self.peer_item(now_ms, from, item);
                 }
             }
-            Input::Synced { through, elapsed } => {
+            Input::Synced { through, elapsed, buffer } => {
+                if buffer.capacity() <= SPARE_BUFFER_BYTES_MAX {
+                    self.spare_buffer = buffer;
+                }
                 self.sync_in_flight = false;
                 self.synced = self.synced.max(through);
                 self.syncs += 1;
@@ -1184,7 +1222,8 @@ impl Driver {
             LogJob { framed: live, rewrite: true, through: self.written }
         } else {
             self.log_bytes += self.framed.len() as u64;
-            LogJob { framed: std::mem::take(&mut self.framed), rewrite: false, through: self.written }
+            let next = std::mem::take(&mut self.spare_buffer);
+            LogJob { framed: std::mem::replace(&mut self.framed, next), rewrite: false, through: self.written }
         };
         self.sync_in_flight = true;
         if self.log_jobs.send(job).is_err() {

@@ -39,29 +39,36 @@ const KIND_COMPACT: u8 = 4;
 /// `write` of `group` as the payload of one log record.
 pub fn encode_write(group: GroupId, write: &ReplicaWrite) -> Vec<u8> {
     let mut out = Vec::new();
+    encode_write_into(group, write, &mut out);
+    out
+}
+
+/// [`encode_write`], appended to `out` (the member's log frames a round's
+/// writes into one buffer it keeps, instead of a buffer per write and per
+/// entry).
+pub fn encode_write_into(group: GroupId, write: &ReplicaWrite, out: &mut Vec<u8>) {
     out.extend_from_slice(&group.to_le_bytes());
     match write {
         ReplicaWrite::Entries(entries) => {
             out.push(KIND_ENTRIES);
             out.extend_from_slice(&u32::try_from(entries.len()).expect("a write's entries fit a u32").to_le_bytes());
             for entry in entries {
-                put_bytes(&mut out, &protobuf_bytes(entry));
+                put_message(out, entry);
             }
         }
         ReplicaWrite::HardState(state) => {
             out.push(KIND_HARD_STATE);
-            put_bytes(&mut out, &protobuf_bytes(state));
+            put_message(out, state);
         }
         ReplicaWrite::Snapshot(snapshot) => {
             out.push(KIND_SNAPSHOT);
-            put_bytes(&mut out, &protobuf_bytes(snapshot));
+            put_message(out, snapshot);
         }
         ReplicaWrite::Compact { index } => {
             out.push(KIND_COMPACT);
             out.extend_from_slice(&index.to_le_bytes());
         }
     }
-    out
 }
 
 /// The group and write of a log record's payload.
@@ -100,9 +107,15 @@ pub fn decode_write(bytes: &[u8]) -> Result<(GroupId, ReplicaWrite), CodecError>
 
 /// A raft message of `group` as bytes for a peer.
 pub fn encode_message(group: GroupId, message: &Message) -> Vec<u8> {
-    let mut out = group.to_le_bytes().to_vec();
-    out.extend_from_slice(&protobuf_bytes(message));
+    let mut out = Vec::new();
+    encode_message_into(group, message, &mut out);
     out
+}
+
+/// [`encode_message`], appended to `out`.
+pub fn encode_message_into(group: GroupId, message: &Message, out: &mut Vec<u8>) {
+    out.extend_from_slice(&group.to_le_bytes());
+    protobuf::Message::write_to_vec(message, out).expect("raft's messages always encode");
 }
 
 /// The group and raft message of a peer's bytes.
@@ -115,6 +128,7 @@ pub fn decode_message(bytes: &[u8]) -> Result<(GroupId, Message), CodecError> {
     Ok((group, parse::<Message>(reader.bytes)?))
 }
 
+#[cfg(test)]
 fn protobuf_bytes(message: &impl protobuf::Message) -> Vec<u8> {
     message.write_to_bytes().expect("raft's messages always encode")
 }
@@ -190,9 +204,13 @@ impl KnownFieldsOnly for Message {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&u32::try_from(bytes.len()).expect("a raft message fits a u32").to_le_bytes());
-    out.extend_from_slice(bytes);
+/// `message`'s bytes after their length (u32 LE), encoded in place.
+fn put_message(out: &mut Vec<u8>, message: &impl protobuf::Message) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    message.write_to_vec(out).expect("raft's messages always encode");
+    let length = u32::try_from(out.len() - at - 4).expect("a raft message fits a u32");
+    out[at..at + 4].copy_from_slice(&length.to_le_bytes());
 }
 
 struct Reader<'a> {
@@ -255,7 +273,8 @@ mod tests {
         let mut write = 1u32.to_le_bytes().to_vec();
         write.push(KIND_ENTRIES);
         write.extend_from_slice(&1u32.to_le_bytes());
-        put_bytes(&mut write, &entry_bytes);
+        write.extend_from_slice(&u32::try_from(entry_bytes.len()).expect("small").to_le_bytes());
+        write.extend_from_slice(&entry_bytes);
         assert_eq!(decode_write(&write), Ok((1, ReplicaWrite::Entries(vec![entry(4, b"d")]))));
     }
 
