@@ -1089,7 +1089,8 @@ impl Driver {
             let mut local = Vec::new();
             let groups: Vec<GroupId> = self.machines.keys().copied().collect();
             for group in groups {
-                let outputs = self.machines.get_mut(&group).map(GroupMachine::take_outputs).unwrap_or_default();
+                let outputs =
+                    self.machines.get_mut(&group).map(|machine| machine.take_outputs(now_ms)).unwrap_or_default();
                 for output in outputs {
                     self.output(group, output, &mut local);
                 }

@@ -10,16 +10,24 @@
 //! proposes the records that decision wrote; every replica applies
 //! committed records with the same replay ([`ReplayedState::apply`]), so
 //! time and rules come from the record, never from a follower's clock or
-//! configuration. Every answer the leader gives waits for two things:
-//! everything its state depended on — its whole log at the moment it
-//! answered — is committed and applied, in the term it answered in; and a
-//! majority confirmed, after the answer was decided, that this replica
-//! still leads (raft's read index, one round for every answer decided
-//! together). The second matters for answers that write nothing — a
-//! refusal, a replay — which would otherwise be given from whatever a
-//! deposed leader last knew: the simulator found a leader paused past an
-//! election answer `UnknownReservation` for a reservation its successor
-//! had acknowledged (seed 251). If it loses leadership first, its
+//! configuration. Every answer the leader gives waits until everything
+//! its state depended on — its whole log at the moment it answered — is
+//! committed and applied, in the term it answered in, *and* it is known
+//! that no other leader committed anything since the answer was decided.
+//! An answer that wrote the log's last entry has both once that entry is
+//! applied: it was proposed in this term after the decision, and its
+//! commit means a majority took it in this term, before any of them could
+//! have voted for a successor. An answer that wrote nothing — a refusal, a
+//! replay — would otherwise be given from whatever a deposed leader last
+//! knew (the simulator found a leader paused past an election answer
+//! `UnknownReservation` for a reservation its successor had acknowledged,
+//! seed 251): it waits for the next entry of the term to be applied (one
+//! proposed after it was decided: under load, within the same round), or,
+//! when the round ends with no such entry, for a majority to confirm that
+//! this replica still leads (raft's read index, one round for every answer
+//! of the round), whichever comes first. (Asking for that confirmation for
+//! every answer, as this once did, sent a heartbeat to every follower for
+//! almost every input under load.) If it loses leadership first, its
 //! speculative state and every waiting answer are dropped (callers retry
 //! with their idempotency keys; the next leader decides again from the
 //! committed log). A deposed leader therefore acknowledges nothing.
@@ -257,8 +265,16 @@ impl GroupMachine {
         }
     }
 
-    /// Takes what the driver must do.
-    pub fn take_outputs(&mut self) -> Vec<GroupOutput> {
+    /// Takes what the driver must do, at the end of a round of inputs
+    /// (at `now_ms`): answers that wrote nothing and that no later entry
+    /// will confirm ask a majority here, once for the whole round.
+    pub fn take_outputs(&mut self, now_ms: u64) -> Vec<GroupOutput> {
+        let last_index = self.replica.last_index();
+        let unconfirmed_last =
+            self.leading.as_ref().and_then(|leading| leading.unconfirmed.last().map(|(index, _)| *index));
+        if unconfirmed_last.is_some_and(|index| index >= last_index) && self.confirm_answers() {
+            self.settle(now_ms);
+        }
         std::mem::take(&mut self.outputs)
     }
 
@@ -390,8 +406,9 @@ impl GroupMachine {
                 admin_on(leading, now_ms, sku, &command)
             }
         };
+        let wrote = record.is_some();
         if self.propose_all(&Vec::from_iter(record)).is_ok() {
-            self.answer_when_applied(GroupOutput::Admin { caller, answer });
+            self.answer_when_applied(GroupOutput::Admin { caller, answer }, wrote);
         } else {
             self.outputs.push(GroupOutput::Admin { caller, answer: Err(EngineError::Busy { retry_after_ms: 20 }) });
         }
@@ -415,7 +432,8 @@ impl GroupMachine {
         }
         let (answer, records) = apply_part(&mut leading.skus, now_ms, &message.attempt, &message.request);
         if self.propose_all(&records).is_ok() {
-            self.answer_when_applied(GroupOutput::PartAnswer { caller, reply: message.reply(answer) });
+            let wrote = !records.is_empty();
+            self.answer_when_applied(GroupOutput::PartAnswer { caller, reply: message.reply(answer) }, wrote);
         }
         self.settle(now_ms);
     }
@@ -550,10 +568,20 @@ impl GroupMachine {
         Ok(())
     }
 
-    fn answer_when_applied(&mut self, output: GroupOutput) {
+    /// Holds `output` until it may be given (see the module's doc): an
+    /// answer that `wrote` the last entry of the log (proposed for it just
+    /// now, in this term) once that entry is applied; any other once the
+    /// entry after the log's last is applied — proposed after the answer
+    /// was decided, in this term — or a majority confirmed this replica
+    /// still leads, whichever comes first.
+    fn answer_when_applied(&mut self, output: GroupOutput, wrote: bool) {
         let index = self.replica.last_index();
         if let Some(leading) = &mut self.leading {
-            leading.unconfirmed.push((index, output));
+            if wrote {
+                leading.waiting.push((index, output));
+            } else {
+                leading.unconfirmed.push((index, output));
+            }
         }
     }
 
@@ -577,7 +605,6 @@ impl GroupMachine {
     fn settle(&mut self, now_ms: u64) {
         for _ in 0..64 {
             let drained = self.drain_coordinator();
-            let asked = self.confirm_answers();
             let output = self.replica.collect();
             let raft_work = !output.is_empty();
             self.outputs.extend(output.send_now.into_iter().map(GroupOutput::Raft));
@@ -614,7 +641,7 @@ impl GroupMachine {
             }
             let started = self.start_coordinator(now_ms);
             let released = self.release_applied(now_ms) | self.answer_reads();
-            if !drained && !asked && !raft_work && !released && !started {
+            if !drained && !raft_work && !released && !started {
                 return;
             }
         }
@@ -796,6 +823,28 @@ impl GroupMachine {
         let applied_index = self.applied_index;
         let Some(leading) = &mut self.leading else { return false };
         let mut released = false;
+        // An answer that wrote nothing, decided when the log ended at
+        // `index`: an entry after it is applied, proposed by this leader
+        // in this term after the answer was decided — its commit proves
+        // no other leader had committed anything in between.
+        let later_applied = |(index, _): &(u64, GroupOutput)| *index < applied_index;
+        if leading.unconfirmed.first().is_some_and(later_applied) {
+            let split = leading.unconfirmed.partition_point(later_applied);
+            self.outputs.extend(leading.unconfirmed.drain(..split).map(|(_, output)| output));
+            released = true;
+        }
+        for answers in leading.confirming.values_mut() {
+            if answers.first().is_some_and(later_applied) {
+                let split = answers.partition_point(later_applied);
+                self.outputs.extend(answers.drain(..split).map(|(_, output)| output));
+                released = true;
+            }
+        }
+        if released {
+            // The confirmation of an emptied context may still come (or
+            // not, if raft-rs dropped the read): nothing waits for it.
+            leading.confirming.retain(|_, answers| !answers.is_empty());
+        }
         if leading.waiting.iter().any(|(index, _)| *index <= applied_index) {
             let (ready, later): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut leading.waiting).into_iter().partition(|(index, _)| *index <= applied_index);
@@ -844,7 +893,9 @@ impl GroupMachine {
                         }
                     }
                 }
-                Action::Reply { caller, answer } => self.answer_when_applied(GroupOutput::Answer { caller, answer }),
+                Action::Reply { caller, answer } => {
+                    self.answer_when_applied(GroupOutput::Answer { caller, answer }, false);
+                }
             }
             if self.leading.is_none() {
                 return true;
@@ -919,7 +970,7 @@ mod tests {
             let mut messages = Vec::new();
             for (index, machine) in machines.iter_mut().enumerate() {
                 let member = index as u64 + 1;
-                for output in machine.take_outputs() {
+                for output in machine.take_outputs(now_ms) {
                     match output {
                         GroupOutput::Raft(message) | GroupOutput::RaftAfterWrites(message) => messages.push(message),
                         GroupOutput::Write { number: Some(number), .. } => machine.persisted(now_ms, number),
@@ -1007,18 +1058,90 @@ mod tests {
         assert_eq!(machines[1].applied().skus[&sku()].stock().held, 0, "the majority never saw the hold");
     }
 
+    /// A leader cut off from the others, everything it knows committed,
+    /// gives no answer that writes nothing: its successor may have changed
+    /// what it would say (the simulator's seed 251 had a paused leader
+    /// answer `UnknownReservation` for a hold its successor acknowledged).
+    /// Once it hears of the successor, the caller is sent there.
+    #[test]
+    fn a_deposed_leader_gives_no_answer_that_writes_nothing() {
+        let mut machines = machines();
+        elect_first(&mut machines);
+        for tick in 1..4 {
+            machines[0].tick(tick);
+            exchange(&mut machines, tick, |_, _| false);
+        }
+        assert_eq!(machines[0].applied_index(), machines[0].replica().last_index(), "all it knows is committed");
+        let cut = |from: u64, to: u64| from == 1 || to == 1;
+        // The others hear nothing from member 1 (which is not ticked, so
+        // it does not notice it lost its majority) and elect one of them.
+        for tick in 4..64 {
+            machines[1].tick(tick);
+            machines[2].tick(tick);
+            exchange(&mut machines, tick, cut);
+        }
+        let successor = (1..3).find(|&index| machines[index].leadership().leading).expect("a successor was elected");
+        assert!(machines[0].leadership().leading, "member 1 has not heard of it");
+        let new_sku = SkuId::new("new").expect("valid");
+        let create = AdminRequest::Create {
+            sku: new_sku.clone(),
+            settings: SkuSettings { initial_units: 5, ..SkuSettings::default() },
+            operation: OperationId::new("create-new").expect("valid"),
+        };
+        machines[successor].admin(70, 7, create);
+        let answered = exchange(&mut machines, 70, cut);
+        assert!(
+            answered.iter().any(|(member, output)| *member == successor as u64 + 1
+                && matches!(output, GroupOutput::Admin { caller: 7, answer: Ok(_) })),
+            "the successor acknowledged the new SKU: {answered:?}"
+        );
+        // The deposed leader, asked to hold the new SKU, does not know it:
+        // a refusal that writes nothing, decided on a stale state.
+        let reserve = PartMessage {
+            order: OrderId::new("order").expect("valid"),
+            attempt: OrderId::new("~1.1.9").expect("valid"),
+            step: 1,
+            request: PartRequest::Reserve {
+                buyer: BuyerId::new("buyer").expect("valid"),
+                lines: vec![(new_sku, Quantity::Exactly(1))],
+                ttl_ms: 60_000,
+            },
+        };
+        let last_index = machines[0].replica().last_index();
+        machines[0].part(80, 8, reserve);
+        assert_eq!(machines[0].replica().last_index(), last_index, "the refusal wrote nothing");
+        let answered = exchange(&mut machines, 80, cut);
+        assert!(!answered.iter().any(|(member, _)| *member == 1), "the deposed leader answered: {answered:?}");
+        let mut answered = Vec::new();
+        for tick in 0..5 {
+            machines[successor].tick(90 + tick);
+            answered.extend(exchange(&mut machines, 90 + tick, |_, _| false));
+        }
+        assert!(!machines[0].leadership().leading, "it heard of the next term");
+        assert!(
+            answered
+                .iter()
+                .any(|(member, output)| *member == 1 && matches!(output, GroupOutput::NotLeader { caller: 8, .. })),
+            "the caller is sent on: {answered:?}"
+        );
+        assert!(
+            !answered.iter().any(|(member, output)| *member == 1 && matches!(output, GroupOutput::PartAnswer { .. })),
+            "{answered:?}"
+        );
+    }
+
     #[test]
     fn a_follower_names_the_leader() {
         let mut machines = machines();
         elect_first(&mut machines);
         machines[1].part(10, 5, reserve_step("~1.1.1"));
-        let outputs = machines[1].take_outputs();
+        let outputs = machines[1].take_outputs(10);
         assert!(
             outputs.iter().any(|output| matches!(output, GroupOutput::NotLeader { caller: 5, leader: Some(1) })),
             "{outputs:?}"
         );
         machines[1].read(10, 6, sku());
-        let outputs = machines[1].take_outputs();
+        let outputs = machines[1].take_outputs(10);
         assert!(outputs.iter().any(|output| matches!(output, GroupOutput::NotLeader { caller: 6, .. })), "{outputs:?}");
     }
 
@@ -1085,7 +1208,7 @@ mod tests {
                 change: AdminChange::AddStock { units: 1 },
             },
         );
-        let outputs = machines[1].take_outputs();
+        let outputs = machines[1].take_outputs(10);
         assert!(outputs.iter().any(|output| matches!(output, GroupOutput::NotLeader { caller: 6, leader: Some(1) })));
     }
 }

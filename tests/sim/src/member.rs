@@ -171,9 +171,9 @@ impl Member {
     }
 
     /// Carries out `group`'s outputs.
-    fn drain(&mut self, group: GroupId, outbox: &mut Vec<(Endpoint, Message)>) {
+    fn drain(&mut self, now_ms: u64, group: GroupId, outbox: &mut Vec<(Endpoint, Message)>) {
         let Some(machine) = self.groups.get_mut(&group) else { return };
-        for output in machine.take_outputs() {
+        for output in machine.take_outputs(now_ms) {
             match output {
                 GroupOutput::Raft(message) => {
                     let to = member_of(message.to);
@@ -220,10 +220,10 @@ impl Member {
         }
     }
 
-    fn drain_all(&mut self, outbox: &mut Vec<(Endpoint, Message)>) {
+    fn drain_all(&mut self, now_ms: u64, outbox: &mut Vec<(Endpoint, Message)>) {
         let groups: Vec<GroupId> = self.groups.keys().copied().collect();
         for group in groups {
-            self.drain(group, outbox);
+            self.drain(now_ms, group, outbox);
         }
         self.release_durable(outbox);
     }
@@ -284,7 +284,7 @@ impl Member {
                 unreachable!("members receive no client answers")
             }
         }
-        self.drain_all(&mut outbox);
+        self.drain_all(now_ms, &mut outbox);
         outbox
     }
 
@@ -325,23 +325,28 @@ impl Member {
                 outbox.push((Endpoint::Member(member), Message::Replace { group, member: self.id, replica }));
             }
         }
-        self.drain_all(&mut outbox);
+        self.drain_all(now_ms, &mut outbox);
         outbox
     }
 
     /// Runs `input` on `group`'s replica here (if any); returns what to send.
-    fn with_group(&mut self, group: GroupId, input: impl FnOnce(&mut GroupMachine)) -> Vec<(Endpoint, Message)> {
+    fn with_group(
+        &mut self,
+        now_ms: u64,
+        group: GroupId,
+        input: impl FnOnce(&mut GroupMachine),
+    ) -> Vec<(Endpoint, Message)> {
         let mut outbox = Vec::new();
         if let Some(machine) = self.groups.get_mut(&group) {
             input(machine);
         }
-        self.drain_all(&mut outbox);
+        self.drain_all(now_ms, &mut outbox);
         outbox
     }
 
     /// `group`'s replica here stands for election now.
     pub fn campaign(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
-        self.with_group(group, |machine| machine.campaign(now_ms))
+        self.with_group(now_ms, group, |machine| machine.campaign(now_ms))
     }
 
     /// Every group this member leads, with its term.
@@ -368,7 +373,7 @@ impl Member {
     /// An fsync completed: everything appended so far is durable.
     pub fn sync(&mut self, now_ms: u64) -> Vec<(Endpoint, Message)> {
         let mut outbox = Vec::new();
-        self.drain_all(&mut outbox);
+        self.drain_all(now_ms, &mut outbox);
         self.synced = self.log.len();
         let mut persisted: BTreeMap<GroupId, u64> = BTreeMap::new();
         for (_, group, number) in self.persist.drain(..) {
@@ -379,7 +384,7 @@ impl Member {
                 machine.persisted(now_ms, number);
             }
         }
-        self.drain_all(&mut outbox);
+        self.drain_all(now_ms, &mut outbox);
         outbox
     }
 
@@ -422,13 +427,13 @@ impl Member {
             // The first round delivers the committed entries again.
             machine.tick(now_ms);
         }
-        self.drain_all(&mut outbox);
+        self.drain_all(now_ms, &mut outbox);
         Ok(outbox)
     }
 
     /// Takes a snapshot of `group`'s applied state and drops the entries
     /// it covers (a compaction).
     pub fn compact(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
-        self.with_group(group, |machine| machine.compact(now_ms))
+        self.with_group(now_ms, group, |machine| machine.compact(now_ms))
     }
 }
