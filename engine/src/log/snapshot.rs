@@ -74,13 +74,16 @@ pub enum SnapshotError {
 }
 
 #[derive(Serialize, Deserialize)]
-struct WireSnapshot {
+/// The strings of the wire types are `S`: owned when read, borrowed from
+/// the state when written (the same bytes; a snapshot encoded through
+/// owned copies spent a third of its time making them).
+struct WireSnapshot<S = String> {
     last_sequence: u64,
     partition_count: u32,
-    skus: Vec<(String, WireSku)>,
+    skus: Vec<(S, WireSku<S>)>,
     /// Absent from version 1 files, which predate transactions.
     #[serde(default)]
-    transactions: Vec<WireTransaction>,
+    transactions: Vec<WireTransaction<S>>,
     /// Absent before version 3.
     #[serde(default)]
     limits: Option<WireLimits>,
@@ -90,25 +93,25 @@ struct WireSnapshot {
 }
 
 #[derive(Serialize, Deserialize)]
-struct WireTransaction {
-    order: String,
-    lines: Vec<(String, Option<u32>)>,
+struct WireTransaction<S = String> {
+    order: S,
+    lines: Vec<(S, Option<u32>)>,
     committed: bool,
 }
 
 #[derive(Serialize, Deserialize)]
-struct WireSku {
+struct WireSku<S = String> {
     counts: [u64; 5],
     units_per_buyer_max: Option<u32>,
     opens_at_ms: u64,
     clock_ms: u64,
     next_hold_number: u64,
-    reservations: Vec<WireReservation>,
-    finished_queue: Vec<(u64, String)>,
-    buyer_units: Vec<(String, u32)>,
+    reservations: Vec<WireReservation<S>>,
+    finished_queue: Vec<(u64, S)>,
+    buyer_units: Vec<(S, u32)>,
     /// Absent before version 3.
     #[serde(default)]
-    operations: Vec<(u64, String, WireAdminChange)>,
+    operations: Vec<(u64, S, WireAdminChange)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,9 +124,9 @@ enum WireAdminChange {
 }
 
 #[derive(Serialize, Deserialize)]
-struct WireReservation {
-    order: String,
-    buyer: String,
+struct WireReservation<S = String> {
+    order: S,
+    buyer: S,
     /// `(max, min)`; equal for an exact quantity, with `exact` set.
     quantity: (u32, u32, bool),
     ttl_ms: u64,
@@ -142,28 +145,34 @@ impl Snapshot {
         let wire = WireSnapshot {
             last_sequence: self.last_sequence,
             partition_count: self.partition_count,
-            skus: self.skus.iter().map(|(sku, image)| (sku.as_str().to_owned(), wire_sku(image))).collect(),
+            skus: self.skus.iter().map(|(sku, image)| (sku.as_str(), wire_sku(image))).collect(),
             transactions: self
                 .transactions
                 .iter()
                 .map(|(order, open)| WireTransaction {
-                    order: order.as_str().to_owned(),
-                    lines: open.lines.iter().map(|line| (line.sku.as_str().to_owned(), line.units)).collect(),
+                    order: order.as_str(),
+                    lines: open.lines.iter().map(|line| (line.sku.as_str(), line.units)).collect(),
                     committed: open.committed,
                 })
                 .collect(),
             limits: self.limits.as_ref().map(WireLimits::of),
             coordinator: self.coordinator.iter().map(WireCoordinatorRecord::of).collect(),
         };
-        let payload = rmp_serde::to_vec(&wire).expect("snapshots always encode");
-        let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + payload.len());
+        // The payload is encoded in place after the header, whose length
+        // and checksum are filled in after (no second copy of megabytes).
+        let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + 64 * (self.coordinator.len() + self.skus.len()));
         bytes.extend_from_slice(&SNAPSHOT_MAGIC.to_le_bytes());
         bytes.push(SNAPSHOT_VERSION);
         bytes.extend_from_slice(&[0; 3]);
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        bytes.extend_from_slice(&[0; 8]);
         bytes.extend_from_slice(&[0; 4]);
-        bytes.extend_from_slice(&payload);
+        bytes.extend_from_slice(&[0; 4]);
+        debug_assert_eq!(bytes.len(), SNAPSHOT_HEADER_BYTES);
+        rmp_serde::encode::write(&mut bytes, &wire).expect("snapshots always encode");
+        let payload = &bytes[SNAPSHOT_HEADER_BYTES..];
+        let (length, checksum) = (payload.len() as u64, crc32c::crc32c(payload));
+        bytes[8..16].copy_from_slice(&length.to_le_bytes());
+        bytes[16..20].copy_from_slice(&checksum.to_le_bytes());
         bytes
     }
 
@@ -234,7 +243,7 @@ impl Snapshot {
     }
 }
 
-fn wire_sku(image: &SkuImage) -> WireSku {
+fn wire_sku(image: &SkuImage) -> WireSku<&str> {
     WireSku {
         counts: [image.units_added, image.units_removed, image.available, image.held, image.sold],
         units_per_buyer_max: image.units_per_buyer_max,
@@ -257,8 +266,8 @@ fn wire_sku(image: &SkuImage) -> WireSku {
                     Quantity::UpTo { max, min } => (max, min, false),
                 };
                 WireReservation {
-                    order: reservation.line.order.as_str().to_owned(),
-                    buyer: reservation.line.buyer.as_str().to_owned(),
+                    order: reservation.line.order.as_str(),
+                    buyer: reservation.line.buyer.as_str(),
                     quantity,
                     ttl_ms: reservation.line.ttl_ms,
                     units: reservation.units,
@@ -270,8 +279,8 @@ fn wire_sku(image: &SkuImage) -> WireSku {
                 }
             })
             .collect(),
-        finished_queue: image.finished_queue.iter().map(|(at, order)| (*at, order.as_str().to_owned())).collect(),
-        buyer_units: image.buyer_units.iter().map(|(buyer, units)| (buyer.as_str().to_owned(), *units)).collect(),
+        finished_queue: image.finished_queue.iter().map(|(at, order)| (*at, order.as_str())).collect(),
+        buyer_units: image.buyer_units.iter().map(|(buyer, units)| (buyer.as_str(), *units)).collect(),
         operations: image
             .operations
             .iter()
@@ -289,7 +298,7 @@ fn wire_sku(image: &SkuImage) -> WireSku {
                         opens_at_ms: settings.opens_at_ms,
                     },
                 };
-                (*at_ms, operation.as_str().to_owned(), change)
+                (*at_ms, operation.as_str(), change)
             })
             .collect(),
     }
