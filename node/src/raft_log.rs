@@ -52,17 +52,20 @@ pub struct Recovered {
 
 /// Frames `payload` as one record, appended to `out`.
 pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
-    let length = u32::try_from(payload.len()).expect("a record fits a u32");
-    out.extend_from_slice(&length.to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    out.extend_from_slice(payload);
+    frame_with(out, |out| out.extend_from_slice(payload));
 }
 
 /// Frames `write` of `group`, appended to `out` (encoded in place).
 pub fn frame_write(group: GroupId, write: &ReplicaWrite, out: &mut Vec<u8>) {
+    frame_with(out, |out| encode_write_into(group, write, out));
+}
+
+/// One record whose payload `encode` appends to `out`, after a header
+/// filled in once the payload's length and checksum are known.
+fn frame_with(out: &mut Vec<u8>, encode: impl FnOnce(&mut Vec<u8>)) {
     let at = out.len();
     out.extend_from_slice(&[0; HEADER_BYTES]);
-    encode_write_into(group, write, out);
+    encode(out);
     let payload = &out[at + HEADER_BYTES..];
     let length = u32::try_from(payload.len()).expect("a record fits a u32");
     let checksum = crc32c::crc32c(payload);

@@ -827,15 +827,10 @@ impl GroupMachine {
         // `index`: an entry after it is applied, proposed by this leader
         // in this term after the answer was decided — its commit proves
         // no other leader had committed anything in between.
-        let later_applied = |(index, _): &(u64, GroupOutput)| *index < applied_index;
-        if leading.unconfirmed.first().is_some_and(later_applied) {
-            let split = leading.unconfirmed.partition_point(later_applied);
-            self.outputs.extend(leading.unconfirmed.drain(..split).map(|(_, output)| output));
-            released = true;
-        }
-        for answers in leading.confirming.values_mut() {
-            if answers.first().is_some_and(later_applied) {
-                let split = answers.partition_point(later_applied);
+        // Each list is in the order the answers were decided, so by index.
+        for answers in std::iter::once(&mut leading.unconfirmed).chain(leading.confirming.values_mut()) {
+            let split = answers.partition_point(|(index, _)| *index < applied_index);
+            if split > 0 {
                 self.outputs.extend(answers.drain(..split).map(|(_, output)| output));
                 released = true;
             }
