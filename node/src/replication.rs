@@ -34,7 +34,7 @@ use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
 use flashstock_engine::replication::codec::{decode_message, encode_message_into};
 use flashstock_engine::replication::{
     member_of, replica_id, AdminRequest, GroupConfig, GroupId, GroupMachine, GroupOutput, RaftMessage, ReplicaConfig,
-    ReplicaWrite,
+    ReplicaWrite, SnapshotPolicy,
 };
 use flashstock_engine::{Clock, EngineError, Limits, OrderError, OrderId, SkuId, StockSnapshot};
 use serde::{Deserialize, Serialize};
@@ -76,11 +76,13 @@ const PEER_SEND_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Bytes of one batch from a peer read at most (a snapshot of a group is
 /// the largest thing in one).
 pub const PEER_BATCH_BYTES_MAX: usize = 256 << 20;
-/// A group takes a snapshot once this many entries were applied since its
-/// last (and they take as many bytes as that snapshot: see
-/// `GroupMachine::snapshot_due`), so that its log (and a restart's replay)
-/// stays short.
-const SNAPSHOT_ENTRIES: u64 = 20_000;
+/// When a group snapshots (see `SnapshotPolicy`): after 20,000 entries at
+/// least, once the entries held since the last take four times its bytes
+/// (at one, snapshots were 15% of a loaded member's CPU; at four, a
+/// restart replays at most four snapshots' worth of entries), or 256 MiB
+/// (every replica holds them in memory).
+const SNAPSHOT_POLICY: SnapshotPolicy =
+    SnapshotPolicy { entries_min: 20_000, log_bytes_per_snapshot_byte: 4, entry_bytes_max: 256 << 20 };
 /// The raft log is rewritten from the groups' live state once it holds
 /// this many bytes more than that state took at the last rewrite.
 const REWRITE_BYTES_MIN: u64 = 64 << 20;
@@ -909,7 +911,7 @@ impl Driver {
         self.ticks += 1;
         for machine in self.machines.values_mut() {
             machine.tick(now_ms);
-            if machine.snapshot_due(SNAPSHOT_ENTRIES) {
+            if machine.snapshot_due(&SNAPSHOT_POLICY) {
                 machine.compact(now_ms);
             }
         }

@@ -64,6 +64,28 @@ use crate::replication::{GroupId, ReplicaId};
 use crate::runtime::EngineError;
 use crate::sku::{AdminChange, SkuCommand, SkuError, SkuSettings, SkuState, StockSnapshot};
 
+/// When a group snapshots its applied state. A snapshot encodes the whole
+/// state, which grows with every order remembered for the idempotency
+/// window; taken every so many entries its cost would grow with the state
+/// (encoding it every 20,000 entries cost a loaded leader a tenth of its
+/// CPU and stalled its heartbeats). Tied to the bytes of log held since the
+/// last one, it costs a fixed share of each entry: the ratio sets that
+/// share against the length of the log (what a restart replays, what a
+/// replica holds in memory), and the cap keeps the memory bounded whatever
+/// the state's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// Entries applied since the last snapshot before another: a small
+    /// state is not snapshotted for every few entries.
+    pub entries_min: u64,
+    /// Bytes of entries held for each byte of the last snapshot before the
+    /// next: at 1 a loaded member spent 15% of its CPU encoding snapshots.
+    pub log_bytes_per_snapshot_byte: u64,
+    /// Bytes of entries held past which a snapshot is due however large the
+    /// last: they are held in memory, by every replica.
+    pub entry_bytes_max: u64,
+}
+
 /// How a group runs on this member.
 #[derive(Debug, Clone)]
 pub struct GroupConfig {
@@ -541,18 +563,17 @@ impl GroupMachine {
         self.leading.is_none() && self.replica.leadership().leading
     }
 
-    /// Whether a snapshot is worth taking: at least `entries_min` entries
-    /// applied since the last, and the log held since then at least as
-    /// large as that snapshot. The second keeps the cost of snapshots in
-    /// proportion to the log: a group whose state grows (orders are
-    /// remembered for the idempotency window) would otherwise encode its
-    /// whole state every `entries_min` entries, which cost a loaded leader
-    /// a tenth of its CPU and stalled its heartbeats.
-    pub fn snapshot_due(&self, entries_min: u64) -> bool {
+    /// Whether a snapshot is worth taking (see [`SnapshotPolicy`]): at
+    /// least `entries_min` entries applied since the last, and the entries
+    /// held since then either `log_bytes_per_snapshot_byte` times as large
+    /// as that snapshot or past `entry_bytes_max`.
+    pub fn snapshot_due(&self, policy: &SnapshotPolicy) -> bool {
         let storage = self.replica.storage();
         let held = storage.held_snapshot();
-        self.applied_index.saturating_sub(held.get_metadata().index) >= entries_min
-            && storage.entry_bytes_held() >= held.get_data().len() as u64
+        let entry_bytes = storage.entry_bytes_held();
+        let in_proportion = held.get_data().len() as u64 * policy.log_bytes_per_snapshot_byte;
+        self.applied_index.saturating_sub(held.get_metadata().index) >= policy.entries_min
+            && (entry_bytes >= in_proportion || entry_bytes >= policy.entry_bytes_max)
     }
 
     /// Proposes `records` in order; on a refusal the speculative state no
@@ -1123,6 +1144,59 @@ mod tests {
             !answered.iter().any(|(member, output)| *member == 1 && matches!(output, GroupOutput::PartAnswer { .. })),
             "{answered:?}"
         );
+    }
+
+    /// Adds one unit to the SKU on the leader, under a new operation id:
+    /// one entry each, committed and applied everywhere.
+    fn add_units(machines: &mut [GroupMachine], count: usize, first: usize) {
+        for number in first..first + count {
+            let change = AdminRequest::Change {
+                sku: sku(),
+                operation: OperationId::new(format!("add-{number}")).expect("valid"),
+                change: AdminChange::AddStock { units: 1 },
+            };
+            machines[0].admin(10, 7, change);
+            exchange(machines, 10, |_, _| false);
+        }
+    }
+
+    #[test]
+    fn a_snapshot_is_due_in_proportion_to_the_last_or_past_the_memory_cap() {
+        let mut machines = machines();
+        elect_first(&mut machines);
+        // The entries of the election count too.
+        let entries_min = machines[0].applied_index() + 3;
+        let policy = SnapshotPolicy { entries_min, log_bytes_per_snapshot_byte: 4, entry_bytes_max: u64::MAX };
+        add_units(&mut machines, 2, 0);
+        assert!(!machines[0].snapshot_due(&policy), "fewer entries than the minimum since the last snapshot");
+        add_units(&mut machines, 1, 2);
+        assert!(machines[0].snapshot_due(&policy), "no snapshot yet: any log is as large as it");
+        machines[0].compact(10);
+        let snapshot_bytes = machines[0].replica().storage().held_snapshot().get_data().len() as u64;
+        assert!(snapshot_bytes > 0);
+        assert!(!machines[0].snapshot_due(&policy), "nothing applied since");
+        // Entries until their bytes reach four times the snapshot's.
+        let mut added = 3;
+        for _ in 0..10_000 {
+            if machines[0].replica().storage().entry_bytes_held() >= 4 * snapshot_bytes {
+                break;
+            }
+            assert!(
+                !machines[0].snapshot_due(&policy),
+                "due at {} bytes of entries, under four times the snapshot's {snapshot_bytes}",
+                machines[0].replica().storage().entry_bytes_held()
+            );
+            add_units(&mut machines, 1, added);
+            added += 1;
+        }
+        assert!(machines[0].snapshot_due(&policy), "due once the entries take four times the snapshot's bytes");
+        // The cap makes it due sooner however large the last snapshot.
+        machines[0].compact(10);
+        add_units(&mut machines, entries_min as usize, added);
+        let held = machines[0].replica().storage().entry_bytes_held();
+        assert!(held < 4 * snapshot_bytes);
+        assert!(!machines[0].snapshot_due(&policy));
+        assert!(machines[0].snapshot_due(&SnapshotPolicy { entry_bytes_max: held, ..policy }));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod group;
 pub mod replica;
 pub mod storage;
 
-pub use group::{AdminRequest, GroupConfig, GroupMachine, GroupOutput};
+pub use group::{AdminRequest, GroupConfig, GroupMachine, GroupOutput, SnapshotPolicy};
 /// raft-rs's message between replicas, for drivers that carry it.
 pub use raft::eraftpb::Message as RaftMessage;
 pub use replica::{Leadership, ProposeError, Replica, ReplicaConfig, ReplicaOutput};
