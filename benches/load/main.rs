@@ -22,7 +22,11 @@
 //! loop, divided by the requests answered in it (a pair is two: reserve
 //! and commit; a `SoldOut` is one). It counts everything the server does
 //! for a request (transport, TLS, tasks, engine, log), nothing the client
-//! does.
+//! does. Beside it, the busiest process's share: were each member on
+//! cores of its own (here they share the machine's), the busiest would
+//! bound the throughput, so replicated against single copy is also given
+//! as the ratio of their busiest members' CPU per request (a model, not a
+//! run).
 //!
 //! Build the member binary first: it is started from next to this one.
 //! `cargo build --release -p flashstock-node && cargo run --release -p flashstock-benches --bin load`
@@ -125,6 +129,9 @@ struct Outcome {
     /// Closed loop only: CPU time the servers (this process's children)
     /// spent during the run.
     server_cpu: Option<Duration>,
+    /// Closed loop only: CPU time of the busiest server process (the
+    /// member that would bound throughput if each had cores of its own).
+    busiest_server_cpu: Option<Duration>,
 }
 
 impl Outcome {
@@ -142,7 +149,15 @@ impl Outcome {
 
     /// Server CPU per request answered, in microseconds.
     fn server_cpu_per_request_us(&self) -> Option<f64> {
-        let cpu = self.server_cpu?;
+        self.per_request_us(self.server_cpu?)
+    }
+
+    /// The busiest server's CPU per request answered, in microseconds.
+    fn busiest_server_cpu_per_request_us(&self) -> Option<f64> {
+        self.per_request_us(self.busiest_server_cpu?)
+    }
+
+    fn per_request_us(&self, cpu: Duration) -> Option<f64> {
         (self.requests() > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests() as f64)
     }
 
@@ -158,12 +173,12 @@ impl Outcome {
 /// architecture it supports.
 const USER_HZ: f64 = 100.0;
 
-/// CPU time (user + system, all threads) used so far by the live
-/// processes whose parent is this one: the servers a run started. `None`
-/// where `/proc` cannot be read.
-fn children_cpu() -> Option<Duration> {
+/// CPU time (user + system, all threads) used so far by each live
+/// process whose parent is this one (the servers a run started), by pid.
+/// `None` where `/proc` cannot be read.
+fn children_cpu() -> Option<BTreeMap<u32, Duration>> {
     let own = std::process::id();
-    let mut ticks = 0u64;
+    let mut times = BTreeMap::new();
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
@@ -179,9 +194,17 @@ fn children_cpu() -> Option<Duration> {
         if parent.parse::<u32>().ok() != Some(own) {
             continue;
         }
-        ticks += user.parse::<u64>().unwrap_or(0) + system.parse::<u64>().unwrap_or(0);
+        let ticks = user.parse::<u64>().unwrap_or(0) + system.parse::<u64>().unwrap_or(0);
+        times.insert(pid, Duration::from_secs_f64(ticks as f64 / USER_HZ));
     }
-    Some(Duration::from_secs_f64(ticks as f64 / USER_HZ))
+    Some(times)
+}
+
+/// The servers' CPU time between two readings of [`children_cpu`]: in
+/// all, and of the busiest process.
+fn cpu_spent(before: &BTreeMap<u32, Duration>, after: &BTreeMap<u32, Duration>) -> (Duration, Duration) {
+    let spent = after.iter().map(|(pid, &time)| time.saturating_sub(before.get(pid).copied().unwrap_or_default()));
+    spent.fold((Duration::ZERO, Duration::ZERO), |(total, busiest), time| (total + time, busiest.max(time)))
 }
 
 fn histogram() -> Histogram<u64> {
@@ -298,6 +321,7 @@ async fn closed_loop<T: Target>(
         sold_out_after: 0,
         dropped: 0,
         server_cpu: None,
+        busiest_server_cpu: None,
     };
     while let Some(joined) = buyers.join_next().await {
         let (pairs, sold_out, sold_out_after, errors, error_kinds, pair_latency, sold_out_latency) = joined?;
@@ -312,7 +336,11 @@ async fn closed_loop<T: Target>(
         outcome.sold_out_latency.add(sold_out_latency)?;
     }
     outcome.elapsed = started.elapsed();
-    outcome.server_cpu = children_cpu().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
+    if let (Some(before), Some(after)) = (cpu_before, children_cpu()) {
+        let (total, busiest) = cpu_spent(&before, &after);
+        outcome.server_cpu = Some(total);
+        outcome.busiest_server_cpu = Some(busiest);
+    }
     let first = first_sold_out_us.load(Ordering::Acquire);
     outcome.sold_out_from = (first != u64::MAX).then(|| Duration::from_micros(first));
     progress.finish_and_clear();
@@ -390,6 +418,7 @@ async fn open_loop<T: Target>(
         sold_out_after: 0,
         dropped,
         server_cpu: None,
+        busiest_server_cpu: None,
     })
 }
 
@@ -577,6 +606,9 @@ fn describe(workload: WorkloadName, in_flight: usize, outcome: &Outcome) -> Stri
     if let Some(cpu_us) = outcome.server_cpu_per_request_us() {
         text.push_str(&format!("; server CPU {cpu_us:.1} us/request"));
     }
+    if let Some(cpu_us) = outcome.busiest_server_cpu_per_request_us() {
+        text.push_str(&format!(" (busiest process {cpu_us:.1})"));
+    }
     if outcome.errors > 0 {
         text.push_str(&format!(" ({} errors: {})", outcome.errors, kinds(&outcome.error_kinds)));
     }
@@ -669,7 +701,7 @@ fn report(rows: &[Row], open_rows: &[OpenRow]) -> String {
         }
         text.push('\n');
     }
-    text.push_str("\nServer CPU per request answered (user + system of the server processes, over the closed loop), in microseconds:\n\n");
+    text.push_str("\nServer CPU per request answered (user + system of the server processes, over the closed loop), in microseconds: all of them (the busiest process):\n\n");
     text.push_str("| workload | in flight |");
     for target in &targets {
         text.push_str(&format!(" {target} |"));
@@ -681,12 +713,33 @@ fn report(rows: &[Row], open_rows: &[OpenRow]) -> String {
         text.push_str(&format!("| {:?} | {} |", key.0, key.1).to_lowercase());
         for target in &targets {
             let row = rows.iter().find(|row| (row.workload, row.in_flight) == key && row.target == *target);
-            match row.and_then(|row| row.outcome.server_cpu_per_request_us()) {
-                Some(cpu_us) => text.push_str(&format!(" {cpu_us:.1} |")),
+            let outcome = row.map(|row| &row.outcome);
+            match outcome.and_then(|outcome| {
+                outcome.server_cpu_per_request_us().zip(outcome.busiest_server_cpu_per_request_us())
+            }) {
+                Some((cpu_us, busiest_us)) => text.push_str(&format!(" {cpu_us:.1} ({busiest_us:.1}) |")),
                 None => text.push_str(" - |"),
             }
         }
         text.push('\n');
+    }
+    let replicated_rows: Vec<_> = seen
+        .iter()
+        .filter_map(|&key| {
+            let find = |target: &str| {
+                rows.iter()
+                    .find(|row| (row.workload, row.in_flight) == key && row.target == target)
+                    .and_then(|row| row.outcome.busiest_server_cpu_per_request_us())
+            };
+            find(REPLICATED).zip(find(ours)).map(|(replicated, single)| (key, single / replicated))
+        })
+        .collect();
+    if !replicated_rows.is_empty() {
+        text.push_str("\nReplicated / single copy were each member on cores of its own (here all share this machine's): throughput bound by the busiest member's CPU per request, single copy's over replicated's (a model, not a run):\n\n");
+        text.push_str("| workload | in flight | replicated / single copy |\n|---|---|---|\n");
+        for ((workload, in_flight), ratio) in replicated_rows {
+            text.push_str(&format!("| {} | {in_flight} | {ratio:.2}x |\n", format!("{workload:?}").to_lowercase()));
+        }
     }
     if !open_rows.is_empty() {
         text.push_str("\nOpen loop at half of each target's own peak (closed loop), latency of reserve + commit:\n\n");
