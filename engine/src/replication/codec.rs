@@ -213,6 +213,40 @@ fn put_message(out: &mut Vec<u8>, message: &impl protobuf::Message) {
     out[at..at + 4].copy_from_slice(&length.to_le_bytes());
 }
 
+/// The first byte of an entry's data that holds several log records:
+/// 0xc1 is the one byte MessagePack never uses, so no single record (a
+/// MessagePack value, which is what entries held before) begins with it.
+pub const RECORDS_ENTRY_MARKER: u8 = 0xc1;
+
+/// Appends an encoded log record to the data of an entry of records being
+/// built in `entry` (empty: a new one), as its length (u32 LE) and bytes.
+pub fn push_entry_record(entry: &mut Vec<u8>, record: &[u8]) {
+    if entry.is_empty() {
+        entry.push(RECORDS_ENTRY_MARKER);
+    }
+    let length = u32::try_from(record.len()).expect("a log record fits a u32");
+    entry.extend_from_slice(&length.to_le_bytes());
+    entry.extend_from_slice(record);
+}
+
+/// The encoded log records of an entry's data, in order: each of an entry
+/// of records, or the whole data as one record (entries written before
+/// entries held several).
+///
+/// # Errors
+/// A record's declared length past the end of the data.
+pub fn entry_records(data: &[u8]) -> Result<Vec<&[u8]>, CodecError> {
+    let Some((&RECORDS_ENTRY_MARKER, rest)) = data.split_first() else {
+        return Ok(vec![data]);
+    };
+    let mut reader = Reader { bytes: rest };
+    let mut records = Vec::new();
+    while !reader.bytes.is_empty() {
+        records.push(reader.bytes_prefixed()?);
+    }
+    Ok(records)
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
 }
@@ -251,6 +285,26 @@ mod tests {
 
     fn entry(index: u64, data: &[u8]) -> Entry {
         Entry { index, term: 3, data: data.to_vec().into(), ..Entry::default() }
+    }
+
+    #[test]
+    fn an_entry_of_records_gives_them_back_in_order_and_a_single_record_stays_one() {
+        let mut entry = Vec::new();
+        push_entry_record(&mut entry, b"\x93first");
+        push_entry_record(&mut entry, b"");
+        push_entry_record(&mut entry, b"\x81third");
+        assert_eq!(entry_records(&entry).expect("decodes"), vec![&b"\x93first"[..], b"", b"\x81third"]);
+        assert_eq!(entry_records(b"\x82plain").expect("decodes"), vec![&b"\x82plain"[..]]);
+        for cut in 1..entry.len() {
+            let decoded = entry_records(&entry[..cut]);
+            assert!(
+                decoded.is_err() || decoded.as_ref().is_ok_and(|records| records.len() < 3),
+                "cut at {cut}: {decoded:?}"
+            );
+        }
+        let mut torn = entry.clone();
+        torn.truncate(entry.len() - 1);
+        assert_eq!(entry_records(&torn), Err(CodecError::Truncated { needed: 1 }));
     }
 
     /// Found by the fuzz target: a message whose snapshot field carries

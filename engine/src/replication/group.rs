@@ -6,19 +6,23 @@
 //! # Execute, replicate, then answer
 //!
 //! The leader decides each command on its *speculative* state (the
-//! applied state plus every entry in its log not yet committed) and
-//! proposes the records that decision wrote; every replica applies
+//! applied state plus every entry in its log not yet committed, plus the
+//! records staged this round) and proposes the records that decision
+//! wrote — every record of a round (what the driver fed in since it last
+//! took the outputs) in one entry, so raft's work per entry is paid once
+//! per round rather than once per record; every replica applies
 //! committed records with the same replay ([`ReplayedState::apply`]), so
 //! time and rules come from the record, never from a follower's clock or
 //! configuration. Every answer the leader gives waits until everything
 //! its state depended on — its whole log at the moment it answered — is
 //! committed and applied, in the term it answered in, *and* it is known
 //! that no other leader committed anything since the answer was decided.
-//! An answer that wrote the log's last entry has both once that entry is
-//! applied: it was proposed in this term after the decision, and its
-//! commit means a majority took it in this term, before any of them could
-//! have voted for a successor. An answer that wrote nothing — a refusal, a
-//! replay — would otherwise be given from whatever a deposed leader last
+//! An answer decided while records were staged (its own, or earlier ones
+//! it was decided on) has both once the round's entry is applied: it was
+//! proposed in this term after the decision, and its commit means a
+//! majority took it in this term, before any of them could have voted for
+//! a successor. An answer decided with nothing staged — a refusal, a
+//! replay, that wrote nothing — would otherwise be given from whatever a deposed leader last
 //! knew (the simulator found a leader paused past an election answer
 //! `UnknownReservation` for a reservation its successor had acknowledged,
 //! seed 251): it waits for the next entry of the term to be applied (one
@@ -58,7 +62,8 @@ use crate::log::record::LogRecord;
 use crate::log::replay::{ReplayRules, ReplayedState};
 use crate::log::snapshot::Snapshot;
 use crate::order::OrderError;
-use crate::replication::replica::{Leadership, ProposeError, Replica, ReplicaConfig};
+use crate::replication::codec::{entry_records, push_entry_record};
+use crate::replication::replica::{Leadership, Replica, ReplicaConfig};
 use crate::replication::storage::{GroupStorage, ReplicaWrite};
 use crate::replication::{GroupId, ReplicaId};
 use crate::runtime::EngineError;
@@ -163,6 +168,11 @@ pub const READS_PENDING_MAX: usize = 4_096;
 /// `Unavailable` (the caller retries, maybe at a new leader).
 pub const READ_WAIT_MS_MAX: u64 = 2_000;
 
+/// Bytes of records staged for one entry past which they are proposed at
+/// once rather than at the end of the round: raft sends an entry whole,
+/// and a round of 1,024 inputs stays well under this.
+pub const STAGED_ENTRY_BYTES_MAX: usize = 1 << 20;
+
 /// Anomalies a group keeps for its driver to report.
 pub const ANOMALIES_MAX: usize = 1_000;
 
@@ -192,6 +202,17 @@ struct Leading {
     /// Reads confirmed, each answered once the index beside it is applied.
     reads_confirmed: VecDeque<(u64, CallerId, SkuId)>,
     next_read: u64,
+    /// The records decided since the last proposal, as the data of one
+    /// entry ([`push_entry_record`]): proposed together once the round's
+    /// inputs are in ([`GroupMachine::take_outputs`]), so that raft's
+    /// work per entry — appending, framing, sending to every follower,
+    /// acknowledging — is paid once for all of them.
+    staged: Vec<u8>,
+    /// Answers decided while `staged` held records: each waits for the
+    /// entry `staged` becomes.
+    staged_answers: Vec<GroupOutput>,
+    /// Coordinator tokens of the records in `staged`.
+    staged_tokens: Vec<u64>,
 }
 
 /// One group's replica and state machine on this member.
@@ -291,10 +312,17 @@ impl GroupMachine {
     /// (at `now_ms`): answers that wrote nothing and that no later entry
     /// will confirm ask a majority here, once for the whole round.
     pub fn take_outputs(&mut self, now_ms: u64) -> Vec<GroupOutput> {
-        let last_index = self.replica.last_index();
-        let unconfirmed_last =
-            self.leading.as_ref().and_then(|leading| leading.unconfirmed.last().map(|(index, _)| *index));
-        if unconfirmed_last.is_some_and(|index| index >= last_index) && self.confirm_answers() {
+        // Settling may decide more (a coordinator answering what came of
+        // the proposal): bounded, the rest waits for the next round.
+        for _ in 0..8 {
+            let proposed = self.propose_staged();
+            let last_index = self.replica.last_index();
+            let unconfirmed_last =
+                self.leading.as_ref().and_then(|leading| leading.unconfirmed.last().map(|(index, _)| *index));
+            let confirming = unconfirmed_last.is_some_and(|index| index >= last_index) && self.confirm_answers();
+            if !proposed && !confirming {
+                break;
+            }
             self.settle(now_ms);
         }
         std::mem::take(&mut self.outputs)
@@ -428,12 +456,8 @@ impl GroupMachine {
                 admin_on(leading, now_ms, sku, &command)
             }
         };
-        let wrote = record.is_some();
-        if self.propose_all(&Vec::from_iter(record)).is_ok() {
-            self.answer_when_applied(GroupOutput::Admin { caller, answer }, wrote);
-        } else {
-            self.outputs.push(GroupOutput::Admin { caller, answer: Err(EngineError::Busy { retry_after_ms: 20 }) });
-        }
+        self.stage_all(&Vec::from_iter(record));
+        self.answer_when_applied(GroupOutput::Admin { caller, answer });
         self.settle(now_ms);
     }
 
@@ -453,10 +477,8 @@ impl GroupMachine {
             return;
         }
         let (answer, records) = apply_part(&mut leading.skus, now_ms, &message.attempt, &message.request);
-        if self.propose_all(&records).is_ok() {
-            let wrote = !records.is_empty();
-            self.answer_when_applied(GroupOutput::PartAnswer { caller, reply: message.reply(answer) }, wrote);
-        }
+        self.stage_all(&records);
+        self.answer_when_applied(GroupOutput::PartAnswer { caller, reply: message.reply(answer) });
         self.settle(now_ms);
     }
 
@@ -514,7 +536,7 @@ impl GroupMachine {
             }
             // Nothing answers for an expiry: a refused proposal rebuilds
             // the state and the next tick expires again.
-            let _ = self.propose_all(&records);
+            self.stage_all(&records);
         }
         self.settle(now_ms);
     }
@@ -576,32 +598,57 @@ impl GroupMachine {
             && (entry_bytes >= in_proportion || entry_bytes >= policy.entry_bytes_max)
     }
 
-    /// Proposes `records` in order; on a refusal the speculative state no
-    /// longer matches the log and is rebuilt from it.
-    fn propose_all(&mut self, records: &[LogRecord]) -> Result<(), ProposeError> {
-        for record in records {
-            if let Err(error) = self.replica.propose(record.encode()) {
-                tracing::debug!(group = self.group(), %error, "a proposal was refused");
-                self.rebuild_leading();
-                return Err(error);
+    /// Stages `records`, in order, for the round's entry.
+    fn stage_all(&mut self, records: &[LogRecord]) {
+        if let Some(leading) = &mut self.leading {
+            for record in records {
+                push_entry_record(&mut leading.staged, &record.encode());
             }
         }
-        Ok(())
+    }
+
+    /// Proposes the records staged since the last proposal as one entry;
+    /// the answers and coordinator tokens that waited for them then wait
+    /// for its index. Returns whether there was anything to propose.
+    fn propose_staged(&mut self) -> bool {
+        let Some(leading) = &mut self.leading else { return false };
+        if leading.staged.is_empty() {
+            return false;
+        }
+        let data = std::mem::take(&mut leading.staged);
+        match self.replica.propose(data) {
+            Ok(index) => {
+                let leading = self.leading.as_mut().expect("leading: it just proposed");
+                leading.waiting.extend(leading.staged_answers.drain(..).map(|output| (index, output)));
+                leading.tokens.extend(leading.staged_tokens.drain(..).map(|token| (token, index)));
+            }
+            Err(error) => {
+                // The staged decisions go with the speculative state they
+                // were made on: every caller waiting is told to ask again,
+                // as a deposed leader's are, and the state is rebuilt from
+                // the log at the next tick (not at once: a leader that
+                // refuses proposals would refuse again).
+                tracing::debug!(group = self.group(), %error, "a proposal was refused");
+                self.step_down();
+                self.rebuild_at_tick = true;
+            }
+        }
+        true
     }
 
     /// Holds `output` until it may be given (see the module's doc): an
-    /// answer that `wrote` the last entry of the log (proposed for it just
-    /// now, in this term) once that entry is applied; any other once the
-    /// entry after the log's last is applied — proposed after the answer
-    /// was decided, in this term — or a majority confirmed this replica
-    /// still leads, whichever comes first.
-    fn answer_when_applied(&mut self, output: GroupOutput, wrote: bool) {
+    /// answer decided while records are staged (its own or earlier ones
+    /// it depends on) once the entry they become is applied — proposed
+    /// after the answer was decided, in this term; any other once an
+    /// entry after the log's last is applied, or a majority confirmed
+    /// this replica still leads, whichever comes first.
+    fn answer_when_applied(&mut self, output: GroupOutput) {
         let index = self.replica.last_index();
         if let Some(leading) = &mut self.leading {
-            if wrote {
-                leading.waiting.push((index, output));
-            } else {
+            if leading.staged.is_empty() {
                 leading.unconfirmed.push((index, output));
+            } else {
+                leading.staged_answers.push(output);
             }
         }
     }
@@ -624,6 +671,9 @@ impl GroupMachine {
     /// Carries out what raft-rs and the coordinator want, until neither
     /// wants anything more.
     fn settle(&mut self, now_ms: u64) {
+        if self.leading.as_ref().is_some_and(|leading| leading.staged.len() >= STAGED_ENTRY_BYTES_MAX) {
+            self.propose_staged();
+        }
         for _ in 0..64 {
             let drained = self.drain_coordinator();
             let output = self.replica.collect();
@@ -701,11 +751,20 @@ impl GroupMachine {
             // A new leader's empty entry.
             return;
         }
-        let applied = LogRecord::decode(&entry.data)
-            .map_err(|error| error.to_string())
-            .and_then(|record| self.applied.apply(self.applied.last_sequence + 1, record));
-        if let Err(error) = applied {
-            self.note_anomaly(format!("group {}: entry {}: {error}", self.group(), entry.index));
+        let records = match entry_records(&entry.data) {
+            Ok(records) => records,
+            Err(error) => {
+                self.note_anomaly(format!("group {}: entry {}: {error}", self.group(), entry.index));
+                return;
+            }
+        };
+        for bytes in records {
+            let applied = LogRecord::decode(bytes)
+                .map_err(|error| error.to_string())
+                .and_then(|record| self.applied.apply(self.applied.last_sequence + 1, record));
+            if let Err(error) = applied {
+                self.note_anomaly(format!("group {}: entry {}: {error}", self.group(), entry.index));
+            }
         }
     }
 
@@ -719,10 +778,12 @@ impl GroupMachine {
             {
                 continue;
             }
-            if let Ok(record) = LogRecord::decode(&entry.data) {
-                let sequence = state.last_sequence + 1;
-                if let Err(error) = state.apply(sequence, record) {
-                    tracing::warn!(group = self.replica.group(), %error, "an unapplied entry does not follow");
+            for bytes in entry_records(&entry.data).unwrap_or_default() {
+                if let Ok(record) = LogRecord::decode(bytes) {
+                    let sequence = state.last_sequence + 1;
+                    if let Err(error) = state.apply(sequence, record) {
+                        tracing::warn!(group = self.replica.group(), %error, "an unapplied entry does not follow");
+                    }
                 }
             }
         }
@@ -745,6 +806,9 @@ impl GroupMachine {
             reads_asked: BTreeMap::new(),
             reads_confirmed: VecDeque::new(),
             next_read: 0,
+            staged: Vec::new(),
+            staged_answers: Vec::new(),
+            staged_tokens: Vec::new(),
         });
     }
 
@@ -763,14 +827,13 @@ impl GroupMachine {
                 let wanted = self.config.limits_in_force.clone().filter(|limits| *limits != leading.limits);
                 if let Some(limits) = wanted {
                     let record = LogRecord::RulesInForce { limits: limits.clone() };
-                    // Refused only by a full log: the next leader (or the
-                    // next term of this one) tries again.
-                    if self.replica.propose(record.encode()).is_ok() {
-                        for state in leading.skus.values_mut() {
-                            state.set_limits(limits.clone());
-                        }
-                        leading.limits = limits;
+                    // Should its proposal be refused, the next leader (or
+                    // the next term of this one) tries again.
+                    push_entry_record(&mut leading.staged, &record.encode());
+                    for state in leading.skus.values_mut() {
+                        state.set_limits(limits.clone());
                     }
+                    leading.limits = limits;
                 }
             }
             Err(error) => {
@@ -780,19 +843,6 @@ impl GroupMachine {
             }
         }
         true
-    }
-
-    /// A proposal was refused: the speculative state and coordinator are
-    /// rebuilt from the log (answers waiting stay: what they depend on is
-    /// still in the log, and is committed or not as before).
-    fn rebuild_leading(&mut self) {
-        let Some(leading) = self.leading.take() else { return };
-        let leadership = self.replica.leadership();
-        if !leadership.leading || leadership.term != leading.term {
-            return;
-        }
-        let state = self.speculative_state();
-        self.leading = Some(Leading { limits: state.limits().clone(), skus: state.skus, ..leading });
     }
 
     /// Leadership lost: the speculative state goes, and every caller
@@ -809,6 +859,7 @@ impl GroupMachine {
             .into_iter()
             .chain(leading.confirming.into_values().flatten())
             .chain(leading.waiting)
+            .chain(leading.staged_answers.into_iter().map(|output| (0, output)))
             .filter_map(|(_, output)| match output {
                 GroupOutput::Answer { caller, .. }
                 | GroupOutput::PartAnswer { caller, .. }
@@ -890,27 +941,13 @@ impl GroupMachine {
             match action {
                 Action::Send { member, message } => self.outputs.push(GroupOutput::Part { group: member, message }),
                 Action::Log { token, record } => {
-                    let record = LogRecord::Coordinator(record);
-                    match self.replica.propose(record.encode()) {
-                        Ok(index) => {
-                            if let Some(leading) = &mut self.leading {
-                                leading.tokens.push_back((token, index));
-                            }
-                        }
-                        Err(error) => {
-                            // The coordinator waits for a token that will
-                            // never come: it is rebuilt from the log, at
-                            // the next tick (not at once: a leader that
-                            // refuses proposals would refuse again).
-                            tracing::debug!(group = self.replica.group(), %error, "a coordinator record was refused");
-                            self.step_down();
-                            self.rebuild_at_tick = true;
-                            return true;
-                        }
+                    if let Some(leading) = &mut self.leading {
+                        push_entry_record(&mut leading.staged, &LogRecord::Coordinator(record).encode());
+                        leading.staged_tokens.push(token);
                     }
                 }
                 Action::Reply { caller, answer } => {
-                    self.answer_when_applied(GroupOutput::Answer { caller, answer }, false);
+                    self.answer_when_applied(GroupOutput::Answer { caller, answer });
                 }
             }
             if self.leading.is_none() {
@@ -1051,6 +1088,49 @@ mod tests {
         for follower in &machines[1..] {
             assert_eq!(follower.applied().skus[&sku()].stock().held, 2);
             assert_eq!(follower.applied().snapshot().encode(), leader_state, "replicas agree byte for byte");
+        }
+    }
+
+    #[test]
+    fn a_rounds_records_are_one_entry_and_every_answer_waits_for_it() {
+        let mut machines = machines();
+        elect_first(&mut machines);
+        let before = machines[0].replica().last_index();
+        machines[0].part(10, 98, reserve_step("~1.1.1"));
+        machines[0].part(10, 99, reserve_step("~1.1.2"));
+        // Refused (the SKU holds 10 units, 4 are held): it wrote nothing,
+        // but was decided on the two holds, so it waits for them too.
+        let mut greedy = reserve_step("~1.1.3");
+        if let PartRequest::Reserve { lines, .. } = &mut greedy.request {
+            lines[0].1 = Quantity::Exactly(7);
+        }
+        machines[0].part(10, 97, greedy);
+        assert_eq!(machines[0].replica().last_index(), before, "nothing is proposed before the round ends");
+        let outputs = machines[0].take_outputs(10);
+        assert!(
+            !outputs.iter().any(|output| matches!(output, GroupOutput::PartAnswer { .. })),
+            "nothing is answered before a majority has the entry: {outputs:?}"
+        );
+        machines[0].outputs = outputs;
+        let answered = exchange(&mut machines, 10, |_, _| false);
+        assert_eq!(machines[0].replica().last_index(), before + 1, "the round's two records went in one entry");
+        let mut callers: Vec<CallerId> = answered
+            .iter()
+            .filter_map(|(_, output)| match output {
+                GroupOutput::PartAnswer { caller, .. } => Some(*caller),
+                _ => None,
+            })
+            .collect();
+        callers.sort_unstable();
+        assert_eq!(callers, vec![97, 98, 99], "{answered:?}");
+        for machine in &mut machines {
+            for _ in 0..3 {
+                machine.tick(20);
+            }
+        }
+        exchange(&mut machines, 20, |_, _| false);
+        for machine in &machines {
+            assert_eq!(machine.applied().skus[&sku()].stock().held, 4, "every replica applied both holds");
         }
     }
 

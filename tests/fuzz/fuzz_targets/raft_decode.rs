@@ -1,14 +1,17 @@
 //! The decoders of replication's bytes on arbitrary input: a record of a
 //! member's raft log (`decode_write`, and the recovery scan that reads a
 //! whole file of them), a raft message from a peer (`decode_message`) and
-//! a peer's batch (`decode_batch`). raft-rs's types are protobuf, whose
+//! a peer's batch (`decode_batch`), and an entry's data as the log
+//! records it holds (`entry_records`). raft-rs's types are protobuf, whose
 //! decoder reserves what a length declares (up to 10 MB) before it checks
 //! the bytes are there: the targets assert that our framing keeps every
 //! allocation within a bound of the input, and that whatever decodes
 //! round-trips through the encoder.
 #![no_main]
 
-use flashstock_engine::replication::codec::{decode_message, decode_write, encode_message, encode_write};
+use flashstock_engine::replication::codec::{
+    decode_message, decode_write, encode_message, encode_write, entry_records, push_entry_record,
+};
 use flashstock_fuzz::{allocation_bound, largest_allocation_during, TrackingAllocator};
 use flashstock_node::raft_log::{frame, read_records};
 use flashstock_node::replication::{decode_batch, encode_batch};
@@ -41,6 +44,25 @@ fn check_batch(bytes: &[u8]) {
     assert_eq!(decode_batch(&encoded).expect("a re-encoded batch decodes"), batch, "a batch does not round-trip");
 }
 
+/// An entry's records: each within the data, and built again from them
+/// the same bytes (a records entry) or the one record it was.
+fn check_entry(data: &[u8]) {
+    let (decoded, largest) = largest_allocation_during(|| entry_records(data));
+    assert!(largest <= allocation_bound(data.len()), "an entry of {} bytes allocated {largest}", data.len());
+    let Ok(records) = decoded else { return };
+    if records.len() == 1 && records[0].len() == data.len() {
+        return;
+    }
+    let mut rebuilt = Vec::new();
+    for record in &records {
+        push_entry_record(&mut rebuilt, record);
+    }
+    if records.is_empty() {
+        rebuilt = data.to_vec();
+    }
+    assert_eq!(rebuilt, data, "an entry of records does not round-trip");
+}
+
 /// The recovery scan: the good prefix never exceeds the input, and a
 /// payload framed alone is one record exactly when it decodes.
 fn check_scan(bytes: &[u8]) {
@@ -64,4 +86,5 @@ fuzz_target!(|data: &[u8]| {
     check_message(data);
     check_batch(data);
     check_scan(data);
+    check_entry(data);
 });

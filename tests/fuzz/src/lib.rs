@@ -398,7 +398,7 @@ fn config_seeds(shipped_cluster_toml: &str) -> Vec<Seed> {
 }
 
 fn raft_seeds() -> Vec<Seed> {
-    use flashstock_engine::replication::codec::{encode_message, encode_write};
+    use flashstock_engine::replication::codec::{encode_message, encode_write, push_entry_record};
     use flashstock_engine::replication::{RaftMessage, ReplicaWrite};
     use flashstock_node::replication::{encode_batch, PeerItem};
     use raft_proto::eraftpb::{Entry, HardState, MessageType, Snapshot};
@@ -437,6 +437,11 @@ fn raft_seeds() -> Vec<Seed> {
     let items = [PeerItem::PartNotLeader { group: 2, leader: Some(3) }, PeerItem::Replace { group: 1, replica: 1 << 32 | 3 }];
     let batch = encode_batch(&[(1, append), (2, heartbeat)], &items);
     seeds.push(Seed { target: "raft_decode", name: "batch".to_owned(), bytes: batch });
+    let mut entry_data = Vec::new();
+    for record in records().iter().take(3) {
+        push_entry_record(&mut entry_data, &record.encode());
+    }
+    seeds.push(Seed { target: "raft_decode", name: "entry-of-records".to_owned(), bytes: entry_data });
     seeds
 }
 
