@@ -45,6 +45,11 @@ pub struct History {
     /// Every fresh SKU count an answer carried: when the operation it
     /// reports on was first asked for, when it was answered, and the counts.
     observed: BTreeMap<SkuId, Vec<(u64, u64, flashstock_engine::StockSnapshot)>>,
+    /// How long after an order's first reserve was sent its coordinator
+    /// may have forgotten it, in real time: its idempotency window less
+    /// the most two members' clocks can disagree (the one that settled it
+    /// and the one that forgot it). `None`: never within a run.
+    pub forgettable_after_ms: Option<u64>,
     pub violations: Vec<String>,
     pub answers: u64,
     /// Answers by kind, for the run's summary.
@@ -52,6 +57,12 @@ pub struct History {
 }
 
 impl History {
+    /// A history whose coordinators may forget an order `after_ms` after
+    /// its first reserve was sent (see [`Self::forgettable_after_ms`]).
+    pub fn forgetting_after(after_ms: Option<u64>) -> Self {
+        Self { forgettable_after_ms: after_ms, ..Self::default() }
+    }
+
     /// The request `caller` sent.
     pub fn request(&self, caller: u64) -> Option<&ClientRequest> {
         self.requests.get(&caller)
@@ -156,6 +167,9 @@ impl History {
         let request = request.clone();
         self.observe(now_ms, &request, answer);
         let request = &request;
+        let forgettable = self.forgettable_after_ms.is_some_and(|after_ms| {
+            self.first_sent.get(&(order.clone(), "reserve")).is_some_and(|&sent_ms| now_ms >= sent_ms + after_ms)
+        });
         let facts = self.orders.entry(order.clone()).or_default();
         let mut problem = None;
         match (request, answer) {
@@ -210,9 +224,9 @@ impl History {
                 ClientRequest::Commit { .. } | ClientRequest::Release { .. },
                 ClientAnswer::Refused(OrderError::UnknownReservation),
             ) => {
-                // Orders are remembered for the idempotency window, longer
-                // than any run: an acknowledged one is never unknown.
-                if facts.reserved.is_some() {
+                // Orders are remembered for the idempotency window: an
+                // acknowledged one is never unknown within it.
+                if facts.reserved.is_some() && !forgettable {
                     problem = Some("an acknowledged reservation is unknown".to_owned());
                 }
             }

@@ -198,6 +198,10 @@ const TICK_MS: u64 = 10;
 const READER_BASE: u32 = 1_000;
 /// The end of a run that has not settled by then is a liveness failure.
 const RUN_MS_MAX: u64 = 300_000;
+/// How far a member's clock may drift from real time, either way.
+const CLOCK_SKEW_MS_MAX: i64 = 5_000;
+/// The coordinators' idempotency window in odd seeds (see `World::new`).
+const COORDINATOR_WINDOW_MS_ODD_SEEDS: u64 = 20_000;
 
 impl World {
     fn new(config: SimConfig) -> Self {
@@ -207,9 +211,15 @@ impl World {
         // orders after 20 s, so that forgetting, and restarts after it, run.
         let limits = Limits { idempotency_window_ms: 3_600_000, ..Limits::default() };
         let coordinator_limits = Limits {
-            idempotency_window_ms: if config.seed % 2 == 1 { 20_000 } else { limits.idempotency_window_ms },
+            idempotency_window_ms: if config.seed % 2 == 1 {
+                COORDINATOR_WINDOW_MS_ODD_SEEDS
+            } else {
+                limits.idempotency_window_ms
+            },
             ..limits.clone()
         };
+        let forgettable_after_ms =
+            (config.seed % 2 == 1).then(|| COORDINATOR_WINDOW_MS_ODD_SEEDS - 2 * CLOCK_SKEW_MS_MAX as u64);
         let member_ids: Vec<u32> = (1..=config.members).collect();
         let group_of_partition_table: Vec<u32> =
             (0..config.partition_count).map(|partition| group_of_partition(partition, config.group_count)).collect();
@@ -308,7 +318,7 @@ impl World {
             clock_skew_ms: vec![0; member_count],
             paused: BTreeMap::new(),
             wipes: 0,
-            history: History::default(),
+            history: History::forgetting_after(forgettable_after_ms),
             syncing: BTreeSet::new(),
             requests: 0,
             event_count: 0,
@@ -650,7 +660,7 @@ impl World {
             9 => {
                 let jump_ms = i64::try_from(self.faults.between(0, 4_000)).expect("small") - 2_000;
                 let skew = &mut self.clock_skew_ms[member as usize - 1];
-                *skew = (*skew + jump_ms).clamp(-5_000, 5_000);
+                *skew = (*skew + jump_ms).clamp(-CLOCK_SKEW_MS_MAX, CLOCK_SKEW_MS_MAX);
                 *self.history.tally.entry("clock jumps").or_default() += 1;
                 let (now_ms, skew) = (self.now_ms, *skew);
                 self.trace(format!("{now_ms} member {member}'s clock jumps by {jump_ms} ms to skew {skew} ms"));
