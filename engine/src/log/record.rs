@@ -404,6 +404,17 @@ impl LogRecord {
     /// # Panics
     /// On a read-only command: only commands that change state are logged.
     pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        self.encode_into(&mut bytes);
+        bytes
+    }
+
+    /// [`Self::encode`], appended to `out` (the replicated log writes a
+    /// round's records into one entry).
+    ///
+    /// # Panics
+    /// As [`Self::encode`].
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         let wire = match self {
             LogRecord::CreateSku { sku, settings, now_ms, operation } => WireRecord::CreateSku {
                 sku: sku.as_str().to_owned(),
@@ -427,7 +438,7 @@ impl LogRecord {
             LogRecord::RulesInForce { limits } => WireRecord::RulesInForce { limits: WireLimits::of(limits) },
             LogRecord::Coordinator(record) => WireRecord::Coordinator(WireCoordinatorRecord::of(record)),
         };
-        rmp_serde::to_vec(&wire).expect("records always encode")
+        rmp_serde::encode::write(out, &wire).expect("records always encode");
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, RecordError> {

@@ -221,12 +221,19 @@ pub const RECORDS_ENTRY_MARKER: u8 = 0xc1;
 /// Appends an encoded log record to the data of an entry of records being
 /// built in `entry` (empty: a new one), as its length (u32 LE) and bytes.
 pub fn push_entry_record(entry: &mut Vec<u8>, record: &[u8]) {
+    push_entry_record_with(entry, |out| out.extend_from_slice(record));
+}
+
+/// [`push_entry_record`] of the bytes `encode` appends, written in place.
+pub fn push_entry_record_with(entry: &mut Vec<u8>, encode: impl FnOnce(&mut Vec<u8>)) {
     if entry.is_empty() {
         entry.push(RECORDS_ENTRY_MARKER);
     }
-    let length = u32::try_from(record.len()).expect("a log record fits a u32");
-    entry.extend_from_slice(&length.to_le_bytes());
-    entry.extend_from_slice(record);
+    let at = entry.len();
+    entry.extend_from_slice(&[0; 4]);
+    encode(entry);
+    let length = u32::try_from(entry.len() - at - 4).expect("a log record fits a u32");
+    entry[at..at + 4].copy_from_slice(&length.to_le_bytes());
 }
 
 /// The encoded log records of an entry's data, in order: each of an entry

@@ -62,7 +62,7 @@ use crate::log::record::LogRecord;
 use crate::log::replay::{ReplayRules, ReplayedState};
 use crate::log::snapshot::Snapshot;
 use crate::order::OrderError;
-use crate::replication::codec::{entry_records, push_entry_record};
+use crate::replication::codec::{entry_records, push_entry_record_with};
 use crate::replication::replica::{Leadership, Replica, ReplicaConfig};
 use crate::replication::storage::{GroupStorage, ReplicaWrite};
 use crate::replication::{GroupId, ReplicaId};
@@ -203,7 +203,7 @@ struct Leading {
     reads_confirmed: VecDeque<(u64, CallerId, SkuId)>,
     next_read: u64,
     /// The records decided since the last proposal, as the data of one
-    /// entry ([`push_entry_record`]): proposed together once the round's
+    /// entry ([`Leading::stage`]): proposed together once the round's
     /// inputs are in ([`GroupMachine::take_outputs`]), so that raft's
     /// work per entry — appending, framing, sending to every follower,
     /// acknowledging — is paid once for all of them.
@@ -213,6 +213,13 @@ struct Leading {
     staged_answers: Vec<GroupOutput>,
     /// Coordinator tokens of the records in `staged`.
     staged_tokens: Vec<u64>,
+}
+
+impl Leading {
+    /// Encodes `record` into the round's entry.
+    fn stage(&mut self, record: &LogRecord) {
+        push_entry_record_with(&mut self.staged, |out| record.encode_into(out));
+    }
 }
 
 /// One group's replica and state machine on this member.
@@ -602,7 +609,7 @@ impl GroupMachine {
     fn stage_all(&mut self, records: &[LogRecord]) {
         if let Some(leading) = &mut self.leading {
             for record in records {
-                push_entry_record(&mut leading.staged, &record.encode());
+                leading.stage(record);
             }
         }
     }
@@ -829,7 +836,7 @@ impl GroupMachine {
                     let record = LogRecord::RulesInForce { limits: limits.clone() };
                     // Should its proposal be refused, the next leader (or
                     // the next term of this one) tries again.
-                    push_entry_record(&mut leading.staged, &record.encode());
+                    leading.stage(&record);
                     for state in leading.skus.values_mut() {
                         state.set_limits(limits.clone());
                     }
@@ -942,7 +949,7 @@ impl GroupMachine {
                 Action::Send { member, message } => self.outputs.push(GroupOutput::Part { group: member, message }),
                 Action::Log { token, record } => {
                     if let Some(leading) = &mut self.leading {
-                        push_entry_record(&mut leading.staged, &LogRecord::Coordinator(record).encode());
+                        leading.stage(&LogRecord::Coordinator(record));
                         leading.staged_tokens.push(token);
                     }
                 }
