@@ -240,6 +240,53 @@ pub struct GroupMachine {
     /// Ticks since the last snapshot was taken (snapshots a lagging
     /// follower needs are taken at most once per 50 ticks).
     ticks_since_snapshot: u32,
+    /// A follower needs a snapshot fresher than the one held: the driver
+    /// takes one ([`GroupMachine::wants_snapshot`]).
+    snapshot_wanted: bool,
+}
+
+/// A group's applied state imaged at `index` on the driver's thread, to be
+/// encoded on another ([`GroupMachine::snapshot_image`]): the encoding is
+/// most of a snapshot's cost and grows with the state, and while it ran on
+/// the thread every group of the member waits for, a loaded member's
+/// heartbeats stopped for up to a second and its followers called
+/// elections.
+#[derive(Debug)]
+pub struct SnapshotImage {
+    index: u64,
+    conf_state: raft::eraftpb::ConfState,
+    image: Snapshot,
+}
+
+/// A [`SnapshotImage`] encoded, for [`GroupMachine::snapshot_encoded`].
+#[derive(Debug)]
+pub struct EncodedSnapshot {
+    index: u64,
+    conf_state: raft::eraftpb::ConfState,
+    data: Vec<u8>,
+}
+
+impl SnapshotImage {
+    /// The applied index the image is of.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The engine's canonical encoding of the image (pure; any thread).
+    pub fn encode(self) -> EncodedSnapshot {
+        EncodedSnapshot { index: self.index, conf_state: self.conf_state, data: self.image.encode() }
+    }
+}
+
+impl EncodedSnapshot {
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The applied index it is of.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
 }
 
 impl GroupMachine {
@@ -274,6 +321,7 @@ impl GroupMachine {
             anomalies: Vec::new(),
             rebuild_at_tick: false,
             ticks_since_snapshot: 0,
+            snapshot_wanted: false,
         })
     }
 
@@ -511,7 +559,7 @@ impl GroupMachine {
         self.rebuild_at_tick = false;
         self.ticks_since_snapshot = self.ticks_since_snapshot.saturating_add(1);
         if self.ticks_since_snapshot > 50 && self.replica.needs_fresh_snapshot(self.applied_index) {
-            self.compact(now_ms);
+            self.snapshot_wanted = true;
         }
         let handing_over = self.replica.handing_over_to().is_some();
         if let Some(leading) = self.leading.as_mut().filter(|_| !handing_over) {
@@ -572,16 +620,48 @@ impl GroupMachine {
     /// log may then drop them, and a follower too far behind is sent the
     /// snapshot instead.
     pub fn compact(&mut self, _now_ms: u64) {
+        if let Some(image) = self.snapshot_image() {
+            self.snapshot_encoded(image.encode());
+        }
+    }
+
+    /// Whether a follower needs a fresher snapshot than the one held.
+    pub fn wants_snapshot(&self) -> bool {
+        self.snapshot_wanted
+    }
+
+    /// The first half of [`Self::compact`]: the applied state's image, if
+    /// anything was applied since the snapshot held.
+    pub fn snapshot_image(&mut self) -> Option<SnapshotImage> {
         let held = self.replica.storage().held_snapshot().get_metadata().index;
         if self.applied_index <= held {
-            return;
+            return None;
         }
         self.ticks_since_snapshot = 0;
-        let data = self.applied.snapshot().encode();
-        let writes = self.replica.compact(self.applied_index, data);
-        if !writes.is_empty() {
-            self.outputs.push(GroupOutput::Write { number: None, writes });
+        self.snapshot_wanted = false;
+        let conf_state = self.replica.storage().conf_state().clone();
+        Some(SnapshotImage { index: self.applied_index, conf_state, image: self.applied.snapshot() })
+    }
+
+    /// The second half of [`Self::compact`]: takes `encoded` as the held
+    /// snapshot and drops the entries it covers — unless, while it was
+    /// being encoded, a snapshot as new was installed or taken, the
+    /// entries at its index were dropped, or the configuration changed
+    /// (its metadata would then name a configuration the state at its
+    /// index did not have). Whether it was taken.
+    pub fn snapshot_encoded(&mut self, encoded: EncodedSnapshot) -> bool {
+        let storage = self.replica.storage();
+        let held = storage.held_snapshot().get_metadata().index;
+        // (An image past what this machine applied is not of its state.)
+        if encoded.index <= held || encoded.index > self.applied_index || *storage.conf_state() != encoded.conf_state {
+            return false;
         }
+        let writes = self.replica.compact(encoded.index, encoded.data);
+        if writes.is_empty() {
+            return false;
+        }
+        self.outputs.push(GroupOutput::Write { number: None, writes });
+        true
     }
 
     /// Raft elected this replica but it has not taken over yet (a refused
@@ -1284,6 +1364,38 @@ mod tests {
         assert!(held < 4 * snapshot_bytes);
         assert!(!machines[0].snapshot_due(&policy));
         assert!(machines[0].snapshot_due(&SnapshotPolicy { entry_bytes_max: held, ..policy }));
+    }
+
+    /// A snapshot encoded off the driver's thread is taken at the index
+    /// it was imaged at, however far the group went meanwhile, and its
+    /// state is the state at that index; one overtaken by a newer
+    /// snapshot is dropped, never installed over it.
+    #[test]
+    fn a_snapshot_encoded_elsewhere_is_taken_at_its_index_unless_overtaken() {
+        let mut machines = machines();
+        elect_first(&mut machines);
+        add_units(&mut machines, 3, 0);
+        let image = machines[0].snapshot_image().expect("entries applied since the last snapshot");
+        let index = image.index();
+        let available_then = machines[0].applied().skus[&sku()].stock().available;
+        add_units(&mut machines, 2, 3);
+        assert!(machines[0].applied_index() > index);
+        assert!(machines[0].snapshot_encoded(image.encode()), "taken although the group moved on");
+        let held = machines[0].replica().storage().held_snapshot().clone();
+        assert_eq!(held.get_metadata().index, index);
+        let state = Snapshot::decode(held.get_data()).expect("decodes");
+        let restored = ReplayedState::from_snapshot(machines[0].config.rules.clone(), state).expect("restores");
+        assert_eq!(restored.skus[&sku()].stock().available, available_then, "the state at its index");
+        assert!(machines[0].replica().storage().entries_held().iter().all(|entry| entry.index >= index));
+        // An older image arriving after a newer snapshot is dropped.
+        add_units(&mut machines, 1, 5);
+        let stale = machines[0].snapshot_image().expect("applied since");
+        add_units(&mut machines, 1, 6);
+        machines[0].compact(10);
+        let newest = machines[0].replica().storage().held_snapshot().get_metadata().index;
+        assert!(newest > stale.index());
+        assert!(!machines[0].snapshot_encoded(stale.encode()), "overtaken");
+        assert_eq!(machines[0].replica().storage().held_snapshot().get_metadata().index, newest);
     }
 
     #[test]

@@ -20,9 +20,11 @@ pub mod group;
 pub mod replica;
 pub mod storage;
 
-pub use group::{AdminRequest, GroupConfig, GroupMachine, GroupOutput, SnapshotPolicy};
+pub use group::{AdminRequest, EncodedSnapshot, GroupConfig, GroupMachine, GroupOutput, SnapshotImage, SnapshotPolicy};
 /// raft-rs's message between replicas, for drivers that carry it.
 pub use raft::eraftpb::Message as RaftMessage;
+/// Entries and snapshots as the raft log holds them (for the node's log).
+pub use raft::eraftpb::{Entry as RaftEntry, Snapshot as RaftSnapshot};
 pub use replica::{Leadership, ProposeError, Replica, ReplicaConfig, ReplicaOutput};
 pub use storage::{GroupStorage, ReplicaWrite};
 

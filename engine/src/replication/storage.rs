@@ -157,6 +157,11 @@ impl GroupStorage {
         self.conf_state = conf_state;
     }
 
+    /// The configuration a snapshot taken now would carry.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
     /// The hard state last written.
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state

@@ -309,6 +309,9 @@ impl Member {
         let mut outbox = Vec::new();
         for machine in self.groups.values_mut() {
             machine.tick(now_ms);
+            if machine.wants_snapshot() {
+                machine.compact(now_ms);
+            }
         }
         // A member that lost its disk asks every other replica (the leader
         // acts) until the configuration counts its new replica.
