@@ -33,8 +33,8 @@ use flashstock_engine::coordination::{
 use flashstock_engine::log::replay::{ReplayRules, ReplayedState};
 use flashstock_engine::replication::codec::{decode_message, encode_message_into};
 use flashstock_engine::replication::{
-    member_of, replica_id, AdminRequest, GroupConfig, GroupId, GroupMachine, GroupOutput, RaftMessage, ReplicaConfig,
-    ReplicaWrite, SnapshotPolicy,
+    member_of, replica_id, AdminRequest, EncodedSnapshot, GroupConfig, GroupId, GroupMachine, GroupOutput, RaftMessage,
+    ReplicaConfig, ReplicaWrite, SnapshotPolicy,
 };
 use flashstock_engine::{Clock, EngineError, Limits, OrderError, OrderId, SkuId, StockSnapshot};
 use serde::{Deserialize, Serialize};
@@ -84,11 +84,26 @@ pub const PEER_BATCH_BYTES_MAX: usize = 256 << 20;
 const SNAPSHOT_POLICY: SnapshotPolicy =
     SnapshotPolicy { entries_min: 20_000, log_bytes_per_snapshot_byte: 4, entry_bytes_max: 256 << 20 };
 /// The raft log is rewritten from the groups' live state once it holds
-/// this many bytes more than that state took at the last rewrite.
+/// this many times the bytes that state took at the last rewrite (and at
+/// least [`REWRITE_BYTES_MIN`]). A rewrite copies the whole live state, so
+/// it costs 1 / (multiple - 1) of a copy per byte appended: at 2 it copied
+/// as much as was appended, framing and page faults of a fresh buffer were
+/// a tenth of a loaded member's CPU, and every rewrite stalled the
+/// member's syncs. At 4 the file holds at most four times what a restart
+/// needs.
+const REWRITE_LIVE_MULTIPLE: u64 = 4;
+/// See [`REWRITE_LIVE_MULTIPLE`]: a small log is not rewritten for the
+/// sake of a few megabytes.
 const REWRITE_BYTES_MIN: u64 = 64 << 20;
 /// A job's buffer larger than this (a rewrite's, a snapshot's round) is
 /// let go rather than kept for the next round.
 const SPARE_BUFFER_BYTES_MAX: usize = 16 << 20;
+/// A snapshot, a log job or a round of the driver taking this long is
+/// logged: every group on the member waits for it, and past an election
+/// timeout followers start elections.
+const SLOW_STEP: Duration = Duration::from_millis(100);
+/// How often an idle log thread looks whether a rewrite is written.
+const REWRITE_POLL: Duration = Duration::from_millis(50);
 /// How often the view for status pages and the handshake is refreshed.
 const VIEW_EVERY_TICKS: u64 = 5;
 /// Callers' ids of part steps from other members carry this bit (the rest
@@ -196,12 +211,24 @@ enum Input {
         raft: Vec<(GroupId, RaftMessage)>,
         items: Vec<PeerItem>,
     },
+    /// A group's snapshot, imaged by the driver and encoded on a blocking
+    /// thread (see `flashstock_engine::replication::SnapshotImage`).
+    SnapshotEncoded {
+        group: GroupId,
+        encoded: EncodedSnapshot,
+    },
     /// The log thread synced the writes through `through`; `buffer` is
-    /// the job's, emptied, for the driver to frame the next round into.
+    /// the job's, emptied, for the driver to frame the next round into;
+    /// the file now holds `file_bytes`.
     Synced {
         through: u64,
         elapsed: Duration,
         buffer: Vec<u8>,
+        file_bytes: u64,
+    },
+    /// A rewrite took the log's name; the live state took `live_bytes`.
+    Rewritten {
+        live_bytes: u64,
     },
 }
 
@@ -227,9 +254,14 @@ pub struct Replication {
 }
 
 struct LogJob {
+    /// Framed writes to append.
     framed: Vec<u8>,
-    /// Replaces the file instead of appending (a compaction).
-    rewrite: bool,
+    /// Every group's live state as of these writes, to rewrite the log
+    /// from (a compaction) while later jobs go on being appended. Cloned
+    /// cheaply (entries' and snapshots' data are shared buffers) and
+    /// framed on the rewrite's thread, not the driver, which every group
+    /// on the member waits for.
+    rewrite: Option<Vec<(GroupId, ReplicaWrite)>>,
     through: u64,
 }
 
@@ -265,8 +297,11 @@ struct Driver {
     senders: BTreeMap<u32, mpsc::Sender<Vec<u8>>>,
     view: Arc<RwLock<View>>,
     ticks: u64,
+    /// Bytes in the log file, as of the last sync.
     log_bytes: u64,
     live_bytes_at_rewrite: u64,
+    /// A rewrite is under way (until the log thread reports it done).
+    rewriting: bool,
     syncs: u64,
     /// Anomalies of each group already logged.
     anomalies_reported: BTreeMap<GroupId, usize>,
@@ -281,6 +316,10 @@ struct Driver {
     initial: ReplayedState,
     /// Shared with [`Replication::probe_answer`].
     first_start_with: Arc<RwLock<BTreeMap<u32, u64>>>,
+    /// Where snapshots encoded off the driver's thread come back.
+    encoded_snapshots: mpsc::Sender<Input>,
+    /// Groups whose snapshot is being encoded (one at a time per group).
+    encoding: std::collections::BTreeSet<GroupId>,
 }
 
 impl Replication {
@@ -346,6 +385,7 @@ impl Replication {
         let stopping = Arc::new(AtomicBool::new(false));
         let view = Arc::new(RwLock::new(View::default()));
         let log_jobs = start_log_thread(log, inbox.clone(), stopping.clone());
+        let encoded_snapshots = inbox.clone();
         let mut senders = BTreeMap::new();
         for &member in config.members.iter().filter(|&&member| member != config.own) {
             let (sender, queue) = mpsc::channel(PEER_QUEUE_BATCHES_MAX);
@@ -377,6 +417,7 @@ impl Replication {
             ticks: 0,
             log_bytes: 0,
             live_bytes_at_rewrite: 0,
+            rewriting: false,
             syncs: 0,
             anomalies_reported: BTreeMap::new(),
             peers: peers.clone(),
@@ -385,6 +426,8 @@ impl Replication {
             rejoining: BTreeMap::new(),
             initial,
             first_start_with: first_start_with.clone(),
+            encoded_snapshots,
+            encoding: std::collections::BTreeSet::new(),
         };
         let pending_groups = pending.keys().copied().collect();
         let pending = if needs_probe {
@@ -710,12 +753,28 @@ fn start_log_thread(
     std::thread::Builder::new()
         .name("raft-log".to_owned())
         .spawn(move || {
-            while let Ok(mut job) = receiver.recv() {
+            loop {
+                let mut job = match receiver.recv_timeout(REWRITE_POLL) {
+                    Ok(job) => Some(job),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                };
                 let started = Instant::now();
-                let outcome = if job.rewrite {
-                    log.rewrite(&job.framed)
-                } else {
-                    log.append(&job.framed).and_then(|()| log.sync())
+                let mut outcome = Ok(());
+                if let Some(job) = &mut job {
+                    outcome = log.append(&job.framed).and_then(|()| log.sync());
+                    if let (Ok(()), Some(live)) = (&outcome, job.rewrite.take()) {
+                        outcome = log.begin_rewrite(live);
+                    }
+                }
+                let rewritten = outcome.as_ref().ok().map(|()| log.finish_rewrite(false));
+                let live_bytes = match rewritten {
+                    Some(Ok(live_bytes)) => live_bytes,
+                    Some(Err(error)) => {
+                        outcome = Err(error);
+                        None
+                    }
+                    None => None,
                 };
                 if let Err(error) = outcome {
                     // Raft was promised these writes: a member that cannot
@@ -724,11 +783,25 @@ fn start_log_thread(
                     stopping.store(true, Ordering::Release);
                     std::process::exit(70);
                 }
+                if let Some(live_bytes) = live_bytes {
+                    if inbox.blocking_send(Input::Rewritten { live_bytes }).is_err() {
+                        return;
+                    }
+                }
+                let Some(job) = job else { continue };
                 let elapsed = started.elapsed();
                 metrics::histogram!("flashstock_raft_log_sync_seconds").record(elapsed.as_secs_f64());
-                job.framed.clear();
-                let buffer = job.framed;
-                if inbox.blocking_send(Input::Synced { through: job.through, elapsed, buffer }).is_err() {
+                if elapsed >= SLOW_STEP {
+                    tracing::warn!(
+                        bytes = job.framed.len(),
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "slow raft log job"
+                    );
+                }
+                let mut buffer = job.framed;
+                buffer.clear();
+                let synced = Input::Synced { through: job.through, elapsed, buffer, file_bytes: log.bytes() };
+                if inbox.blocking_send(synced).is_err() {
                     return;
                 }
             }
@@ -771,8 +844,14 @@ impl Driver {
                         return;
                     }
                     let now_ms = self.clock.now_ms();
+                    let started = Instant::now();
+                    let count = inputs.len();
                     for input in inputs.drain(..) {
                         self.handle(now_ms, input);
+                    }
+                    let elapsed = started.elapsed();
+                    if elapsed >= SLOW_STEP {
+                        tracing::warn!(inputs = count, elapsed_ms = elapsed.as_millis() as u64, "slow round");
                     }
                 }
                 _ = ticker.tick() => self.tick(),
@@ -819,10 +898,24 @@ impl Driver {
                     self.peer_item(now_ms, from, item);
                 }
             }
-            Input::Synced { through, elapsed, buffer } => {
+            Input::SnapshotEncoded { group, encoded } => {
+                self.encoding.remove(&group);
+                if let Some(machine) = self.machines.get_mut(&group) {
+                    let index = encoded.index();
+                    if !machine.snapshot_encoded(encoded) {
+                        tracing::debug!(group, index, "an encoded snapshot was overtaken; dropped");
+                    }
+                }
+            }
+            Input::Rewritten { live_bytes } => {
+                self.live_bytes_at_rewrite = live_bytes;
+                self.rewriting = false;
+            }
+            Input::Synced { through, elapsed, buffer, file_bytes } => {
                 if buffer.capacity() <= SPARE_BUFFER_BYTES_MAX {
                     self.spare_buffer = buffer;
                 }
+                self.log_bytes = file_bytes;
                 self.sync_in_flight = false;
                 self.synced = self.synced.max(through);
                 self.syncs += 1;
@@ -909,11 +1002,34 @@ impl Driver {
     fn tick(&mut self) {
         let now_ms = self.clock.now_ms();
         self.ticks += 1;
-        for machine in self.machines.values_mut() {
+        for (&group, machine) in &mut self.machines {
             machine.tick(now_ms);
-            if machine.snapshot_due(&SNAPSHOT_POLICY) {
-                machine.compact(now_ms);
+            if self.encoding.contains(&group) || !(machine.wants_snapshot() || machine.snapshot_due(&SNAPSHOT_POLICY)) {
+                continue;
             }
+            let started = Instant::now();
+            let Some(image) = machine.snapshot_image() else { continue };
+            let imaged = started.elapsed();
+            if imaged >= SLOW_STEP {
+                tracing::warn!(group, elapsed_ms = imaged.as_millis() as u64, "slow snapshot image");
+            }
+            self.encoding.insert(group);
+            let back = self.encoded_snapshots.clone();
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let index = image.index();
+                let encoded = image.encode();
+                let elapsed = started.elapsed();
+                tracing::debug!(
+                    group,
+                    index,
+                    bytes = encoded.bytes(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "snapshot encoded"
+                );
+                // A driver that is gone has no use for it.
+                let _ = back.blocking_send(Input::SnapshotEncoded { group, encoded });
+            });
         }
         self.ask_to_rejoin();
         if self.ticks.is_multiple_of(VIEW_EVERY_TICKS) {
@@ -1216,41 +1332,30 @@ impl Driver {
         if self.sync_in_flight || (self.framed.is_empty() && self.synced == self.written) {
             return;
         }
-        let live = self.live_bytes();
-        let rewrite = self.log_bytes > self.live_bytes_at_rewrite.saturating_mul(2).max(REWRITE_BYTES_MIN);
-        let job = if rewrite {
-            self.framed.clear();
-            self.live_bytes_at_rewrite = live.len() as u64;
-            self.log_bytes = live.len() as u64;
-            LogJob { framed: live, rewrite: true, through: self.written }
-        } else {
-            self.log_bytes += self.framed.len() as u64;
-            let next = std::mem::take(&mut self.spare_buffer);
-            LogJob { framed: std::mem::replace(&mut self.framed, next), rewrite: false, through: self.written }
-        };
+        let threshold = self.live_bytes_at_rewrite.saturating_mul(REWRITE_LIVE_MULTIPLE).max(REWRITE_BYTES_MIN);
+        let rewrite = (!self.rewriting && self.log_bytes > threshold).then(|| self.live_writes());
+        self.rewriting |= rewrite.is_some();
+        let next = std::mem::take(&mut self.spare_buffer);
+        let job = LogJob { framed: std::mem::replace(&mut self.framed, next), rewrite, through: self.written };
         self.sync_in_flight = true;
         if self.log_jobs.send(job).is_err() {
             tracing::error!("the raft log thread is gone");
         }
     }
 
-    /// Every group's live state framed as a log: what a rewrite keeps.
-    /// (Only computed when a rewrite is due: it copies every group's log.)
-    fn live_bytes(&self) -> Vec<u8> {
-        if self.log_bytes <= self.live_bytes_at_rewrite.saturating_mul(2).max(REWRITE_BYTES_MIN) {
-            return Vec::new();
-        }
-        let mut framed = Vec::new();
+    /// Every group's live state as writes: what a rewrite keeps.
+    fn live_writes(&self) -> Vec<(GroupId, ReplicaWrite)> {
+        let mut writes = Vec::with_capacity(self.machines.len() * 3);
         for (&group, machine) in &self.machines {
             let storage = machine.replica().storage();
-            frame_write(group, &ReplicaWrite::Snapshot(storage.held_snapshot().clone()), &mut framed);
-            frame_write(group, &ReplicaWrite::HardState(storage.hard_state().clone()), &mut framed);
+            writes.push((group, ReplicaWrite::Snapshot(storage.held_snapshot().clone())));
+            writes.push((group, ReplicaWrite::HardState(storage.hard_state().clone())));
             let entries = storage.entries_held();
             if !entries.is_empty() {
-                frame_write(group, &ReplicaWrite::Entries(entries.to_vec()), &mut framed);
+                writes.push((group, ReplicaWrite::Entries(entries.to_vec())));
             }
         }
-        framed
+        writes
     }
 
     fn publish_view(&mut self) {
