@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use flashstock_engine::coordination::{ClientAnswer, ClientRequest, MemberId, PartMessage, PartReply, Placement};
 use flashstock_engine::log::replay::ReplayedState;
 use flashstock_engine::replication::{
-    member_of, replica_id, GroupConfig, GroupId, GroupMachine, GroupOutput, Leadership, ReplicaId, ReplicaWrite,
+    member_of, replica_id, EncodedSnapshot, GroupConfig, GroupId, GroupMachine, GroupOutput, Leadership, ReplicaId,
+    ReplicaWrite, SnapshotImage,
 };
 
 use flashstock_engine::{OrderError, SkuId, StockSnapshot};
@@ -438,5 +439,25 @@ impl Member {
     /// it covers (a compaction).
     pub fn compact(&mut self, now_ms: u64, group: GroupId) -> Vec<(Endpoint, Message)> {
         self.with_group(now_ms, group, |machine| machine.compact(now_ms))
+    }
+
+    /// The first half of a compaction the node's way: `group`'s applied
+    /// state imaged now, to be encoded and taken later
+    /// ([`Self::snapshot_encoded`]), while the group goes on.
+    pub fn snapshot_image(&mut self, group: GroupId) -> Option<SnapshotImage> {
+        self.groups.get_mut(&group).and_then(GroupMachine::snapshot_image)
+    }
+
+    /// The second half: an image encoded meanwhile arrives; whether it was
+    /// taken (not overtaken).
+    pub fn snapshot_encoded(
+        &mut self,
+        now_ms: u64,
+        group: GroupId,
+        encoded: EncodedSnapshot,
+    ) -> (Vec<(Endpoint, Message)>, bool) {
+        let mut taken = false;
+        let outbox = self.with_group(now_ms, group, |machine| taken = machine.snapshot_encoded(encoded));
+        (outbox, taken)
     }
 }

@@ -126,6 +126,14 @@ enum Event {
         caller: u64,
         request: flashstock_engine::coordination::ClientRequest,
     },
+    /// A snapshot imaged earlier, encoded "on another thread", arrives
+    /// (lost if the member restarted meanwhile, as the node's would be).
+    SnapshotEncoded {
+        member: u32,
+        incarnation: u64,
+        group: GroupId,
+        encoded: flashstock_engine::replication::EncodedSnapshot,
+    },
 }
 
 /// What a scripted test does with a message about to travel.
@@ -621,9 +629,20 @@ impl World {
                     let now_ms = self.now_ms;
                     self.trace(format!("{now_ms} compact group {group} on member {member}"));
                     let clock_ms = self.clock_of(member);
-                    let outbox = self.member(member).compact(clock_ms, group);
-                    self.send_all(Endpoint::Member(member), outbox);
-                    self.sync_soon(member);
+                    if self.faults.below(2) == 0 {
+                        // The node's way: imaged now, encoded elsewhere,
+                        // taken once it comes back, the group going on.
+                        if let Some(image) = self.member(member).snapshot_image(group) {
+                            let encoded = image.encode();
+                            let incarnation = self.members[member as usize - 1].incarnation;
+                            let at_ms = now_ms + self.faults.between(1, 400);
+                            self.schedule(at_ms, Event::SnapshotEncoded { member, incarnation, group, encoded });
+                        }
+                    } else {
+                        let outbox = self.member(member).compact(clock_ms, group);
+                        self.send_all(Endpoint::Member(member), outbox);
+                        self.sync_soon(member);
+                    }
                 }
             }
             11 if self.wipes == 0
@@ -814,6 +833,26 @@ impl World {
                 }
             }
             Event::Restart { member } => self.restart(member),
+            Event::SnapshotEncoded { member, incarnation, group, encoded } => {
+                let state = &self.members[member as usize - 1];
+                if !state.up || state.incarnation != incarnation {
+                    return;
+                }
+                if let Some(&resume_ms) = self.paused.get(&member) {
+                    self.schedule(resume_ms, Event::SnapshotEncoded { member, incarnation, group, encoded });
+                    return;
+                }
+                self.trace(format!(
+                    "{now_ms} encoded snapshot of group {group} at {} on member {member}",
+                    encoded.index()
+                ));
+                let clock_ms = self.clock_of(member);
+                let (outbox, taken) = self.member(member).snapshot_encoded(clock_ms, group, encoded);
+                let tally = if taken { "snapshots encoded elsewhere" } else { "snapshots overtaken" };
+                *self.history.tally.entry(tally).or_default() += 1;
+                self.send_all(Endpoint::Member(member), outbox);
+                self.sync_soon(member);
+            }
             Event::Heal { member } => {
                 let was_cut = self.cut_from_members.remove(&member);
                 if self.isolated.remove(&member) || was_cut {
