@@ -233,24 +233,6 @@ impl RaftLog {
         self.bytes = live_bytes + since.len() as u64;
         Ok(Some(live_bytes))
     }
-
-    /// Replaces the whole log with `framed` (every group's live state),
-    /// durably: the new file is synced before it takes the old one's name.
-    ///
-    /// # Errors
-    /// As [`RaftLog::append`]; the old file is then still in place.
-    pub fn rewrite(&mut self, framed: &[u8]) -> std::io::Result<()> {
-        let temporary = self.directory.join(REWRITE_NAME);
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&temporary)?;
-        file.write_all(framed)?;
-        file.sync_data()?;
-        std::fs::rename(&temporary, self.directory.join(FILE_NAME))?;
-        sync_directory(&self.directory).map_err(std::io::Error::other)?;
-        self.file = OpenOptions::new().read(true).append(true).open(self.directory.join(FILE_NAME))?;
-        self.bytes = framed.len() as u64;
-        self.rewrite = None;
-        Ok(())
-    }
 }
 
 /// A record whose checksum matches but which is not a write: not a torn
@@ -360,30 +342,6 @@ mod tests {
         assert_eq!(undecodable, &UndecodableRecord { offset, error: CodecError::UnknownKind(99) });
         let bytes = std::fs::read(directory.join(FILE_NAME)).expect("reads");
         assert_eq!(bytes, framed, "nothing was cut");
-        let _ = std::fs::remove_dir_all(&directory);
-    }
-
-    #[test]
-    fn a_rewrite_replaces_everything() {
-        let directory = temporary_directory("rewrite");
-        let (mut log, _) = RaftLog::open(&directory).expect("opens");
-        let mut framed = Vec::new();
-        for index in 0..100 {
-            frame_write(1, &compact(index), &mut framed);
-        }
-        log.append(&framed).expect("appends");
-        let mut live = Vec::new();
-        frame_write(1, &compact(99), &mut live);
-        log.rewrite(&live).expect("rewrites");
-        let mut more = Vec::new();
-        frame_write(3, &compact(7), &mut more);
-        log.append(&more).expect("appends");
-        log.sync().expect("syncs");
-        drop(log);
-        let (log, recovered) = RaftLog::open(&directory).expect("reopens");
-        assert_eq!(recovered.writes[&1], vec![compact(99)]);
-        assert_eq!(recovered.writes[&3], vec![compact(7)]);
-        assert_eq!(log.bytes(), (live.len() + more.len()) as u64);
         let _ = std::fs::remove_dir_all(&directory);
     }
 

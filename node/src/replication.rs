@@ -760,29 +760,26 @@ fn start_log_thread(
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 };
                 let started = Instant::now();
-                let mut outcome = Ok(());
-                if let Some(job) = &mut job {
-                    outcome = log.append(&job.framed).and_then(|()| log.sync());
-                    if let (Ok(()), Some(live)) = (&outcome, job.rewrite.take()) {
-                        outcome = log.begin_rewrite(live);
+                let appended = match &mut job {
+                    Some(job) => {
+                        log.append(&job.framed).and_then(|()| log.sync()).and_then(|()| match job.rewrite.take() {
+                            Some(live) => log.begin_rewrite(live),
+                            None => Ok(()),
+                        })
                     }
-                }
-                let rewritten = outcome.as_ref().ok().map(|()| log.finish_rewrite(false));
-                let live_bytes = match rewritten {
-                    Some(Ok(live_bytes)) => live_bytes,
-                    Some(Err(error)) => {
-                        outcome = Err(error);
-                        None
-                    }
-                    None => None,
+                    None => Ok(()),
                 };
-                if let Err(error) = outcome {
-                    // Raft was promised these writes: a member that cannot
-                    // keep them must not go on voting or acknowledging.
-                    tracing::error!(%error, "the raft log failed; the member stops");
-                    stopping.store(true, Ordering::Release);
-                    std::process::exit(70);
-                }
+                let live_bytes = match appended.and_then(|()| log.finish_rewrite(false)) {
+                    Ok(live_bytes) => live_bytes,
+                    Err(error) => {
+                        // Raft was promised these writes: a member that
+                        // cannot keep them must not go on voting or
+                        // acknowledging.
+                        tracing::error!(%error, "the raft log failed; the member stops");
+                        stopping.store(true, Ordering::Release);
+                        std::process::exit(70);
+                    }
+                };
                 if let Some(live_bytes) = live_bytes {
                     if inbox.blocking_send(Input::Rewritten { live_bytes }).is_err() {
                         return;
