@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use futures_util::{StreamExt, TryStreamExt};
 
 use crate::config::SaleSection;
 use crate::shop::{CommitOutcome, Counts, ReserveOutcome, SaleLine, SaleOrder, Shop};
@@ -343,6 +344,54 @@ fn percentile_ms(sorted_us: &[u32], percentile: f64) -> f64 {
     f64::from(sorted_us[rank]) / 1000.0
 }
 
+/// How long past its TTL an abandoned hold may still be held when the books
+/// are read back: the leader expires holds on its tick, and the expiry is
+/// committed like any change.
+const EXPIRY_GRACE: Duration = Duration::from_secs(5);
+/// Reads of the books in flight at once. The books are every SKU (ten
+/// thousand in the default sale): read one at a time, a reading took longer
+/// than the grace, and the counts it reported for the first SKUs were taken
+/// before their holds' TTL ran out (the sale failed on holds that had in
+/// fact expired).
+const BOOK_READS_IN_FLIGHT_MAX: usize = 64;
+/// SKUs named when holds outlive their TTL.
+const STILL_HELD_SHOWN_MAX: usize = 10;
+
+/// Every SKU's counts, in the order of `skus`.
+async fn read_books<S: Shop>(shop: &S, skus: &[(String, u64)]) -> anyhow::Result<Vec<(String, u64, Counts)>> {
+    futures_util::stream::iter(skus)
+        .map(|(sku, units)| async move {
+            let stock = shop.availability(sku).await.with_context(|| format!("reading {sku}"))?;
+            Ok::<_, anyhow::Error>((sku.clone(), *units, stock))
+        })
+        .buffered(BOOK_READS_IN_FLIGHT_MAX)
+        .try_collect()
+        .await
+}
+
+/// The books once the last abandoned hold, which expires by
+/// `holds_end_by`, should be back: read again until nothing is held, or
+/// until a reading that *began* `grace` after `holds_end_by` still finds
+/// holds — only such a reading proves a hold outlived its TTL (one
+/// begun earlier may have read a SKU before its holds expired).
+async fn books_after_expiry<S: Shop>(
+    shop: &S,
+    skus: &[(String, u64)],
+    holds_end_by: Instant,
+    grace: Duration,
+) -> anyhow::Result<Vec<(String, u64, Counts)>> {
+    let conclusive_from = holds_end_by + grace;
+    loop {
+        let began = Instant::now();
+        let books = read_books(shop, skus).await?;
+        if began >= conclusive_from || books.iter().all(|(_, _, stock)| stock.held == 0) {
+            return Ok(books);
+        }
+        // Bounded: once a reading begins past `conclusive_from`, it is the last.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Creates `skus` (id, units, per-buyer limit) opening at `opens_at_ms`,
 /// concurrently but bounded, so that a durable engine logs them in a few
 /// group commits rather than one fdatasync each.
@@ -414,20 +463,8 @@ pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow
     progress.await.context("the progress display panicked")?;
 
     // Abandoned holds come back by themselves when their TTL runs out.
-    let expiry_wait = Duration::from_millis(sale.hold_ttl_ms) + Duration::from_secs(5);
-    let wait_started = Instant::now();
-    let mut books = Vec::with_capacity(initial.len());
-    loop {
-        books.clear();
-        for (sku, units) in &initial {
-            books.push((sku.clone(), *units, shop.availability(sku).await?));
-        }
-        let held: u64 = books.iter().map(|(_, _, stock)| stock.held).sum();
-        if held == 0 || wait_started.elapsed() > expiry_wait {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let holds_end_by = Instant::now() + Duration::from_millis(sale.hold_ttl_ms);
+    let books = books_after_expiry(&*shop, &initial, holds_end_by, EXPIRY_GRACE).await?;
 
     tally.held_latencies_us.sort_unstable();
     tally.refused_latencies_us.sort_unstable();
@@ -474,11 +511,88 @@ pub async fn run<S: Shop>(shop: Arc<S>, name: &str, sale: SaleSection) -> anyhow
         "units sold ({sold}) differ from units buyers committed ({})",
         tally.units_committed
     );
-    ensure!(held == 0, "{held} units still held {} s after the last hold should have expired", expiry_wait.as_secs());
+    if held > 0 {
+        let still_held: Vec<String> = books
+            .iter()
+            .filter(|(_, _, stock)| stock.held > 0)
+            .take(STILL_HELD_SHOWN_MAX)
+            .map(|(sku, _, stock)| format!("{sku} ({})", stock.held))
+            .collect();
+        anyhow::bail!(
+            "{held} units still held {} s after the last hold should have expired: {}",
+            EXPIRY_GRACE.as_secs(),
+            still_held.join(", ")
+        );
+    }
     let sold_out_skus = books.iter().filter(|(_, _, stock): &&(String, u64, Counts)| stock.available == 0).count();
     println!(
         "  books balance: {sold} units sold = {} units committed by buyers; no SKU oversold; every abandoned hold expired; {sold_out_skus} SKUs sold out",
         tally.units_committed
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shop whose every SKU holds one unit until `holds_end_at` (one SKU,
+    /// if named, for ever), and whose reads each take `read_pause`.
+    struct ExpiringShop {
+        holds_end_at: Instant,
+        held_for_ever: Option<String>,
+        read_pause: Duration,
+    }
+
+    impl Shop for ExpiringShop {
+        async fn create(&self, _: &str, _: u64, _: Option<u32>, _: u64) -> anyhow::Result<()> {
+            anyhow::bail!("not sold in this test")
+        }
+        async fn reserve(&self, _: &SaleOrder) -> anyhow::Result<ReserveOutcome> {
+            anyhow::bail!("not sold in this test")
+        }
+        async fn commit(&self, _: &str) -> anyhow::Result<CommitOutcome> {
+            anyhow::bail!("not sold in this test")
+        }
+        async fn release(&self, _: &str) -> anyhow::Result<bool> {
+            anyhow::bail!("not sold in this test")
+        }
+        async fn availability(&self, sku: &str) -> anyhow::Result<Counts> {
+            tokio::time::sleep(self.read_pause).await;
+            let held = u64::from(self.held_for_ever.as_deref() == Some(sku) || Instant::now() < self.holds_end_at);
+            Ok(Counts { available: 1 - held, held, sold: 0 })
+        }
+    }
+
+    fn skus(count: usize) -> Vec<(String, u64)> {
+        (0..count).map(|index| (cold_sku(index), 1)).collect()
+    }
+
+    #[tokio::test]
+    async fn counts_read_before_the_holds_expired_are_read_again() {
+        // A reading of the books takes longer than the holds' TTL and the
+        // grace together: its first SKUs are read while their holds are
+        // still live (the demo failed this way on holds that had expired).
+        let holds_end_at = Instant::now() + Duration::from_millis(100);
+        let shop = ExpiringShop { holds_end_at, held_for_ever: None, read_pause: Duration::from_millis(20) };
+        let skus = skus(2_000);
+        let books = books_after_expiry(&shop, &skus, holds_end_at, Duration::from_millis(100)).await.expect("read");
+        assert_eq!(books.len(), skus.len());
+        assert!(books.iter().zip(&skus).all(|((sku, _, _), (asked, _))| sku == asked), "in the order asked");
+        let held: u64 = books.iter().map(|(_, _, stock)| stock.held).sum();
+        assert_eq!(held, 0, "every hold expired before the last reading");
+    }
+
+    #[tokio::test]
+    async fn a_hold_that_outlives_its_ttl_is_found_by_a_reading_begun_after_the_grace() {
+        let holds_end_at = Instant::now() + Duration::from_millis(50);
+        let grace = Duration::from_millis(100);
+        let shop =
+            ExpiringShop { holds_end_at, held_for_ever: Some(cold_sku(7)), read_pause: Duration::from_millis(1) };
+        let books = books_after_expiry(&shop, &skus(100), holds_end_at, grace).await.expect("read");
+        assert!(Instant::now() >= holds_end_at + grace, "the last reading began after the grace");
+        let still_held: Vec<&str> =
+            books.iter().filter(|(_, _, stock)| stock.held > 0).map(|(sku, _, _)| sku.as_str()).collect();
+        assert_eq!(still_held, vec!["cold-7"]);
+    }
 }
