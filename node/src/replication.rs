@@ -232,6 +232,21 @@ enum Input {
     },
 }
 
+impl Input {
+    /// What the input is, for the slow-round warning.
+    fn kind(&self) -> &'static str {
+        match self {
+            Input::Call { request: GroupRequest::Order(_), .. } => "order request",
+            Input::Call { request: GroupRequest::Read(_), .. } => "read",
+            Input::Call { request: GroupRequest::Admin(_), .. } => "admin request",
+            Input::Peer { .. } => "peer messages",
+            Input::SnapshotEncoded { .. } => "snapshot encoded",
+            Input::Synced { .. } => "log synced",
+            Input::Rewritten { .. } => "log rewritten",
+        }
+    }
+}
+
 /// The handle the server uses; cheap to share.
 #[derive(Debug)]
 pub struct Replication {
@@ -843,12 +858,22 @@ impl Driver {
                     let now_ms = self.clock.now_ms();
                     let started = Instant::now();
                     let count = inputs.len();
+                    let mut slowest = (Duration::ZERO, "");
                     for input in inputs.drain(..) {
+                        let kind = input.kind();
+                        let input_started = Instant::now();
                         self.handle(now_ms, input);
+                        slowest = slowest.max((input_started.elapsed(), kind));
                     }
                     let elapsed = started.elapsed();
                     if elapsed >= SLOW_STEP {
-                        tracing::warn!(inputs = count, elapsed_ms = elapsed.as_millis() as u64, "slow round");
+                        tracing::warn!(
+                            inputs = count,
+                            elapsed_ms = elapsed.as_millis() as u64,
+                            slowest = slowest.1,
+                            slowest_ms = slowest.0.as_millis() as u64,
+                            "slow round"
+                        );
                     }
                 }
                 _ = ticker.tick() => self.tick(),
@@ -1226,6 +1251,19 @@ impl Driver {
         match output {
             GroupOutput::Raft(message) => {
                 let to = member_of(message.to);
+                // A follower the log no longer covers: worth counting, as
+                // each costs the whole state in bytes on both sides.
+                let snapshot = message.get_snapshot();
+                if !snapshot.get_data().is_empty() {
+                    metrics::counter!("flashstock_raft_snapshots_sent_total").increment(1);
+                    tracing::info!(
+                        group,
+                        to,
+                        index = snapshot.get_metadata().index,
+                        bytes = snapshot.get_data().len(),
+                        "a snapshot sent to a follower"
+                    );
+                }
                 self.outgoing.entry(to).or_default().raft.push((group, message));
             }
             GroupOutput::RaftAfterWrites(message) => {
