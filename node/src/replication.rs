@@ -845,6 +845,9 @@ impl Driver {
                 std::process::exit(70);
             }
         }
+        // Exported from the start (at 0): the exporter shows a counter only
+        // once it has been touched, and a healthy member may never send one.
+        metrics::counter!("flashstock_raft_snapshots_sent_total").increment(0);
         let mut ticker = tokio::time::interval(Duration::from_millis(TICK_MS));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.carry_out();
