@@ -628,7 +628,6 @@ impl World {
                     *self.history.tally.entry("compactions").or_default() += 1;
                     let now_ms = self.now_ms;
                     self.trace(format!("{now_ms} compact group {group} on member {member}"));
-                    let clock_ms = self.clock_of(member);
                     if self.faults.below(2) == 0 {
                         // The node's way: imaged now, encoded elsewhere,
                         // taken once it comes back, the group going on.
@@ -639,6 +638,7 @@ impl World {
                             self.schedule(at_ms, Event::SnapshotEncoded { member, incarnation, group, encoded });
                         }
                     } else {
+                        let clock_ms = self.clock_of(member);
                         let outbox = self.member(member).compact(clock_ms, group);
                         self.send_all(Endpoint::Member(member), outbox);
                         self.sync_soon(member);
